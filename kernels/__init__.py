@@ -1,0 +1,9 @@
+"""The attention kernel core: one op, many patterns.
+
+>>> import kernels
+>>> out = kernels.attention(q, k, v, pattern=kernels.Neighborhood(grid=(16, 16), window=(7, 7)))
+"""
+from .functional import attention
+from .patterns import Causal, Dense, Halo, Neighborhood, Pattern, Window1d
+
+__all__ = ["attention", "Pattern", "Dense", "Causal", "Window1d", "Neighborhood", "Halo"]

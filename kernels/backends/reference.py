@@ -1,0 +1,57 @@
+"""The reference path: explicit attention in torch, on any device. It is the oracle every kernel is tested
+against, and the path `kernels.capture` uses."""
+from __future__ import annotations
+
+import torch
+
+NAME = "reference"
+
+
+def can_run_reference(q, k, v, pattern=None, bias=None, gate=None, return_lse=False, raise_error=False) -> bool:
+    return True
+
+
+def expand_kv(k: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+    """Repeat GQA key/value heads so they line up with the query heads: (B, Hkv, N, D) -> (B, Hq, N, D)."""
+    groups = num_q_heads // k.shape[1]
+    return k if groups == 1 else k.repeat_interleave(groups, dim=1)
+
+
+def attention_logits(q, k, pattern=None, bias=None, scale=None):
+    """Masked logits (B, H, Nq, Nk): q·kᵀ·scale + bias, -inf where the pattern hides a key."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k = expand_kv(k, q.shape[1])
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if bias is not None:
+        logits = logits + (bias if isinstance(bias, torch.Tensor) else bias.materialize(q, k)).to(logits.dtype)
+    if pattern is not None:
+        mask = pattern.mask(q.shape[2], k.shape[2], device=q.device)
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return logits
+
+
+def softmax_rows(logits):
+    """Softmax over keys that gives zeros (not NaN) on rows with no visible key; also returns the lse."""
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+    return probs, lse
+
+
+def apply_gate(out, gate):
+    """out (B, H, N, Dv) times sigmoid(gate), gate (B, N, H) head-wise or (B, N, H, Dv) element-wise."""
+    if gate is None:
+        return out
+    g = gate.permute(0, 2, 1)[..., None] if gate.dim() == 3 else gate.permute(0, 2, 1, 3)
+    return out * torch.sigmoid(g.to(out.dtype))
+
+
+def attention_reference(q, k, v, pattern=None, bias=None, gate=None, scale=None, return_lse=False):
+    """Explicit softmax attention; computed in float32 for half inputs (float64 stays float64)."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+    if isinstance(bias, torch.Tensor):
+        bias = bias.to(compute)
+    probs, lse = softmax_rows(attention_logits(qc, kc, pattern, bias, scale))
+    out = torch.matmul(probs, expand_kv(vc, q.shape[1]))
+    out = apply_gate(out, gate).to(q.dtype)
+    return (out, lse.float() if compute != torch.float64 else lse) if return_lse else out

@@ -1,0 +1,49 @@
+"""The public attention op."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .backends import choose_backend
+from .checks import check_attention_args
+from .patterns import Dense, Pattern
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Optional[Pattern] = None,
+    bias=None,
+    gate: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    backend: Optional[str] = None,
+):
+    """Softmax attention `softmax(q kᵀ · scale + bias)|pattern · v`, optionally gated.
+
+    Args:
+        q: queries `(B, H, Nq, D)`.
+        k: keys `(B, Hkv, Nk, D)`; `H % Hkv == 0` (grouped-query attention).
+        v: values `(B, Hkv, Nk, Dv)`.
+        pattern: which keys each query sees (`Dense`, `Causal`, `Window1d`, `Neighborhood`, `Halo`);
+            None means `Dense()`. A query that sees no key gets a zero output and lse = -inf.
+        bias: additive logits, a tensor broadcastable to `(B, H, Nq, Nk)` (differentiable), or a factorized
+            bias object with a `materialize(q, k)` method.
+        gate: sigmoid gate logits on the output, head-wise `(B, Nq, H)` or element-wise `(B, Nq, H, Dv)`
+            (Gated Attention, position G1): `out *= sigmoid(gate)`.
+        scale: logit scale; None means `D ** -0.5`.
+        return_lse: also return the natural-log sum of exp of the logits per row, `(B, H, Nq)` float32.
+
+    Other Parameters:
+        backend: "triton" or "reference"; None picks the first that can run (Triton on CUDA).
+
+    Returns:
+        `out (B, H, Nq, Dv)` in q's dtype, and `lse` when `return_lse`.
+    """
+    check_attention_args(q, k, v, pattern, bias, gate, scale, raise_error=True)
+    if pattern is None:
+        pattern = Dense()
+    fn = choose_backend(q, k, v, pattern, bias, gate, return_lse, backend)
+    return fn(q, k, v, pattern=pattern, bias=bias, gate=gate, scale=scale, return_lse=return_lse)

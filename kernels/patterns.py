@@ -1,0 +1,254 @@
+"""Attention patterns: which keys each query sees.
+
+A pattern is a small frozen dataclass. It has an exact definition (documented on each class), a boolean-mask
+form for the reference path (`pattern.mask(nq, nk)`, True = visible) and, for grid patterns, separable per-axis
+masks (`axis_masks()`) that the Triton path turns into cached tile maps.
+
+Token order on a grid is row-major (last axis fastest), as `x.flatten(2)` of a `(B, C, *grid)` map gives.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Tuple
+
+import torch
+
+__all__ = ["Pattern", "Dense", "Causal", "Window1d", "Neighborhood", "Halo"]
+
+
+def _as_tuple(value, n: int, name: str) -> Tuple[int, ...]:
+    if isinstance(value, int):
+        value = (value,) * n
+    value = tuple(value)
+    if len(value) != n or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise TypeError(f"{name} must be an int or a tuple of {n} ints, got {value!r}")
+    return value
+
+
+class Pattern:
+    """Base class. Subclasses define `mask(nq, nk)` and `check(nq, nk)`."""
+
+    def check(self, nq: int, nk: int) -> None:
+        """Raise ValueError when the pattern cannot apply to `nq` queries and `nk` keys."""
+
+    def mask(self, nq: int, nk: int, device=None) -> torch.Tensor:
+        """Boolean `(nq, nk)` mask, True where query i sees key j."""
+        raise NotImplementedError
+
+    def density(self, nq: int, nk: int) -> float:
+        """Fraction of the (nq, nk) score matrix that is visible."""
+        return self.mask(nq, nk).float().mean().item()
+
+
+@dataclass(frozen=True)
+class Dense(Pattern):
+    """Every query sees every key."""
+
+    def mask(self, nq, nk, device=None):
+        return torch.ones(nq, nk, dtype=torch.bool, device=device)
+
+    def density(self, nq, nk):
+        return 1.0
+
+
+@dataclass(frozen=True)
+class Causal(Pattern):
+    """Query i sees key j iff j <= i + (nk - nq) (aligned at the bottom right, FlashAttention's rule).
+
+    With nq == nk this is the usual lower-triangular mask; with nq < nk (decoding with a cache) the last query
+    sees every key. Rows with no visible key (nq > nk) produce zeros and lse = -inf.
+    """
+
+    def mask(self, nq, nk, device=None):
+        i = torch.arange(nq, device=device)[:, None]
+        j = torch.arange(nk, device=device)[None, :]
+        return j <= i + (nk - nq)
+
+
+@dataclass(frozen=True)
+class Window1d(Pattern):
+    """Query i sees key j iff i' - left <= j <= i' + right, with i' = i + (nk - nq).
+
+    `Window1d(w - 1, 0)` is causal sliding-window attention over w keys (FlashAttention's `window_size`).
+    """
+
+    left: int
+    right: int
+
+    def __post_init__(self):
+        for name in ("left", "right"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"Window1d.{name} must be an int >= 0, got {v!r}")
+
+    def mask(self, nq, nk, device=None):
+        i = torch.arange(nq, device=device)[:, None] + (nk - nq)
+        j = torch.arange(nk, device=device)[None, :]
+        return (j >= i - self.left) & (j <= i + self.right)
+
+
+def neighborhood_axis_mask(length: int, window: int, stride: int, dilation: int, inward: bool,
+                           causal: bool, device=None) -> torch.Tensor:
+    """`(length, length)` visibility along one axis of a `Neighborhood`; see its docstring for the rule."""
+    i = torch.arange(length, device=device)
+    j = torch.arange(length, device=device)
+    group_q, pos_q = i % dilation, i // dilation
+    group_k, pos_k = j % dilation, j // dilation
+    group_len = (length - group_q + dilation - 1) // dilation  # tokens in the query's dilation group
+    leader = torch.minimum((pos_q // stride) * stride + (stride - 1) // 2, group_len - 1)
+    if causal:
+        start = leader - window + 1
+        visible_pos = (pos_k[None, :] >= start[:, None]) & (pos_k[None, :] <= pos_q[:, None])
+    else:
+        start = leader - window // 2
+        if inward:
+            start = torch.clamp(torch.minimum(start, group_len - window), min=0)
+        visible_pos = (pos_k[None, :] >= start[:, None]) & (pos_k[None, :] <= start[:, None] + window - 1)
+    return visible_pos & (group_k[None, :] == group_q[:, None])
+
+
+@dataclass(frozen=True)
+class Neighborhood(Pattern):
+    """N-d neighbourhood (sliding-window) attention over a row-major token grid (NATTEN's rule).
+
+    Visibility is a product over axes: query q sees key k iff on every axis a the key coordinate is in the
+    query's window on that axis. Per axis, with length L, window w, stride s, dilation d:
+
+    * dilation: tokens split into d interleaved groups (coordinate mod d); a query sees only keys of its group,
+      and the rule below runs in group coordinates p = coordinate // d over the group's length L_g;
+    * stride: queries in the same block of s group positions share the window of the block's leader
+      p* = min(s * (p // s) + (s - 1) // 2, L_g - 1) (s = 1: the query itself);
+    * window: keys at p* - w // 2 .. p* - w // 2 + w - 1 (for odd w: centred; even w: one more on the left);
+      with `inward=True` the start is clamped to [0, L_g - w] so the window is shifted inside the border and
+      every query sees exactly min(w, L_g) keys (NATTEN, FreeSwim); with `inward=False` it is clipped;
+    * causal axes (`causal_axes`, stride 1 there): keys at p - w + 1 .. p, clipped at 0 (never shifted
+      forward, so early queries see fewer keys).
+
+    Queries and keys are the same grid: nq == nk == prod(grid).
+    """
+
+    grid: Tuple[int, ...]
+    window: Tuple[int, ...]
+    stride: Tuple[int, ...] = 1
+    dilation: Tuple[int, ...] = 1
+    inward: bool = True
+    causal_axes: Tuple[int, ...] = ()
+
+    def __post_init__(self):
+        grid = _as_tuple(self.grid, len(self.grid) if not isinstance(self.grid, int) else 1, "grid")
+        n = len(grid)
+        if not 1 <= n <= 3:
+            raise ValueError(f"Neighborhood.grid must have 1, 2 or 3 axes, got {grid!r}")
+        window = _as_tuple(self.window, n, "window")
+        stride = _as_tuple(self.stride, n, "stride")
+        dilation = _as_tuple(self.dilation, n, "dilation")
+        causal = tuple(sorted(set(_as_tuple(self.causal_axes, len(tuple(self.causal_axes)), "causal_axes"))))
+        for name, values in (("grid", grid), ("window", window), ("stride", stride), ("dilation", dilation)):
+            if any(v < 1 for v in values):
+                raise ValueError(f"Neighborhood.{name} must be >= 1 on every axis, got {values!r}")
+        if any(not 0 <= a < n for a in causal):
+            raise ValueError(f"Neighborhood.causal_axes must index the grid's {n} axes, got {causal!r}")
+        if any(stride[a] > 1 for a in causal):
+            raise NotImplementedError(f"Neighborhood: stride > 1 on a causal axis is not supported, got {stride=}")
+        if any(s > w for s, w in zip(stride, window)):
+            raise ValueError(f"Neighborhood.stride must be <= window on every axis, got {stride=} {window=}")
+        object.__setattr__(self, "grid", grid)
+        object.__setattr__(self, "window", window)
+        object.__setattr__(self, "stride", stride)
+        object.__setattr__(self, "dilation", dilation)
+        object.__setattr__(self, "causal_axes", causal)
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.grid)
+
+    def check(self, nq, nk):
+        if nq != self.num_tokens or nk != self.num_tokens:
+            raise ValueError(f"Neighborhood(grid={self.grid}) needs nq == nk == {self.num_tokens}, got {nq=} {nk=}")
+
+    def axis_masks(self, device=None):
+        """Per-axis `(L_a, L_a)` masks; the full mask is their outer AND in row-major order."""
+        return [_axis_mask_cached(L, w, s, d, self.inward, a in self.causal_axes, device)
+                for a, (L, w, s, d) in enumerate(zip(self.grid, self.window, self.stride, self.dilation))]
+
+    def mask(self, nq, nk, device=None):
+        self.check(nq, nk)
+        return _outer_and(self.axis_masks(device))
+
+    def density(self, nq, nk):
+        return math.prod(m.float().mean().item() for m in self.axis_masks())
+
+
+@lru_cache(maxsize=256)
+def _axis_mask_cached(length, window, stride, dilation, inward, causal, device):
+    return neighborhood_axis_mask(length, window, stride, dilation, inward, causal, device)
+
+
+def _outer_and(masks):
+    full = masks[0]
+    for m in masks[1:]:
+        full = (full[:, None, :, None] & m[None, :, None, :]).reshape(full.shape[0] * m.shape[0],
+                                                                    full.shape[1] * m.shape[1])
+    return full
+
+
+@dataclass(frozen=True)
+class Halo(Pattern):
+    """HaloNet's blocked local attention (Vaswani et al. 2021) on a 2-d (or N-d) grid, timm's layout.
+
+    Queries lie on `grid` (already subsampled by `query_stride`); keys lie on the key grid
+    `grid * query_stride + 2 * halo` per axis, i.e. the full-resolution map zero-padded by `halo` on each side
+    (the caller pads keys and values, as timm's `HaloAttn` does). The query grid is cut into blocks of
+    `block // query_stride`; the queries of block index b see the key window `b * block .. b * block + block +
+    2 * halo - 1` (padded coordinates) on every axis: (block + 2 halo) keys per axis, borders included.
+    """
+
+    grid: Tuple[int, ...]
+    block: int
+    halo: int
+    query_stride: int = 1
+
+    def __post_init__(self):
+        grid = _as_tuple(self.grid, len(self.grid) if not isinstance(self.grid, int) else 1, "grid")
+        object.__setattr__(self, "grid", grid)
+        if self.block < 1 or self.halo < 0 or self.query_stride < 1:
+            raise ValueError(f"Halo needs block >= 1, halo >= 0, query_stride >= 1, got "
+                             f"{self.block=} {self.halo=} {self.query_stride=}")
+        if self.block % self.query_stride:
+            raise ValueError(f"Halo.block ({self.block}) must be divisible by query_stride ({self.query_stride})")
+        qb = self.block // self.query_stride
+        if any(g % qb for g in grid):
+            raise ValueError(f"Halo.grid {grid} must be divisible by the query block {qb} on every axis "
+                             f"(pad the feature map first)")
+
+    @property
+    def query_block(self) -> int:
+        return self.block // self.query_stride
+
+    @property
+    def key_grid(self) -> Tuple[int, ...]:
+        return tuple(g * self.query_stride + 2 * self.halo for g in self.grid)
+
+    @property
+    def window(self) -> int:
+        return self.block + 2 * self.halo
+
+    def check(self, nq, nk):
+        if nq != math.prod(self.grid) or nk != math.prod(self.key_grid):
+            raise ValueError(f"Halo(grid={self.grid}, block={self.block}, halo={self.halo}) needs "
+                             f"nq == {math.prod(self.grid)} and nk == {math.prod(self.key_grid)} (padded keys), "
+                             f"got {nq=} {nk=}")
+
+    def axis_masks(self, device=None):
+        masks = []
+        for g, kg in zip(self.grid, self.key_grid):
+            start = (torch.arange(g, device=device) // self.query_block) * self.block
+            j = torch.arange(kg, device=device)
+            masks.append((j[None, :] >= start[:, None]) & (j[None, :] < start[:, None] + self.window))
+        return masks
+
+    def mask(self, nq, nk, device=None):
+        self.check(nq, nk)
+        return _outer_and(self.axis_masks(device))

@@ -1,0 +1,78 @@
+"""`zoo demo`: a tour of what works, on embedded defaults, offline, on a CPU in a few minutes.
+
+Each capability adds a step to `DEMO_STEPS`: a (title, function(args)) pair.
+"""
+from __future__ import annotations
+
+import time
+
+import timm
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import zoo
+
+from .digits import fit_digits
+from .model_info import models_table
+
+# One representative model per family trained on digits: (name, img_size, in_chans, epochs, lr); the model
+# must default to that input size.
+DIGITS_MODELS = [
+    ("minimal_vit_mnist", 28, 1, 4, 3e-3),
+    ("minimal_vit_nomlp_wqk_mnist", 28, 1, 4, 3e-3),
+    ("ninformer_small", 32, 3, 4, 2e-3),
+    ("ulsam_mobilenetv1_tiny", 32, 3, 4, 3e-3),
+]
+
+
+def step_models(args, console):
+    names = zoo.list_models()
+    console.print(models_table(names))
+    for name in names:  # every model builds and runs at its default size
+        model = timm.create_model(name).eval()
+        with torch.no_grad():
+            model(torch.randn(1, *model.pretrained_cfg["input_size"]))
+    console.print(f"created and ran all {len(names)} zoo models")
+
+
+def step_digits(args, console):
+    table = Table(title="brief training on scikit-learn digits (held-out accuracy; chance = 10%)")
+    for col in ("model", "params", "epochs", "accuracy", "seconds"):
+        table.add_column(col)
+    for name, size, chans, epochs, lr in DIGITS_MODELS:
+        if not zoo.is_zoo_model(name):
+            continue
+        torch.manual_seed(0)
+        model = zoo.create_model(name, num_classes=10)  # default input size is (chans, size, size)
+        res = fit_digits(model, size, chans, epochs=args.epochs or epochs, lr=lr, progress=not args.quiet)
+        table.add_row(name, f"{res.params / 1e6:.3f}M", str(args.epochs or epochs), f"{100 * res.accuracy:.1f}%",
+                      f"{res.seconds:.1f}")
+    console.print(table)
+
+
+DEMO_STEPS = [
+    ("models", step_models),
+    ("digits", step_digits),
+]
+
+
+def run_demo(args) -> int:
+    console = Console()
+    torch.manual_seed(0)
+    for title, fn in DEMO_STEPS:
+        if args.only and title not in args.only:
+            continue
+        console.rule(f"[bold]{title}")
+        t0 = time.perf_counter()
+        fn(args, console)
+        console.print(f"[dim]{title}: {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="run the offline tour: every model, brief digits training, and more")
+    p.add_argument("--only", nargs="*", default=None, help="steps to run (default all)")
+    p.add_argument("--epochs", type=int, default=None, help="override the digits training epochs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_demo)

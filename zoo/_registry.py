@@ -1,0 +1,83 @@
+"""The zoo's model registry: timm's registry, guarded against shadowing timm's own models."""
+from __future__ import annotations
+
+import fnmatch
+import os
+from typing import Callable, Dict, List, Optional
+
+import timm
+import torch
+from timm.models import _registry as timm_registry
+
+__all__ = ["register_model", "create_model", "list_models", "model_family", "load_checkpoint", "is_zoo_model"]
+
+# Names timm had before the zoo registered anything: a zoo model must never take one of them.
+_TIMM_BUILTIN = frozenset(timm_registry._model_entrypoints)
+_ZOO_MODELS: Dict[str, str] = {}  # name -> family (module file name)
+
+
+def register_model(fn: Callable) -> Callable:
+    """`timm.models.register_model`, refusing a name timm already has (timm would silently overwrite it)."""
+    name = fn.__name__
+    if name in _TIMM_BUILTIN:
+        raise ValueError(f"model name {name!r} is already a timm model; zoo models take a `zoo_` prefix")
+    family = fn.__module__.rsplit(".", 1)[-1]
+    if name in _ZOO_MODELS and _ZOO_MODELS[name] != family:
+        raise ValueError(f"model name {name!r} is registered twice (families {_ZOO_MODELS[name]} and {family})")
+    _ZOO_MODELS[name] = family
+    return timm_registry.register_model(fn)
+
+
+def is_zoo_model(name: str) -> bool:
+    return name in _ZOO_MODELS
+
+
+def model_family(name: str) -> str:
+    if name not in _ZOO_MODELS:
+        raise ValueError(f"unknown zoo model {name!r}; see zoo.list_models()")
+    return _ZOO_MODELS[name]
+
+
+def list_models(pattern: Optional[str] = None) -> List[str]:
+    """Sorted names of the zoo's registered models, optionally filtered by a shell-style `pattern`."""
+    names = sorted(_ZOO_MODELS)
+    return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
+
+
+def load_checkpoint(model: torch.nn.Module, path: str, strict: bool = True):
+    """Load a local `.safetensors` file (or a tensors-only torch file, read with weights_only=True)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint_path {path!r} is not a file")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state_dict = load_file(path, device="cpu")
+    else:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "module"):
+            if isinstance(state_dict, dict) and key in state_dict and isinstance(state_dict[key], dict):
+                state_dict = state_dict[key]
+    return model.load_state_dict(state_dict, strict=strict)
+
+
+def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None, **kwargs):
+    """Create a zoo (or timm) model by name, optionally loading local weights.
+
+    Args:
+        name: a registered model name, e.g. "ninformer_cifar"; see `zoo.list_models()`.
+        pretrained: load the weights file named by the model's `pretrained_cfg["file"]`. The zoo downloads
+            nothing; without such a file, pass `checkpoint_path`.
+        checkpoint_path: a local `.safetensors` (or tensors-only `.pth`) file loaded strictly after creation.
+        **kwargs: model arguments (`num_classes`, `in_chans`, `img_size`, ...), as for `timm.create_model`.
+    """
+    if not isinstance(name, str) or not timm.is_model(name):
+        raise ValueError(f"unknown model name {name!r}; zoo models: zoo.list_models(), timm's: timm.list_models()")
+    if pretrained and checkpoint_path is None:
+        cfg = timm_registry.get_pretrained_cfg(name, allow_unregistered=True)
+        checkpoint_path = getattr(cfg, "file", None) if cfg is not None else None
+        if not checkpoint_path:
+            raise ValueError(f"{name!r} has no local weights file in its pretrained_cfg; pass checkpoint_path=")
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    if checkpoint_path is not None:
+        load_checkpoint(model, checkpoint_path)
+    return model

@@ -1,0 +1,4 @@
+"""Building blocks shared by the zoo's model families."""
+from .attention import Attention
+
+__all__ = ["Attention"]

@@ -1,0 +1,1 @@
+"""Model families, one file each; importing them registers their models in timm."""
