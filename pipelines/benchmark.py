@@ -1,0 +1,87 @@
+"""Shared GPU benchmark utilities: CUDA-event timing after warm-up (median of repeats), peak memory, and
+results written as JSON under `benchmarks/` plus a markdown table for BENCHMARKS.md."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+def time_cuda(fn: Callable[[], object], warmup: int = 5, repeats: int = 20, min_ms: float = 200.0) -> dict:
+    """Median/min/max milliseconds of `fn()` on the current CUDA device, timed with CUDA events.
+
+    Runs `warmup` calls first (compilation, autotuning, allocator), then at least `repeats` timed calls and
+    at least `min_ms` of timed work. Each call is timed separately; the median is the headline.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("time_cuda needs a CUDA device; speeds measured on a CPU are not results")
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times: List[float] = []
+    while len(times) < repeats or sum(times) < min_ms:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+        if len(times) >= 10 * repeats:
+            break
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "n": len(times)}
+
+
+def peak_memory(fn: Callable[[], object]) -> float:
+    """Peak CUDA memory in GiB allocated while running `fn()` once."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def environment() -> Dict[str, str]:
+    """GPU, driver-visible versions and date, recorded with every result."""
+    import triton
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": str(torch.version.cuda),
+        "python": platform.python_version(),
+    }
+    for mod in ("timm", "diffusers", "transformers"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return env
+
+
+def write_results(name: str, rows: List[dict], command: str, out_dir: Optional[str] = None) -> str:
+    """Write `{env, command, rows}` to `benchmarks/<name>.json` (or `out_dir`) and return the path."""
+    out_dir = out_dir or os.path.join(os.getcwd(), "benchmarks")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump({"env": environment(), "command": command, "rows": rows}, f, indent=2)
+    return path
+
+
+def markdown_table(rows: List[dict], columns: Optional[List[str]] = None) -> str:
+    """Rows of dicts as a markdown table (floats to 3 significant digits)."""
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
