@@ -1,0 +1,123 @@
+"""kernels.attention on the reference path: against an explicit per-row float64 loop, and input validation."""
+import math
+
+import pytest
+import torch
+
+import kernels
+
+
+def explicit_attention(q, k, v, visible, bias=None, gate=None, scale=None):
+    """Row-by-row softmax attention in float64 with python loops over batch, head and query."""
+    B, H, Nq, D = q.shape
+    Hkv = k.shape[1]
+    scale = D ** -0.5 if scale is None else scale
+    out = torch.zeros(B, H, Nq, v.shape[-1], dtype=torch.float64)
+    lse = torch.full((B, H, Nq), -math.inf, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            kv = h // (H // Hkv)
+            for i in range(Nq):
+                cols = [j for j in range(k.shape[2]) if visible[i][j]]
+                if not cols:
+                    continue
+                s = torch.stack([(q[b, h, i].double() @ k[b, kv, j].double()) * scale for j in cols])
+                if bias is not None:
+                    s = s + torch.stack([bias[b % bias.shape[0], h % bias.shape[1], i, j].double() for j in cols])
+                m = s.max()
+                p = torch.exp(s - m)
+                lse[b, h, i] = m + torch.log(p.sum())
+                out[b, h, i] = (p[:, None] * v[b, kv, cols].double()).sum(0) / p.sum()
+                if gate is not None:
+                    g = gate[b, i, h] if gate.dim() == 3 else gate[b, i, h]
+                    out[b, h, i] = out[b, h, i] * torch.sigmoid(g.double())
+    return out, lse
+
+
+PATTERNS = [
+    (None, 7, 9),
+    (kernels.Causal(), 9, 9),
+    (kernels.Causal(), 5, 8),
+    (kernels.Causal(), 8, 5),  # first rows see nothing
+    (kernels.Window1d(2, 1), 11, 11),
+    (kernels.Neighborhood((3, 5), (2, 3)), 15, 15),
+    (kernels.Neighborhood((4, 3, 5), (3, 2, 3), dilation=(1, 1, 2), inward=False), 60, 60),
+    (kernels.Halo((2, 4), block=2, halo=1), 8, 24),
+]
+
+
+@pytest.mark.parametrize("pattern,nq,nk", PATTERNS)
+def test_reference_matches_explicit_loop(pattern, nq, nk):
+    B, H, Hkv, D, Dv = 2, 4, 2, 8, 6
+    q = torch.randn(B, H, nq, D, dtype=torch.float64)
+    k = torch.randn(B, Hkv, nk, D, dtype=torch.float64)
+    v = torch.randn(B, Hkv, nk, Dv, dtype=torch.float64)
+    bias = torch.randn(1, H, nq, nk, dtype=torch.float64)
+    gate = torch.randn(B, nq, H, dtype=torch.float64)
+    visible = (pattern or kernels.Dense()).mask(nq, nk).tolist()
+    out, lse = kernels.attention(q, k, v, pattern=pattern, bias=bias, gate=gate, scale=0.3, return_lse=True,
+                                 backend="reference")
+    ref_out, ref_lse = explicit_attention(q, k, v, visible, bias=bias, gate=gate, scale=0.3)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
+
+
+def test_elementwise_gate_and_half_precision():
+    q = torch.randn(1, 2, 10, 16)
+    k, v = torch.randn(1, 2, 10, 16), torch.randn(1, 2, 10, 16)
+    gate = torch.randn(1, 10, 2, 16)
+    out = kernels.attention(q.half(), k.half(), v.half(), gate=gate.half())
+    ref, _ = explicit_attention(q.half(), k.half(), v.half(), [[True] * 10] * 10)
+    ref = ref * torch.sigmoid(gate.half().double()).permute(0, 2, 1, 3)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.double(), ref, rtol=2e-3, atol=2e-3)
+
+
+def test_gradients_flow_to_all_inputs():
+    q = torch.randn(1, 2, 6, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 6, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 6, 8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2, 6, 6, dtype=torch.float64, requires_grad=True)
+    gate = torch.randn(1, 6, 2, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda *a: kernels.attention(*a[:3], bias=a[3], gate=a[4], pattern=kernels.Causal()),
+                             (q, k, v, bias, gate))
+
+
+BAD = [
+    (dict(q=torch.randn(2, 3, 4)), ValueError, "q must have layout"),
+    (dict(k=torch.randn(1, 2, 5, 4)), ValueError, "head dim"),
+    (dict(k=torch.randn(1, 3, 5, 8), v=torch.randn(1, 3, 5, 8)), ValueError, "multiple of key/value heads"),
+    (dict(v=torch.randn(1, 2, 4, 8)), ValueError, "same heads and length"),
+    (dict(q=torch.randn(1, 4, 5, 8).half()), TypeError, "dtype"),
+    (dict(pattern="causal"), TypeError, "pattern"),
+    (dict(pattern=kernels.Neighborhood((2, 2), 3)), ValueError, "nq == nk == 4"),
+    (dict(bias=torch.randn(3, 5, 5)), ValueError, "bias must broadcast"),
+    (dict(gate=torch.randn(1, 5, 3)), ValueError, "gate must have shape"),
+    (dict(scale=-1.0), ValueError, "scale"),
+    (dict(q=[1, 2]), TypeError, "torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("override,exc,msg", BAD)
+def test_invalid_inputs_raise(override, exc, msg):
+    args = dict(q=torch.randn(1, 4, 5, 8), k=torch.randn(1, 2, 5, 8), v=torch.randn(1, 2, 5, 8))
+    args.update(override)
+    with pytest.raises(exc, match=msg):
+        kernels.attention(**args)
+
+
+def test_unknown_backend():
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="backend"):
+        kernels.attention(q, q, q, backend="cuda-magic")
+
+
+def test_pattern_arguments_validated():
+    with pytest.raises(ValueError, match="left"):
+        kernels.Window1d(-1, 0)
+    with pytest.raises(ValueError, match="window"):
+        kernels.Neighborhood((4, 4), (0, 3))
+    with pytest.raises(TypeError, match="window"):
+        kernels.Neighborhood((4, 4), (3, 3, 3))
+    with pytest.raises(ValueError, match="divisible"):
+        kernels.Halo((6, 6), block=4, halo=1)
