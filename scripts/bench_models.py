@@ -1,0 +1,122 @@
+"""Model throughput on the GPU: zoo models vs timm's model of the same architecture, in the same run.
+
+    python scripts/bench_models.py                 # the issue's cases, bf16 autocast, batch 256
+    python scripts/bench_models.py --smoke         # CPU check that every case runs (tiny batch, no timing)
+
+Writes benchmarks/models.json and prints a markdown table (images/s and the zoo/timm ratio).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import timm  # noqa: E402
+
+import zoo  # noqa: E402
+from pipelines.benchmark import markdown_table, peak_memory, time_cuda, write_results  # noqa: E402
+
+# (label, zoo model or "accelerate:<timm name>", timm anchor, image size, modes)
+CASES = [
+    ("halonet26t", "zoo_halonet26t", "halonet26t", 256, ("infer", "train")),
+    ("halonet50ts", "zoo_halonet50ts", "halonet50ts", 256, ("infer", "train")),
+    ("accelerate(halonet26t)", "accelerate:halonet26t", "halonet26t", 256, ("infer", "train")),
+    ("agent_deit_tiny@224", "agent_deit_tiny", "deit_tiny_patch16_224", 224, ("infer", "train")),
+    ("agent_deit_tiny@1024", "agent_deit_tiny", "deit_tiny_patch16_224", 1024, ("infer",)),
+    ("agent_swin_tiny@224", "agent_swin_tiny", "swin_tiny_patch4_window7_224", 224, ("infer", "train")),
+]
+
+
+def build(name: str, img_size: int, device, channels_last: bool):
+    if name.startswith("accelerate:"):
+        model = timm.create_model(name.split(":", 1)[1])
+        model, report = zoo.accelerate(model)
+        print(f"accelerate swapped: {report}")
+    else:
+        kwargs = {}
+        cfg = timm.models.get_pretrained_cfg(name).to_dict()
+        if cfg["input_size"][-1] != img_size:
+            kwargs["img_size"] = img_size
+        model = timm.create_model(name, **kwargs)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def step_fns(model, batch: int, img_size: int, device, channels_last: bool):
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    @torch.no_grad()
+    def infer():
+        model.eval()
+        with amp:
+            return model(x)
+
+    def train():
+        model.train()
+        with amp:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return {"infer": infer, "train": train}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--cases", nargs="*", default=None, help="labels to run (default all)")
+    parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="run each case once on tiny inputs (CPU ok)")
+    parser.add_argument("--out", default=None, help="directory for models.json (default benchmarks/)")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    batch = 2 if args.smoke else args.batch
+    torch.backends.cudnn.benchmark = True
+    rows = []
+    for label, zoo_name, timm_name, size, modes in CASES:
+        if args.cases and label not in args.cases:
+            continue
+        run_size = 64 if args.smoke and size <= 256 else (96 if args.smoke else size)
+        for mode in modes:
+            row = {"case": label, "mode": mode, "img_size": size, "batch": batch}
+            for tag, name in (("timm", timm_name), ("zoo", zoo_name)):
+                cl = not args.no_channels_last and "deit" not in name and "swin" not in name
+                model = build(name, run_size, device, cl)
+                fn = step_fns(model, batch, run_size, device, cl)[mode]
+                if args.smoke:
+                    fn()
+                    row[f"{tag}_img_s"] = None
+                    continue
+                t = time_cuda(fn, warmup=3, repeats=10)
+                row[f"{tag}_img_s"] = batch / (t["median_ms"] / 1e3)
+                row[f"{tag}_ms"] = t["median_ms"]
+                row[f"{tag}_peak_GiB"] = peak_memory(fn)
+                del model, fn
+                torch.cuda.empty_cache()
+            if not args.smoke:
+                row["ratio"] = row["zoo_img_s"] / row["timm_img_s"]
+            rows.append(row)
+            print(row, flush=True)
+    if not args.smoke:
+        path = write_results("models", rows, "python scripts/bench_models.py " + " ".join(argv or sys.argv[1:]),
+                             args.out)
+        print(f"wrote {path}")
+    print(markdown_table(rows, ["case", "mode", "img_size", "batch", "timm_img_s", "zoo_img_s", "ratio",
+                                "timm_peak_GiB", "zoo_peak_GiB"]))
+
+
+if __name__ == "__main__":
+    main()
