@@ -38,12 +38,26 @@ def models_table(names) -> Table:
     return table
 
 
+def models_markdown(names) -> str:
+    """The README's model table: one row per model."""
+    lines = ["| model | family | params | input | paper |", "|---|---|---:|---|---|"]
+    for name in names:
+        s = model_summary(name)
+        paper = s["paper"] + (f" ({s['paper_ids']})" if s["paper_ids"] else "")
+        lines.append(f"| `{name}` | {s['family']} | {s['params'] / 1e6:.2f}M | "
+                     f"{'x'.join(map(str, s['input_size']))} | {paper} |")
+    return "\n".join(lines)
+
+
 def _list(args) -> int:
     names = zoo.list_models(args.pattern)
     if not names:
         print(f"no zoo model matches {args.pattern!r}")
         return 1
-    Console().print(models_table(names))
+    if args.markdown:
+        print(models_markdown(names))
+    else:
+        Console().print(models_table(names))
     return 0
 
 
@@ -60,6 +74,7 @@ def _info(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("list", help="list the zoo's models (name, family, params, input, paper)")
     p.add_argument("pattern", nargs="?", default=None, help="shell-style filter, e.g. 'ninformer*'")
+    p.add_argument("--markdown", action="store_true", help="print a markdown table (the README's)")
     p.set_defaults(func=_list)
     p = sub.add_parser("info", help="show one model's summary and pretrained_cfg as JSON")
     p.add_argument("name", help="a zoo model name")
