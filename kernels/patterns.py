@@ -89,24 +89,35 @@ class Window1d(Pattern):
         return (j >= i - self.left) & (j <= i + self.right)
 
 
-def neighborhood_axis_mask(length: int, window: int, stride: int, dilation: int, inward: bool,
-                           causal: bool, device=None) -> torch.Tensor:
-    """`(length, length)` visibility along one axis of a `Neighborhood`; see its docstring for the rule."""
+def neighborhood_axis_window(length: int, window: int, stride: int, dilation: int, inward: bool,
+                             causal: bool, device=None):
+    """Per-query window along one axis of a `Neighborhood`, in real coordinates: `(lo, hi)` int64 `(length,)`.
+
+    Query i sees key j on this axis iff `lo[i] <= j <= hi[i]` and `(j - lo[i]) % dilation == 0`; see the
+    `Neighborhood` docstring for the rule.
+    """
     i = torch.arange(length, device=device)
-    j = torch.arange(length, device=device)
     group_q, pos_q = i % dilation, i // dilation
-    group_k, pos_k = j % dilation, j // dilation
     group_len = (length - group_q + dilation - 1) // dilation  # tokens in the query's dilation group
-    leader = torch.minimum((pos_q // stride) * stride + (stride - 1) // 2, group_len - 1)
     if causal:
-        start = leader - window + 1
-        visible_pos = (pos_k[None, :] >= start[:, None]) & (pos_k[None, :] <= pos_q[:, None])
+        start, end = pos_q - window + 1, pos_q
     else:
+        leader = torch.minimum((pos_q // stride) * stride + stride // 2, group_len - 1)
         start = leader - window // 2
         if inward:
             start = torch.clamp(torch.minimum(start, group_len - window), min=0)
-        visible_pos = (pos_k[None, :] >= start[:, None]) & (pos_k[None, :] <= start[:, None] + window - 1)
-    return visible_pos & (group_k[None, :] == group_q[:, None])
+        end = start + window - 1
+    start = torch.clamp(start, min=0)
+    end = torch.minimum(end, group_len - 1)
+    return start * dilation + group_q, end * dilation + group_q
+
+
+def neighborhood_axis_mask(length: int, window: int, stride: int, dilation: int, inward: bool,
+                           causal: bool, device=None) -> torch.Tensor:
+    """`(length, length)` visibility along one axis of a `Neighborhood`; see its docstring for the rule."""
+    lo, hi = neighborhood_axis_window(length, window, stride, dilation, inward, causal, device)
+    j = torch.arange(length, device=device)[None, :]
+    return (j >= lo[:, None]) & (j <= hi[:, None]) & ((j - lo[:, None]) % dilation == 0)
 
 
 @dataclass(frozen=True)
@@ -119,7 +130,7 @@ class Neighborhood(Pattern):
     * dilation: tokens split into d interleaved groups (coordinate mod d); a query sees only keys of its group,
       and the rule below runs in group coordinates p = coordinate // d over the group's length L_g;
     * stride: queries in the same block of s group positions share the window of the block's leader
-      p* = min(s * (p // s) + (s - 1) // 2, L_g - 1) (s = 1: the query itself);
+      p* = min(s * (p // s) + s // 2, L_g - 1) (s = 1: the query itself; NATTEN's stride-group centre);
     * window: keys at p* - w // 2 .. p* - w // 2 + w - 1 (for odd w: centred; even w: one more on the left);
       with `inward=True` the start is clamped to [0, L_g - w] so the window is shifted inside the border and
       every query sees exactly min(w, L_g) keys (NATTEN, FreeSwim); with `inward=False` it is clipped;
@@ -173,17 +184,32 @@ class Neighborhood(Pattern):
         return [_axis_mask_cached(L, w, s, d, self.inward, a in self.causal_axes, device)
                 for a, (L, w, s, d) in enumerate(zip(self.grid, self.window, self.stride, self.dilation))]
 
+    def axis_windows(self):
+        """Per axis `(lo, hi, dilation)`: query coordinate c sees key coordinate j on that axis iff
+        `lo[c] <= j <= hi[c]` and `(j - lo[c]) % dilation == 0` (lo/hi int64 CPU tensors); the Triton path
+        builds its tile maps and element masks from these."""
+        return [(*_axis_window_cached(L, w, s, d, self.inward, a in self.causal_axes), d)
+                for a, (L, w, s, d) in enumerate(zip(self.grid, self.window, self.stride, self.dilation))]
+
     def mask(self, nq, nk, device=None):
         self.check(nq, nk)
         return _outer_and(self.axis_masks(device))
 
     def density(self, nq, nk):
-        return math.prod(m.float().mean().item() for m in self.axis_masks())
+        total = 1.0
+        for lo, hi, d in self.axis_windows():
+            total *= ((hi - lo) // d + 1).clamp(min=0).double().mean().item() / len(lo)
+        return total
 
 
 @lru_cache(maxsize=256)
 def _axis_mask_cached(length, window, stride, dilation, inward, causal, device):
     return neighborhood_axis_mask(length, window, stride, dilation, inward, causal, device)
+
+
+@lru_cache(maxsize=256)
+def _axis_window_cached(length, window, stride, dilation, inward, causal):
+    return neighborhood_axis_window(length, window, stride, dilation, inward, causal)
 
 
 def _outer_and(masks):
@@ -248,6 +274,14 @@ class Halo(Pattern):
             j = torch.arange(kg, device=device)
             masks.append((j[None, :] >= start[:, None]) & (j[None, :] < start[:, None] + self.window))
         return masks
+
+    def axis_windows(self):
+        """Per axis `(lo, hi, 1)` over query coordinates (key coordinates on the padded key grid)."""
+        out = []
+        for g in self.grid:
+            start = (torch.arange(g) // self.query_block) * self.block
+            out.append((start, start + self.window - 1, 1))
+        return out
 
     def mask(self, nq, nk, device=None):
         self.check(nq, nk)
