@@ -1,0 +1,391 @@
+"""FreeSwimWanPipeline: training-free high-resolution video (and image) generation with a stock diffusers Wan.
+
+FreeSwim (arXiv 2511.14712; reference code WillWu111/FreeSwim, read, not copied) is coarse to fine:
+
+1. generate at the base (training) resolution with diffusers' own `WanPipeline` over the same components;
+2. upscale the frames bilinearly to the target resolution;
+3. video-to-video at the target resolution (`strength` of the schedule) with FreeSwim attention: inward
+   sliding-window self-attention, a full-attention branch whose cross-attention output overrides the window
+   branch's, and a cross-attention cache refreshed every `cache_steps` steps (see `attention.py`).
+
+`mode="window"` is plain high-resolution text-to-video with window attention only (no base stage, no full
+branch); `num_frames=1` makes images. The transformer is diffusers' `WanTransformer3DModel`, unchanged: the
+attention is swapped through `set_attn_processor` for the target-resolution stage only, and restored after.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline, WanPipeline
+from diffusers.loaders import WanLoraLoaderMixin
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+
+from .attention import FreeSwimState, freeswim_attention_scale, freeswim_pattern, freeswim_processors
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["FreeSwimWanPipeline", "FreeSwimWanPipelineOutput"]
+
+MODES = ("freeswim", "window")
+OUTPUT_TYPES = ("np", "pil", "pt", "latent")
+
+
+@dataclass
+class FreeSwimWanPipelineOutput(BaseOutput):
+    """Output of `FreeSwimWanPipeline`.
+
+    Args:
+        frames: the target-resolution videos: `np.ndarray` `(B, F, H, W, 3)` in [0, 1] (`output_type="np"`), a
+            `torch.Tensor` `(B, F, 3, H, W)` (`"pt"`), a list of lists of `PIL.Image` (`"pil"`), or the latents.
+        base_frames: the base-resolution videos of stage 1 as `(B, F, 3, h, w)` in [0, 1], or None when no base
+            stage ran (`mode="window"`, or a `video` was given).
+    """
+
+    frames: Any
+    base_frames: Optional[torch.Tensor] = None
+
+
+class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
+    r"""FreeSwim high-resolution generation over diffusers' Wan text-to-video components.
+
+    Components (those of a Wan diffusers checkpoint, so `from_pretrained(wan_folder)` and
+    `from_pipe(wan_pipeline)` work):
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]): the T5 tokenizer.
+        text_encoder ([`~transformers.UMT5EncoderModel`]): the T5 text encoder.
+        vae ([`AutoencoderKLWan`]): the video VAE.
+        scheduler: a flow-matching scheduler (`UniPCMultistepScheduler` or `FlowMatchEulerDiscreteScheduler`).
+        transformer ([`WanTransformer3DModel`]): the denoiser; its attention processors are replaced only during
+            the target-resolution stage.
+        transformer_2, boundary_ratio, expand_timesteps: accepted so that any Wan folder loads; two-expert
+            checkpoints (`transformer_2`) are not supported by the FreeSwim stage.
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->transformer_2->vae"
+    _optional_components = ["transformer", "transformer_2"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(self, tokenizer, text_encoder, vae, scheduler, transformer=None, transformer_2=None,
+                 boundary_ratio: Optional[float] = None, expand_timesteps: bool = False):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+                              scheduler=scheduler, transformer_2=transformer_2)
+        self.register_to_config(boundary_ratio=boundary_ratio, expand_timesteps=expand_timesteps)
+        self.vae_scale_factor_temporal = self.vae.config.scale_factor_temporal if getattr(self, "vae", None) else 4
+        self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial if getattr(self, "vae", None) else 8
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+
+    # ------------------------------------------------------------------ helpers
+
+    def base_pipeline(self) -> WanPipeline:
+        """Diffusers' stock `WanPipeline` over this pipeline's components (stage 1, prompt encoding)."""
+        pipe = WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
+                           scheduler=self.scheduler, transformer=self.transformer, transformer_2=self.transformer_2,
+                           boundary_ratio=self.config.boundary_ratio, expand_timesteps=self.config.expand_timesteps)
+        pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
+        return pipe
+
+    def encode_prompt(self, prompt, negative_prompt=None, do_classifier_free_guidance=True, prompt_embeds=None,
+                      negative_prompt_embeds=None, max_sequence_length=512, device=None):
+        """T5 embeddings `(B, max_sequence_length, text_dim)` through `WanPipeline.encode_prompt`."""
+        return self.base_pipeline().encode_prompt(
+            prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=do_classifier_free_guidance,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            max_sequence_length=max_sequence_length, device=device or self._execution_device)
+
+    @property
+    def token_multiple(self) -> int:
+        """Pixels per latent token along height/width (VAE factor x transformer patch)."""
+        return self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
+
+    def token_grid(self, num_frames: int, height: int, width: int):
+        """Latent token grid `(T', H', W')` of a `num_frames x height x width` video."""
+        p_t, p_h, p_w = self.transformer.config.patch_size
+        t = ((num_frames - 1) // self.vae_scale_factor_temporal + 1) // p_t
+        return (t, height // self.vae_scale_factor_spatial // p_h, width // self.vae_scale_factor_spatial // p_w)
+
+    def high_res_scheduler(self, flow_shift: Optional[float]):
+        """A fresh scheduler for the target-resolution stage, with `flow_shift` (or `shift`) overridden."""
+        config = dict(self.scheduler.config)
+        overrides = {}
+        if flow_shift is not None:
+            key = "flow_shift" if "flow_shift" in config else "shift" if "shift" in config else None
+            if key is None:
+                raise ValueError(f"flow_shift={flow_shift} given but {type(self.scheduler).__name__} has neither "
+                                 f"`flow_shift` nor `shift`")
+            overrides[key] = flow_shift
+        return type(self.scheduler).from_config(self.scheduler.config, **overrides)
+
+    def check_inputs(self, prompt, negative_prompt, height, width, base_height, base_width, num_frames,
+                     num_inference_steps, strength, cache_steps, mode, output_type, video, prompt_embeds,
+                     negative_prompt_embeds, callback_on_step_end_tensor_inputs):
+        if self.transformer is None:
+            raise ValueError("FreeSwimWanPipeline needs a `transformer`, got None")
+        if self.transformer_2 is not None:
+            raise NotImplementedError("two-expert Wan checkpoints (transformer_2, Wan2.2 A14B) are not supported")
+        if mode not in MODES:
+            raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        m = self.token_multiple
+        for name, value in (("height", height), ("width", width), ("base_height", base_height),
+                            ("base_width", base_width)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < m or value % m:
+                raise ValueError(f"`{name}` must be a positive multiple of {m} (VAE x patch), got {value!r}")
+        if base_height > height or base_width > width:
+            raise ValueError(f"the base resolution must not exceed the target: got base {base_height}x{base_width} "
+                             f"for target {height}x{width}")
+        if (base_height // m) * (base_width // m) < 2:
+            raise ValueError(f"the base resolution must have at least 2 tokens per frame (the temperature's "
+                             f"logarithm base), got {base_height}x{base_width}")
+        vt = self.vae_scale_factor_temporal
+        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % vt:
+            raise ValueError(f"`num_frames` must be a positive int with (num_frames - 1) divisible by {vt}, "
+                             f"got {num_frames!r}")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}")
+        if not 0 < strength <= 1:
+            raise ValueError(f"`strength` must be in (0, 1], got {strength!r}")
+        if mode == "freeswim" and int(num_inference_steps * strength) < 1:
+            raise ValueError(f"`num_inference_steps * strength` must be >= 1, got {num_inference_steps} * {strength}")
+        if cache_steps is not None and (not isinstance(cache_steps, int) or isinstance(cache_steps, bool)
+                                        or cache_steps < 1):
+            raise ValueError(f"`cache_steps` must be a positive int or None (no cache), got {cache_steps!r}")
+        if mode == "window" and video is not None:
+            raise ValueError("`video` is only used by mode='freeswim' (video-to-video); got a video with "
+                             "mode='window'")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError(f"Cannot forward both `prompt`: {prompt} and `prompt_embeds`. Pass only one of them.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Provide either `prompt` or `prompt_embeds`.")
+        if prompt is not None and not isinstance(prompt, (str, list)):
+            raise ValueError(f"`prompt` has to be of type `str` or `list` but is {type(prompt)}")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Cannot forward both `negative_prompt` and `negative_prompt_embeds`.")
+        if callback_on_step_end_tensor_inputs is not None and not all(
+                k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs):
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, "
+                             f"got {callback_on_step_end_tensor_inputs}")
+
+    def _normalize_latents(self, latents, inverse=False):
+        cfg = self.vae.config
+        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        return latents * std + mean if inverse else (latents - mean) / std
+
+    def upscale_frames(self, frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Stage 2: `(B, F, 3, h, w)` in [0, 1] -> `(B, 3, F, height, width)` in [-1, 1], bilinear (half-pixel
+        centres, as cv2.INTER_LINEAR, which the reference uses on 8-bit frames)."""
+        b, f = frames.shape[:2]
+        up = F.interpolate(frames.flatten(0, 1).float(), size=(height, width), mode="bilinear", align_corners=False)
+        up = up.clamp(0, 1).unflatten(0, (b, f)) * 2 - 1  # (B, F, 3, H, W)
+        return up.permute(0, 2, 1, 3, 4)
+
+    def prepare_video_latents(self, video, scheduler, timestep, generator, device):
+        """Encode `(B, 3, F, H, W)` in [-1, 1] with the VAE (distribution mode), normalise, and noise to
+        `timestep` with the scheduler's forward process."""
+        video = video.to(device=device, dtype=self.vae.dtype)
+        init = self.vae.encode(video).latent_dist.mode()
+        init = self._normalize_latents(init.float())
+        noise = randn_tensor(init.shape, generator=generator, device=init.device, dtype=init.dtype)
+        t = timestep.repeat(init.shape[0])
+        if hasattr(scheduler, "scale_noise"):
+            return scheduler.scale_noise(init, t, noise)
+        return scheduler.add_noise(init, noise, t)
+
+    # ------------------------------------------------------------------ call
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: Union[str, List[str], None] = None,
+        negative_prompt: Union[str, List[str], None] = None,
+        height: int = 1088,
+        width: int = 1920,
+        base_height: int = 480,
+        base_width: int = 832,
+        num_frames: int = 81,
+        num_inference_steps: int = 50,
+        base_num_inference_steps: Optional[int] = None,
+        guidance_scale: float = 5.0,
+        strength: float = 0.7,
+        cache_steps: Optional[int] = 2,
+        mode: str = "freeswim",
+        flow_shift: Optional[float] = 9.0,
+        attention_scale: Optional[float] = None,
+        video: Optional[Any] = None,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        attention_kwargs: Optional[Dict[str, Any]] = None,
+        callback_on_step_end: Optional[Callable[[Any, int, Any, Dict], Dict]] = None,
+        callback_on_step_end_tensor_inputs: List[str] = ("latents",),
+        max_sequence_length: int = 512,
+    ):
+        r"""Generate a video (or image, `num_frames=1`) at `height x width`.
+
+        Args:
+            prompt: text prompt(s); or pass `prompt_embeds` `(B, S, text_dim)`.
+            negative_prompt: negative prompt(s) for classifier-free guidance; or `negative_prompt_embeds`.
+            height, width: target resolution (multiples of 16 for Wan).
+            base_height, base_width: base (training) resolution of stage 1; also sets the window: `2 d + 1`
+                tokens per spatial axis with `d = base_tokens // 2`, over all latent frames.
+            num_frames: frames, `4 k + 1` for Wan (1 gives an image).
+            num_inference_steps: schedule length at the target resolution; `strength` of it runs
+                (`int(num_inference_steps * strength)` steps) in mode "freeswim", all of it in mode "window".
+            base_num_inference_steps: stage-1 steps (default `num_inference_steps`).
+            guidance_scale: classifier-free guidance weight (both stages); <= 1 disables guidance.
+            strength: how much of the schedule the video-to-video stage re-noises and denoises (0, 1].
+            cache_steps: refresh the cross-attention cache every `cache_steps` steps (full branch only on those
+                steps, cond pass only); None runs the full dual path on every step and both guidance passes
+                (the reference's "nocache" mode).
+            mode: "freeswim" (coarse to fine, dual path) or "window" (text-to-video at the target resolution
+                with window attention only).
+            flow_shift: scheduler shift for the target-resolution stage (the reference uses 9.0); None keeps the
+                scheduler's.
+            attention_scale: self-attention logit scale; None means `sqrt(log_{N_base}(N_target) / d_head)` with
+                the base and target tokens per latent frame.
+            video: optional base video to upscale instead of stage 1 (frames as `diffusers`' video processor
+                takes them: list of PIL images, arrays or tensors); mode "freeswim" only.
+            generator: torch generator(s) for determinism.
+            output_type: "np", "pil", "pt" or "latent".
+            return_dict: return a `FreeSwimWanPipelineOutput` (else a tuple `(frames,)`).
+            attention_kwargs: passed to the transformer (e.g. LoRA `scale`).
+            callback_on_step_end: called as `fn(pipe, step, t, {name: tensor})` after each target-resolution
+                step; may return replacements for `callback_on_step_end_tensor_inputs`.
+            max_sequence_length: T5 sequence length.
+
+        Returns:
+            `FreeSwimWanPipelineOutput` (or a tuple with the frames).
+        """
+        callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
+        # 1. Check inputs
+        self.check_inputs(prompt, negative_prompt, height, width, base_height, base_width, num_frames,
+                          num_inference_steps, strength, cache_steps, mode, output_type, video, prompt_embeds,
+                          negative_prompt_embeds, callback_on_step_end_tensor_inputs)
+        device = self._execution_device
+        do_cfg = guidance_scale > 1.0
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
+
+        # 2. Encode the prompt once (diffusers' WanPipeline.encode_prompt), for both stages
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, negative_prompt, do_cfg, prompt_embeds, negative_prompt_embeds, max_sequence_length, device)
+        dtype = self.transformer.dtype
+        prompt_embeds = prompt_embeds.to(dtype)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(dtype)
+        batch_size = prompt_embeds.shape[0]
+
+        # 3. Target-resolution schedule
+        scheduler = self.high_res_scheduler(flow_shift)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = scheduler.timesteps
+        t_start = 0
+        if mode == "freeswim":
+            t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+            timesteps = timesteps[t_start * scheduler.order:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start * scheduler.order)
+
+        # 4. Stage 1 (base generation with stock attention) and stage 2 (upscaling), or noise for mode "window"
+        base_frames = None
+        if mode == "freeswim":
+            if video is None:
+                base = self.base_pipeline()(
+                    prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                    height=base_height, width=base_width, num_frames=num_frames,
+                    num_inference_steps=base_num_inference_steps or num_inference_steps,
+                    guidance_scale=guidance_scale, generator=generator, output_type="pt",
+                    attention_kwargs=attention_kwargs, max_sequence_length=max_sequence_length)
+                base_frames = base.frames  # (B, F, 3, h, w) in [0, 1]
+                video = self.upscale_frames(base_frames, height, width)
+            else:
+                video = self.video_processor.preprocess_video(video, height=height, width=width)
+                if video.shape[0] != batch_size:
+                    raise ValueError(f"`video` has batch {video.shape[0]} but the prompts have {batch_size}")
+            latents = self.prepare_video_latents(video, scheduler, timesteps[:1], generator, device)
+        else:
+            latents = self.base_pipeline().prepare_latents(
+                batch_size, self.transformer.config.in_channels, height, width, num_frames, torch.float32,
+                device, generator)
+
+        # 5. FreeSwim attention state for this resolution
+        grid = self.token_grid(num_frames, height, width)
+        base_grid = self.token_grid(num_frames, base_height, base_width)[1:]
+        head_dim = self.transformer.config.attention_head_dim
+        if attention_scale is None:
+            attention_scale = freeswim_attention_scale(head_dim, base_grid[0] * base_grid[1], grid[1] * grid[2])
+        state = FreeSwimState(pattern=freeswim_pattern(grid, base_grid), scale=attention_scale)
+        self._freeswim_state = state  # exposed for inspection (call counts)
+        num_tokens = grid[0] * grid[1] * grid[2]
+
+        def denoise(x, embeds, branch_mode, store=False, t=None):
+            """One transformer pass; mode "dual" runs [window; full] rows and returns the window rows."""
+            state.set_mode(branch_mode, store)
+            inp = torch.cat([x, x]) if branch_mode == "dual" else x
+            ctx = torch.cat([embeds, embeds]) if branch_mode == "dual" else embeds
+            ts = t.expand(inp.shape[0], num_tokens) if self.config.expand_timesteps else t.expand(inp.shape[0])
+            out = self.transformer(hidden_states=inp.to(dtype), timestep=ts, encoder_hidden_states=ctx,
+                                   attention_kwargs=attention_kwargs, return_dict=False)[0]
+            return out[: x.shape[0]]
+
+        # 6. Denoising loop at the target resolution
+        self._num_timesteps = len(timesteps)
+        with freeswim_processors(self.transformer, state), self.progress_bar(total=len(timesteps)) as bar:
+            for i, t in enumerate(timesteps):
+                if self._interrupt:
+                    continue
+                if mode == "window":
+                    cond_mode, store, uncond_mode = "window", False, "window"
+                elif cache_steps is None:  # the full dual path on every pass, nothing cached
+                    cond_mode, store, uncond_mode = "dual", False, "dual"
+                elif i % cache_steps == 0:  # refresh: full branch runs and its cross-attention is stored
+                    cond_mode, store, uncond_mode = "dual", True, "window"
+                else:  # the full branch would equal the window branch: one window pass reusing the cache
+                    cond_mode, store, uncond_mode = "reuse", False, "window"
+                noise_pred = denoise(latents, prompt_embeds, cond_mode, store, t)
+                if do_cfg:
+                    noise_uncond = denoise(latents, negative_prompt_embeds, uncond_mode, False, t)
+                    noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
+                latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    local = {"latents": latents, "prompt_embeds": prompt_embeds,
+                             "negative_prompt_embeds": negative_prompt_embeds}
+                    outs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
+                    outs = outs or {}
+                    latents = outs.pop("latents", latents)
+                    prompt_embeds = outs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = outs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                bar.update()
+
+        # 7. Decode
+        if output_type == "latent":
+            frames = latents
+        else:
+            latents = self._normalize_latents(latents.to(self.vae.dtype), inverse=True)
+            frames = self.vae.decode(latents, return_dict=False)[0]
+            frames = self.video_processor.postprocess_video(frames, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (frames,)
+        return FreeSwimWanPipelineOutput(frames=frames, base_frames=base_frames)
+
+    @property
+    def interrupt(self):
+        return getattr(self, "_interrupt", False)
+
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
