@@ -1,0 +1,405 @@
+"""Triton kernels for `kernels.attention`: a FlashAttention-2 style forward, and a backward split into a dK/dV
+kernel (one program per key block, looping over the query blocks that see it, GQA groups summed in-program)
+and a dQ kernel (one program per query block), so no atomics are needed.
+
+Two ways to enumerate blocks (constexpr `GRID_MODE`):
+
+* 1-d patterns (Dense, Causal, Window1d): query i sees key j iff `i + OFF - LEFT <= j <= i + OFF + RIGHT` and
+  `j < NK`. Block ranges, and which blocks are full, follow analytically from (OFF, LEFT, RIGHT).
+* grid patterns (Neighborhood, Halo) on tile-permuted tokens (`kernels.tiles`): per query tile a CSR list of
+  full key tiles and one of partial key tiles (and the transposed lists for dK/dV). The element mask of a
+  partial tile is rebuilt from per-axis tables: query window bounds `QLO/QHI` and key coordinates `KC`.
+
+Full blocks run without any mask; only partial blocks pay for the element mask. Logits are kept in base 2
+(`qk_scale = scale * log2(e)`); the stored lse is natural-log. Rows that see no key give zeros and lse=-inf.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _axis_vis(lo, hi, c, d, HAS_DIL: tl.constexpr, TRANS: tl.constexpr):
+    # lo/hi: per-query window bounds, c: per-key coordinates; result (M, N), or (N, M) when TRANS
+    if TRANS:
+        vis = (c[:, None] >= lo[None, :]) & (c[:, None] <= hi[None, :])
+        if HAS_DIL:
+            vis = vis & (((c[:, None] - lo[None, :]) % d) == 0)
+    else:
+        vis = (c[None, :] >= lo[:, None]) & (c[None, :] <= hi[:, None])
+        if HAS_DIL:
+            vis = vis & (((c[None, :] - lo[:, None]) % d) == 0)
+    return vis
+
+
+@triton.jit
+def _visible(offs_m, offs_n, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQP, NKP, DIL0, DIL1, DIL2,
+             GRID_MODE: tl.constexpr, N_AXES: tl.constexpr, HAS_DIL: tl.constexpr, TRANS: tl.constexpr):
+    """Element mask of one (query block, key block) pair; (BM, BN), or (BN, BM) when TRANS."""
+    if GRID_MODE:
+        vis = _axis_vis(tl.load(QLO + offs_m), tl.load(QHI + offs_m), tl.load(KC + offs_n), DIL0, HAS_DIL, TRANS)
+        if N_AXES > 1:
+            vis = vis & _axis_vis(tl.load(QLO + NQP + offs_m), tl.load(QHI + NQP + offs_m),
+                                  tl.load(KC + NKP + offs_n), DIL1, HAS_DIL, TRANS)
+        if N_AXES > 2:
+            vis = vis & _axis_vis(tl.load(QLO + 2 * NQP + offs_m), tl.load(QHI + 2 * NQP + offs_m),
+                                  tl.load(KC + 2 * NKP + offs_n), DIL2, HAS_DIL, TRANS)
+    else:
+        lo = offs_m + OFF - LEFT
+        hi = offs_m + OFF + RIGHT
+        if TRANS:
+            vis = (offs_n[:, None] >= lo[None, :]) & (offs_n[:, None] <= hi[None, :]) & (offs_n[:, None] < NK)
+        else:
+            vis = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] <= hi[:, None]) & (offs_n[None, :] < NK)
+    return vis
+
+
+@triton.jit
+def _load_rows(base, offs_r, stride_r, offs_c, NR, NC: tl.constexpr, BLOCK_C: tl.constexpr, CHECK_R: tl.constexpr,
+               other=0.0):
+    ptrs = base + offs_r[:, None] * stride_r + offs_c[None, :]
+    if CHECK_R:
+        if BLOCK_C == NC:
+            x = tl.load(ptrs, mask=(offs_r < NR)[:, None], other=other)
+        else:
+            x = tl.load(ptrs, mask=(offs_r < NR)[:, None] & (offs_c < NC)[None, :], other=other)
+    else:
+        if BLOCK_C == NC:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=(offs_c < NC)[None, :], other=other)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, offs_d, offs_dv,
+              qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQP, NKP, DIL0, DIL1, DIL2,
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr, N_AXES: tl.constexpr,
+              HAS_DIL: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    check = MASKED and not GRID_MODE  # 1-d partial blocks may run past NK
+    k = _load_rows(k_base, offs_n, stride_kn, offs_d, NK, D, BLOCK_D, check)
+    v = _load_rows(v_base, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV, check)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if MASKED:
+        vis = _visible(offs_m, offs_n, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQP, NKP, DIL0, DIL1, DIL2,
+                       GRID_MODE, N_AXES, HAS_DIL, False)
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE,
+              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+              H, GROUP, NQ, NK, qk_scale, OFF, LEFT, RIGHT,
+              FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, QLO, QHI, KC, DIL0, DIL1, DIL2,
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GRID_MODE: tl.constexpr, N_AXES: tl.constexpr,
+              HAS_DIL: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if REVERSE:  # heavy (late, causal) query blocks first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    o_base = O + b * stride_ob + h * stride_oh
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_rows(q_base, offs_m, stride_qn, offs_d, NQ, D, BLOCK_D, not GRID_MODE)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    if GRID_MODE:
+        for it in range(tl.load(FULL_PTR + pid_m), tl.load(FULL_PTR + pid_m + 1)):
+            start_n = tl.load(FULL_IDX + it) * BLOCK_N
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m,
+                                      offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK,
+                                      DIL0, DIL1, DIL2, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, GRID_MODE,
+                                      N_AXES, HAS_DIL, DOT_PREC)
+        for it in range(tl.load(PART_PTR + pid_m), tl.load(PART_PTR + pid_m + 1)):
+            start_n = tl.load(PART_IDX + it) * BLOCK_N
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m,
+                                      offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK,
+                                      DIL0, DIL1, DIL2, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, GRID_MODE,
+                                      N_AXES, HAS_DIL, DOT_PREC)
+    else:
+        m0 = pid_m * BLOCK_M
+        m1 = tl.minimum(m0 + BLOCK_M, NQ)
+        first = tl.maximum(m0 + OFF - LEFT, 0)
+        last = tl.minimum(m1 - 1 + OFF + RIGHT, NK - 1)
+        nb_lo = first // BLOCK_N
+        nb_hi = tl.where(last >= first, last // BLOCK_N + 1, nb_lo)
+        f_lo = (tl.maximum(m1 - 1 + OFF - LEFT, 0) + BLOCK_N - 1) // BLOCK_N
+        f_hi = tl.maximum(tl.minimum(m0 + OFF + RIGHT, NK - 1) + 1, 0) // BLOCK_N
+        f_lo = tl.minimum(tl.maximum(f_lo, nb_lo), nb_hi)
+        f_hi = tl.minimum(tl.maximum(f_hi, f_lo), nb_hi)
+        for nb in range(f_lo, f_hi):
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, nb * BLOCK_N, offs_m,
+                                      offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK,
+                                      DIL0, DIL1, DIL2, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, GRID_MODE,
+                                      N_AXES, HAS_DIL, DOT_PREC)
+        for nb in range(nb_lo, f_lo):
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, nb * BLOCK_N, offs_m,
+                                      offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK,
+                                      DIL0, DIL1, DIL2, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, GRID_MODE,
+                                      N_AXES, HAS_DIL, DOT_PREC)
+        for nb in range(f_hi, nb_hi):
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, nb * BLOCK_N, offs_m,
+                                      offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK,
+                                      DIL0, DIL1, DIL2, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, GRID_MODE,
+                                      N_AXES, HAS_DIL, DOT_PREC)
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    rows = offs_m < NQ
+    o_ptrs = o_base + offs_m[:, None] * stride_on + offs_dv[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=rows[:, None] & (offs_dv < DV)[None, :])
+    tl.store(LSE + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# backward
+
+
+@triton.jit
+def _bwd_delta(O, DO, DLSE, DELTA, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
+               H, NQ, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """delta = rowsum(dO * O) - dlse, float32 (B, H, NQ)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_dv, NQ, DV, BLOCK_DV, True)
+    do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, stride_dn, offs_dv, NQ, DV, BLOCK_DV, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    rows = offs_m < NQ
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + pid_bh.to(tl.int64) * NQ + offs_m, mask=rows, other=0.0)
+    tl.store(DELTA + pid_bh.to(tl.int64) * NQ + offs_m, delta, mask=rows)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn, start_m, offs_n,
+               offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2,
+               D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr, N_AXES: tl.constexpr,
+               HAS_DIL: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    check = MASKED and not GRID_MODE
+    q = _load_rows(q_base, offs_m, stride_qn, offs_d, NQ, D, BLOCK_D, check)
+    do = _load_rows(do_base, offs_m, stride_dn, offs_dv, NQ, DV, BLOCK_DV, check)
+    if check:
+        lse2 = tl.load(lse_base + offs_m, mask=offs_m < NQ, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=offs_m < NQ, other=0.0)
+    else:
+        lse2 = tl.load(lse_base + offs_m)
+        delta = tl.load(delta_base + offs_m)
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 1.4426950408889634)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BN, BM)
+    p_t = tl.math.exp2(s_t - lse2[None, :])
+    if MASKED:
+        vis = _visible(offs_m, offs_n, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
+                       GRID_MODE, N_AXES, HAS_DIL, True)
+        p_t = tl.where(vis, p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_,
+                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                   H, HKV, GROUP, NQ, NK, qk_scale, sm_scale, OFF, LEFT, RIGHT,
+                   FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, QLO, QHI, KC, DIL0, DIL1, DIL2,
+                   D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GRID_MODE: tl.constexpr, N_AXES: tl.constexpr,
+                   HAS_DIL: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    hk = (pid_bh % HKV).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _load_rows(K + b * stride_kb + hk * stride_kh, offs_n, stride_kn, offs_d, NK, D, BLOCK_D, not GRID_MODE)
+    v = _load_rows(V + b * stride_vb + hk * stride_vh, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV,
+                   not GRID_MODE)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+
+    if GRID_MODE:
+        f_s, f_e = tl.load(FULL_PTR + pid_n), tl.load(FULL_PTR + pid_n + 1)
+        p_s, p_e = tl.load(PART_PTR + pid_n), tl.load(PART_PTR + pid_n + 1)
+    else:
+        n0 = pid_n * BLOCK_N
+        n1 = tl.minimum(n0 + BLOCK_N, NK)
+        first = tl.maximum(n0 - OFF - RIGHT, 0)
+        last = tl.minimum(n1 - 1 - OFF + LEFT, NQ - 1)
+        mb_lo = first // BLOCK_M
+        mb_hi = tl.where(last >= first, last // BLOCK_M + 1, mb_lo)
+        f_lo = (tl.maximum(n1 - 1 - OFF - RIGHT, 0) + BLOCK_M - 1) // BLOCK_M
+        f_hi = tl.maximum(n0 + 1 - OFF + LEFT, 0) // BLOCK_M
+        f_hi = tl.minimum(f_hi, NQ // BLOCK_M)
+        f_hi = tl.where(n0 + BLOCK_N <= NK, f_hi, 0)
+        f_lo = tl.minimum(tl.maximum(f_lo, mb_lo), mb_hi)
+        f_hi = tl.minimum(tl.maximum(f_hi, f_lo), mb_hi)
+
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_db + h * stride_dh
+        lse_base = LSE + bh * NQ
+        delta_base = DELTA + bh * NQ
+        if GRID_MODE:
+            for it in range(f_s, f_e):
+                start_m = tl.load(FULL_IDX + it) * BLOCK_M
+                dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
+                                    start_m, offs_n, offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI,
+                                    KC, DIL0, DIL1, DIL2, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, False, GRID_MODE,
+                                    N_AXES, HAS_DIL, DOT_PREC)
+            for it in range(p_s, p_e):
+                start_m = tl.load(PART_IDX + it) * BLOCK_M
+                dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
+                                    start_m, offs_n, offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI,
+                                    KC, DIL0, DIL1, DIL2, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, True, GRID_MODE,
+                                    N_AXES, HAS_DIL, DOT_PREC)
+        else:
+            for mb in range(f_lo, f_hi):
+                dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
+                                    mb * BLOCK_M, offs_n, offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO,
+                                    QHI, KC, DIL0, DIL1, DIL2, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, False, GRID_MODE,
+                                    N_AXES, HAS_DIL, DOT_PREC)
+            for mb in range(mb_lo, f_lo):
+                dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
+                                    mb * BLOCK_M, offs_n, offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO,
+                                    QHI, KC, DIL0, DIL1, DIL2, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, True, GRID_MODE,
+                                    N_AXES, HAS_DIL, DOT_PREC)
+            for mb in range(f_hi, mb_hi):
+                dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
+                                    mb * BLOCK_M, offs_n, offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO,
+                                    QHI, KC, DIL0, DIL1, DIL2, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, True, GRID_MODE,
+                                    N_AXES, HAS_DIL, DOT_PREC)
+
+    rows = offs_n < NK
+    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=rows[:, None] & (offs_d < D)[None, :])
+    dv_ptrs = DV_ + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :]
+    tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty), mask=rows[:, None] & (offs_dv < DV)[None, :])
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, offs_d, offs_dv,
+             qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2,
+             D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr, N_AXES: tl.constexpr,
+             HAS_DIL: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    check = MASKED and not GRID_MODE
+    k = _load_rows(k_base, offs_n, stride_kn, offs_d, NK, D, BLOCK_D, check)
+    v = _load_rows(v_base, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV, check)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    p = tl.math.exp2(s - lse2[:, None])
+    if MASKED:
+        vis = _visible(offs_m, offs_n, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
+                       GRID_MODE, N_AXES, HAS_DIL, False)
+        p = tl.where(vis, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                 stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
+                 stride_dqb, stride_dqh, stride_dqn,
+                 H, GROUP, NQ, NK, qk_scale, sm_scale, OFF, LEFT, RIGHT,
+                 FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, QLO, QHI, KC, DIL0, DIL1, DIL2,
+                 D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GRID_MODE: tl.constexpr, N_AXES: tl.constexpr,
+                 HAS_DIL: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = offs_m < NQ
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, NQ, D, BLOCK_D, True)
+    do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, stride_dn, offs_dv, NQ, DV, BLOCK_DV, True)
+    lse2 = tl.load(LSE + pid_bh.to(tl.int64) * NQ + offs_m, mask=rows, other=float("inf"))
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 1.4426950408889634)
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * NQ + offs_m, mask=rows, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if GRID_MODE:
+        for it in range(tl.load(FULL_PTR + pid_m), tl.load(FULL_PTR + pid_m + 1)):
+            start_n = tl.load(FULL_IDX + it) * BLOCK_N
+            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, offs_d,
+                          offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV,
+                          BLOCK_N, BLOCK_D, BLOCK_DV, False, GRID_MODE, N_AXES, HAS_DIL, DOT_PREC)
+        for it in range(tl.load(PART_PTR + pid_m), tl.load(PART_PTR + pid_m + 1)):
+            start_n = tl.load(PART_IDX + it) * BLOCK_N
+            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, offs_d,
+                          offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV,
+                          BLOCK_N, BLOCK_D, BLOCK_DV, True, GRID_MODE, N_AXES, HAS_DIL, DOT_PREC)
+    else:
+        m0 = pid_m * BLOCK_M
+        m1 = tl.minimum(m0 + BLOCK_M, NQ)
+        first = tl.maximum(m0 + OFF - LEFT, 0)
+        last = tl.minimum(m1 - 1 + OFF + RIGHT, NK - 1)
+        nb_lo = first // BLOCK_N
+        nb_hi = tl.where(last >= first, last // BLOCK_N + 1, nb_lo)
+        f_lo = (tl.maximum(m1 - 1 + OFF - LEFT, 0) + BLOCK_N - 1) // BLOCK_N
+        f_hi = tl.maximum(tl.minimum(m0 + OFF + RIGHT, NK - 1) + 1, 0) // BLOCK_N
+        f_lo = tl.minimum(tl.maximum(f_lo, nb_lo), nb_hi)
+        f_hi = tl.minimum(tl.maximum(f_hi, f_lo), nb_hi)
+        for nb in range(f_lo, f_hi):
+            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, nb * BLOCK_N, offs_m,
+                          offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D,
+                          DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, GRID_MODE, N_AXES, HAS_DIL, DOT_PREC)
+        for nb in range(nb_lo, f_lo):
+            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, nb * BLOCK_N, offs_m,
+                          offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D,
+                          DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, GRID_MODE, N_AXES, HAS_DIL, DOT_PREC)
+        for nb in range(f_hi, nb_hi):
+            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, nb * BLOCK_N, offs_m,
+                          offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D,
+                          DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, GRID_MODE, N_AXES, HAS_DIL, DOT_PREC)
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows[:, None] & (offs_d < D)[None, :])
