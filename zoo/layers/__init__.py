@@ -1,4 +1,5 @@
 """Building blocks shared by the zoo's model families."""
+from .agent_attention import AgentAttention  # noqa: F401
 from .attention import Attention
 
 __all__ = ["Attention"]

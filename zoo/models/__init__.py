@@ -1,1 +1,3 @@
 """Model families, one file each; importing them registers their models in timm."""
+from .agent_deit import *  # noqa: F401,F403
+from .agent_pvt import *  # noqa: F401,F403
