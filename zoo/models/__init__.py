@@ -1,3 +1,4 @@
 """Model families, one file each; importing them registers their models in timm."""
+from .halonet import *  # noqa: F401,F403
 from .agent_deit import *  # noqa: F401,F403
 from .agent_pvt import *  # noqa: F401,F403

@@ -1,0 +1,189 @@
+"""Halo attention: HaloNet's blocked local self-attention over `kernels.attention`.
+
+Paper: `Scaling Local Self-Attention for Parameter Efficient Visual Backbones`, Vaswani et al., CVPR 2021
+(arXiv:2103.12731). There is no official code; the layout (weights, relative-position index, strided queries)
+follows timm's `HaloAttn` (huggingface/pytorch-image-models, `timm/layers/halo_attn.py`, Apache-2.0) so that
+timm checkpoints load strictly and give the same outputs. The implementation here is independent: it lays the
+problem out as blocked dense attention and calls the kernel core.
+
+Layout: the feature map is cut into non-overlapping `block x block` query blocks (`block / stride` after query
+subsampling); each block attends to its `win x win` window, `win = block + 2 * halo`, taken from the keys and
+values zero-padded by `halo` on every side. As batched dense attention that is
+
+    q (B * nblocks, heads, qb * qb, dqk)  vs  k, v (B * nblocks, heads, win * win, dqk | dv)
+
+plus the relative-position logits `q . R_h[ky - qy + win - 1] + q . R_w[kx - qx + win - 1]` (unscaled, timm's
+index: (qy, qx) in the query block, (ky, kx) in the window) as a dense additive bias. `halo_rel_pos_bias` is the
+one function that computes that bias, so a factorized in-kernel form can replace it later.
+
+Any size: timm asserts `H % block == 0`; here the map is zero-padded at the bottom/right to whole blocks
+(padded keys/values are zeros, exactly like the halo) and the output is cropped, so the result is identical to
+timm wherever timm runs, and defined everywhere else.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import make_divisible, trunc_normal_
+from torch import nn
+
+import kernels
+
+__all__ = ["HaloAttention", "HaloRelPosEmbed", "halo_rel_pos_bias", "halo_rel_index"]
+
+
+def halo_rel_index(query_block: int, win: int, device=None) -> torch.Tensor:
+    """`(query_block, win)` index into a `(2 win - 1)` relative table: `k - q + win - 1` (timm's HaloAttn)."""
+    q = torch.arange(query_block, device=device)
+    k = torch.arange(win, device=device)
+    return k[None, :] - q[:, None] + (win - 1)
+
+
+def halo_rel_pos_bias(q: torch.Tensor, height_rel: torch.Tensor, width_rel: torch.Tensor, win: int) -> torch.Tensor:
+    """Relative-position logits of HaloNet as a dense bias.
+
+    Args:
+        q: blocked queries `(..., qb, qb, D)` (row, column inside the query block).
+        height_rel, width_rel: per-axis tables `(2 * win - 1, D)`.
+        win: key window size per axis.
+
+    Returns:
+        `(..., qb * qb, win * win)`: `q . height_rel[ky - qy + win - 1] + q . width_rel[kx - qx + win - 1]`.
+    """
+    qb = q.shape[-2]
+    idx = halo_rel_index(qb, win, q.device)  # (qb, win)
+    rows = torch.arange(qb, device=q.device)
+    rel_h = torch.matmul(q, height_rel.transpose(0, 1))  # (..., qy, qx, 2win-1)
+    rel_w = torch.matmul(q, width_rel.transpose(0, 1))
+    rel_h = rel_h[..., rows[:, None, None], rows[None, :, None], idx[:, None, :]]  # (..., qy, qx, ky)
+    rel_w = rel_w[..., rows[:, None, None], rows[None, :, None], idx[None, :, :]]  # (..., qy, qx, kx)
+    bias = rel_h[..., :, None] + rel_w[..., None, :]  # (..., qy, qx, ky, kx)
+    return bias.flatten(-4, -3).flatten(-2, -1)
+
+
+class HaloRelPosEmbed(nn.Module):
+    """Factorized relative-position tables of a halo layer, shared by heads and blocks."""
+
+    def __init__(self, win: int, dim_head: int, device=None, dtype=None):
+        super().__init__()
+        self.win = win
+        self.height_rel = nn.Parameter(torch.empty(2 * win - 1, dim_head, device=device, dtype=dtype))
+        self.width_rel = nn.Parameter(torch.empty(2 * win - 1, dim_head, device=device, dtype=dtype))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return halo_rel_pos_bias(q, self.height_rel, self.width_rel, self.win)
+
+
+class HaloAttention(nn.Module):
+    """HaloNet's blocked local self-attention, weight- and output-compatible with timm's `HaloAttn`.
+
+    Args:
+        dim: input channels.
+        dim_out: output channels (the value width); None means `dim`. There is no output projection.
+        feat_size: accepted for compatibility with timm's self-attention factory; unused (any size works).
+        stride: 1 or 2. With stride 2 and `block % 2 == 0` (and not `avg_down`) queries are subsampled
+            (a `block/2` query block attends the same window); otherwise the output is average-pooled.
+        num_heads: attention heads; `dim_out % num_heads == 0`.
+        dim_head: query/key width per head; None means `make_divisible(dim_out * qk_ratio, 8) // num_heads`.
+        block_size: query block size `b` (full resolution).
+        halo_size: halo `h` around each block; the key window is `b + 2h` per axis.
+        qk_ratio: query/key width relative to `dim_out` when `dim_head` is None.
+        qkv_bias: bias on the query and key/value projections.
+        avg_down: downsample by average pooling instead of strided queries.
+        scale_pos_embed: scale the relative logits by `dim_head ** -0.5` too (timm's option; off by default).
+        device, dtype: factory kwargs for the parameters.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            dim_out: Optional[int] = None,
+            feat_size: Optional[Tuple[int, int]] = None,
+            stride: int = 1,
+            num_heads: int = 8,
+            dim_head: Optional[int] = None,
+            block_size: int = 8,
+            halo_size: int = 3,
+            qk_ratio: float = 1.0,
+            qkv_bias: bool = False,
+            avg_down: bool = False,
+            scale_pos_embed: bool = False,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        dim_out = dim_out or dim
+        for name, value in (("dim", dim), ("dim_out", dim_out), ("num_heads", num_heads),
+                            ("block_size", block_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"HaloAttention: {name} must be a positive int, got {value!r}")
+        if not isinstance(halo_size, int) or halo_size < 0:
+            raise ValueError(f"HaloAttention: halo_size must be an int >= 0, got {halo_size!r}")
+        if dim_out % num_heads:
+            raise ValueError(f"HaloAttention: dim_out ({dim_out}) must be divisible by num_heads ({num_heads})")
+        if stride not in (1, 2):
+            raise ValueError(f"HaloAttention: stride must be 1 or 2, got {stride!r}")
+        self.num_heads = num_heads
+        self.dim_head_qk = dim_head or make_divisible(dim_out * qk_ratio, divisor=8) // num_heads
+        self.dim_head_v = dim_out // num_heads
+        self.dim_out_qk = num_heads * self.dim_head_qk
+        self.dim_out_v = num_heads * self.dim_head_v
+        self.scale = self.dim_head_qk ** -0.5
+        self.scale_pos_embed = scale_pos_embed
+        self.block_size = block_size
+        self.halo_size = halo_size
+        self.win_size = block_size + 2 * halo_size
+        use_avg_pool = stride > 1 and (avg_down or block_size % stride != 0)
+        self.block_stride = stride if stride > 1 and not use_avg_pool else 1
+        self.block_size_ds = block_size // self.block_stride  # query block after subsampling
+        self.backend: Optional[str] = None  # None: kernels picks; "reference" forces the explicit path
+
+        self.q = nn.Conv2d(dim, self.dim_out_qk, 1, stride=self.block_stride, bias=qkv_bias, **dd)
+        self.kv = nn.Conv2d(dim, self.dim_out_qk + self.dim_out_v, 1, bias=qkv_bias, **dd)  # per head [k_h | v_h]
+        self.pos_embed = HaloRelPosEmbed(self.win_size, self.dim_head_qk, **dd)
+        # ceil_mode: odd sizes keep ceil(H / 2) rows like the block's shortcut; even sizes are timm's AvgPool2d(2).
+        self.pool = nn.AvgPool2d(2, 2, ceil_mode=True) if use_avg_pool else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        std = self.q.weight.shape[1] ** -0.5  # fan-in
+        trunc_normal_(self.q.weight, std=std)
+        trunc_normal_(self.kv.weight, std=std)
+        trunc_normal_(self.pos_embed.height_rel, std=self.scale)
+        trunc_normal_(self.pos_embed.width_rel, std=self.scale)
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_heads}, dim_head_qk={self.dim_head_qk}, dim_head_v={self.dim_head_v}, "
+                f"block={self.block_size}, halo={self.halo_size}, block_stride={self.block_stride}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        b, h, win, qb, heads = self.block_size, self.halo_size, self.win_size, self.block_size_ds, self.num_heads
+        nh, nw = -(-H // b), -(-W // b)  # blocks per axis, the map rounded up to whole blocks
+        dqk, dv = self.dim_head_qk, self.dim_head_v
+
+        q = self.q(x)  # (B, heads * dqk, ceil(H / s), ceil(W / s))
+        out_h, out_w = q.shape[-2:]
+        q = F.pad(q, [0, nw * qb - out_w, 0, nh * qb - out_h])
+        q = q.reshape(B, heads, dqk, nh, qb, nw, qb).permute(0, 3, 5, 1, 4, 6, 2)  # (B, nh, nw, heads, qb, qb, dqk)
+        q = q.reshape(B * nh * nw, heads, qb, qb, dqk)
+
+        kv = self.kv(x)  # (B, heads * (dqk + dv), H, W)
+        kv = F.pad(kv, [h, h + nw * b - W, h, h + nh * b - H])  # halo + round-up, zeros
+        kv = kv.unfold(2, win, b).unfold(3, win, b)  # (B, C, nh, nw, win, win)
+        kv = kv.reshape(B, heads, dqk + dv, nh, nw, win * win).permute(0, 3, 4, 1, 5, 2)
+        kv = kv.reshape(B * nh * nw, heads, win * win, dqk + dv)
+        k, v = kv.split([dqk, dv], dim=-1)
+
+        bias = self.pos_embed(q)  # (B * nblocks, heads, qb * qb, win * win)
+        if self.scale_pos_embed:
+            bias = bias * self.scale
+        out = kernels.attention(q.reshape(B * nh * nw, heads, qb * qb, dqk), k, v, bias=bias, scale=self.scale,
+                                backend=self.backend)  # (B * nblocks, heads, qb * qb, dv)
+
+        out = out.reshape(B, nh, nw, heads, qb, qb, dv).permute(0, 3, 6, 1, 4, 2, 5)  # (B, heads, dv, nh, qb, nw, qb)
+        out = out.reshape(B, heads * dv, nh * qb, nw * qb)[:, :, :out_h, :out_w]
+        return self.pool(out)

@@ -1,0 +1,300 @@
+"""HaloNet: ResNet-style bottlenecks whose 3x3 conv is blocked local (halo) self-attention.
+
+Paper: `Scaling Local Self-Attention for Parameter Efficient Visual Backbones`, Vaswani, Ramachandran,
+Srinivas, Parmar, Hechtman, Shlens, CVPR 2021 (arXiv:2103.12731). There is no official code.
+
+Two groups of models, all timm `ByobNet`s (timm's bring-your-own-blocks network, reused by import) whose
+self-attention layer is the zoo's `HaloAttention` (over `kernels.attention`):
+
+* timm-compatible: `zoo_halonet26t`, `zoo_sehalonet33ts`, `zoo_halonet50ts`, `zoo_eca_halonext26ts` have the
+  architecture of timm's model without the prefix (timm `timm/models/byoanet.py`, Apache-2.0): a timm
+  state_dict loads strictly and gives the same outputs. timm's `halonet_h1` is the paper's H1 as read below.
+* the paper's H0-H7 family, `zoo_halonet_h0` ... `zoo_halonet_h7`: stages of `(3, 3, l3, 3)` halo blocks with
+  bottleneck widths (64, 128, 256, 512), block outputs `rb` times wider, values `rv` times wider, an optional
+  final 1x1 conv of width `df`, block `b`, halo `h` and resolution from the paper's table (as transcribed by
+  keras_cv_attention_models, "architecture guessed"). Undetermined details follow timm's `halonet_h1`: 7x7 stem
+  and max-pool, ReLU, 8 heads in every stage (keras' reading uses 4 in stage 1). This reading reproduces the
+  paper's parameter counts (5.5M ... 67.4M); `zoo_halonet_h1` is timm's `halonet_h1`, weight-compatible.
+
+No weights are distributed; every model is built with random initialisation (a local file may be loaded
+with `zoo.create_model(name, checkpoint_path=...)`).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Dict, Optional
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import make_divisible
+from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg, SelfAttnBlock, interleave_blocks
+
+from .._registry import register_model
+from ..layers.halo_attention import HaloAttention
+
+__all__ = ["HaloNet"]
+
+
+class HaloBlock(SelfAttnBlock):
+    """timm's `SelfAttnBlock` with the attention's values `value_ratio` times wider (HaloNet's rv)."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, value_ratio: float = 1.0, layers=None,
+                 device=None, dtype=None, **kwargs):
+        super().__init__(in_chs, out_chs, stride=stride, layers=layers, device=device, dtype=dtype, **kwargs)
+        if value_ratio != 1.0:
+            dd = dict(device=device, dtype=dtype)
+            mid_chs = self.conv1_1x1.conv.out_channels
+            v_chs = make_divisible(mid_chs * value_ratio)
+            self.self_attn = layers.self_attn(mid_chs, dim_out=v_chs, stride=stride, **dd)
+            self.post_attn = layers.norm_act(v_chs, **dd)
+            self.conv3_1x1 = layers.conv_norm_act(v_chs, out_chs, 1, apply_act=False, **dd)
+
+
+class HaloNet(ByobNet):
+    """timm's `ByobNet` with zoo halo attention; validates its input at the boundary.
+
+    Args: as `timm.models.byobnet.ByobNet` (`cfg`, `num_classes`, `in_chans`, `global_pool`, `output_stride`,
+        `drop_rate`, `drop_path_rate`, `device`, `dtype`, ...). Any input size works: halo layers pad to whole
+        blocks.
+    """
+
+    def _check_input(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"x must be (B, C, H, W) with C = in_chans = {self.in_chans} channels, "
+                             f"got x.shape={tuple(x.shape)}")
+        if min(x.shape[2:]) < 1:
+            raise ValueError(f"x must have a non-empty image, got x.shape={tuple(x.shape)}")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return super().forward_features(x)
+
+    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
+        self._check_input(x)
+        return super().forward_intermediates(x, *args, **kwargs)
+
+
+def _halo_family(b: int, h: int, rv: float, rb: float, l3: int, df: int) -> ByoModelCfg:
+    """The paper's HaloNet H-model: 4 stages of halo blocks, bottleneck widths 64..512."""
+    block = partial(HaloBlock, value_ratio=rv) if rv != 1 else "self_attn"
+    stages = []
+    for d, mid, s in zip((3, 3, l3, 3), (64, 128, 256, 512), (1, 2, 2, 2)):
+        # qk width stays the bottleneck width when rv widens the values (timm's default when rv == 1)
+        attn_kwargs = dict(block_size=b, halo_size=h, dim_head=mid // 8) if rv != 1 else None
+        stages.append(ByoBlockCfg(type=block, d=d, c=int(mid * rb), s=s, gs=0, br=1 / rb,
+                                  self_attn_kwargs=attn_kwargs))
+    return ByoModelCfg(
+        blocks=tuple(stages),
+        stem_chs=64,
+        stem_type="7x7",
+        stem_pool="maxpool",
+        num_features=df,
+        self_attn_layer=HaloAttention,
+        self_attn_kwargs=dict(block_size=b, halo_size=h),
+    )
+
+
+model_cfgs = dict(
+    # timm-compatible architectures (timm/models/byoanet.py), self-attention = zoo HaloAttention
+    halonet26t=ByoModelCfg(
+        blocks=(
+            ByoBlockCfg(type="bottle", d=2, c=256, s=1, gs=0, br=0.25),
+            ByoBlockCfg(type="bottle", d=2, c=512, s=2, gs=0, br=0.25),
+            interleave_blocks(types=("bottle", "self_attn"), d=2, c=1024, s=2, gs=0, br=0.25),
+            ByoBlockCfg(type="self_attn", d=2, c=2048, s=2, gs=0, br=0.25),
+        ),
+        stem_chs=64,
+        stem_type="tiered",
+        stem_pool="maxpool",
+        self_attn_layer=HaloAttention,
+        self_attn_kwargs=dict(block_size=8, halo_size=2),
+    ),
+    sehalonet33ts=ByoModelCfg(
+        blocks=(
+            ByoBlockCfg(type="bottle", d=2, c=256, s=1, gs=0, br=0.25),
+            interleave_blocks(types=("bottle", "self_attn"), every=[2], d=3, c=512, s=2, gs=0, br=0.25),
+            interleave_blocks(types=("bottle", "self_attn"), every=[2], d=3, c=1024, s=2, gs=0, br=0.25),
+            ByoBlockCfg("self_attn", d=2, c=1536, s=2, gs=0, br=0.333),
+        ),
+        stem_chs=64,
+        stem_type="tiered",
+        stem_pool="",
+        act_layer="silu",
+        num_features=1280,
+        attn_layer="se",
+        self_attn_layer=HaloAttention,
+        self_attn_kwargs=dict(block_size=8, halo_size=3),
+    ),
+    halonet50ts=ByoModelCfg(
+        blocks=(
+            ByoBlockCfg(type="bottle", d=3, c=256, s=1, gs=0, br=0.25),
+            interleave_blocks(
+                types=("bottle", "self_attn"), every=4, d=4, c=512, s=2, gs=0, br=0.25,
+                self_attn_layer=HaloAttention, self_attn_kwargs=dict(block_size=8, halo_size=3, num_heads=4)),
+            interleave_blocks(types=("bottle", "self_attn"), d=6, c=1024, s=2, gs=0, br=0.25),
+            interleave_blocks(types=("bottle", "self_attn"), d=3, c=2048, s=2, gs=0, br=0.25),
+        ),
+        stem_chs=64,
+        stem_type="tiered",
+        stem_pool="maxpool",
+        act_layer="silu",
+        self_attn_layer=HaloAttention,
+        self_attn_kwargs=dict(block_size=8, halo_size=3),
+    ),
+    eca_halonext26ts=ByoModelCfg(
+        blocks=(
+            ByoBlockCfg(type="bottle", d=2, c=256, s=1, gs=16, br=0.25),
+            ByoBlockCfg(type="bottle", d=2, c=512, s=2, gs=16, br=0.25),
+            interleave_blocks(types=("bottle", "self_attn"), d=2, c=1024, s=2, gs=16, br=0.25),
+            ByoBlockCfg(type="self_attn", d=2, c=2048, s=2, gs=16, br=0.25),
+        ),
+        stem_chs=64,
+        stem_type="tiered",
+        stem_pool="maxpool",
+        act_layer="silu",
+        attn_layer="eca",
+        self_attn_layer=HaloAttention,
+        self_attn_kwargs=dict(block_size=8, halo_size=2, dim_head=16),
+    ),
+    # the paper's family (b, h, rv, rb, l3, df); H1 is timm's halonet_h1
+    halonet_h0=_halo_family(b=8, h=3, rv=1, rb=0.5, l3=7, df=0),
+    halonet_h1=_halo_family(b=8, h=3, rv=1, rb=1, l3=10, df=0),
+    halonet_h2=_halo_family(b=8, h=3, rv=1, rb=1.25, l3=11, df=0),
+    halonet_h3=_halo_family(b=10, h=3, rv=1, rb=1.5, l3=12, df=1024),
+    halonet_h4=_halo_family(b=12, h=2, rv=1, rb=3, l3=12, df=1280),
+    halonet_h5=_halo_family(b=14, h=2, rv=2.5, rb=2, l3=23, df=1536),
+    halonet_h6=_halo_family(b=8, h=4, rv=3, rb=2.75, l3=24, df=1536),
+    halonet_h7=_halo_family(b=10, h=3, rv=4, rb=3.5, l3=26, df=2048),
+    # tiny model for tests: stride-1 and strided-query halo layers, 2 heads, block 4, halo 1
+    test_halonet=ByoModelCfg(
+        blocks=(
+            ByoBlockCfg(type="bottle", d=1, c=32, s=1, gs=0, br=0.5),
+            interleave_blocks(types=("bottle", "self_attn"), d=2, c=48, s=2, gs=0, br=0.5),
+            ByoBlockCfg(type="self_attn", d=1, c=64, s=2, gs=0, br=0.5),
+        ),
+        stem_chs=16,
+        stem_type="3x3",
+        stem_pool="maxpool",
+        act_layer="silu",
+        self_attn_layer=HaloAttention,
+        self_attn_kwargs=dict(block_size=4, halo_size=1, num_heads=2),
+    ),
+)
+
+
+def _create_halonet(variant: str, cfg_variant: Optional[str] = None, pretrained: bool = False, **kwargs) -> HaloNet:
+    return build_model_with_cfg(
+        HaloNet, variant, pretrained,
+        model_cfg=model_cfgs[cfg_variant or variant],
+        feature_cfg=dict(flatten_sequential=True),
+        **kwargs,
+    )
+
+
+def _cfg(size: int = 256, **kwargs) -> Dict[str, Any]:
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, size, size), "pool_size": (size // 32, size // 32),
+        "crop_pct": 0.94, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.conv1.conv", "classifier": "head.fc", "license": "apache-2.0",
+        "paper_ids": "arXiv:2103.12731",
+        "paper_name": "Scaling Local Self-Attention for Parameter Efficient Visual Backbones",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "zoo_halonet26t": _cfg(notes=("architecture of timm halonet26t",)),
+    "zoo_sehalonet33ts": _cfg(notes=("architecture of timm sehalonet33ts",)),
+    "zoo_halonet50ts": _cfg(notes=("architecture of timm halonet50ts",)),
+    "zoo_eca_halonext26ts": _cfg(notes=("architecture of timm eca_halonext26ts",)),
+    "zoo_halonet_h0": _cfg(256),
+    "zoo_halonet_h1": _cfg(256, notes=("architecture of timm halonet_h1",)),
+    "zoo_halonet_h2": _cfg(256),
+    "zoo_halonet_h3": _cfg(320),
+    "zoo_halonet_h4": _cfg(384),
+    "zoo_halonet_h5": _cfg(448),
+    "zoo_halonet_h6": _cfg(512),
+    "zoo_halonet_h7": _cfg(600, pool_size=(19, 19)),
+    "test_halonet": _cfg(64, first_conv="stem.conv", pool_size=(4, 4)),
+})
+
+
+@register_model
+def zoo_halonet26t(pretrained: bool = False, **kwargs) -> HaloNet:
+    """HaloNet-26T (timm halonet26t architecture), zoo halo attention."""
+    return _create_halonet("zoo_halonet26t", "halonet26t", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def zoo_sehalonet33ts(pretrained: bool = False, **kwargs) -> HaloNet:
+    """SE-HaloNet-33TS (timm sehalonet33ts architecture), zoo halo attention."""
+    return _create_halonet("zoo_sehalonet33ts", "sehalonet33ts", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def zoo_halonet50ts(pretrained: bool = False, **kwargs) -> HaloNet:
+    """HaloNet-50TS (timm halonet50ts architecture), zoo halo attention."""
+    return _create_halonet("zoo_halonet50ts", "halonet50ts", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def zoo_eca_halonext26ts(pretrained: bool = False, **kwargs) -> HaloNet:
+    """ECA-HaloNeXt-26TS (timm eca_halonext26ts architecture), zoo halo attention."""
+    return _create_halonet("zoo_eca_halonext26ts", "eca_halonext26ts", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def zoo_halonet_h0(pretrained: bool = False, **kwargs) -> HaloNet:
+    """HaloNet-H0 (arXiv:2103.12731), b8 h3, 256 px."""
+    return _create_halonet("zoo_halonet_h0", "halonet_h0", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def zoo_halonet_h1(pretrained: bool = False, **kwargs) -> HaloNet:
+    """HaloNet-H1 (arXiv:2103.12731; timm halonet_h1 architecture), b8 h3, 256 px."""
+    return _create_halonet("zoo_halonet_h1", "halonet_h1", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def zoo_halonet_h2(pretrained: bool = False, **kwargs) -> HaloNet:
+    """HaloNet-H2 (arXiv:2103.12731), b8 h3, 256 px."""
+    return _create_halonet("zoo_halonet_h2", "halonet_h2", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def zoo_halonet_h3(pretrained: bool = False, **kwargs) -> HaloNet:
+    """HaloNet-H3 (arXiv:2103.12731), b10 h3, 320 px."""
+    return _create_halonet("zoo_halonet_h3", "halonet_h3", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def zoo_halonet_h4(pretrained: bool = False, **kwargs) -> HaloNet:
+    """HaloNet-H4 (arXiv:2103.12731), b12 h2, 384 px."""
+    return _create_halonet("zoo_halonet_h4", "halonet_h4", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def zoo_halonet_h5(pretrained: bool = False, **kwargs) -> HaloNet:
+    """HaloNet-H5 (arXiv:2103.12731), b14 h2, rv 2.5, 448 px."""
+    return _create_halonet("zoo_halonet_h5", "halonet_h5", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def zoo_halonet_h6(pretrained: bool = False, **kwargs) -> HaloNet:
+    """HaloNet-H6 (arXiv:2103.12731), b8 h4, rv 3, 512 px."""
+    return _create_halonet("zoo_halonet_h6", "halonet_h6", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def zoo_halonet_h7(pretrained: bool = False, **kwargs) -> HaloNet:
+    """HaloNet-H7 (arXiv:2103.12731), b10 h3, rv 4, 600 px."""
+    return _create_halonet("zoo_halonet_h7", "halonet_h7", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def test_halonet(pretrained: bool = False, **kwargs) -> HaloNet:
+    """Tiny HaloNet for tests: 4 blocks, width <= 64, block 4 halo 1, 64 px."""
+    return _create_halonet("test_halonet", pretrained=pretrained, **kwargs)
