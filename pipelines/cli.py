@@ -14,6 +14,8 @@ SUBCOMMANDS = {
     "list": "pipelines.model_info",
     "info": "pipelines.model_info",
     "demo": "pipelines.demo",
+    "probe": "pipelines.probing.cli",
+    "generate": "pipelines.freeswim.cli",
 }
 
 

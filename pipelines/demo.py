@@ -51,9 +51,16 @@ def step_digits(args, console):
     console.print(table)
 
 
+def step_freeswim(args, console):
+    from .freeswim.cli import demo_step  # diffusers loads only when this step runs
+
+    demo_step(args, console)
+
+
 DEMO_STEPS = [
     ("models", step_models),
     ("digits", step_digits),
+    ("freeswim", step_freeswim),
 ]
 
 
@@ -75,4 +82,5 @@ def add_parser(sub) -> None:
     p.add_argument("--only", nargs="*", default=None, help="steps to run (default all)")
     p.add_argument("--epochs", type=int, default=None, help="override the digits training epochs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", default="./zoo-demo-out", help="directory for the demo's files (videos, pictures)")
     p.set_defaults(func=run_demo)

@@ -19,11 +19,13 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from diffusers import DiffusionPipeline, WanPipeline
+from diffusers import (AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanPipeline,
+                       WanTransformer3DModel)
 from diffusers.loaders import WanLoraLoaderMixin
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
+from transformers import AutoTokenizer, UMT5EncoderModel
 
 from .attention import FreeSwimState, freeswim_attention_scale, freeswim_pattern, freeswim_processors
 
@@ -69,8 +71,17 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     _optional_components = ["transformer", "transformer_2"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
-    def __init__(self, tokenizer, text_encoder, vae, scheduler, transformer=None, transformer_2=None,
-                 boundary_ratio: Optional[float] = None, expand_timesteps: bool = False):
+    def __init__(
+        self,
+        tokenizer: AutoTokenizer,
+        text_encoder: UMT5EncoderModel,
+        vae: AutoencoderKLWan,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        transformer: Optional[WanTransformer3DModel] = None,
+        transformer_2: Optional[WanTransformer3DModel] = None,
+        boundary_ratio: Optional[float] = None,
+        expand_timesteps: bool = False,
+    ):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
                               scheduler=scheduler, transformer_2=transformer_2)
