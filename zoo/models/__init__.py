@@ -2,3 +2,4 @@
 from .halonet import *  # noqa: F401,F403
 from .agent_deit import *  # noqa: F401,F403
 from .agent_pvt import *  # noqa: F401,F403
+from .agent_swin import *  # noqa: F401,F403
