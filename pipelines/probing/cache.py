@@ -1,0 +1,203 @@
+"""The feature cache: encoder tokens extracted once into a memory-mapped fp16 store, keyed by encoder, data,
+transform and views; reused by every probe; extraction resumes where an interruption left it.
+
+A store is a folder `<cache_dir>/<key>/` holding
+    features.npy  (S, V, N, D) float16, a numpy memmap: S samples, V views, N tokens of width D
+    labels.npy    (S,) int64
+    done.npy      (chunks,) bool: which extraction chunks are written (flushed after the chunk's features)
+    meta.json     what the key was made of, the shapes, `num_prefix_tokens`, and `complete`
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .data import ViewDataset
+
+__all__ = ["FeatureStore", "cache_key", "extract_features", "pool_time", "TEMPORAL_POOLS"]
+
+FORMAT_VERSION = 1
+TEMPORAL_POOLS = ("mean", "concat")
+
+
+def cache_key(description: Dict[str, Any]) -> str:
+    """A stable 24-hex-digit key of a JSON-able description."""
+    return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def pool_time(tokens: torch.Tensor, num_prefix_tokens: int, mode: str) -> torch.Tensor:
+    """Per-frame tokens `(B, T, N, D)` to clip tokens: "mean" over time `(B, N, D)`, or "concat" over time
+    `(B, T·N, D)` with every frame's prefix tokens first (so the clip has `T·num_prefix_tokens` of them)."""
+    if mode == "mean":
+        return tokens.mean(1)
+    if mode == "concat":
+        p = num_prefix_tokens
+        return torch.cat([tokens[:, :, :p].flatten(1, 2), tokens[:, :, p:].flatten(1, 2)], dim=1)
+    raise ValueError(f"temporal_pool must be one of {TEMPORAL_POOLS}, got {mode!r}")
+
+
+@dataclass
+class FeatureStore:
+    """A finished feature store; `features` `(S, V, N, D)` float16 and `labels` `(S,)` are memmaps."""
+
+    path: str
+    features: np.ndarray
+    labels: np.ndarray
+    meta: Dict[str, Any]
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.meta["num_prefix_tokens"])
+
+    @property
+    def views(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.meta["classes"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[-1])
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    @classmethod
+    def open(cls, path: str) -> "FeatureStore":
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        if not meta.get("complete"):
+            raise ValueError(f"feature store {path!r} is incomplete; run extract_features again to resume it")
+        feats = np.load(os.path.join(path, "features.npy"), mmap_mode="r")
+        labels = np.load(os.path.join(path, "labels.npy"), mmap_mode="r")
+        return cls(path, feats, labels, meta)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def extract_features(encoder, dataset, transform, transform_description: Dict[str, Any], cache_dir: str, *,
+                     views: int = 1, seed: int = 0, temporal_pool: str = "mean", batch_size: int = 64,
+                     num_workers: int = 0, device: Optional[str] = None, progress: bool = True,
+                     desc: str = "features") -> FeatureStore:
+    """Extract (or reuse, or resume) the encoder's tokens for every view of every sample of `dataset`.
+
+    Args:
+        encoder: a `zoo.probes.FrozenEncoder` (anything with `fingerprint()`, `num_prefix_tokens` and a call
+            mapping images `(B, C, H, W)` to tokens `(B, N, D)`).
+        dataset: an `ImageFolderDataset`, `VideoFolderDataset` or `ArrayDataset` (`load`, `targets`, `classes`,
+            `fingerprint`).
+        transform: the per-image transform; `transform_description` is what keys it.
+        cache_dir: the cache root; the store goes to `<cache_dir>/<key>`.
+        views: views per sample (several for cached augmentations; each seeded by (seed, sample, view)).
+        seed: the augmentation seed (part of the key when views are random).
+        temporal_pool: for videos, "mean" or "concat" of per-frame tokens over time.
+        batch_size, num_workers: extraction batches and DataLoader workers.
+        device: where the encoder runs (None: where its parameters are).
+
+    Returns:
+        The finished `FeatureStore`.
+    """
+    if temporal_pool not in TEMPORAL_POOLS:
+        raise ValueError(f"temporal_pool must be one of {TEMPORAL_POOLS}, got {temporal_pool!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    is_video = getattr(dataset, "kind", "") == "video_folder"
+    description = {
+        "format": FORMAT_VERSION,
+        "encoder": encoder.fingerprint(),
+        "data": dataset.fingerprint(),
+        "transform": transform_description,
+        "views": views,
+        "seed": seed if transform_description.get("is_training") else None,
+        "temporal_pool": temporal_pool if is_video else None,
+        "dtype": "float16",
+    }
+    key = cache_key(description)
+    path = os.path.join(os.fspath(cache_dir), key)
+    meta_path = os.path.join(path, "meta.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            if json.load(f).get("complete"):
+                return FeatureStore.open(path)
+    os.makedirs(path, exist_ok=True)
+
+    views_ds = ViewDataset(dataset, transform, views=views, seed=seed)
+    total = len(views_ds)
+    num_chunks = (total + batch_size - 1) // batch_size
+    done_path, feat_path = os.path.join(path, "done.npy"), os.path.join(path, "features.npy")
+    meta = None
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+    if meta is not None and (meta["batch_size"] != batch_size or not os.path.isfile(feat_path)):
+        meta = None  # a different chunking: start over
+    if meta is None:
+        done = np.lib.format.open_memmap(done_path, mode="w+", dtype=np.bool_, shape=(num_chunks,))
+        done[:] = False
+        done.flush()
+        np.save(os.path.join(path, "labels.npy"), np.asarray(dataset.targets, dtype=np.int64))
+        feats = None
+    else:
+        done = np.load(done_path, mmap_mode="r+")
+        feats = np.load(feat_path, mmap_mode="r+")
+
+    if device is None:
+        params = list(encoder.parameters())
+        device = params[0].device if params else torch.device("cpu")
+    device = torch.device(device)
+    encoder.to(device)
+    pending = [c for c in range(num_chunks) if not done[c]]
+    batches = [list(range(c * batch_size, min(total, (c + 1) * batch_size))) for c in pending]
+    loader = DataLoader(views_ds, batch_sampler=batches, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    p = int(encoder.num_prefix_tokens)
+    start = time.perf_counter()
+    bar = tqdm(total=num_chunks, initial=num_chunks - len(pending), desc=desc, disable=not progress, leave=False)
+    for chunk, (x, _) in zip(pending, loader):
+        x = x.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            if is_video:
+                B, T = x.shape[:2]
+                tokens = encoder(x.flatten(0, 1))  # (B·T, N, D)
+                tokens = pool_time(tokens.reshape(B, T, *tokens.shape[1:]).float(), p, temporal_pool)
+            else:
+                tokens = encoder(x)  # (B, N, D)
+        out = tokens.float().cpu().numpy().astype(np.float16)
+        if feats is None:  # the token shape is known after the first batch
+            feats = np.lib.format.open_memmap(feat_path, mode="w+", dtype=np.float16,
+                                              shape=(len(dataset), views, *out.shape[1:]))
+            num_prefix = p * (dataset.num_frames if is_video and temporal_pool == "concat" else 1)
+            meta = {"key": key, "description": description, "batch_size": batch_size, "complete": False,
+                    "num_prefix_tokens": num_prefix, "classes": list(dataset.classes), "shape": list(feats.shape)}
+            _write_json(meta_path, meta)
+        lo = chunk * batch_size
+        flat = feats.reshape(len(dataset) * views, *feats.shape[2:])  # a view of the memmap: row i·V + v
+        flat[lo:lo + len(out)] = out
+        feats.flush()
+        done[chunk] = True
+        done.flush()
+        bar.update(1)
+    bar.close()
+    del loader
+    if not bool(np.all(done)):
+        raise RuntimeError(f"feature extraction into {path!r} stopped before the end; call again to resume")
+    meta["complete"] = True
+    meta["extract_seconds"] = meta.get("extract_seconds", 0.0) + time.perf_counter() - start
+    _write_json(meta_path, meta)
+    return FeatureStore.open(path)

@@ -1,0 +1,359 @@
+"""Train a grid of probes on cached features in one pass: every batch of features feeds every probe (probe types
+× learning rates), each with its own optimizer (timm's AdamW/LARS/...) and cosine schedule with warm-up.
+
+Mixed precision (bf16 autocast) on GPU, tqdm progress, periodic top-1/top-5 evaluation, one safetensors
+checkpoint with every probe's weights and optimizer state (resumable), metrics as a dict (JSON-able), training
+curves as a PNG and a comparison table.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from timm.optim import create_optimizer_v2, list_optimizers
+from timm.scheduler import CosineLRScheduler
+from tqdm.auto import tqdm
+
+from zoo.probes import create_probe
+
+from .cache import FeatureStore
+
+__all__ = ["ProbeSpec", "TrainConfig", "train_probes", "save_curves", "results_table", "topk_correct"]
+
+CHECKPOINT = "checkpoint.safetensors"
+_FORMAT = "attnzoo-probe-checkpoint-1"
+
+
+@dataclass
+class ProbeSpec:
+    """One probe of the grid: a probe type with its arguments, trained at one learning rate."""
+
+    name: str
+    probe: str
+    lr: float
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters shared by every probe of the grid (EP's protocol: LARS, blr 0.1, 90 epochs)."""
+
+    epochs: int = 30
+    batch_size: int = 128
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    min_lr: float = 0.0
+    eval_every: int = 1
+    ckpt_every: int = 1
+    amp: bool = True
+    device: str = "auto"
+    seed: int = 0
+    resume: bool = True
+    preload: bool = True
+
+    def check(self) -> None:
+        for name in ("epochs", "batch_size", "eval_every", "ckpt_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"train.{name} must be a positive int, got {value!r}")
+        if self.optimizer not in list_optimizers():
+            raise ValueError(f"train.optimizer must be a timm optimizer name (adamw, lars, sgd, ...), "
+                             f"got {self.optimizer!r}")
+        if self.warmup_epochs < 0 or self.weight_decay < 0 or self.min_lr < 0:
+            raise ValueError(f"warmup_epochs, weight_decay and min_lr must be >= 0, got {self.warmup_epochs=} "
+                             f"{self.weight_decay=} {self.min_lr=}")
+
+
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int]) -> List[int]:
+    """How many rows have the target among the k highest logits, for each k (k capped at the class count)."""
+    top = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices  # (B, kmax)
+    hit = top == target[:, None]
+    return [int(hit[:, :min(k, logits.shape[-1])].any(-1).sum()) for k in ks]
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class _Features:
+    """Cached features as torch tensors (preloaded, float16) or gathered from the memmap per batch."""
+
+    def __init__(self, store: FeatureStore, device: torch.device, preload: bool):
+        self.store = store
+        self.device = device
+        self.labels = torch.tensor(np.array(store.labels), dtype=torch.long)
+        self.data = torch.from_numpy(np.array(store.features)).to(device) if preload else None
+
+    def batch(self, idx: torch.Tensor, views: Optional[torch.Tensor] = None):
+        if views is None:
+            views = torch.zeros_like(idx)
+        if self.data is not None:
+            x = self.data[idx.to(self.device), views.to(self.device)]
+        else:
+            order = torch.argsort(idx)  # memmap reads in file order
+            rows = np.asarray(self.store.features[idx[order].numpy(), views[order].numpy()])
+            x = torch.empty((len(idx), *rows.shape[1:]), dtype=torch.float16)
+            x[order] = torch.from_numpy(rows)
+            x = x.to(self.device, non_blocking=True)
+        return x.float(), self.labels[idx].to(self.device)
+
+
+def _flatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer):
+    tensors, extra = {}, {}
+    sd = optimizer.state_dict()
+    for pid, state in sd["state"].items():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{prefix}.{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                extra[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "extra_state": extra}
+
+
+def _unflatten_optimizer(prefix: str, tensors: Dict[str, torch.Tensor], info: Dict[str, Any]):
+    state: Dict[int, Dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            pid, name = key[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(pid), {})[name] = value
+    for key, value in info["extra_state"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": info["param_groups"]}
+
+
+class _Run:
+    def __init__(self, spec: ProbeSpec, dim: int, num_classes: int, num_prefix_tokens: int, cfg: TrainConfig,
+                 steps_per_epoch: int, device: torch.device):
+        self.spec = spec
+        self.probe = create_probe(spec.probe, dim, num_classes, num_prefix_tokens=num_prefix_tokens,
+                                  **spec.kwargs).to(device)
+        self.params = sum(p.numel() for p in self.probe.parameters() if p.requires_grad)
+        self.optimizer = create_optimizer_v2(self.probe, opt=cfg.optimizer, lr=spec.lr,
+                                             weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+        total = cfg.epochs * steps_per_epoch
+        warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), max(total - 1, 0))
+        self.scheduler = CosineLRScheduler(self.optimizer, t_initial=total, lr_min=cfg.min_lr, warmup_t=warmup,
+                                           warmup_lr_init=spec.lr * 1e-3 if warmup else 0.0, warmup_prefix=False,
+                                           t_in_epochs=False)
+        self.history: List[Dict[str, Any]] = []
+        self.seconds = 0.0
+        self.loss_sum = 0.0
+        self.loss_count = 0
+
+
+@torch.no_grad()
+def _evaluate(probe, feats: _Features, batch_size: int, amp: bool) -> Dict[str, float]:
+    probe.eval()
+    n = len(feats.labels)
+    correct1 = correct5 = 0
+    loss = 0.0
+    for lo in range(0, n, batch_size):
+        idx = torch.arange(lo, min(n, lo + batch_size))
+        x, y = feats.batch(idx)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = probe(x).float()
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        c1, c5 = topk_correct(logits, y, (1, 5))
+        correct1, correct5 = correct1 + c1, correct5 + c5
+    return {"val_loss": loss / n, "val_top1": 100.0 * correct1 / n, "val_top5": 100.0 * correct5 / n}
+
+
+def _save_checkpoint(path: str, runs: List[_Run], epoch: int, step: int, gen: torch.Generator,
+                     signature: Dict[str, Any]) -> None:
+    tensors: Dict[str, torch.Tensor] = {"rng.data": gen.get_state(), "rng.torch": torch.get_rng_state()}
+    info: Dict[str, Any] = {}
+    for run in runs:
+        name = run.spec.name
+        for k, v in run.probe.state_dict().items():
+            tensors[f"runs.{name}.probe.{k}"] = v.detach().cpu().contiguous()
+        opt_tensors, opt_info = _flatten_optimizer(f"runs.{name}.optim", run.optimizer)
+        tensors.update(opt_tensors)
+        info[name] = {"optimizer": opt_info, "history": run.history, "seconds": run.seconds}
+    metadata = {"format": _FORMAT, "epoch": str(epoch), "step": str(step),
+                "signature": json.dumps(signature, sort_keys=True), "runs": json.dumps(info, default=float)}
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: str, runs: List[_Run], gen: torch.Generator, signature: Dict[str, Any]):
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    if metadata.get("format") != _FORMAT:
+        raise ValueError(f"{path!r} is not a probe checkpoint (format {metadata.get('format')!r})")
+    saved = json.loads(metadata["signature"])
+    if saved != json.loads(json.dumps(signature, sort_keys=True)):
+        raise ValueError(f"checkpoint {path!r} was written for a different probe grid or training config; "
+                         f"use another output_dir or resume=False. Saved: {saved}, now: {signature}")
+    tensors = load_file(path)
+    info = json.loads(metadata["runs"])
+    for run in runs:
+        name = run.spec.name
+        prefix = f"runs.{name}.probe."
+        run.probe.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        run.optimizer.load_state_dict(_unflatten_optimizer(f"runs.{name}.optim", tensors, info[name]["optimizer"]))
+        run.history = info[name]["history"]
+        run.seconds = info[name]["seconds"]
+    gen.set_state(tensors["rng.data"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(metadata["epoch"]), int(metadata["step"])
+
+
+def train_probes(specs: Sequence[ProbeSpec], train_store: FeatureStore, val_store: FeatureStore,
+                 cfg: TrainConfig, output_dir: str, progress: bool = True, return_probes: bool = False):
+    """Train every probe in `specs` on the same stream of cached-feature batches.
+
+    Args:
+        specs: the grid (unique names).
+        train_store, val_store: finished feature stores of the same encoder; the training store may hold
+            several (augmented) views per sample, one drawn at random per sample and epoch.
+        cfg: shared training hyper-parameters.
+        output_dir: where `checkpoint.safetensors` goes (and is resumed from when `cfg.resume`).
+        progress: show a tqdm bar.
+        return_probes: also return the trained probe modules.
+
+    Returns:
+        metrics `{"runs": {name: {top1, top5, best_top1, params, history, ...}}, "resumed_from_epoch": ...}`
+        (JSON-able), and `{name: probe}` when `return_probes`.
+    """
+    cfg.check()
+    if not specs:
+        raise ValueError("specs must name at least one probe")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"probe names must be unique, got {names}")
+    if train_store.dim != val_store.dim or train_store.num_classes != val_store.num_classes:
+        raise ValueError(f"train and val stores differ: dim {train_store.dim} vs {val_store.dim}, classes "
+                         f"{train_store.num_classes} vs {val_store.num_classes}")
+    device = _resolve_device(cfg.device)
+    amp = bool(cfg.amp and device.type == "cuda")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = len(train_store)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    runs = [_Run(s, train_store.dim, train_store.num_classes, train_store.num_prefix_tokens, cfg, steps_per_epoch,
+                 device) for s in specs]
+    signature = {"specs": [asdict(s) for s in specs],
+                 "train": {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "eval_every", "ckpt_every",
+                                                                             "resume", "device", "preload")},
+                 "train_store": os.path.basename(train_store.path), "val_store": os.path.basename(val_store.path)}
+    os.makedirs(output_dir, exist_ok=True)
+    ckpt_path = os.path.join(output_dir, CHECKPOINT)
+    start_epoch, step = 0, 0
+    if cfg.resume and os.path.isfile(ckpt_path):
+        start_epoch, step = _load_checkpoint(ckpt_path, runs, gen, signature)
+    train_feats = _Features(train_store, device, cfg.preload)
+    val_feats = _Features(val_store, device, cfg.preload)
+
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=min(step, cfg.epochs * steps_per_epoch), desc="probes",
+               disable=not progress, leave=False)
+    for epoch in range(start_epoch, cfg.epochs):
+        perm = torch.randperm(n, generator=gen)
+        views = torch.randint(train_store.views, (n,), generator=gen)
+        for run in runs:
+            run.probe.train()
+            run.loss_sum, run.loss_count = 0.0, 0
+        for lo in range(0, n, cfg.batch_size):
+            idx = perm[lo:lo + cfg.batch_size]
+            x, y = train_feats.batch(idx, views[idx])  # loaded once, used by every probe
+            for run in runs:
+                t0 = time.perf_counter()
+                run.scheduler.step_update(num_updates=step)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss = F.cross_entropy(run.probe(x).float(), y)
+                run.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                run.optimizer.step()
+                run.loss_sum += loss.item() * len(idx)
+                run.loss_count += len(idx)
+                run.seconds += time.perf_counter() - t0
+            step += 1
+            bar.update(1)
+        last = epoch + 1 == cfg.epochs
+        for run in runs:
+            entry = {"epoch": epoch + 1, "step": step, "train_loss": run.loss_sum / max(run.loss_count, 1),
+                     "lr": run.optimizer.param_groups[0]["lr"]}
+            if (epoch + 1) % cfg.eval_every == 0 or last:
+                entry.update(_evaluate(run.probe, val_feats, cfg.batch_size, amp))
+            run.history.append(entry)
+        evals = {r.spec.name: [h["val_top1"] for h in r.history if "val_top1" in h] for r in runs[:4]}
+        bar.set_postfix({name: f"{v[-1]:.1f}" for name, v in evals.items() if v})
+        if (epoch + 1) % cfg.ckpt_every == 0 or last:
+            _save_checkpoint(ckpt_path, runs, epoch + 1, step, gen, signature)
+    bar.close()
+
+    results = {}
+    for run in runs:
+        evals = [h for h in run.history if "val_top1" in h]
+        best = max(evals, key=lambda h: h["val_top1"]) if evals else {}
+        final = evals[-1] if evals else {}
+        results[run.spec.name] = {
+            "probe": run.spec.probe, "kwargs": run.spec.kwargs, "lr": run.spec.lr, "optimizer": cfg.optimizer,
+            "params": run.params, "top1": final.get("val_top1"), "top5": final.get("val_top5"),
+            "best_top1": best.get("val_top1"), "best_epoch": best.get("epoch"), "train_seconds": run.seconds,
+            "history": run.history,
+        }
+    metrics = {"runs": results, "epochs": cfg.epochs, "resumed_from_epoch": start_epoch, "device": str(device),
+               "amp": amp, "checkpoint": ckpt_path}
+    if return_probes:
+        return metrics, {r.spec.name: r.probe for r in runs}
+    return metrics
+
+
+def results_table(metrics: Dict[str, Any], title: str = "probes"):
+    """A rich Table comparing the probes (params, top-1/top-5, best, seconds), and the same as markdown."""
+    from rich.table import Table
+
+    cols = ("probe", "type", "lr", "params", "top-1", "top-5", "best top-1 (epoch)", "train s")
+    table = Table(title=title)
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("probe", "type") else "right")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+    def fmt(v, spec=".2f"):
+        return "-" if v is None else format(v, spec)
+
+    for name, r in sorted(metrics["runs"].items(), key=lambda kv: -(kv[1]["top1"] or 0.0)):
+        row = (name, r["probe"], f"{r['lr']:g}", f"{r['params'] / 1e3:.1f}k", fmt(r["top1"]), fmt(r["top5"]),
+               f"{fmt(r['best_top1'])} ({r['best_epoch']})", f"{r['train_seconds']:.1f}")
+        table.add_row(*row)
+        lines.append("| " + " | ".join(row) + " |")
+    return table, "\n".join(lines) + "\n"
+
+
+def save_curves(metrics: Dict[str, Any], path: str) -> None:
+    """Training loss and validation top-1 per epoch for every probe, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in metrics["runs"].items():
+        h = r["history"]
+        ax_loss.plot([e["epoch"] for e in h], [e["train_loss"] for e in h], label=name)
+        ev = [e for e in h if "val_top1" in e]
+        ax_acc.plot([e["epoch"] for e in ev], [e["val_top1"] for e in ev], marker="o", label=name)
+    ax_loss.set(xlabel="epoch", ylabel="train loss", yscale="log", title="training loss")
+    ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="validation top-1")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    ax_acc.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,371 @@
+"""Probe training: datasets (image/video folders, arrays), the feature cache, the trainer and `zoo probe`."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from pipelines.probing import (
+    ArrayDataset,
+    FeatureStore,
+    ImageFolderDataset,
+    ProbeSpec,
+    TrainConfig,
+    VideoFolderDataset,
+    ViewDataset,
+    build_transform,
+    extract_features,
+    pool_time,
+    run_probe,
+    topk_correct,
+    train_probes,
+    uniform_frame_indices,
+)
+from pipelines.probing.run import apply_overrides, merge_config, DEFAULT_CONFIG
+from zoo.probes import create_encoder
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+
+
+def _digits_folder(root, per_class=None, size=16):
+    """scikit-learn's digits written as PNGs in ImageFolder layout (`root/<digit>/<i>.png`)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    counts = {}
+    for i, (img, label) in enumerate(zip(d.images, d.target)):
+        if per_class is not None and counts.get(label, 0) >= per_class:
+            continue
+        counts[label] = counts.get(label, 0) + 1
+        folder = root / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        arr = (img * 255.0 / 16.0).astype(np.uint8)
+        Image.fromarray(arr).resize((size, size), Image.NEAREST).save(folder / f"{i:04d}.png")
+    return root
+
+
+def _sample_images_folder(root):
+    """Three scikit-image sample images, two crops each, as a 3-class image folder."""
+    from skimage import data
+
+    for name in ("astronaut", "coffee", "chelsea"):
+        img = getattr(data, name)()
+        (root / name).mkdir(parents=True)
+        for j, (y, x) in enumerate(((0, 0), (40, 60))):
+            Image.fromarray(img[y:y + 96, x:x + 128]).save(root / name / f"{j}.jpg")
+    return root
+
+
+def _write_video(path, frames):
+    import imageio.v2 as imageio
+
+    with imageio.get_writer(str(path), fps=8, codec="libx264", macro_block_size=1,
+                            ffmpeg_params=["-crf", "0", "-preset", "ultrafast"]) as w:  # lossless
+        for f in frames:
+            w.append_data(f)
+
+
+class _Counting:
+    """Counts (and optionally interrupts) calls into an encoder's model."""
+
+    def __init__(self, encoder, fail_after=None):
+        self.calls = 0
+        self.fail_after = fail_after
+        self._inner = encoder.model.forward_features
+        encoder.model.forward_features = self
+
+    def __call__(self, x):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+        self.calls += 1
+        return self._inner(x)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return create_encoder("timm:test_vit", img_size=32)
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+
+
+def test_image_folder_dataset_and_split_file(tmp_path):
+    root = _sample_images_folder(tmp_path / "imgs")
+    ds = ImageFolderDataset(root)
+    assert ds.classes == ["astronaut", "chelsea", "coffee"] and len(ds) == 6
+    assert ds.targets == [0, 0, 1, 1, 2, 2]
+    img, label = ds.load(2)
+    assert img.mode == "RGB" and img.size == (128, 96) and label == 1
+    split = tmp_path / "val.txt"
+    split.write_text("coffee/1.jpg\nastronaut/0.jpg\n")
+    val = ImageFolderDataset(root, split_file=str(split))
+    assert [s for s in val.samples] == [("coffee/1.jpg", 2), ("astronaut/0.jpg", 0)]
+    split.write_text("coffee/9.jpg\n")
+    with pytest.raises(ValueError, match="split_file"):
+        ImageFolderDataset(root, split_file=str(split))
+    with pytest.raises(ValueError, match="root"):
+        ImageFolderDataset(tmp_path / "missing")
+    tf, desc = build_transform({"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3,
+                                "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"})
+    x, y = ViewDataset(ds, tf)[3]
+    expected = (np.asarray(ds.load(3)[0].resize((43, 32), Image.BILINEAR), dtype=np.float32) / 255.0 - 0.5) / 0.5
+    assert x.shape == (3, 32, 32) and y == 1 and desc["is_training"] is False
+    assert abs(float(x.mean()) - float(expected[:, 5:37].mean())) < 0.05
+
+
+def test_video_folder_dataset_samples_frames_uniformly(tmp_path):
+    assert uniform_frame_indices(10, 5).tolist() == [1, 3, 5, 7, 9]
+    assert uniform_frame_indices(3, 6).tolist() == [0, 0, 1, 1, 2, 2]
+    rng = np.random.default_rng()
+    levels = rng.permutation(np.linspace(20, 235, 12).astype(np.uint8))  # frame t has grey level levels[t]
+    for cls in ("a", "b"):
+        (tmp_path / "vids" / cls).mkdir(parents=True)
+        _write_video(tmp_path / "vids" / cls / "clip.mp4",
+                     [np.full((32, 64, 3), lv if cls == "a" else 255 - lv, np.uint8) for lv in levels])
+    ds = VideoFolderDataset(tmp_path / "vids", num_frames=4)
+    assert ds.classes == ["a", "b"] and len(ds) == 2
+    frames, label = ds.load(0)
+    assert len(frames) == 4 and label == 0 and frames[0].size == (64, 32)
+    want = levels[uniform_frame_indices(12, 4)].astype(float)
+    got = np.array([np.asarray(f, dtype=float).mean() for f in frames])
+    np.testing.assert_allclose(got, want, atol=3)
+    with pytest.raises(ValueError, match="num_frames"):
+        VideoFolderDataset(tmp_path / "vids", num_frames=0)
+
+
+def test_video_features_pooled_or_concatenated_over_time(tmp_path, encoder):
+    rng = np.random.default_rng()
+    (tmp_path / "v" / "x").mkdir(parents=True)
+    _write_video(tmp_path / "v" / "x" / "0.mp4", [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+                                                  for _ in range(6)])
+    ds = VideoFolderDataset(tmp_path / "v", num_frames=3)
+    tf, desc = build_transform(encoder.data_config)
+    clip, _ = ViewDataset(ds, tf)[0]
+    assert clip.shape == (3, 3, 32, 32)
+    per_frame = encoder(clip)  # (T, N, D)
+    mean = extract_features(encoder, ds, tf, desc, tmp_path / "c", temporal_pool="mean", progress=False)
+    cat = extract_features(encoder, ds, tf, desc, tmp_path / "c", temporal_pool="concat", progress=False)
+    assert mean.path != cat.path
+    torch.testing.assert_close(torch.from_numpy(np.array(mean.features[0, 0])).float(),
+                               per_frame.mean(0), atol=2e-3, rtol=2e-3)
+    expected_cat = torch.cat([per_frame[:, :1].flatten(0, 1), per_frame[:, 1:].flatten(0, 1)])
+    torch.testing.assert_close(torch.from_numpy(np.array(cat.features[0, 0])).float(), expected_cat,
+                               atol=2e-3, rtol=2e-3)
+    assert mean.num_prefix_tokens == 1 and cat.num_prefix_tokens == 3
+    with pytest.raises(ValueError, match="temporal_pool"):
+        pool_time(per_frame[None], 1, "max")
+
+
+def test_array_dataset_validation():
+    imgs = np.random.rand(5, 8, 8)
+    ds = ArrayDataset(imgs, np.array([0, 1, 0, 1, 2]))
+    assert ds.classes == ["0", "1", "2"] and ds.load(1)[0].size == (8, 8)
+    assert ds.select([1, 3]).targets == [1, 1]
+    with pytest.raises(ValueError, match="labels"):
+        ArrayDataset(imgs, np.array([0, 1]))
+    with pytest.raises(ValueError, match="images"):
+        ArrayDataset(np.zeros((5, 8, 8, 2)), np.arange(5))
+
+
+# ---------------------------------------------------------------------------------------------------------- cache
+
+
+def test_cache_written_once_reused_and_keyed(tmp_path, encoder):
+    ds = ArrayDataset(np.random.randint(0, 255, (10, 12, 12, 3), dtype=np.uint8), np.arange(10) % 3)
+    tf, desc = build_transform(encoder.data_config)
+    counter = _Counting(encoder)
+    try:
+        store = extract_features(encoder, ds, tf, desc, tmp_path, batch_size=4, progress=False)
+        assert counter.calls == 3  # ceil(10 / 4) batches
+        assert store.features.shape == (10, 1, 5, 64) and store.features.dtype == np.float16
+        assert isinstance(store.features, np.memmap)
+        np.testing.assert_array_equal(store.labels, np.arange(10) % 3)
+        x = torch.stack([ViewDataset(ds, tf)[i][0] for i in range(10)])
+        with torch.no_grad():
+            ref = counter._inner(x)  # the model itself, not counted
+        torch.testing.assert_close(torch.from_numpy(np.array(store.features[:, 0])).float(), ref,
+                                   atol=2e-3, rtol=2e-3)
+        again = extract_features(encoder, ds, tf, desc, tmp_path, batch_size=4, progress=False)
+        assert counter.calls == 3 and again.path == store.path  # reused, no encoder call
+        # a different transform, different data or more views: a different store
+        tf2, desc2 = build_transform({**encoder.data_config, "mean": (0.4, 0.4, 0.4)})
+        other = extract_features(encoder, ds, tf2, desc2, tmp_path, batch_size=4, progress=False)
+        assert other.path != store.path and counter.calls == 6
+        assert not np.array_equal(np.array(other.features), np.array(store.features))
+        ds2 = ArrayDataset(ds.images[::-1].copy(), ds.labels)
+        assert extract_features(encoder, ds2, tf, desc, tmp_path, batch_size=4, progress=False).path != store.path
+    finally:
+        encoder.model.forward_features = counter._inner
+
+
+def test_cache_resumes_after_interruption(tmp_path, encoder):
+    ds = ArrayDataset(np.random.randint(0, 255, (11, 12, 12, 3), dtype=np.uint8), np.arange(11) % 2)
+    tf, desc = build_transform(encoder.data_config)
+    counter = _Counting(encoder, fail_after=2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            extract_features(encoder, ds, tf, desc, tmp_path, batch_size=3, progress=False)
+        assert counter.calls == 2
+        (path,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+        meta = json.loads((path / "meta.json").read_text())
+        assert meta["complete"] is False
+        assert np.load(path / "done.npy").tolist() == [True, True, False, False]
+        with pytest.raises(ValueError, match="incomplete"):
+            FeatureStore.open(str(path))
+        counter.fail_after = None
+        store = extract_features(encoder, ds, tf, desc, tmp_path, batch_size=3, progress=False)
+        assert counter.calls == 4  # only the two missing chunks were computed
+        x = torch.stack([ViewDataset(ds, tf)[i][0] for i in range(11)])
+        with torch.no_grad():
+            ref = counter._inner(x)
+        torch.testing.assert_close(torch.from_numpy(np.array(store.features[:, 0])).float(), ref,
+                                   atol=2e-3, rtol=2e-3)
+    finally:
+        encoder.model.forward_features = counter._inner
+
+
+def test_cache_augmented_views_are_seeded(tmp_path, encoder):
+    ds = ArrayDataset(np.random.randint(0, 255, (4, 40, 40, 3), dtype=np.uint8), np.arange(4) % 2)
+    tf, desc = build_transform(encoder.data_config, train=True, augment={"scale": (0.2, 0.5)})
+    store = extract_features(encoder, ds, tf, desc, tmp_path, views=3, seed=1, progress=False)
+    assert store.features.shape[:2] == (4, 3) and store.views == 3
+    feats = np.array(store.features, dtype=np.float32)
+    assert np.abs(feats[:, 0] - feats[:, 1]).max() > 1e-2  # the views differ
+    views = ViewDataset(ds, tf, views=3, seed=1)
+    torch.testing.assert_close(views[5][0], views[5][0])  # a view is reproducible
+    again = extract_features(encoder, ds, tf, desc, tmp_path, views=3, seed=2, progress=False)
+    assert again.path != store.path  # the augmentation seed is part of the key
+
+
+# ---------------------------------------------------------------------------------------------------------- trainer
+
+
+def test_topk_correct_against_loop():
+    logits, target = torch.randn(50, 7), torch.randint(0, 7, (50,))
+    for k in (1, 3, 5, 9):
+        ref = sum(int(target[i] in logits[i].argsort(descending=True)[:k]) for i in range(50))
+        assert topk_correct(logits, target, (k,)) == [ref]
+
+
+def _blob_store(root, n, seed, split):
+    """A synthetic store whose class is set by which token carries a bump: attentive probes can find it."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    x = rng.normal(size=(n, 1, 9, 16)).astype(np.float16)
+    for i, c in enumerate(labels):
+        x[i, 0, 1 + rng.integers(8), :] += np.float16(5.0) * np.eye(16, dtype=np.float16)[c]
+    path = root / split
+    path.mkdir()
+    np.save(path / "features.npy", x)
+    np.save(path / "labels.npy", labels.astype(np.int64))
+    (path / "meta.json").write_text(json.dumps({"complete": True, "num_prefix_tokens": 1,
+                                                "classes": ["a", "b", "c", "d"]}))
+    return FeatureStore.open(str(path))
+
+
+def test_grid_trains_in_one_pass_and_resumes(tmp_path):
+    train, val = _blob_store(tmp_path, 256, 0, "train"), _blob_store(tmp_path, 128, 1, "val")
+    lr = 3e-2
+    specs = [ProbeSpec("ep", "ep", lr, {"num_queries": 4}), ProbeSpec("aim", "aim", lr, {"num_heads": 2}),
+             ProbeSpec("lin", "linear", lr, {"pool": "mean"})]
+    cfg = TrainConfig(epochs=4, batch_size=32, warmup_epochs=1, eval_every=2, optimizer="adamw")
+    out = tmp_path / "run"
+    m1, probes = train_probes(specs, train, val, cfg, str(out), progress=False, return_probes=True)
+    assert set(m1["runs"]) == {"ep", "aim", "lin"} and m1["resumed_from_epoch"] == 0
+    assert m1["runs"]["ep"]["top1"] > 60 and m1["runs"]["aim"]["top1"] > 60  # chance is 25 %
+    assert [h["epoch"] for h in m1["runs"]["ep"]["history"] if "val_top1" in h] == [2, 4]
+    assert m1["runs"]["ep"]["params"] == 4 * 16 + 16 * 16 + 16 * 4 + 4
+    # warm-up then cosine decay, per step: the lr after the last epoch is far below the peak
+    assert m1["runs"]["ep"]["history"][-1]["lr"] < 0.1 * lr
+    # resume: a longer run picks up after epoch 4 with the same weights
+    cfg_long = TrainConfig(epochs=6, batch_size=32, warmup_epochs=1, eval_every=2)
+    m2 = train_probes(specs, train, val, cfg_long, str(out), progress=False)
+    assert m2["resumed_from_epoch"] == 4 and len(m2["runs"]["ep"]["history"]) == 6
+    assert m2["runs"]["ep"]["history"][:4] == m1["runs"]["ep"]["history"]
+    # a different grid refuses the checkpoint
+    with pytest.raises(ValueError, match="different probe grid"):
+        train_probes(specs[:1], train, val, cfg, str(out), progress=False)
+    # LARS works too
+    m3 = train_probes(specs[:1], train, val, TrainConfig(epochs=2, batch_size=32, optimizer="lars"),
+                      str(tmp_path / "lars"), progress=False)
+    assert m3["runs"]["ep"]["top1"] is not None
+
+
+def test_trainer_bad_config(tmp_path):
+    train = _blob_store(tmp_path, 16, 0, "train")
+    with pytest.raises(ValueError, match="epochs"):
+        train_probes([ProbeSpec("a", "ep", 1e-3, {"num_queries": 4})], train, train, TrainConfig(epochs=0),
+                     str(tmp_path / "o"), progress=False)
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="nope").check()
+    with pytest.raises(ValueError, match="unique"):
+        train_probes([ProbeSpec("a", "ep", 1e-3, {"num_queries": 4})] * 2, train, train, TrainConfig(),
+                     str(tmp_path / "o"), progress=False)
+
+
+def test_config_merge_and_overrides():
+    cfg = apply_overrides({"train": {"epochs": 3}}, ["train.lr=[1e-3, 3e-3]", "encoder.name=timm:test_vit"])
+    assert cfg == {"train": {"epochs": 3, "lr": [1e-3, 3e-3]}, "encoder": {"name": "timm:test_vit"}}
+    merged = merge_config(DEFAULT_CONFIG, cfg)
+    assert merged["train"]["lr"] == [1e-3, 3e-3] and merged["train"]["batch_size"] == 128
+    with pytest.raises(ValueError, match="train.epoch"):
+        merge_config(DEFAULT_CONFIG, {"train": {"epoch": 3}})
+    with pytest.raises(ValueError, match="key.sub=value"):
+        apply_overrides({}, ["nonsense"])
+    with pytest.raises(ValueError, match="encoder.name"):
+        run_probe({"data": {"kind": "digits"}})
+    with pytest.raises(ValueError, match="data.kind"):
+        run_probe({"encoder": {"name": "timm:test_vit"}, "data": {"kind": "csv"}, "output_dir": "/tmp/x"})
+
+
+# ---------------------------------------------------------------------------------------------------------- end to end
+
+
+def test_zoo_probe_cli_end_to_end(tmp_path, capsys):
+    from pipelines.cli import main
+
+    root = _digits_folder(tmp_path / "digits", per_class=40)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    config = {
+        "name": "digits_tiny",
+        "encoder": {"name": "timm:test_vit", "kwargs": {"img_size": 32}},
+        "data": {"kind": "image_folder", "root": str(root), "val_fraction": 0.3},
+        "cache": {"dir": str(cache), "batch_size": 100},
+        "probes": [{"type": "linear", "pool": "mean"}, {"type": "ep", "num_queries": 8}],
+        "train": {"epochs": 4, "batch_size": 32, "lr": 3e-3, "eval_every": 2},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["probe", "--config", str(path), "--output-dir", str(out), "--quiet", "train.epochs=6"]) == 0
+    assert "best" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_classes"] == 10 and metrics["num_train"] + metrics["num_val"] == 400
+    assert metrics["encoder"] == "timm:test_vit" and metrics["config"]["train"]["epochs"] == 6
+    for name in ("linear", "ep"):
+        run = metrics["runs"][name]
+        assert run["top1"] > 2 * metrics["chance_top1"], (name, run["top1"])  # learns well above chance (10 %)
+        assert len(run["history"]) == 6
+    assert (out / "checkpoint.safetensors").is_file() and (out / "curves.png").stat().st_size > 5000
+    assert "| ep |" in (out / "results.md").read_text()
+    with Image.open(out / "curves.png") as img:
+        assert img.size[0] > 500
+    stores = sorted(os.listdir(cache))
+    assert len(stores) == 2  # train and val
+    # resume with more epochs: the cache is reused, training continues from the checkpoint
+    assert main(["probe", "--config", str(path), "--output-dir", str(out), "--quiet", "train.epochs=8"]) == 0
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["resumed_from_epoch"] == 6 and len(resumed["runs"]["ep"]["history"]) == 8
+    assert resumed["runs"]["ep"]["history"][:6] == metrics["runs"]["ep"]["history"]
+    assert resumed["cache"]["seconds_this_run"] < 0.5 * max(metrics["cache"]["seconds_this_run"], 1e-3) + 0.5
+    assert sorted(os.listdir(cache)) == stores
+
+
+def test_example_config_parses_and_names_a_known_setup():
+    here = os.path.dirname(__file__)
+    cfg = yaml.safe_load(open(os.path.join(here, "..", "..", "configs", "probe", "digits_ep.yaml")))
+    merged = merge_config(DEFAULT_CONFIG, cfg)
+    assert merged["data"]["kind"] == "digits" and merged["encoder"]["name"].startswith("timm:")
+    assert any(p["type"] == "ep" for p in merged["probes"])
