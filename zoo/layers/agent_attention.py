@@ -75,7 +75,7 @@ class AgentAttention(nn.Module):
         if not isinstance(dim, int) or not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
             raise ValueError(f"dim must be a multiple of num_heads, got dim={dim!r}, num_heads={num_heads!r}")
         pool = math.isqrt(agent_num) if isinstance(agent_num, int) and agent_num > 0 else 0
-        if pool * pool != agent_num:
+        if pool < 1 or pool * pool != agent_num:
             raise ValueError(f"agent_num must be a positive perfect square (√n × √n agents), got {agent_num!r}")
         bias_grid = tuple(to_2tuple(bias_grid))
         if len(bias_grid) != 2 or any(not isinstance(g, int) or g < 1 for g in bias_grid):
