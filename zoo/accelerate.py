@@ -5,6 +5,9 @@ swap keeps working) and computes the same function; on CUDA it runs on the kerne
 
 Swapped today: timm's `HaloAttn` (`timm.layers.halo_attn`) -> `zoo.layers.HaloAttention`. Subclasses of a
 swappable class are left alone (they may change its behaviour) and reported as skipped.
+
+>>> model, report = zoo.accelerate(timm.create_model("halonet26t"))
+>>> print(report)  # zoo.accelerate: swapped 3 module(s) ... stages.2.1.self_attn ...
 """
 from __future__ import annotations
 
@@ -85,7 +88,7 @@ _CONVERTERS: Dict[Type[nn.Module], Callable[[nn.Module], nn.Module]] = {
 }
 
 
-def accelerate(model: nn.Module, return_report: bool = False):
+def accelerate(model: nn.Module) -> Tuple[nn.Module, AccelerateReport]:
     """Swap a timm model's attention layers, in place, for the zoo's equivalents over `kernels.attention`.
 
     Each swapped layer keeps the original's parameters (the same tensors) and computes the same outputs.
@@ -94,10 +97,10 @@ def accelerate(model: nn.Module, return_report: bool = False):
     Args:
         model: a `torch.nn.Module`, typically a timm model (e.g. `timm.create_model("halonet26t")`). A bare
             `HaloAttn` is accepted too; its replacement is returned.
-        return_report: also return an `AccelerateReport` (swapped module names, skipped ones and why).
 
     Returns:
-        The model (the same object, modified in place), and the report when `return_report`.
+        `(model, report)`: the model (the same object, modified in place) and an `AccelerateReport` (swapped
+        module names, skipped ones and why; `len(report)` is the number of swaps, `str(report)` a summary).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -119,4 +122,4 @@ def accelerate(model: nn.Module, return_report: bool = False):
         logger.info("%s", report)
     else:
         logger.info("zoo.accelerate: nothing to swap in %s", type(model).__name__)
-    return (model, report) if return_report else model
+    return model, report

@@ -13,8 +13,11 @@ values zero-padded by `halo` on every side. As batched dense attention that is
     q (B * nblocks, heads, qb * qb, dqk)  vs  k, v (B * nblocks, heads, win * win, dqk | dv)
 
 plus the relative-position logits `q . R_h[ky - qy + win - 1] + q . R_w[kx - qx + win - 1]` (unscaled, timm's
-index: (qy, qx) in the query block, (ky, kx) in the window) as a dense additive bias. `halo_rel_pos_bias` is the
-one function that computes that bias, so a factorized in-kernel form can replace it later.
+index: (qy, qx) in the query block, (ky, kx) in the window). They reach the kernel in one of two exact forms
+(`HaloAttention.rel_pos_mode`): "fold" (default) appends the per-axis logits to q and one-hot window coordinates
+to k (`halo_rel_pos_factors`: 2 * win extra channels), so the attention is plain dense attention that the Triton
+path runs today; "bias" passes them as a dense additive bias (`halo_rel_pos_bias`). Both come from one
+function, `_rel_logits_per_axis`, which an in-kernel factorized bias can replace later.
 
 Any size: timm asserts `H % block == 0`; here the map is zero-padded at the bottom/right to whole blocks
 (padded keys/values are zeros, exactly like the halo) and the output is cropped, so the result is identical to
@@ -31,7 +34,7 @@ from torch import nn
 
 import kernels
 
-__all__ = ["HaloAttention", "HaloRelPosEmbed", "halo_rel_pos_bias", "halo_rel_index"]
+__all__ = ["HaloAttention", "HaloRelPosEmbed", "halo_rel_pos_bias", "halo_rel_pos_factors", "halo_rel_index"]
 
 
 def halo_rel_index(query_block: int, win: int, device=None) -> torch.Tensor:
@@ -39,6 +42,18 @@ def halo_rel_index(query_block: int, win: int, device=None) -> torch.Tensor:
     q = torch.arange(query_block, device=device)
     k = torch.arange(win, device=device)
     return k[None, :] - q[:, None] + (win - 1)
+
+
+def _rel_logits_per_axis(q, height_rel, width_rel, win):
+    """`(..., qb, qb, win)` twice: `q . height_rel[ky - qy + win - 1]` over ky and `q . width_rel[kx - qx + ...]`."""
+    qb = q.shape[-2]
+    idx = halo_rel_index(qb, win, q.device)  # (qb, win)
+    rows = torch.arange(qb, device=q.device)
+    rel_h = torch.matmul(q, height_rel.transpose(0, 1))  # (..., qy, qx, 2win-1)
+    rel_w = torch.matmul(q, width_rel.transpose(0, 1))
+    rel_h = rel_h[..., rows[:, None, None], rows[None, :, None], idx[:, None, :]]  # (..., qy, qx, ky)
+    rel_w = rel_w[..., rows[:, None, None], rows[None, :, None], idx[None, :, :]]  # (..., qy, qx, kx)
+    return rel_h, rel_w
 
 
 def halo_rel_pos_bias(q: torch.Tensor, height_rel: torch.Tensor, width_rel: torch.Tensor, win: int) -> torch.Tensor:
@@ -52,15 +67,23 @@ def halo_rel_pos_bias(q: torch.Tensor, height_rel: torch.Tensor, width_rel: torc
     Returns:
         `(..., qb * qb, win * win)`: `q . height_rel[ky - qy + win - 1] + q . width_rel[kx - qx + win - 1]`.
     """
-    qb = q.shape[-2]
-    idx = halo_rel_index(qb, win, q.device)  # (qb, win)
-    rows = torch.arange(qb, device=q.device)
-    rel_h = torch.matmul(q, height_rel.transpose(0, 1))  # (..., qy, qx, 2win-1)
-    rel_w = torch.matmul(q, width_rel.transpose(0, 1))
-    rel_h = rel_h[..., rows[:, None, None], rows[None, :, None], idx[:, None, :]]  # (..., qy, qx, ky)
-    rel_w = rel_w[..., rows[:, None, None], rows[None, :, None], idx[None, :, :]]  # (..., qy, qx, kx)
+    rel_h, rel_w = _rel_logits_per_axis(q, height_rel, width_rel, win)
     bias = rel_h[..., :, None] + rel_w[..., None, :]  # (..., qy, qx, ky, kx)
     return bias.flatten(-4, -3).flatten(-2, -1)
+
+
+def halo_rel_pos_factors(q: torch.Tensor, height_rel: torch.Tensor, width_rel: torch.Tensor, win: int):
+    """The same logits as rank-`2 win` factors: `halo_rel_pos_bias(...) == q_rel @ k_rel.T`.
+
+    `q_rel (..., qb * qb, 2 win)` holds the per-axis relative logits of each query; `k_rel (win * win, 2 win)` is
+    the one-hot of each key's (row, column) in the window. Appending them to q and k as extra channels folds the
+    bias into `q . k` exactly, so the attention runs bias-free (FlashBias' low-rank form).
+    """
+    rel_h, rel_w = _rel_logits_per_axis(q, height_rel, width_rel, win)
+    q_rel = torch.cat([rel_h, rel_w], dim=-1).flatten(-3, -2)
+    eye = torch.eye(win, device=q.device, dtype=q.dtype)
+    k_rel = torch.cat([eye.repeat_interleave(win, dim=0), eye.repeat(win, 1)], dim=-1)  # row ky*win+kx
+    return q_rel, k_rel
 
 
 class HaloRelPosEmbed(nn.Module):
@@ -74,6 +97,9 @@ class HaloRelPosEmbed(nn.Module):
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         return halo_rel_pos_bias(q, self.height_rel, self.width_rel, self.win)
+
+    def factors(self, q: torch.Tensor):
+        return halo_rel_pos_factors(q, self.height_rel, self.width_rel, self.win)
 
 
 class HaloAttention(nn.Module):
@@ -93,6 +119,9 @@ class HaloAttention(nn.Module):
         qkv_bias: bias on the query and key/value projections.
         avg_down: downsample by average pooling instead of strided queries.
         scale_pos_embed: scale the relative logits by `dim_head ** -0.5` too (timm's option; off by default).
+        rel_pos_mode: how the relative logits reach the kernel: "fold" (default) appends them to q and k as
+            `2 * win` extra channels (`halo_rel_pos_factors`; exact, bias-free, so the Triton path runs it);
+            "bias" passes them as a dense additive bias (`halo_rel_pos_bias`). Also settable as an attribute.
         device, dtype: factory kwargs for the parameters.
     """
 
@@ -110,6 +139,7 @@ class HaloAttention(nn.Module):
             qkv_bias: bool = False,
             avg_down: bool = False,
             scale_pos_embed: bool = False,
+            rel_pos_mode: str = "fold",
             device=None,
             dtype=None,
     ):
@@ -126,6 +156,8 @@ class HaloAttention(nn.Module):
             raise ValueError(f"HaloAttention: dim_out ({dim_out}) must be divisible by num_heads ({num_heads})")
         if stride not in (1, 2):
             raise ValueError(f"HaloAttention: stride must be 1 or 2, got {stride!r}")
+        if rel_pos_mode not in ("fold", "bias"):
+            raise ValueError(f"HaloAttention: rel_pos_mode must be 'fold' or 'bias', got {rel_pos_mode!r}")
         self.num_heads = num_heads
         self.dim_head_qk = dim_head or make_divisible(dim_out * qk_ratio, divisor=8) // num_heads
         self.dim_head_v = dim_out // num_heads
@@ -139,13 +171,14 @@ class HaloAttention(nn.Module):
         use_avg_pool = stride > 1 and (avg_down or block_size % stride != 0)
         self.block_stride = stride if stride > 1 and not use_avg_pool else 1
         self.block_size_ds = block_size // self.block_stride  # query block after subsampling
+        self.rel_pos_mode = rel_pos_mode
         self.backend: Optional[str] = None  # None: kernels picks; "reference" forces the explicit path
 
         self.q = nn.Conv2d(dim, self.dim_out_qk, 1, stride=self.block_stride, bias=qkv_bias, **dd)
         self.kv = nn.Conv2d(dim, self.dim_out_qk + self.dim_out_v, 1, bias=qkv_bias, **dd)  # per head [k_h | v_h]
         self.pos_embed = HaloRelPosEmbed(self.win_size, self.dim_head_qk, **dd)
-        # ceil_mode: odd sizes keep ceil(H / 2) rows like the block's shortcut; even sizes are timm's AvgPool2d(2).
-        self.pool = nn.AvgPool2d(2, 2, ceil_mode=True) if use_avg_pool else nn.Identity()
+        # timm's floor-mode pool (odd maps lose their last row/column here, as in timm)
+        self.pool = nn.AvgPool2d(2, 2) if use_avg_pool else nn.Identity()
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -178,11 +211,17 @@ class HaloAttention(nn.Module):
         kv = kv.reshape(B * nh * nw, heads, win * win, dqk + dv)
         k, v = kv.split([dqk, dv], dim=-1)
 
-        bias = self.pos_embed(q)  # (B * nblocks, heads, qb * qb, win * win)
-        if self.scale_pos_embed:
-            bias = bias * self.scale
-        out = kernels.attention(q.reshape(B * nh * nw, heads, qb * qb, dqk), k, v, bias=bias, scale=self.scale,
-                                backend=self.backend)  # (B * nblocks, heads, qb * qb, dv)
+        rel_scale = self.scale if self.scale_pos_embed else 1.0
+        if self.rel_pos_mode == "fold":
+            q_rel, k_rel = self.pos_embed.factors(q)  # (B * nblocks, heads, qb * qb, 2 win), (win * win, 2 win)
+            q = torch.cat([q.reshape(B * nh * nw, heads, qb * qb, dqk) * self.scale, q_rel * rel_scale], dim=-1)
+            k = torch.cat([k, k_rel.expand(B * nh * nw, heads, -1, -1)], dim=-1)
+            out = kernels.attention(q, k, v, scale=1.0, backend=self.backend)
+        else:
+            bias = self.pos_embed(q) * rel_scale  # (B * nblocks, heads, qb * qb, win * win)
+            out = kernels.attention(q.reshape(B * nh * nw, heads, qb * qb, dqk), k, v, bias=bias, scale=self.scale,
+                                    backend=self.backend)
+        # out: (B * nblocks, heads, qb * qb, dv)
 
         out = out.reshape(B, nh, nw, heads, qb, qb, dv).permute(0, 3, 6, 1, 4, 2, 5)  # (B, heads, dv, nh, qb, nw, qb)
         out = out.reshape(B, heads * dv, nh * qb, nw * qb)[:, :, :out_h, :out_w]
