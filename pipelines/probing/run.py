@@ -40,6 +40,7 @@ from typing import Any, Dict, List
 import re
 
 import numpy as np
+import torch
 import yaml
 
 from zoo.probes import create_encoder, list_probes
@@ -246,8 +247,6 @@ def run_probe(config: Dict[str, Any]) -> Dict[str, Any]:
     val_tf, val_desc = build_transform(encoder.data_config, train=False)
     extract_device = train_cfg.device if train_cfg.device != "auto" else None
     if extract_device is None:
-        import torch
-
         extract_device = "cuda" if torch.cuda.is_available() else "cpu"
     common = dict(temporal_pool=cfg["data"]["temporal_pool"], batch_size=c["batch_size"],
                   num_workers=c["num_workers"], device=extract_device, progress=progress)

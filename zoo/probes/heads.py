@@ -54,20 +54,34 @@ class TokenPool(nn.Module):
         return x[:, self.num_prefix_tokens:].mean(1)
 
 
-class AttentionPool(nn.Module):
+class _MultiHeadQueryPool(nn.Module):
+    """Shared by the attentive pools: learnable queries over `num_heads` heads; subclasses define `_qkv(x)`."""
+
+    def __init__(self, dim: int, num_heads: int, num_queries: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim must be divisible by num_heads, got dim={dim} num_heads={num_heads}")
+        if num_queries < 1:
+            raise ValueError(f"num_queries must be >= 1, got {num_queries}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.num_queries = num_queries
+        self.backend: Optional[str] = None
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities `(B, H, M, N)`, computed explicitly."""
+        q, k, _ = self._qkv(x)
+        return torch.softmax(q @ k.transpose(-1, -2) * self.head_dim ** -0.5, dim=-1)
+
+
+class AttentionPool(_MultiHeadQueryPool):
     """AIM's attention-pooling classifier body: BN over tokens, K/V projections, learnable queries, multi-head
     cross-attention, mean over queries."""
 
     def __init__(self, dim: int, num_heads: int = 12, num_queries: int = 1, qkv_bias: bool = False,
                  device=None, dtype=None):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim must be divisible by num_heads, got dim={dim} num_heads={num_heads}")
+        super().__init__(dim, num_heads, num_queries)
         dd = dict(device=device, dtype=dtype)
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.num_queries = num_queries
-        self.backend: Optional[str] = None
         self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6, **dd)
         self.k = nn.Linear(dim, dim, bias=qkv_bias, **dd)
         self.v = nn.Linear(dim, dim, bias=qkv_bias, **dd)
@@ -88,26 +102,15 @@ class AttentionPool(nn.Module):
         out = out.transpose(1, 2).reshape(x.shape[0], self.num_queries, -1)  # (B, M, D)
         return out.mean(1)
 
-    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention probabilities `(B, H, M, N)`, computed explicitly."""
-        q, k, _ = self._qkv(x)
-        return torch.softmax(q @ k.transpose(-1, -2) * self.head_dim ** -0.5, dim=-1)
 
-
-class CrossAttentionPool(nn.Module):
+class CrossAttentionPool(_MultiHeadQueryPool):
     """V-JEPA's attentive pooler (one DINOv2/ViT-style cross-attention block): learnable queries attend to
     LayerNorm-ed tokens through Q/KV projections and an output projection, then a residual MLP."""
 
     def __init__(self, dim: int, num_heads: int = 12, num_queries: int = 1, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, init_std: float = 0.02, device=None, dtype=None):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim must be divisible by num_heads, got dim={dim} num_heads={num_heads}")
+        super().__init__(dim, num_heads, num_queries)
         dd = dict(device=device, dtype=dtype)
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.num_queries = num_queries
-        self.backend: Optional[str] = None
         self.query = nn.Parameter(torch.zeros(1, num_queries, dim, **dd))
         self.norm1 = nn.LayerNorm(dim, **dd)
         self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
@@ -142,11 +145,6 @@ class CrossAttentionPool(nn.Module):
         z = self.query.expand(B, -1, -1) + y
         z = z + self.mlp(self.norm2(z))
         return z.mean(1)
-
-    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention probabilities `(B, H, M, N)`, computed explicitly."""
-        q, k, _ = self._qkv(x)
-        return torch.softmax(q @ k.transpose(-1, -2) * self.head_dim ** -0.5, dim=-1)
 
 
 class EfficientProbingPool(nn.Module):
