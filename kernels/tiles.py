@@ -159,6 +159,7 @@ class TileMap:
     bwd: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # same, per key tile (query tiles)
     pairs_full: int
     pairs_partial: int
+    mask_axes: int  # bitmask of the axes that can be partial (the only ones the element mask must test)
 
     @property
     def computed_fraction(self) -> float:
@@ -204,8 +205,9 @@ def grid_tile_map(pattern, q_tile: Tuple[int, ...], k_tile: Tuple[int, ...], dev
 
     fwd = (*_csr(status, FULL, device), *_csr(status, PARTIAL, device))
     bwd = (*_csr(status.T, FULL, device), *_csr(status.T, PARTIAL, device))
+    mask_axes = sum(1 << a for a, s in enumerate(statuses) if np.any(s == PARTIAL))
     return TileMap(q_layout, k_layout, tuple(d for _, _, d in wins), t32(qlo), t32(qhi), t32(kc), fwd, bwd,
-                   int((status == FULL).sum()), int((status == PARTIAL).sum()))
+                   int((status == FULL).sum()), int((status == PARTIAL).sum()), mask_axes)
 
 
 def _pow2_splits(total: int, n: int) -> List[Tuple[int, ...]]:

@@ -5,7 +5,7 @@ custom ops (`attnzoo::attention_fwd` / `attnzoo::attention_bwd`, with fake imple
 Runs CUDA tensors; CPU tensors too when `TRITON_INTERPRET=1` (Triton's interpreter, used by the tests).
 Grid patterns (`Neighborhood`, `Halo`) run on tokens permuted into N-d tiles (`kernels.tiles`); 1-d patterns
 (`Dense`, `Causal`, `Window1d`) run in place. Block sizes, warps and stages are autotuned per problem class on
-first use (CUDA events, a few repeats per candidate), as are the tile shapes of grid patterns (by counting the
+first use (CUDA events, a few repeats per candidate; `ATTNZOO_AUTOTUNE=0` takes the first candidate), as are the tile shapes of grid patterns (by counting the
 visited tile pairs, which is exact and free). The gate is applied after the kernel, in torch (differentiable).
 Additive bias is not supported here yet: `can_run_triton` says so and the reference runs.
 """
@@ -119,13 +119,13 @@ class _Problem:
             self.nq, self.nk = self.map.q_layout.num_padded, self.map.k_layout.num_padded
             self.off = self.left = self.right = 0
             self.dil = tuple(self.map.dilation) + (1,) * (3 - len(self.map.dilation))
-            self.n_axes = len(self.map.dilation)
+            self.mask_axes = self.map.mask_axes
             self.has_dil = any(d > 1 for d in self.map.dilation)
         else:
             self.map = None
             self.nq, self.nk = nq, nk
             self.off, self.left, self.right = _window_params(pattern, nq, nk)
-            self.dil, self.n_axes, self.has_dil = (1, 1, 1), 1, False
+            self.dil, self.mask_axes, self.has_dil = (1, 1, 1), 0, False
 
     def q_in(self, x):
         return _lastdim_contiguous(self.map.q_layout.permute(x)) if self.grid else _lastdim_contiguous(x)
@@ -166,6 +166,14 @@ def _problem(pattern, nq, nk, cfg, device) -> _Problem:
     return _Problem(pattern, nq, nk, cfg[0], cfg[1], device)
 
 
+def _new(*shape, like, dtype=None):
+    """Output buffer; filled with NaN when ATTNZOO_KERNEL_POISON=1 (tests check every element is written)."""
+    dtype = like.dtype if dtype is None else dtype
+    if os.environ.get("ATTNZOO_KERNEL_POISON", "0") == "1":
+        return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
+    return torch.empty(shape, device=like.device, dtype=dtype)
+
+
 def _dot_prec(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -176,8 +184,8 @@ def _launch_fwd(qp, kp, vp, prob: _Problem, scale: float, cfg):
     B, H, NQ, D = qp.shape
     HKV, DV = kp.shape[1], vp.shape[-1]
     BM, BN, warps, stages = cfg
-    out = torch.empty(B, H, NQ, DV, device=qp.device, dtype=qp.dtype)
-    lse = torch.empty(B, H, NQ, device=qp.device, dtype=torch.float32)
+    out = _new(B, H, NQ, DV, like=qp)
+    lse = _new(B, H, NQ, like=qp, dtype=torch.float32)
     full_ptr, full_idx, part_ptr, part_idx = prob.lists(False)
     qlo, qhi, kc = prob.tables()
     grid = (triton_cdiv(NQ, BM), B * H)
@@ -188,7 +196,7 @@ def _launch_fwd(qp, kp, vp, prob: _Problem, scale: float, cfg):
         H, H // HKV, NQ, kp.shape[2], scale * tk.LOG2E, prob.off, prob.left, prob.right,
         full_ptr, full_idx, part_ptr, part_idx, qlo, qhi, kc, *prob.dil,
         D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_block_d(D), BLOCK_DV=_block_d(DV),
-        GRID_MODE=prob.grid, N_AXES=prob.n_axes, HAS_DIL=prob.has_dil,
+        GRID_MODE=prob.grid, MASK_AXES=prob.mask_axes, HAS_DIL=prob.has_dil,
         REVERSE=isinstance(prob.pattern, Causal), DOT_PREC=_dot_prec(qp.dtype),
         num_warps=warps, num_stages=stages)
     return out, lse
@@ -200,17 +208,17 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, prob: _Problem, scale: float, 
     B, H, NQ, D = qp.shape
     HKV, NK, DV = kp.shape[1], kp.shape[2], vp.shape[-1]
     BM, BN, warps, stages = cfg
-    delta = torch.empty(B, H, NQ, device=qp.device, dtype=torch.float32)
+    delta = _new(B, H, NQ, like=qp, dtype=torch.float32)
     tk._bwd_delta[(triton_cdiv(NQ, 64), B * H)](
         op, dop, dlsep if dlsep is not None else lsep, delta, op.stride(0), op.stride(1), op.stride(2),
         dop.stride(0), dop.stride(1), dop.stride(2), H, NQ, DV=DV, BLOCK_M=64, BLOCK_DV=_block_d(DV),
         HAS_DLSE=dlsep is not None)
-    dq = torch.empty_like(qp)
-    dk = torch.empty(B, HKV, NK, D, device=qp.device, dtype=qp.dtype)
-    dv = torch.empty(B, HKV, NK, DV, device=qp.device, dtype=qp.dtype)
+    dq = _new(B, H, NQ, D, like=qp)
+    dk = _new(B, HKV, NK, D, like=qp)
+    dv = _new(B, HKV, NK, DV, like=qp)
     qlo, qhi, kc = prob.tables()
     common = dict(D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_block_d(D), BLOCK_DV=_block_d(DV),
-                  GRID_MODE=prob.grid, N_AXES=prob.n_axes, HAS_DIL=prob.has_dil, DOT_PREC=_dot_prec(qp.dtype),
+                  GRID_MODE=prob.grid, MASK_AXES=prob.mask_axes, HAS_DIL=prob.has_dil, DOT_PREC=_dot_prec(qp.dtype),
                   num_warps=warps, num_stages=stages)
     tk._attn_bwd_dkdv[(triton_cdiv(NK, BN), B * HKV)](
         qp, kp, vp, dop, lsep, delta, dk, dv,
@@ -244,8 +252,7 @@ def _autotune(key, candidates, run) -> tuple:
     """Pick the fastest candidate config for `key` (CUDA events, median of a few runs); cached per process."""
     if key in _BEST:
         return _BEST[key]
-    if len(candidates) == 1:
-        _BEST[key] = candidates[0]
+    if len(candidates) == 1 or os.environ.get("ATTNZOO_AUTOTUNE", "1") == "0":
         return candidates[0]
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources

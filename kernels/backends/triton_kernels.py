@@ -36,14 +36,23 @@ def _axis_vis(lo, hi, c, d, HAS_DIL: tl.constexpr, TRANS: tl.constexpr):
 
 @triton.jit
 def _visible(offs_m, offs_n, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQP, NKP, DIL0, DIL1, DIL2,
-             GRID_MODE: tl.constexpr, N_AXES: tl.constexpr, HAS_DIL: tl.constexpr, TRANS: tl.constexpr):
-    """Element mask of one (query block, key block) pair; (BM, BN), or (BN, BM) when TRANS."""
+             GRID_MODE: tl.constexpr, MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, TRANS: tl.constexpr):
+    """Element mask of one (query block, key block) pair; (BM, BN), or (BN, BM) when TRANS.
+
+    Grid mode: only the axes in the bitmask MASK_AXES are tested (an axis whose tile pairs are never partial
+    cannot hide a key of a partial pair; the tile map says which)."""
     if GRID_MODE:
-        vis = _axis_vis(tl.load(QLO + offs_m), tl.load(QHI + offs_m), tl.load(KC + offs_n), DIL0, HAS_DIL, TRANS)
-        if N_AXES > 1:
+        if TRANS:
+            vis = (offs_n[:, None] >= 0) & (offs_m[None, :] >= 0)
+        else:
+            vis = (offs_m[:, None] >= 0) & (offs_n[None, :] >= 0)
+        if MASK_AXES & 1:
+            vis = vis & _axis_vis(tl.load(QLO + offs_m), tl.load(QHI + offs_m), tl.load(KC + offs_n), DIL0,
+                                  HAS_DIL, TRANS)
+        if MASK_AXES & 2:
             vis = vis & _axis_vis(tl.load(QLO + NQP + offs_m), tl.load(QHI + NQP + offs_m),
                                   tl.load(KC + NKP + offs_n), DIL1, HAS_DIL, TRANS)
-        if N_AXES > 2:
+        if MASK_AXES & 4:
             vis = vis & _axis_vis(tl.load(QLO + 2 * NQP + offs_m), tl.load(QHI + 2 * NQP + offs_m),
                                   tl.load(KC + 2 * NKP + offs_n), DIL2, HAS_DIL, TRANS)
     else:
@@ -81,7 +90,7 @@ def _load_rows(base, offs_r, stride_r, offs_c, NR, NC: tl.constexpr, BLOCK_C: tl
 def _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, offs_d, offs_dv,
               qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQP, NKP, DIL0, DIL1, DIL2,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr, N_AXES: tl.constexpr,
+              BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr, MASK_AXES: tl.constexpr,
               HAS_DIL: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     check = MASKED and not GRID_MODE  # 1-d partial blocks may run past NK
@@ -90,7 +99,7 @@ def _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, o
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if MASKED:
         vis = _visible(offs_m, offs_n, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQP, NKP, DIL0, DIL1, DIL2,
-                       GRID_MODE, N_AXES, HAS_DIL, False)
+                       GRID_MODE, MASK_AXES, HAS_DIL, False)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -111,7 +120,7 @@ def _attn_fwd(Q, K, V, O, LSE,
               H, GROUP, NQ, NK, qk_scale, OFF, LEFT, RIGHT,
               FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, QLO, QHI, KC, DIL0, DIL1, DIL2,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GRID_MODE: tl.constexpr, N_AXES: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GRID_MODE: tl.constexpr, MASK_AXES: tl.constexpr,
               HAS_DIL: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     if REVERSE:  # heavy (late, causal) query blocks first
@@ -138,13 +147,13 @@ def _attn_fwd(Q, K, V, O, LSE,
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m,
                                       offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK,
                                       DIL0, DIL1, DIL2, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, GRID_MODE,
-                                      N_AXES, HAS_DIL, DOT_PREC)
+                                      MASK_AXES, HAS_DIL, DOT_PREC)
         for it in range(tl.load(PART_PTR + pid_m), tl.load(PART_PTR + pid_m + 1)):
             start_n = tl.load(PART_IDX + it) * BLOCK_N
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m,
                                       offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK,
                                       DIL0, DIL1, DIL2, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, GRID_MODE,
-                                      N_AXES, HAS_DIL, DOT_PREC)
+                                      MASK_AXES, HAS_DIL, DOT_PREC)
     else:
         m0 = pid_m * BLOCK_M
         m1 = tl.minimum(m0 + BLOCK_M, NQ)
@@ -160,17 +169,17 @@ def _attn_fwd(Q, K, V, O, LSE,
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, nb * BLOCK_N, offs_m,
                                       offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK,
                                       DIL0, DIL1, DIL2, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, GRID_MODE,
-                                      N_AXES, HAS_DIL, DOT_PREC)
+                                      MASK_AXES, HAS_DIL, DOT_PREC)
         for nb in range(nb_lo, f_lo):
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, nb * BLOCK_N, offs_m,
                                       offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK,
                                       DIL0, DIL1, DIL2, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, GRID_MODE,
-                                      N_AXES, HAS_DIL, DOT_PREC)
+                                      MASK_AXES, HAS_DIL, DOT_PREC)
         for nb in range(f_hi, nb_hi):
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, nb * BLOCK_N, offs_m,
                                       offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK,
                                       DIL0, DIL1, DIL2, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, GRID_MODE,
-                                      N_AXES, HAS_DIL, DOT_PREC)
+                                      MASK_AXES, HAS_DIL, DOT_PREC)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -208,7 +217,7 @@ def _bwd_delta(O, DO, DLSE, DELTA, stride_ob, stride_oh, stride_on, stride_db, s
 def _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn, start_m, offs_n,
                offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2,
                D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr, N_AXES: tl.constexpr,
+               BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr, MASK_AXES: tl.constexpr,
                HAS_DIL: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     check = MASKED and not GRID_MODE
@@ -225,7 +234,7 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, s
     p_t = tl.math.exp2(s_t - lse2[None, :])
     if MASKED:
         vis = _visible(offs_m, offs_n, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
-                       GRID_MODE, N_AXES, HAS_DIL, True)
+                       GRID_MODE, MASK_AXES, HAS_DIL, True)
         p_t = tl.where(vis, p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -242,7 +251,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_,
                    H, HKV, GROUP, NQ, NK, qk_scale, sm_scale, OFF, LEFT, RIGHT,
                    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, QLO, QHI, KC, DIL0, DIL1, DIL2,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GRID_MODE: tl.constexpr, N_AXES: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GRID_MODE: tl.constexpr, MASK_AXES: tl.constexpr,
                    HAS_DIL: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -287,29 +296,29 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_,
                 dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
                                     start_m, offs_n, offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI,
                                     KC, DIL0, DIL1, DIL2, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, False, GRID_MODE,
-                                    N_AXES, HAS_DIL, DOT_PREC)
+                                    MASK_AXES, HAS_DIL, DOT_PREC)
             for it in range(p_s, p_e):
                 start_m = tl.load(PART_IDX + it) * BLOCK_M
                 dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
                                     start_m, offs_n, offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI,
                                     KC, DIL0, DIL1, DIL2, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, True, GRID_MODE,
-                                    N_AXES, HAS_DIL, DOT_PREC)
+                                    MASK_AXES, HAS_DIL, DOT_PREC)
         else:
             for mb in range(f_lo, f_hi):
                 dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
                                     mb * BLOCK_M, offs_n, offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO,
                                     QHI, KC, DIL0, DIL1, DIL2, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, False, GRID_MODE,
-                                    N_AXES, HAS_DIL, DOT_PREC)
+                                    MASK_AXES, HAS_DIL, DOT_PREC)
             for mb in range(mb_lo, f_lo):
                 dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
                                     mb * BLOCK_M, offs_n, offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO,
                                     QHI, KC, DIL0, DIL1, DIL2, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, True, GRID_MODE,
-                                    N_AXES, HAS_DIL, DOT_PREC)
+                                    MASK_AXES, HAS_DIL, DOT_PREC)
             for mb in range(f_hi, mb_hi):
                 dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
                                     mb * BLOCK_M, offs_n, offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO,
                                     QHI, KC, DIL0, DIL1, DIL2, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, True, GRID_MODE,
-                                    N_AXES, HAS_DIL, DOT_PREC)
+                                    MASK_AXES, HAS_DIL, DOT_PREC)
 
     rows = offs_n < NK
     dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
@@ -322,7 +331,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_,
 def _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, offs_d, offs_dv,
              qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2,
              D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-             BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr, N_AXES: tl.constexpr,
+             BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr, MASK_AXES: tl.constexpr,
              HAS_DIL: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     check = MASKED and not GRID_MODE
@@ -332,7 +341,7 @@ def _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start
     p = tl.math.exp2(s - lse2[:, None])
     if MASKED:
         vis = _visible(offs_m, offs_n, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
-                       GRID_MODE, N_AXES, HAS_DIL, False)
+                       GRID_MODE, MASK_AXES, HAS_DIL, False)
         p = tl.where(vis, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
@@ -348,7 +357,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  H, GROUP, NQ, NK, qk_scale, sm_scale, OFF, LEFT, RIGHT,
                  FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, QLO, QHI, KC, DIL0, DIL1, DIL2,
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GRID_MODE: tl.constexpr, N_AXES: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GRID_MODE: tl.constexpr, MASK_AXES: tl.constexpr,
                  HAS_DIL: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -372,12 +381,12 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
             start_n = tl.load(FULL_IDX + it) * BLOCK_N
             dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, offs_d,
                           offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV,
-                          BLOCK_N, BLOCK_D, BLOCK_DV, False, GRID_MODE, N_AXES, HAS_DIL, DOT_PREC)
+                          BLOCK_N, BLOCK_D, BLOCK_DV, False, GRID_MODE, MASK_AXES, HAS_DIL, DOT_PREC)
         for it in range(tl.load(PART_PTR + pid_m), tl.load(PART_PTR + pid_m + 1)):
             start_n = tl.load(PART_IDX + it) * BLOCK_N
             dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, offs_d,
                           offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV,
-                          BLOCK_N, BLOCK_D, BLOCK_DV, True, GRID_MODE, N_AXES, HAS_DIL, DOT_PREC)
+                          BLOCK_N, BLOCK_D, BLOCK_DV, True, GRID_MODE, MASK_AXES, HAS_DIL, DOT_PREC)
     else:
         m0 = pid_m * BLOCK_M
         m1 = tl.minimum(m0 + BLOCK_M, NQ)
@@ -392,14 +401,14 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
         for nb in range(f_lo, f_hi):
             dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, nb * BLOCK_N, offs_m,
                           offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D,
-                          DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, GRID_MODE, N_AXES, HAS_DIL, DOT_PREC)
+                          DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, GRID_MODE, MASK_AXES, HAS_DIL, DOT_PREC)
         for nb in range(nb_lo, f_lo):
             dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, nb * BLOCK_N, offs_m,
                           offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D,
-                          DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, GRID_MODE, N_AXES, HAS_DIL, DOT_PREC)
+                          DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, GRID_MODE, MASK_AXES, HAS_DIL, DOT_PREC)
         for nb in range(f_hi, nb_hi):
             dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, nb * BLOCK_N, offs_m,
                           offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D,
-                          DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, GRID_MODE, N_AXES, HAS_DIL, DOT_PREC)
+                          DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, GRID_MODE, MASK_AXES, HAS_DIL, DOT_PREC)
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows[:, None] & (offs_d < D)[None, :])

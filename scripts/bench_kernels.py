@@ -1,0 +1,270 @@
+"""Benchmark `kernels.attention` (Triton) against its anchors on one CUDA GPU, after a GPU correctness check.
+
+Usage: python scripts/bench_kernels.py [--out benchmarks] [--skip-check] [--only dense,causal,na3d,na2d,win1d]
+
+Every row is measured with its anchor in the same run (torch SDPA with the flash backend, FlexAttention compiled
+with a block mask of the same pattern); bf16, head dim 128. Writes `<out>/kernels.json` and prints a markdown
+table for BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import kernels  # noqa: E402
+from kernels.backends.reference import attention_reference  # noqa: E402
+
+
+def _load_benchmark_utils():
+    spec = importlib.util.spec_from_file_location("_bench_utils", os.path.join(ROOT, "pipelines", "benchmark.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench = _load_benchmark_utils()
+TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 1e-4}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# correctness on the GPU
+
+
+def _rel(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def check_case(name, pattern, B, H, HKV, NQ, NK, D, DV, dtype):
+    dev = "cuda"
+    q = torch.randn(B, H, NQ, D, device=dev, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, HKV, NK, D, device=dev, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, HKV, NK, DV, device=dev, dtype=dtype, requires_grad=True)
+    out, lse = kernels.attention(q, k, v, pattern, backend="triton", return_lse=True)
+    do = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ro, rl = attention_reference(q64, k64, v64, pattern, return_lse=True)
+    rdq, rdk, rdv = torch.autograd.grad(ro, (q64, k64, v64), do.double())
+    fin = torch.isfinite(rl)
+    errs = dict(out=_rel(out, ro), dq=_rel(dq, rdq), dk=_rel(dk, rdk), dv=_rel(dv, rdv),
+                lse=(lse[fin].double() - rl[fin]).abs().max().item() if fin.any() else 0.0)
+    finite = all(torch.isfinite(t).all().item() for t in (out, dq, dk, dv))
+    ok = finite and max(errs["out"], errs["dq"], errs["dk"], errs["dv"]) < TOL[dtype] and errs["lse"] < 1e-2
+    print(f"check {name:44s} {str(dtype):15s} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+          + f" {'ok' if ok else 'FAIL'}", flush=True)
+    return ok
+
+
+def run_checks():
+    os.environ["ATTNZOO_AUTOTUNE"] = "0"
+    N = kernels.Neighborhood
+    cases = [
+        ("dense gqa 4/2 d128 n1000", kernels.Dense(), 2, 4, 2, 1000, 1000, 128, 128, torch.bfloat16),
+        ("causal d64 nq1000 nk1111", kernels.Causal(), 1, 4, 4, 1000, 1111, 64, 64, torch.bfloat16),
+        ("window1d(100,50) d96 n777", kernels.Window1d(100, 50), 1, 3, 1, 777, 777, 96, 96, torch.bfloat16),
+        ("na2d (30,37) w(7,9) d128", N((30, 37), (7, 9)), 1, 2, 2, 1110, 1110, 128, 128, torch.bfloat16),
+        ("na3d (5,12,20) w(3,5,7) dil/stride d80", N((5, 12, 20), (3, 5, 7), stride=(1, 1, 2), dilation=(1, 2, 1)),
+         1, 2, 1, 1200, 1200, 80, 80, torch.bfloat16),
+        ("na3d causal t, noinward d64", N((6, 9, 11), (3, 4, 5), inward=False, causal_axes=(0,)), 1, 2, 2, 594, 594,
+         64, 64, torch.float16),
+        ("halo (16,16) b8 h2 d64", kernels.Halo((16, 16), 8, 2), 1, 2, 2, 256, 400, 64, 64, torch.bfloat16),
+        ("dense d256 n513", kernels.Dense(), 1, 2, 2, 513, 513, 256, 256, torch.bfloat16),
+        ("dense d72 fp16 n300", kernels.Dense(), 1, 2, 1, 300, 301, 72, 72, torch.float16),
+        ("window1d fp32 d32", kernels.Window1d(20, 0), 1, 2, 2, 200, 200, 32, 32, torch.float32),
+    ]
+    ok = all([check_case(*c) for c in cases])
+    os.environ.pop("ATTNZOO_AUTOTUNE")
+    return ok
+
+
+# ----------------------------------------------------------------------------------------------------------
+# timing
+
+
+def _time(fn, heavy=False):
+    if heavy:
+        return bench.time_cuda(fn, warmup=2, repeats=5, min_ms=0.0)["median_ms"]
+    return bench.time_cuda(fn, warmup=3, repeats=15, min_ms=100.0)["median_ms"]
+
+
+def _sdpa(q, k, v, causal=False):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def _bwd_fn(fwd, q, k, v):
+    out = fwd()
+    do = torch.randn_like(out)
+    return lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+
+
+_FLEX = None
+
+
+def _flex():
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
+def _flex_grid_mask(pattern, n):
+    """A FlexAttention block mask with exactly the pattern's visibility (from its per-axis windows)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    grid = pattern.grid
+    wins = [(lo.cuda(), hi.cuda(), d) for lo, hi, d in pattern.axis_windows()]
+    strides = [math.prod(grid[a + 1:]) for a in range(len(grid))]
+
+    def mask_mod(b, h, qi, ki):
+        vis = qi >= 0
+        for (lo, hi, d), s, g in zip(wins, strides, grid):
+            cq, ck = (qi // s) % g, (ki // s) % g
+            vis = vis & (ck >= lo[cq]) & (ck <= hi[cq])
+            if d > 1:
+                vis = vis & ((ck - lo[cq]) % d == 0)
+        return vis
+
+    return torch.compile(create_block_mask)(mask_mod, None, None, n, n, device="cuda")
+
+
+def _flex_window_mask(left, right, n):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, qi, ki):
+        return (ki >= qi - left) & (ki <= qi + right)
+
+    return torch.compile(create_block_mask)(mask_mod, None, None, n, n, device="cuda")
+
+
+def _row(rows, case, direction, ours_ms, anchor, anchor_ms, flops, target, **extra):
+    ratio = anchor_ms / ours_ms
+    row = dict(case=case, direction=direction, ours_ms=ours_ms, anchor=anchor, anchor_ms=anchor_ms,
+               speedup=ratio, target=target, met=("yes" if ratio >= target else "no") if target else "",
+               ours_tflops=flops / ours_ms * 1e-9, anchor_tflops=flops / anchor_ms * 1e-9, **extra)
+    rows.append(row)
+    print(f"{case:42s} {direction:4s} ours {ours_ms:9.3f} ms  {anchor:22s} {anchor_ms:9.3f} ms  x{ratio:5.2f}"
+          f"  target {target}  useful TFLOP/s ours {row['ours_tflops']:.0f} anchor {row['anchor_tflops']:.0f}",
+          flush=True)
+
+
+def _qkv(B, H, N, D, dtype=torch.bfloat16):
+    return [torch.randn(B, H, N, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
+
+
+def bench_dense(rows):
+    for B, H, N in [(4, 16, 4096), (2, 16, 8192), (1, 16, 16384)]:
+        q, k, v = _qkv(B, H, N, 128)
+        flops = 4 * B * H * N * N * 128
+        ours = lambda: kernels.attention(q, k, v)  # noqa: E731
+        anchor = lambda: _sdpa(q, k, v)  # noqa: E731
+        with torch.no_grad():
+            t_o, t_a = _time(ours), _time(anchor)
+        _row(rows, f"dense B{B} H{H} N{N} d128", "fwd", t_o, "SDPA flash", t_a, flops, 1.2)
+        t_o, t_a = _time(_bwd_fn(ours, q, k, v)), _time(_bwd_fn(anchor, q, k, v))
+        _row(rows, f"dense B{B} H{H} N{N} d128", "bwd", t_o, "SDPA flash", t_a, 2.5 * flops, 1.0)
+
+
+def bench_causal(rows):
+    for B, H, N in [(4, 16, 4096), (1, 16, 16384)]:
+        q, k, v = _qkv(B, H, N, 128)
+        flops = 2 * B * H * N * N * 128
+        with torch.no_grad():
+            t_o = _time(lambda: kernels.attention(q, k, v, kernels.Causal()))
+            t_a = _time(lambda: _sdpa(q, k, v, causal=True))
+        _row(rows, f"causal B{B} H{H} N{N} d128", "fwd", t_o, "SDPA flash causal", t_a, flops, 1.2)
+
+
+def bench_na3d(rows):
+    grid, window, H = (21, 60, 104), (21, 30, 52), 12
+    pattern = kernels.Neighborhood(grid, window)
+    n = math.prod(grid)
+    q, k, v = _qkv(1, H, n, 128)
+    dense_flops = 4 * H * n * n * 128
+    flops = dense_flops * pattern.density(n, n)
+    ours = lambda: kernels.attention(q, k, v, pattern)  # noqa: E731
+    dense = lambda: _sdpa(q, k, v)  # noqa: E731
+    t0 = time.time()
+    mask = _flex_grid_mask(pattern, n)
+    mask_s = time.time() - t0
+    flex = lambda: _flex()(q, k, v, block_mask=mask)  # noqa: E731
+    with torch.no_grad():
+        t_o, t_d, t_f = _time(ours, True), _time(dense, True), _time(flex, True)
+    mem = bench.peak_memory(lambda: kernels.attention(q.detach(), k.detach(), v.detach(), pattern))
+    case = "na3d grid(21,60,104) win(21,30,52) H12"
+    _row(rows, case, "fwd", t_o, "dense SDPA flash", t_d, flops, 3.0, ours_peak_gib=mem)
+    _row(rows, case, "fwd", t_o, "FlexAttention", t_f, flops, 4.0, flex_block_mask_s=mask_s)
+    t_o, t_d = _time(_bwd_fn(ours, q, k, v), True), _time(_bwd_fn(dense, q, k, v), True)
+    _row(rows, case, "bwd", t_o, "dense SDPA flash", t_d, 2.5 * flops, 2.5)
+
+
+def bench_na2d(rows):
+    grid, window, H = (128, 128), (33, 33), 12
+    pattern = kernels.Neighborhood(grid, window)
+    n = math.prod(grid)
+    q, k, v = _qkv(1, H, n, 128)
+    flops = 4 * H * n * n * 128 * pattern.density(n, n)
+    mask = _flex_grid_mask(pattern, n)
+    with torch.no_grad():
+        t_o = _time(lambda: kernels.attention(q, k, v, pattern))
+        t_f = _time(lambda: _flex()(q, k, v, block_mask=mask))
+    _row(rows, "na2d grid(128,128) win(33,33) H12", "fwd", t_o, "FlexAttention", t_f, flops, 3.0)
+
+
+def bench_win1d(rows):
+    B, H, N, left, right = 2, 16, 16384, 1024, 1023
+    pattern = kernels.Window1d(left, right)
+    q, k, v = _qkv(B, H, N, 128)
+    flops = 4 * B * H * N * N * 128 * pattern.density(N, N)
+    mask = _flex_window_mask(left, right, N)
+    with torch.no_grad():
+        t_o = _time(lambda: kernels.attention(q, k, v, pattern))
+        t_f = _time(lambda: _flex()(q, k, v, block_mask=mask))
+    _row(rows, f"window1d({left},{right}) B{B} H{H} N{N}", "fwd", t_o, "FlexAttention", t_f, flops, 1.0)
+
+
+BENCHES = dict(dense=bench_dense, causal=bench_causal, na3d=bench_na3d, na2d=bench_na2d, win1d=bench_win1d)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks"))
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--only", default=",".join(BENCHES))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels.py needs a CUDA GPU")
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    checks_ok = True if args.skip_check else run_checks()
+    rows = []
+    for name in args.only.split(","):
+        t0 = time.time()
+        BENCHES[name](rows)
+        print(f"[{name} took {time.time() - t0:.0f} s]", flush=True)
+    command = "python scripts/bench_kernels.py " + " ".join(sys.argv[1:])
+    path = bench.write_results("kernels", rows, command, out_dir=args.out)
+    cols = ["case", "direction", "ours_ms", "anchor", "anchor_ms", "speedup", "target", "met", "ours_tflops",
+            "anchor_tflops"]
+    print(bench.markdown_table(rows, cols))
+    from kernels.backends import triton_attention
+
+    for key, cfg in triton_attention._BEST.items():
+        print("autotuned", key[:2], key[2:], "->", cfg)
+    print(f"gpu checks {'passed' if checks_ok else 'FAILED'}; wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
