@@ -280,6 +280,12 @@ def test_grid_trains_in_one_pass_and_resumes(tmp_path):
     assert m1["runs"]["ep"]["params"] == 4 * 16 + 16 * 16 + 16 * 4 + 4
     # warm-up then cosine decay, per step: the lr after the last epoch is far below the peak
     assert m1["runs"]["ep"]["history"][-1]["lr"] < 0.1 * lr
+    # resume of a finished run: nothing to train, the checkpoint's weights come back exactly
+    m_same, restored = train_probes(specs, train, val, cfg, str(out), progress=False, return_probes=True)
+    assert m_same["resumed_from_epoch"] == 4 and m_same["runs"]["ep"]["history"] == m1["runs"]["ep"]["history"]
+    for name in probes:
+        for (k, a), b in zip(probes[name].state_dict().items(), restored[name].state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
     # resume: a longer run picks up after epoch 4 with the same weights
     cfg_long = TrainConfig(epochs=6, batch_size=32, warmup_epochs=1, eval_every=2)
     m2 = train_probes(specs, train, val, cfg_long, str(out), progress=False)
@@ -288,10 +294,13 @@ def test_grid_trains_in_one_pass_and_resumes(tmp_path):
     # a different grid refuses the checkpoint
     with pytest.raises(ValueError, match="different probe grid"):
         train_probes(specs[:1], train, val, cfg, str(out), progress=False)
-    # LARS works too
-    m3 = train_probes(specs[:1], train, val, TrainConfig(epochs=2, batch_size=32, optimizer="lars"),
-                      str(tmp_path / "lars"), progress=False)
-    assert m3["runs"]["ep"]["top1"] is not None
+    # LARS works too, and so does reading batches from the memmap instead of preloading: same numbers
+    runs = [train_probes(specs[:1], train, val, TrainConfig(epochs=2, batch_size=32, optimizer="lars",
+                                                            preload=preload), str(tmp_path / f"lars{preload}"),
+                         progress=False)["runs"]["ep"] for preload in (True, False)]
+    assert runs[0]["top1"] is not None
+    losses = [[h["train_loss"] for h in r["history"]] for r in runs]
+    assert losses[0] == pytest.approx(losses[1])
 
 
 def test_trainer_bad_config(tmp_path):

@@ -93,7 +93,8 @@ def test_aim_matches_explicit_multihead_loop():
         for m in range(queries):
             for h in range(heads):
                 sl = slice(h * hd, (h + 1) * hd)
-                a = torch.softmax(torch.stack([pool.query[0, m, sl] @ k[b, j, sl] for j in range(n)]) / math.sqrt(hd), 0)
+                logits = torch.stack([pool.query[0, m, sl] @ k[b, j, sl] for j in range(n)]) / math.sqrt(hd)
+                a = torch.softmax(logits, 0)
                 ref[b, sl] += sum(a[j] * v[b, j, sl] for j in range(n)) / queries
     torch.testing.assert_close(pool(x), ref, rtol=1e-10, atol=1e-10)
 
