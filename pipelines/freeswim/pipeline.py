@@ -8,6 +8,12 @@ FreeSwim (arXiv 2511.14712; reference code WillWu111/FreeSwim, read, not copied)
    sliding-window self-attention, a full-attention branch whose cross-attention output overrides the window
    branch's, and a cross-attention cache refreshed every `cache_steps` steps (see `attention.py`).
 
+Work saved against the reference, with the same result for the kept (window) latent: the reference feeds
+duplicated `[window; full]` rows to every pass and discards what the full rows' FFNs compute when their
+self-attention is the window output; here the uncond pass (cache mode) and the cond pass between refresh steps
+run the window rows alone (the full rows would be identical to them), and the scheduler steps the window latent
+only.
+
 `mode="window"` is plain high-resolution text-to-video with window attention only (no base stage, no full
 branch); `num_frames=1` makes images. The transformer is diffusers' `WanTransformer3DModel`, unchanged: the
 attention is swapped through `set_attn_processor` for the target-resolution stage only, and restored after.
