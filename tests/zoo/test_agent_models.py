@@ -1,0 +1,245 @@
+"""Agent-DeiT / Agent-PVT / Agent-Swin: the paper's parameter counts, the reference layouts, any input size, and the
+non-agent paths against timm's own models with the same weights."""
+import math
+
+import pytest
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models.swin_transformer import SwinTransformer, WindowAttention
+from timm.models.vision_transformer import VisionTransformer
+
+import zoo
+from pipelines.model_info import models_markdown
+from zoo.layers import AgentAttention, Attention
+from zoo.models.agent_pvt import SpatialReductionAttention
+from zoo.models.agent_swin import AgentSwinBlock, AgentSwinTransformer, KernelWindowAttention, parse_attn_type
+from zoo.models.agent_deit import AgentDeiT
+
+D64 = torch.float64
+
+# Agent Attention (arXiv:2312.08874), repository README / paper table: parameters in millions.
+PAPER_PARAMS = {
+    "agent_deit_tiny": 6.0, "agent_deit_small": 22.7, "agent_deit_base": 87.2,
+    "agent_pvt_tiny": 11.6, "agent_pvt_small": 20.6, "agent_pvt_medium": 35.9, "agent_pvt_large": 48.7,
+    "agent_swin_tiny": 29, "agent_swin_small": 50, "agent_swin_base": 88,
+}
+
+
+def _meta(name, **kwargs):
+    with torch.device("meta"):
+        return timm.create_model(name, **kwargs)
+
+
+def _params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
+def test_parameter_count_within_2_percent_of_the_paper(name):
+    count = _params(_meta(name)) / 1e6
+    assert abs(count - PAPER_PARAMS[name]) / PAPER_PARAMS[name] < 0.02, f"{name}: {count:.3f}M"
+
+
+def test_registered_listed_and_test_models_are_tiny():
+    names = zoo.list_models("*agent*")
+    assert set(PAPER_PARAMS) | {"test_agent_deit", "test_agent_pvt", "test_agent_swin"} == set(names)
+    assert {zoo.model_family(n) for n in names} == {"agent_deit", "agent_pvt", "agent_swin"}
+    table = models_markdown(names)  # what `zoo list --markdown` prints
+    assert all(f"`{n}`" in table for n in names) and "arXiv:2312.08874" in table
+    for name in ("test_agent_deit", "test_agent_pvt", "test_agent_swin"):
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert 32 <= cfg.input_size[1] <= 64
+        model = _meta(name)
+        widths = [m.normalized_shape[0] for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+        blocks = [m for m in model.modules() if hasattr(m, "mlp") and hasattr(m, "norm1")]
+        assert max(widths[:-1] or widths) <= 64 * 2 and len(blocks) <= 4  # PatchMerging norms see 4·C/2
+        assert all(getattr(b, "attn", None) is not None for b in blocks)
+
+
+def test_reference_layouts():
+    # DeiT: every block agent with 49 agents (T/S); B: 81 agents in the first 4 blocks, dense attention after
+    tiny, base = _meta("agent_deit_tiny"), _meta("agent_deit_base")
+    assert all(isinstance(b.attn, AgentAttention) and b.attn.agent_num == 49 for b in tiny.blocks)
+    kinds = [type(b.attn) for b in base.blocks]
+    assert kinds == [AgentAttention] * 4 + [Attention] * 8
+    assert all(b.attn.agent_num == 81 and b.attn.num_prefix_tokens == 1 for b in base.blocks[:4])
+    # PVT: AAAA, 9-16-49-49 agents, full-resolution K/V, biases sized for the 56-28-14-7 grids
+    pvt = _meta("agent_pvt_small")
+    for stage, n, g in zip(pvt.stages, (9, 16, 49, 49), (56, 28, 14, 7)):
+        assert all(b.attn.agent_num == n and b.attn.sr_ratio == 1 and b.attn.bias_grid == (g, g)
+                   for b in stage.blocks)
+        assert stage.pos_embed.shape[1] == g * g
+    # Swin: T = AAAB, S = AABB, B = AAMB2; agent blocks global over 56-28-14-7, window blocks of 7
+    for name, layout in (("agent_swin_tiny", ("AA", "AA", "AAAAAA", "BB")),
+                         ("agent_swin_small", ("AA", "AA", "B" * 18, "BB")),
+                         ("agent_swin_base", ("AA", "AA", "AA" + "B" * 16, "BB"))):
+        model = _meta(name)
+        for stage, letters, n, g in zip(model.layers, layout, (9, 16, 49, 49), (56, 28, 14, 7)):
+            for blk, letter in zip(stage.blocks, letters):
+                if letter == "A":
+                    assert isinstance(blk, AgentSwinBlock) and blk.attn.agent_num == n
+                    assert blk.attn.bias_grid == (g, g)
+                else:
+                    assert isinstance(blk.attn, KernelWindowAttention) and blk.window_size == (7, 7)
+    assert parse_attn_type("AAMB2", (2, 2, 18, 2))[2] == ("A",) * 2 + ("B",) * 16
+    with pytest.raises(ValueError, match="attn_type"):
+        parse_attn_type("AAM", (2, 2, 6))
+    with pytest.raises(ValueError, match="attn_type"):
+        parse_attn_type("AXB", (2, 2, 6))
+
+
+def test_agent_deit_tiny_at_1024_keeps_49_agents():
+    model = _meta("agent_deit_tiny", img_size=1024)
+    assert model.pos_embed.shape == (1, 64 * 64 + 1, 192)
+    assert all(b.attn.agent_num == 49 and b.attn.bias_grid == (64, 64) for b in model.blocks)
+    assert model.blocks[0].attn.ah_bias.shape == (1, 3, 49, 64, 1)
+    # 14x14 -> 64x64 only grows the per-axis biases and the position embedding
+    assert _params(model) - _params(_meta("agent_deit_tiny")) == 192 * (64 * 64 - 14 * 14) + 12 * 4 * 3 * 49 * 50
+
+
+@torch.no_grad()
+def test_agent_deit_tiny_any_size():
+    model = timm.create_model("agent_deit_tiny").eval()
+    for size, grid in (((224, 224), (14, 14)), ((160, 224), (10, 14)), ((100, 150), (7, 10))):
+        x = torch.randn(1, 3, *size)
+        out = model(x)
+        assert out.shape == (1, 1000) and torch.isfinite(out).all()
+        final, inters = model.forward_intermediates(x, indices=1)
+        assert inters[0].shape == (1, 192, *grid) and final.shape == (1, 1 + grid[0] * grid[1], 192)
+    # the position embedding is resampled as timm's dynamic_img_size does
+    tokens = torch.randn(1, 10, 14, 192)
+    expect = resample_abs_pos_embed(model.pos_embed, (10, 14), old_size=(14, 14), num_prefix_tokens=1)
+    torch.testing.assert_close(model._pos_embed(tokens) - torch.cat([model.cls_token, tokens.reshape(1, 140, 192)], 1),
+                               expect)
+
+
+def _copy_weights(src, dst):
+    missing, unexpected = dst.load_state_dict(src.state_dict(), strict=True)
+    assert not missing and not unexpected
+
+
+@torch.no_grad()
+def test_agent_deit_dense_blocks_equal_timm_vit():
+    """With agent_layers=0 every block is dense attention through kernels: the model is timm's ViT."""
+    args = dict(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=10)
+    zoo_model = AgentDeiT(agent_layers=0, **args).double().eval()
+    ref = VisionTransformer(dynamic_img_size=True, dynamic_img_pad=True, **args).double().eval()
+    _copy_weights(zoo_model, ref)
+    for size in ((64, 64), (40, 64), (37, 51)):
+        x = torch.randn(2, 3, *size, dtype=D64)
+        torch.testing.assert_close(zoo_model(x), ref(x), rtol=1e-10, atol=1e-10)
+        a = zoo_model.forward_intermediates(x, indices=[0, 1], return_prefix_tokens=True)
+        b = ref.forward_intermediates(x, indices=[0, 1], return_prefix_tokens=True)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@torch.no_grad()
+def test_window_attention_equals_timm_with_and_without_mask():
+    ref = WindowAttention(32, num_heads=4, window_size=(3, 5)).double().eval()
+    ref.fused_attn = False
+    mine = KernelWindowAttention(32, num_heads=4, window_size=(3, 5), dtype=D64).eval()
+    _copy_weights(ref, mine)
+    with torch.no_grad():
+        ref.relative_position_bias_table.normal_()
+        mine.relative_position_bias_table.copy_(ref.relative_position_bias_table)
+    x = torch.randn(2 * 6, 15, 32, dtype=D64)  # batch 2, 6 windows
+    mask = torch.where(torch.rand(6, 15, 15) < 0.3, -100.0, 0.0).double()
+    torch.testing.assert_close(mine(x), ref(x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mine(x, mask), ref(x, mask), rtol=1e-10, atol=1e-10)
+
+
+@torch.no_grad()
+def test_agent_swin_window_blocks_equal_timm_swin():
+    """An all-window layout ('BBB') is timm's Swin with the same weights, shifted windows and padding included."""
+    args = dict(img_size=64, embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), window_size=2, mlp_ratio=2.0,
+                num_classes=10, drop_path_rate=0.0)
+    zoo_model = AgentSwinTransformer(attn_type="BBB", agent_num=(4, 4, 4), **args).double().eval()
+    ref = SwinTransformer(strict_img_size=False, **args).double().eval()
+    _copy_weights(zoo_model, ref)
+    for size in ((64, 64), (32, 64), (48, 40)):
+        x = torch.randn(2, 3, *size, dtype=D64)
+        torch.testing.assert_close(zoo_model(x), ref(x), rtol=1e-10, atol=1e-10)
+
+
+@torch.no_grad()
+def test_agent_swin_agent_blocks_are_global():
+    model = timm.create_model("test_agent_swin").double().eval()
+    blk = model.layers[0].blocks[0]
+    assert isinstance(blk, AgentSwinBlock)
+    for p in blk.parameters():
+        p.copy_(torch.randn_like(p) * 0.3)
+    x = torch.randn(1, 11, 13, 16, dtype=D64)
+    y = x.clone()
+    y[0, 0, 0, 0] += 1.0
+    diff = (blk(x) - blk(y)).abs().sum(-1)[0]
+    assert (diff > 1e-6).all(), "a token change must reach every position through the agents"
+    window = model.layers[2].blocks[1]  # a window block (window 2, shifted): a change stays local
+    z = torch.randn(1, 6, 8, 64, dtype=D64)
+    w = z.clone()
+    w[0, 0, 0, 0] += 1.0
+    changed = (window(z) - window(w)).abs().sum(-1)[0] > 1e-12
+    assert changed[0, 0] and not changed[3:, 3:].any()
+
+
+def test_spatial_reduction_attention_matches_explicit():
+    m = SpatialReductionAttention(16, num_heads=2, qkv_bias=True, sr_ratio=2, dtype=D64).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    H, W, C, d = 4, 6, 16, 8
+    x = torch.randn(2, H * W, C, dtype=D64)
+    out = m(x, (H, W))
+    for b in range(2):
+        q = x[b] @ m.q.weight.T + m.q.bias
+        g = x[b].T.reshape(C, 2, 2, 3, 2)
+        red = (torch.einsum("ciajb,ocab->oij", g, m.sr.weight) + m.sr.bias[:, None, None]).reshape(C, 6).T
+        red = (red - red.mean(-1, keepdim=True)) / torch.sqrt(red.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        kv = (red * m.norm.weight + m.norm.bias) @ m.kv.weight.T + m.kv.bias
+        o = torch.cat([torch.softmax(q[:, s] @ kv[:, s].T / math.sqrt(d), -1) @ kv[:, C:][:, s]
+                       for s in (slice(0, d), slice(d, 2 * d))], dim=1)
+        torch.testing.assert_close(out[b], o @ m.proj.weight.T + m.proj.bias, rtol=1e-10, atol=1e-10)
+
+
+@torch.no_grad()
+def test_agent_pvt_head_is_the_mean_of_the_last_stage_without_norm():
+    model = timm.create_model("test_agent_pvt").eval()
+    x = torch.randn(2, 3, 48, 80)
+    feats = model.forward_features(x)
+    assert feats.shape == (2, 64, 2, 3)  # 48x80 -> 12x20 -> 6x10 -> 3x5 -> 2x3 (padded)
+    torch.testing.assert_close(model(x), feats.mean(dim=(2, 3)) @ model.head.weight.T + model.head.bias)
+    assert not any(n.startswith("norm") for n, _ in model.named_children())
+
+
+@pytest.mark.parametrize("name", ["test_agent_deit", "test_agent_pvt", "test_agent_swin"])
+def test_grad_checkpointing_gives_the_same_gradients(name):
+    model = timm.create_model(name, num_classes=5).train()
+    x = torch.randn(2, 3, 48, 64)
+    grads = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        model(x).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", ["test_agent_deit", "test_agent_pvt", "test_agent_swin"])
+@torch.no_grad()
+def test_large_input_keeps_the_agent_count(name):
+    model = timm.create_model(name).eval()
+    out = model(torch.randn(1, 3, 160, 96))
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+    assert {m.agent_num for m in model.modules() if isinstance(m, AgentAttention)} <= {4, 9, 16}
+
+
+@pytest.mark.parametrize("name", ["test_agent_deit", "test_agent_pvt", "test_agent_swin"])
+def test_bad_input_names_the_problem(name):
+    model = timm.create_model(name).eval()
+    with pytest.raises(ValueError, match="in_chans=3"):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match="in_chans=3"):
+        model.forward_intermediates(torch.randn(1, 4, 64, 64))
