@@ -1,5 +1,5 @@
-"""The Network-in-Network block of NiNformer (Abdullah & Kimura, arXiv 2403.02411; Neural Computing and
-Applications 2025), after the reference code Abdullah-88/NiNformer (`ninformer.py`, read, not copied).
+"""The Network-in-Network block of NiNformer (arXiv 2403.02411; Neural Computing and Applications 2025),
+after the reference code Abdullah-88/NiNformer (`ninformer.py`, read, not copied).
 
 NiNformer replaces self-attention with a dynamic element-wise gate: an MLP-Mixer block (token mixing over the
 N tokens, then channel mixing, each with its own LayerNorm and residual) computed from the tokens, multiplied
