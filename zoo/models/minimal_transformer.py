@@ -65,7 +65,8 @@ class MinimalViT(nn.Module):
     """ViT-style classifier with the paper's reduced encoder layers.
 
     Args:
-        img_size: default input size; other multiples of `patch_size` work (position embeddings are resampled).
+        img_size: default input size; other sizes work (the image is zero-padded on the bottom/right to a
+            multiple of `patch_size`, and the position embeddings are resampled to the patch grid).
         patch_size: square patch side.
         in_chans: input channels.
         num_classes: classifier outputs; 0 gives pooled features.
@@ -107,7 +108,7 @@ class MinimalViT(nn.Module):
         self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, output_fmt="NHWC",
-                                      strict_img_size=False, **dd)
+                                      strict_img_size=False, dynamic_img_pad=True, **dd)
         self.grid_size = self.patch_embed.grid_size
         num_patches = self.grid_size[0] * self.grid_size[1]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd)) if class_token else None
@@ -166,11 +167,8 @@ class MinimalViT(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"x must have shape (B, {self.in_chans}, H, W), got x.shape={tuple(x.shape)}")
-        H, W = x.shape[-2:]
-        p = self.patch_size
-        if H < p or W < p or H % p or W % p:
-            raise ValueError(f"image height and width must be positive multiples of patch_size={p}, got {(H, W)}")
+            raise ValueError(f"x must have shape (B, in_chans={self.in_chans} channels, H, W), "
+                             f"got x.shape={tuple(x.shape)}")
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)  # (B, gh, gw, C)
@@ -235,7 +233,7 @@ class MinimalViT(nn.Module):
         prefix = [y[:, :npt] for y in intermediates]
         intermediates = [y[:, npt:] for y in intermediates]
         if output_fmt == "NCHW":
-            gh, gw = H // self.patch_size, W // self.patch_size
+            gh, gw = self.patch_embed.dynamic_feat_size((H, W))
             intermediates = [y.reshape(B, gh, gw, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
         if return_prefix_tokens and npt:
             intermediates = list(zip(intermediates, prefix))

@@ -117,7 +117,8 @@ class NiNformer(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"x must have shape (B, {self.in_chans}, H, W), got x.shape={tuple(x.shape)}")
+            raise ValueError(f"x must have shape (B, in_chans={self.in_chans} channels, H, W), "
+                             f"got x.shape={tuple(x.shape)}")
         if tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f"NiNformer's token-mixing MLPs are built for img_size={self.img_size} (create the "
                              f"model with img_size= for another size), got an image of {tuple(x.shape[-2:])}")

@@ -178,7 +178,8 @@ class UlsamMobileNet(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"x must have shape (B, {self.in_chans}, H, W), got x.shape={tuple(x.shape)}")
+            raise ValueError(f"x must have shape (B, in_chans={self.in_chans} channels, H, W), "
+                             f"got x.shape={tuple(x.shape)}")
         if min(x.shape[-2:]) < self.reduction:
             raise ValueError(f"image height and width must be at least the network stride {self.reduction}, "
                              f"got {tuple(x.shape[-2:])}")
