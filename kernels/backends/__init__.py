@@ -1,7 +1,7 @@
 """Backends behind `kernels.attention`, tried in order; each has a `can_run_<name>` predicate.
 
-`triton` (CUDA tensors; imported lazily so CPU-only installs never load Triton) and `reference` (pure torch,
-always available, the test oracle).
+`triton` (CUDA tensors; its module registers the torch custom ops and imports Triton itself only when a kernel
+runs, so CPU-only installs never load Triton) and `reference` (pure torch, always available, the test oracle).
 """
 from __future__ import annotations
 
@@ -11,13 +11,22 @@ from .reference import attention_reference, can_run_reference
 
 BACKENDS = ("triton", "reference")
 _MODULES = {"triton": "kernels.backends.triton_attention"}
+_LOADED = {}
 
 
 def _load(name):
     if name == "reference":
         return can_run_reference, attention_reference
-    module = importlib.import_module(_MODULES[name])
-    return getattr(module, f"can_run_{name}"), getattr(module, f"attention_{name}")
+    if name not in _LOADED:  # imported once, eagerly below, so torch.compile never traces an import
+        module = importlib.import_module(_MODULES[name])
+        _LOADED[name] = getattr(module, f"can_run_{name}"), getattr(module, f"attention_{name}")
+    return _LOADED[name]
+
+
+try:
+    _load("triton")
+except ImportError:  # no triton kernels on this install; the reference still runs
+    pass
 
 
 def choose_backend(q, k, v, pattern, bias, gate, return_lse, backend=None):

@@ -109,12 +109,12 @@ def _bwd_candidates(d: int, dv: int) -> List[tuple]:
 class _Problem:
     """One attention problem laid out for the kernels (grid patterns permuted into tiles)."""
 
-    def __init__(self, pattern, nq: int, nk: int, block_m: int, block_n: int, device):
+    def __init__(self, pattern, nq: int, nk: int, block_m: int, block_n: int, device, partial_cost: float = 1.25):
         self.pattern, self.device = pattern, device
         self.grid = _is_grid(pattern)
         self.block_m, self.block_n = block_m, block_n
         if self.grid:
-            q_tile, k_tile = tiles.choose_tile_shapes(pattern, block_m, block_n)
+            q_tile, k_tile = tiles.choose_tile_shapes(pattern, block_m, block_n, partial_cost)
             self.map = tiles.grid_tile_map(pattern, q_tile, k_tile, str(device))
             self.nq, self.nk = self.map.q_layout.num_padded, self.map.k_layout.num_padded
             self.off = self.left = self.right = 0
@@ -163,7 +163,14 @@ def _dummy_int(device) -> torch.Tensor:
 
 
 def _problem(pattern, nq, nk, cfg, device) -> _Problem:
-    return _Problem(pattern, nq, nk, cfg[0], cfg[1], device)
+    return _Problem(pattern, nq, nk, cfg[0], cfg[1], device, *cfg[4:])
+
+
+def _with_tile_costs(pattern, candidates):
+    """Grid patterns also tune the tile shapes: chosen with partial tile pairs weighted 1.25 or 2 (masking)."""
+    if not _is_grid(pattern) or len(candidates) == 1:
+        return candidates
+    return [c + (pc,) for c in candidates for pc in (1.25, 2.0)]
 
 
 def _new(*shape, like, dtype=None):
@@ -183,7 +190,7 @@ def _launch_fwd(qp, kp, vp, prob: _Problem, scale: float, cfg):
 
     B, H, NQ, D = qp.shape
     HKV, DV = kp.shape[1], vp.shape[-1]
-    BM, BN, warps, stages = cfg
+    BM, BN, warps, stages = cfg[:4]
     out = _new(B, H, NQ, DV, like=qp)
     lse = _new(B, H, NQ, like=qp, dtype=torch.float32)
     full_ptr, full_idx, part_ptr, part_idx = prob.lists(False)
@@ -207,7 +214,7 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, prob: _Problem, scale: float, 
 
     B, H, NQ, D = qp.shape
     HKV, NK, DV = kp.shape[1], kp.shape[2], vp.shape[-1]
-    BM, BN, warps, stages = cfg
+    BM, BN, warps, stages = cfg[:4]
     delta = _new(B, H, NQ, like=qp, dtype=torch.float32)
     tk._bwd_delta[(triton_cdiv(NQ, 64), B * H)](
         op, dop, dlsep if dlsep is not None else lsep, delta, op.stride(0), op.stride(1), op.stride(2),
@@ -291,14 +298,15 @@ def _forward(q, k, v, pattern, scale):
 
     def run(cfg):
         prob = _problem(pattern, nq, nk, cfg, q.device)
-        ins = cache.get(cfg[:2] if prob.grid else None)
+        ck = (cfg[:2], cfg[4:]) if prob.grid else None
+        ins = cache.get(ck)
         if ins is None:
             ins = (prob.q_in(q), prob.k_in(k), prob.k_in(v))
-            cache[cfg[:2] if prob.grid else None] = ins
+            cache[ck] = ins
         return prob, _launch_fwd(*ins, prob, scale, cfg)
 
-    cfg = _autotune(_tune_key("fwd", pattern, q, k, v), _fwd_candidates(q.shape[-1], v.shape[-1]),
-                    lambda c: run(c))
+    cfg = _autotune(_tune_key("fwd", pattern, q, k, v),
+                    _with_tile_costs(pattern, _fwd_candidates(q.shape[-1], v.shape[-1])), run)
     prob, (out, lse) = run(cfg)
     return prob.q_out(out), prob.q_out(lse[..., None])[..., 0]
 
@@ -309,7 +317,7 @@ def _backward(do, q, k, v, out, lse, dlse, pattern, scale):
 
     def run(cfg):
         prob = _problem(pattern, nq, nk, cfg, q.device)
-        ck = cfg[:2] if prob.grid else None
+        ck = (cfg[:2], cfg[4:]) if prob.grid else None
         ins = cache.get(ck)
         if ins is None:
             ins = (prob.q_in(do), prob.q_in(q), prob.k_in(k), prob.k_in(v), prob.q_in(out),
@@ -318,7 +326,8 @@ def _backward(do, q, k, v, out, lse, dlse, pattern, scale):
             cache[ck] = ins
         return prob, _launch_bwd(*ins, prob, scale, cfg)
 
-    cfg = _autotune(_tune_key("bwd", pattern, q, k, v), _bwd_candidates(q.shape[-1], v.shape[-1]), run)
+    cfg = _autotune(_tune_key("bwd", pattern, q, k, v),
+                    _with_tile_costs(pattern, _bwd_candidates(q.shape[-1], v.shape[-1])), run)
     prob, (dq, dk, dv) = run(cfg)
     return prob.q_out(dq), prob.k_out(dk), prob.k_out(dv)
 
