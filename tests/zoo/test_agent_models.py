@@ -243,3 +243,60 @@ def test_bad_input_names_the_problem(name):
         model(torch.randn(3, 64, 64))
     with pytest.raises(ValueError, match="in_chans=3"):
         model.forward_intermediates(torch.randn(1, 4, 64, 64))
+
+
+@torch.no_grad()
+def test_agent_pvt_loads_reference_layout_checkpoints():
+    """The reference names stages patch_embed1/pos_embed1/block1.0 and splits q / kv; the filter maps them."""
+    from zoo.models.agent_pvt import checkpoint_filter_fn
+
+    model = timm.create_model("test_agent_pvt").eval()
+    reference = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("stages."):
+            i = int(k.split(".")[1])
+            k = k.replace(f"stages.{i}.patch_embed.", f"patch_embed{i + 1}.")
+            k = k.replace(f"stages.{i}.pos_embed", f"pos_embed{i + 1}").replace(f"stages.{i}.blocks.", f"block{i + 1}.")
+        if ".attn.qkv." in k:
+            C = v.shape[0] // 3
+            reference[k.replace(".qkv.", ".q.")], reference[k.replace(".qkv.", ".kv.")] = v[:C], v[C:]
+        else:
+            reference[k] = v
+    assert "block1.0.attn.q.weight" in reference and "block2.0.attn.kv.bias" in reference
+    assert "pos_embed3" in reference and "patch_embed4.norm.weight" in reference
+    other = timm.create_model("test_agent_pvt").eval()
+    other.load_state_dict(checkpoint_filter_fn({"model": reference}, other), strict=True)
+    x = torch.randn(1, 3, 64, 48)
+    torch.testing.assert_close(other(x), model(x))
+    # a different img_size: the position embeddings are resampled to the new grids
+    bigger = timm.create_model("test_agent_pvt", img_size=96)
+    bigger.load_state_dict(checkpoint_filter_fn(reference, bigger), strict=True)
+    assert bigger.stages[0].pos_embed.shape == (1, 24 * 24, 16)
+
+
+@torch.no_grad()
+def test_reference_checkpoints_load_at_another_size():
+    """A checkpoint filtered into a model built for 96 px runs exactly as the 64-px original run at 96 px: the
+    position embedding and the per-axis agent biases are resampled once instead of per forward."""
+    from zoo.models.agent_deit import checkpoint_filter_fn as deit_filter
+    from zoo.models.agent_swin import checkpoint_filter_fn as swin_filter
+
+    x = torch.randn(1, 3, 96, 96)
+    src = timm.create_model("test_agent_deit").eval()
+    dst = timm.create_model("test_agent_deit", img_size=96).eval()
+    dst.load_state_dict(deit_filter({"model": src.state_dict()}, dst), strict=True)
+    assert dst.blocks[0].attn.ah_bias.shape == (1, 2, 16, 12, 1) and dst.pos_embed.shape == (1, 145, 64)
+    torch.testing.assert_close(dst(x), src(x), rtol=1e-5, atol=1e-5)
+
+    src = timm.create_model("test_agent_swin").eval()
+    reference = {}  # the original Swin layout: downsample at the end of the previous stage, plain `head`
+    for k, v in src.state_dict().items():
+        if ".downsample." in k:
+            i = int(k.split(".")[1])
+            k = k.replace(f"layers.{i}.downsample", f"layers.{i - 1}.downsample")
+        reference[k.replace("head.fc.", "head.")] = v
+    assert "layers.0.downsample.reduction.weight" in reference and "head.weight" in reference
+    dst = timm.create_model("test_agent_swin", img_size=96).eval()
+    dst.load_state_dict(swin_filter({"model": reference}, dst), strict=True)
+    assert dst.layers[0].blocks[0].attn.wa_bias.shape == (1, 1, 1, 24, 4)
+    torch.testing.assert_close(dst(x), src(x), rtol=1e-5, atol=1e-5)

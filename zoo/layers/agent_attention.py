@@ -24,7 +24,7 @@ from torch import nn
 
 import kernels
 
-__all__ = ["AgentAttention"]
+__all__ = ["AgentAttention", "resize_agent_biases"]
 
 
 def _resize_axis(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
@@ -35,6 +35,23 @@ def _resize_axis(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     lead = moved.shape[:-1]
     out = F.interpolate(moved.reshape(1, -1, moved.shape[-1]), size=size, mode="linear", align_corners=False)
     return out.reshape(*lead, size).movedim(-1, dim)
+
+
+def resize_agent_biases(state_dict: dict, model: nn.Module) -> dict:
+    """Resize the per-axis agent biases (`ah/aw/ha/wa_bias`) of a checkpoint to `model`'s bias grids.
+
+    Loading a checkpoint into a model built for another `img_size`: each axis whose length differs is resampled
+    linearly (align_corners=False), as the forward does at run time. Other entries pass through unchanged.
+    """
+    own = model.state_dict()
+    out = dict(state_dict)
+    for k, v in state_dict.items():
+        if k.rsplit(".", 1)[-1] in ("ah_bias", "aw_bias", "ha_bias", "wa_bias") and k in own \
+                and v.dim() == own[k].dim() and v.shape != own[k].shape:
+            for dim, size in enumerate(own[k].shape):
+                v = _resize_axis(v, size, dim)
+            out[k] = v
+    return out
 
 
 class AgentAttention(nn.Module):

@@ -21,13 +21,14 @@ from timm.layers import DropPath, LayerNorm, LayerScale, Mlp, to_2tuple
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
 from torch import nn
 
 from .._registry import register_model
-from ..layers.agent_attention import AgentAttention
+from ..layers.agent_attention import AgentAttention, resize_agent_biases
 from ..layers.attention import Attention
 
-__all__ = ["AgentDeiT", "AgentBlock", "check_image_input"]
+__all__ = ["AgentDeiT"]
 
 
 def check_image_input(x: torch.Tensor, in_chans: int) -> None:
@@ -203,10 +204,17 @@ class AgentDeiT(VisionTransformer):
         return self.norm(x), intermediates
 
 
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: AgentDeiT) -> Dict[str, torch.Tensor]:
+    """Reference Agent-DeiT checkpoints use timm's ViT names: timm's ViT filter (position embedding resampled to
+    the model's grid), then the per-axis agent biases resampled to the model's bias grid."""
+    return resize_agent_biases(_vit_checkpoint_filter_fn(state_dict, model), model)
+
+
 def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> AgentDeiT:
     out_indices = kwargs.pop("out_indices", 3)
     return build_model_with_cfg(
         AgentDeiT, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
     )

@@ -15,8 +15,10 @@ embeddings resampled (bilinear, as the reference) and agent biases interpolated.
 """
 from __future__ import annotations
 
+import math
+import re
 from functools import partial
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -29,10 +31,10 @@ from torch import nn
 import kernels
 
 from .._registry import register_model
-from ..layers.agent_attention import AgentAttention
+from ..layers.agent_attention import AgentAttention, resize_agent_biases
 from .agent_deit import check_image_input
 
-__all__ = ["AgentPvt", "SpatialReductionAttention"]
+__all__ = ["AgentPvt"]
 
 
 class SpatialReductionAttention(nn.Module):
@@ -305,10 +307,40 @@ class AgentPvt(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: AgentPvt) -> Dict[str, torch.Tensor]:
+    """Map a reference Agent-PVT checkpoint (`patch_embed1`, `pos_embed1`, `block1.0.attn.q`/`kv`) to this layout.
+
+    Stages become `stages.{i}`, separate q/kv projections are fused into `qkv` where the block has one, and position
+    embeddings (bilinear) and per-axis agent biases (linear) are resampled when the model's grids differ.
+    """
+    state_dict = state_dict.get("model", state_dict)
+    out = {}
+    for k, v in state_dict.items():
+        k = re.sub(r"^patch_embed(\d+)\.", lambda m: f"stages.{int(m.group(1)) - 1}.patch_embed.", k)
+        k = re.sub(r"^pos_embed(\d+)$", lambda m: f"stages.{int(m.group(1)) - 1}.pos_embed", k)
+        k = re.sub(r"^block(\d+)\.(\d+)\.", lambda m: f"stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}.", k)
+        out[k] = v
+    own = model.state_dict()
+    for k in list(out):
+        m = re.match(r"(.*\.attn)\.q\.(weight|bias)$", k)
+        if m and f"{m[1]}.qkv.{m[2]}" in own:  # q (C rows) then kv (k, v): the fused layout q, k, v
+            out[f"{m[1]}.qkv.{m[2]}"] = torch.cat([out.pop(k), out.pop(f"{m[1]}.kv.{m[2]}")], dim=0)
+    for i, stage in enumerate(model.stages):
+        key = f"stages.{i}.pos_embed"
+        if key in out and out[key].shape != stage.pos_embed.shape:
+            n_old = out[key].shape[1]
+            side = math.isqrt(n_old)
+            old_size = (side, side) if side * side == n_old else stage.grid_size
+            out[key] = resample_abs_pos_embed(out[key], new_size=stage.grid_size, old_size=old_size,
+                                              num_prefix_tokens=0, interpolation="bilinear", antialias=False)
+    return resize_agent_biases(out, model)
+
+
 def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> AgentPvt:
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (3, 4, 6, 3))))))
     return build_model_with_cfg(
         AgentPvt, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
         **kwargs,
     )

@@ -17,23 +17,24 @@ input size, with their biases interpolated to the stage grid. Layouts (`attn_typ
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates
 from timm.models import build_model_with_cfg, generate_default_cfgs, named_apply
-from timm.models.swin_transformer import SwinTransformer, WindowAttention, checkpoint_filter_fn
+from timm.models.swin_transformer import SwinTransformer, WindowAttention
+from timm.models.swin_transformer import checkpoint_filter_fn as _swin_checkpoint_filter_fn
 from timm.models.vision_transformer import init_weights_vit_timm
 from torch import nn
 
 import kernels
 
 from .._registry import register_model
-from ..layers.agent_attention import AgentAttention
+from ..layers.agent_attention import AgentAttention, resize_agent_biases
 from .agent_deit import check_image_input
 
-__all__ = ["AgentSwinTransformer", "AgentSwinBlock", "KernelWindowAttention", "parse_attn_type"]
+__all__ = ["AgentSwinTransformer"]
 
 
 def parse_attn_type(attn_type: str, depths: Sequence[int]) -> Tuple[Tuple[str, ...], ...]:
@@ -157,13 +158,15 @@ class AgentSwinTransformer(SwinTransformer):
             for j, blk in enumerate(stage.blocks):
                 dim = blk.norm1.normalized_shape[0]
                 if layout[i][j] == "A":
+                    norm = partial(type(blk.norm1), eps=blk.norm1.eps)
                     new = AgentSwinBlock(dim, stage.output_resolution, num_heads[i], agent_num=int(agent_num[i]),
                                          mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
-                                         drop_path=dpr[i][j], norm_layer=partial(type(blk.norm1), eps=blk.norm1.eps), **dd)
+                                         drop_path=dpr[i][j], norm_layer=norm, **dd)
                     stage.blocks[j] = new
-                else:
-                    new = KernelWindowAttention(dim, num_heads=num_heads[i], head_dim=blk.attn.qkv.out_features //
-                                                (3 * num_heads[i]), window_size=blk.window_size, qkv_bias=qkv_bias,
+                else:  # same parameters as timm's WindowAttention, computed by kernels.attention
+                    head_dim = blk.attn.qkv.out_features // (3 * num_heads[i])
+                    new = KernelWindowAttention(dim, num_heads=num_heads[i], head_dim=head_dim,
+                                                window_size=blk.window_size, qkv_bias=qkv_bias,
                                                 proj_drop=proj_drop_rate, **dd)
                     blk.attn = new
                 if kwargs.get("weight_init", "") != "skip":
@@ -177,6 +180,12 @@ class AgentSwinTransformer(SwinTransformer):
         """timm's Swin `forward_intermediates` (NCHW stage outputs), with the input checked first."""
         check_image_input(x, self.in_chans)
         return super().forward_intermediates(x, *args, **kwargs)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: AgentSwinTransformer) -> Dict[str, torch.Tensor]:
+    """Reference Agent-Swin checkpoints use the original Swin layout: timm's Swin filter (downsample moved to the
+    next stage, `head` -> `head.fc`, buffers dropped, tables resized), then the agent biases resampled."""
+    return resize_agent_biases(_swin_checkpoint_filter_fn(state_dict, model), model)
 
 
 def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
