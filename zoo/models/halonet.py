@@ -168,11 +168,12 @@ model_cfgs = dict(
     halonet_h5=_halo_family(b=14, h=2, rv=2.5, rb=2, l3=23, df=1536),
     halonet_h6=_halo_family(b=8, h=4, rv=3, rb=2.75, l3=24, df=1536),
     halonet_h7=_halo_family(b=10, h=3, rv=4, rb=3.5, l3=26, df=2048),
-    # tiny model for tests: stride-1 and strided-query halo layers, 2 heads, block 4, halo 1
+    # tiny model for tests: stride-1 and strided-query halo layers, 2 heads, block 4, halo 1, 4 blocks
     test_halonet=ByoModelCfg(
         blocks=(
-            ByoBlockCfg(type="bottle", d=1, c=32, s=1, gs=0, br=0.5),
-            interleave_blocks(types=("bottle", "self_attn"), d=2, c=48, s=2, gs=0, br=0.5),
+            ByoBlockCfg(type="self_attn", d=1, c=32, s=1, gs=0, br=0.5),
+            ByoBlockCfg(type="bottle", d=1, c=48, s=2, gs=0, br=0.5),
+            ByoBlockCfg(type="self_attn", d=1, c=64, s=2, gs=0, br=0.5),
             ByoBlockCfg(type="self_attn", d=1, c=64, s=2, gs=0, br=0.5),
         ),
         stem_chs=16,
@@ -218,7 +219,7 @@ default_cfgs = generate_default_cfgs({
     "zoo_halonet_h5": _cfg(448),
     "zoo_halonet_h6": _cfg(512),
     "zoo_halonet_h7": _cfg(600, pool_size=(19, 19)),
-    "test_halonet": _cfg(64, first_conv="stem.conv", pool_size=(4, 4)),
+    "test_halonet": _cfg(64, pool_size=(2, 2)),
 })
 
 
