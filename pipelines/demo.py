@@ -19,10 +19,9 @@ from .model_info import models_table
 # One representative model per family trained on digits: (name, img_size, in_chans, epochs, lr); the model
 # must default to that input size.
 DIGITS_MODELS = [
-    ("minimal_vit_mnist", 28, 1, 4, 3e-3),
-    ("minimal_vit_nomlp_wqk_mnist", 28, 1, 4, 3e-3),
-    ("ninformer_small", 32, 3, 4, 2e-3),
-    ("ulsam_mobilenetv1_tiny", 32, 3, 4, 3e-3),
+    ("minimal_vit_nomlp_wqk_mnist", 28, 1, 8, 4e-3),  # ~0.5 s an epoch; 8 epochs: ~0.9 held-out accuracy
+    ("ninformer_small", 32, 3, 3, 3e-3),
+    ("ulsam_mobilenetv1_tiny", 32, 3, 4, 1e-2),
 ]
 
 
