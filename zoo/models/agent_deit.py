@@ -220,7 +220,8 @@ def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> Agen
     )
 
 
-def _cfg(**kwargs) -> Dict[str, Any]:
+def agent_cfg(**kwargs) -> Dict[str, Any]:
+    """The pretrained_cfg shared by the Agent Attention families (224 px ImageNet-1k, no downloadable weights)."""
     return {
         "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
         "crop_pct": 0.9, "interpolation": "bicubic", "fixed_input_size": False,
@@ -234,10 +235,10 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    "agent_deit_tiny": _cfg(),
-    "agent_deit_small": _cfg(),
-    "agent_deit_base": _cfg(),
-    "test_agent_deit": _cfg(input_size=(3, 64, 64), crop_pct=1.0),
+    "agent_deit_tiny": agent_cfg(),
+    "agent_deit_small": agent_cfg(),
+    "agent_deit_base": agent_cfg(),
+    "test_agent_deit": agent_cfg(input_size=(3, 64, 64), crop_pct=1.0),
 })
 
 

@@ -20,7 +20,6 @@ from functools import partial
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates
 from timm.models import build_model_with_cfg, generate_default_cfgs, named_apply
 from timm.models.swin_transformer import SwinTransformer, WindowAttention
@@ -32,7 +31,7 @@ import kernels
 
 from .._registry import register_model
 from ..layers.agent_attention import AgentAttention, resize_agent_biases
-from .agent_deit import check_image_input
+from .agent_deit import agent_cfg, check_image_input
 
 __all__ = ["AgentSwinTransformer"]
 
@@ -198,17 +197,7 @@ def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> Agen
     )
 
 
-def _cfg(**kwargs):
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.9, "interpolation": "bicubic", "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj", "classifier": "head.fc",
-        "paper_ids": "arXiv:2312.08874",
-        "paper_name": "Agent Attention: On the Integration of Softmax and Linear Attention",
-        "license": "mit",
-        **kwargs,
-    }
+_cfg = partial(agent_cfg, pool_size=(7, 7), first_conv="patch_embed.proj", classifier="head.fc")
 
 
 default_cfgs = generate_default_cfgs({
