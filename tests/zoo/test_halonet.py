@@ -152,6 +152,20 @@ def test_rel_bias_matches_timm_pos_embed_and_factors(block, stride, halo):
     torch.testing.assert_close(q_rel @ k_rel.T, ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@torch.no_grad()
+def test_layer_bf16_close_to_timm_float64(mode):
+    kwargs = dict(dim=32, num_heads=4, block_size=8, halo_size=2, stride=2)
+    ref = HaloAttn(**kwargs).double()  # timm's own init: realistic logit scales
+    layer = HaloAttention(**kwargs, rel_pos_mode=mode)
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 32, 16, 24, dtype=torch.float64)
+    expected = ref(x)
+    out = layer.bfloat16()(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), expected, rtol=4e-2, atol=2e-2 * expected.abs().max().item())
+
+
 def test_layer_any_size_matches_timm_on_padded_map():
     """A size that is not a multiple of the block equals timm on the map zero-padded to whole blocks, cropped."""
     kwargs = dict(dim=8, num_heads=2, block_size=4, halo_size=1)

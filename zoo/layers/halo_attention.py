@@ -17,7 +17,9 @@ index: (qy, qx) in the query block, (ky, kx) in the window). They reach the kern
 (`HaloAttention.rel_pos_mode`): "fold" (default) appends the per-axis logits to q and one-hot window coordinates
 to k (`halo_rel_pos_factors`: 2 * win extra channels), so the attention is plain dense attention that the Triton
 path runs today; "bias" passes them as a dense additive bias (`halo_rel_pos_bias`). Both come from one
-function, `_rel_logits_per_axis`, which an in-kernel factorized bias can replace later.
+function, `_rel_logits_per_axis`, which an in-kernel factorized bias can replace later. (The `kernels.Halo`
+pattern over the whole padded key grid describes the same visibility, but its relative logits would be a dense
+`(N, N_keys)` bias per head; the blocked layout keeps everything at window size.)
 
 Any size: timm asserts `H % block == 0`; here the map is zero-padded at the bottom/right to whole blocks
 (padded keys/values are zeros, exactly like the halo) and the output is cropped, so the result is identical to
