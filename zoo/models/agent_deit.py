@@ -174,8 +174,8 @@ class AgentDeiT(VisionTransformer):
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        B = x.shape[0] if isinstance(x, torch.Tensor) else 0
         x, (H, W) = self._embed(x)
+        B = x.shape[0]
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
         intermediates = []
         for i, blk in enumerate(blocks):
