@@ -56,10 +56,17 @@ def step_freeswim(args, console):
     demo_step(args, console)
 
 
+def step_probes(args, console):
+    from .probing.cli import demo_step
+
+    demo_step(args, console)
+
+
 DEMO_STEPS = [
     ("models", step_models),
     ("digits", step_digits),
     ("freeswim", step_freeswim),
+    ("probes", step_probes),
 ]
 
 

@@ -7,7 +7,13 @@ Config (YAML; every key optional except `encoder.name` and `data.kind`; see conf
     output_dir: out/probe/digits_ep          # metrics.json, results.md, curves.png, checkpoint.safetensors
     seed: 0
     progress: true
-    encoder: {name: "timm:test_vit", checkpoint: null, kwargs: {img_size: 64}, data_config: {}}
+    encoder:
+      name: "timm:test_vit"
+      checkpoint: null
+      kwargs: {img_size: 64}
+      data_config: {}
+      layers: null                           # blocks to probe, e.g. [-1, -4] (negative: from the end); null:
+      norm_layers: false                     #   the final output; norm_layers: apply the final norm to them
     data:
       kind: image_folder                     # image_folder | video_folder | digits | arrays
       root: path/to/folder                   # folders: root/<class>/<file>
@@ -19,15 +25,18 @@ Config (YAML; every key optional except `encoder.name` and `data.kind`; see conf
       images: null                           # arrays: (N, H, W[, C]) uint8 or [0, 1] floats, and labels (N,)
       labels: null
     cache: {dir: null, batch_size: 64, num_workers: 0, train_views: 1, augment: false}
-    probes:                                  # the grid: every probe × every lr
+    probes:                                  # the grid: every probe × every lr × every layer
       - {type: linear, pool: cls}
-      - {type: ep, num_queries: 32, d_out: 1}
+      - {type: ep, num_queries: 32, d_out: 1}  # an entry may narrow the axes: lr: [...], layers: [...]
     train: {epochs: 30, batch_size: 128, optimizer: adamw, lr: [1e-3], blr: null, weight_decay: 0.0,
             warmup_epochs: 1, eval_every: 1, ckpt_every: 1, amp: true, device: auto, resume: true}
 
-`train.blr` (if set) replaces `lr` with `blr · batch_size / 256` (the MAE/EP scaling rule). `cache.augment`
-(true or a dict of `timm.data.create_transform` training arguments) caches `train_views` augmented views of
-each training sample; one is drawn per sample and epoch.
+`encoder.layers` caches the tokens of those blocks (one encoder pass gives all of them; the store is keyed by
+them) and adds a layers axis to the grid; probes are named `TYPE@L<layer>@lr<lr>` where an axis has several
+values, and the results table has a layer column. `train.blr` (if set) replaces `lr` with
+`blr · batch_size / 256` (the MAE/EP scaling rule). `cache.augment` (true or a dict of
+`timm.data.create_transform` training arguments) caches `train_views` augmented views of each training sample;
+one is drawn per sample and epoch.
 """
 from __future__ import annotations
 
@@ -35,7 +44,7 @@ import copy
 import json
 import os
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import re
 
@@ -59,7 +68,8 @@ DEFAULT_CONFIG: Dict[str, Any] = {
     "output_dir": None,
     "seed": 0,
     "progress": True,
-    "encoder": {"name": None, "checkpoint": None, "kwargs": {}, "data_config": {}},
+    "encoder": {"name": None, "checkpoint": None, "kwargs": {}, "data_config": {}, "layers": None,
+                "norm_layers": False},
     "data": {"kind": None, "root": None, "train_split": None, "val_split": None, "val_fraction": 0.25,
              "num_frames": 8, "temporal_pool": "mean", "images": None, "labels": None},
     "cache": {"dir": None, "batch_size": 64, "num_workers": 0, "train_views": 1, "augment": False},
@@ -167,23 +177,36 @@ def _datasets(data: Dict[str, Any], seed: int):
     return full.select(tr), full.select(va)
 
 
-def _grid(probes: List[Dict[str, Any]], lrs: List[float]) -> List[ProbeSpec]:
+def _grid(probes: List[Dict[str, Any]], lrs: List[float], layers: Optional[List[int]] = None) -> List[ProbeSpec]:
+    """Every probe entry × its learning rates × its layers (an entry's own `lr`/`layers` narrow the axes)."""
     if not isinstance(probes, list) or not probes:
         raise ValueError(f"probes must be a non-empty list of {{type: ..., ...}} entries, got {probes!r}")
     specs, seen = [], {}
     for entry in probes:
         if not isinstance(entry, dict) or entry.get("type") not in list_probes():
             raise ValueError(f"each probe needs type in {list_probes()}, got {entry!r}")
-        kwargs = {k: v for k, v in entry.items() if k not in ("type", "name", "lr")}
+        kwargs = {k: v for k, v in entry.items() if k not in ("type", "name", "lr", "layers")}
         base = entry.get("name") or entry["type"]
         seen[base] = seen.get(base, 0) + 1
         if seen[base] > 1:
             base = f"{base}{seen[base]}"
         entry_lrs = entry.get("lr", lrs)
         entry_lrs = entry_lrs if isinstance(entry_lrs, list) else [entry_lrs]
-        for lr in entry_lrs:
-            name = base if len(entry_lrs) == 1 else f"{base}@lr{float(lr):g}"
-            specs.append(ProbeSpec(name=name, probe=entry["type"], lr=float(lr), kwargs=kwargs))
+        if "layers" in entry:
+            if layers is None:
+                raise ValueError(f"probes entry {base!r} sets layers but encoder.layers is not set: {entry!r}")
+            entry_layers = entry["layers"]
+            if not isinstance(entry_layers, list) or not entry_layers or \
+                    not all(isinstance(i, int) and not isinstance(i, bool) for i in entry_layers):
+                raise ValueError(f"probes entry {base!r}: layers must be a non-empty list of ints, got "
+                                 f"{entry_layers!r}")
+        else:
+            entry_layers = list(layers) if layers is not None else [None]
+        for layer in entry_layers:
+            for lr in entry_lrs:
+                name = base + (f"@L{layer}" if len(entry_layers) > 1 else "") + \
+                    (f"@lr{float(lr):g}" if len(entry_lrs) > 1 else "")
+                specs.append(ProbeSpec(name=name, probe=entry["type"], lr=float(lr), kwargs=kwargs, layer=layer))
     return specs
 
 
@@ -225,12 +248,23 @@ def run_probe(config: Dict[str, Any]) -> Dict[str, Any]:
     lrs = lrs if isinstance(lrs, list) else [lrs]
     train_cfg = TrainConfig(seed=seed, **tcfg)
     train_cfg.check()
-    specs = _grid(cfg["probes"], [float(x) for x in lrs])
+    enc = cfg["encoder"]
+    layers = enc["layers"]
+    if layers is not None and (not isinstance(layers, list) or not layers):
+        raise ValueError(f"encoder.layers must be null or a non-empty list of block indices such as [-1, -2], "
+                         f"got {layers!r}")
+    if layers is None and enc["norm_layers"]:
+        raise ValueError("encoder.norm_layers needs encoder.layers")
+    specs = _grid(cfg["probes"], [float(x) for x in lrs], layers)
 
     # 1. encoder and data
-    enc = cfg["encoder"]
     encoder = create_encoder(enc["name"], checkpoint_path=enc["checkpoint"], data_config=enc["data_config"] or None,
                              **(enc["kwargs"] or {}))
+    if layers is not None:  # fail before extraction: bad indices, or an entry's layer the cache will not hold
+        blocks = encoder.resolve_layers(layers)
+        for spec in specs:
+            if encoder.resolve_layers([spec.layer])[0] not in blocks:
+                raise ValueError(f"probe {spec.name!r}: layer {spec.layer} is not among encoder.layers {layers}")
     train_ds, val_ds = _datasets(cfg["data"], seed)
 
     # 2. cached features (train: `train_views` augmented views when augmenting; val: the eval transform)
@@ -249,7 +283,8 @@ def run_probe(config: Dict[str, Any]) -> Dict[str, Any]:
     if extract_device is None:
         extract_device = "cuda" if torch.cuda.is_available() else "cpu"
     common = dict(temporal_pool=cfg["data"]["temporal_pool"], batch_size=c["batch_size"],
-                  num_workers=c["num_workers"], device=extract_device, progress=progress)
+                  num_workers=c["num_workers"], device=extract_device, progress=progress, layers=layers,
+                  norm_layers=bool(enc["norm_layers"]))
     t0 = time.perf_counter()
     train_store = extract_features(encoder, train_ds, train_tf, train_desc, cache_dir, views=c["train_views"],
                                    seed=seed, desc="train features", **common)
@@ -257,7 +292,7 @@ def run_probe(config: Dict[str, Any]) -> Dict[str, Any]:
                                  desc="val features", **common)
     cache_seconds = time.perf_counter() - t0
 
-    # 3. the grid of probes, in one pass over the cached features
+    # 3. the grid of probes (types × lrs × layers), in one pass over the cached features
     metrics = train_probes(specs, train_store, val_store, train_cfg, out_dir, progress=progress)
 
     # 4. outputs
@@ -266,7 +301,9 @@ def run_probe(config: Dict[str, Any]) -> Dict[str, Any]:
         "num_prefix_tokens": train_store.num_prefix_tokens, "num_classes": train_store.num_classes,
         "num_train": len(train_store), "num_val": len(val_store), "chance_top1": 100.0 / train_store.num_classes,
         "cache": {"dir": cache_dir, "train": train_store.path, "val": val_store.path,
-                  "seconds_this_run": cache_seconds, "token_shape": list(train_store.features.shape[2:])},
+                  "seconds_this_run": cache_seconds, "token_shape": list(train_store.features.shape[2:]),
+                  "layers": None if train_store.layers is None else list(train_store.layers),
+                  "token_shapes": [list(a.shape[2:]) for a in train_store.arrays]},
         "config": _jsonable_config(cfg),
     })
     table, markdown = results_table(metrics, title=f"{cfg['name']}: probes on {encoder.name}")

@@ -1,5 +1,6 @@
 """Train a grid of probes on cached features in one pass: every batch of features feeds every probe (probe types
-× learning rates), each with its own optimizer (timm's AdamW/LARS/...) and cosine schedule with warm-up.
+× learning rates × encoder layers), each with its own optimizer (timm's AdamW/LARS/...) and cosine schedule with
+warm-up; every evaluation reads the validation features once for all probes.
 
 Mixed precision (bf16 autocast) on GPU, tqdm progress, periodic top-1/top-5 evaluation, one safetensors
 checkpoint with every probe's weights and optimizer state (resumable), metrics as a dict (JSON-able), training
@@ -34,12 +35,14 @@ _FORMAT = "attnzoo-probe-checkpoint-1"
 
 @dataclass
 class ProbeSpec:
-    """One probe of the grid: a probe type with its arguments, trained at one learning rate."""
+    """One probe of the grid: a probe type with its arguments, trained at one learning rate on the tokens of one
+    encoder layer (a block index of the feature store, negative from the end; None: the store's only layer)."""
 
     name: str
     probe: str
     lr: float
     kwargs: Dict[str, Any] = field(default_factory=dict)
+    layer: Optional[int] = None
 
 
 @dataclass
@@ -88,26 +91,30 @@ def _resolve_device(device: str) -> torch.device:
 
 
 class _Features:
-    """Cached features as torch tensors (preloaded, float16) or gathered from the memmap per batch."""
+    """Cached features of the chosen layers as torch tensors (preloaded, float16) or gathered from the memmaps per
+    batch; `batch` gives one tensor per entry of `positions` (indices into the store's layers)."""
 
-    def __init__(self, store: FeatureStore, device: torch.device, preload: bool):
+    def __init__(self, store: FeatureStore, positions: Sequence[int], device: torch.device, preload: bool):
         self.store = store
         self.device = device
+        self.arrays = [store.arrays[i] for i in positions]
         self.labels = torch.tensor(np.array(store.labels), dtype=torch.long)
-        self.data = torch.from_numpy(np.array(store.features)).to(device) if preload else None
+        self.data = [torch.from_numpy(np.array(a)).to(device) for a in self.arrays] if preload else None
 
     def batch(self, idx: torch.Tensor, views: Optional[torch.Tensor] = None):
         if views is None:
             views = torch.zeros_like(idx)
         if self.data is not None:
-            x = self.data[idx.to(self.device), views.to(self.device)]
+            xs = [d[idx.to(self.device), views.to(self.device)] for d in self.data]
         else:
             order = torch.argsort(idx)  # memmap reads in file order
-            rows = np.asarray(self.store.features[idx[order].numpy(), views[order].numpy()])
-            x = torch.empty((len(idx), *rows.shape[1:]), dtype=torch.float16)
-            x[order] = torch.from_numpy(rows)
-            x = x.to(self.device, non_blocking=True)
-        return x.float(), self.labels[idx].to(self.device)
+            xs = []
+            for a in self.arrays:
+                rows = np.asarray(a[idx[order].numpy(), views[order].numpy()])
+                x = torch.empty((len(idx), *rows.shape[1:]), dtype=torch.float16)
+                x[order] = torch.from_numpy(rows)
+                xs.append(x.to(self.device, non_blocking=True))
+        return [x.float() for x in xs], self.labels[idx].to(self.device)
 
 
 def _flatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer):
@@ -135,9 +142,11 @@ def _unflatten_optimizer(prefix: str, tensors: Dict[str, torch.Tensor], info: Di
 
 
 class _Run:
-    def __init__(self, spec: ProbeSpec, dim: int, num_classes: int, num_prefix_tokens: int, cfg: TrainConfig,
-                 steps_per_epoch: int, device: torch.device):
+    def __init__(self, spec: ProbeSpec, slot: int, block: Optional[int], dim: int, num_classes: int,
+                 num_prefix_tokens: int, cfg: TrainConfig, steps_per_epoch: int, device: torch.device):
         self.spec = spec
+        self.slot = slot  # which of the loaded layers' tensors feeds this probe
+        self.block = block
         self.probe = create_probe(spec.probe, dim, num_classes, num_prefix_tokens=num_prefix_tokens,
                                   **spec.kwargs).to(device)
         self.params = sum(p.numel() for p in self.probe.parameters() if p.requires_grad)
@@ -155,20 +164,25 @@ class _Run:
 
 
 @torch.no_grad()
-def _evaluate(probe, feats: _Features, batch_size: int, amp: bool) -> Dict[str, float]:
-    probe.eval()
+def _evaluate(runs: List[_Run], feats: _Features, batch_size: int, amp: bool) -> Dict[str, Dict[str, float]]:
+    """Top-1/top-5/loss of every run in `runs`, reading each validation batch once for all of them."""
+    for run in runs:
+        run.probe.eval()
     n = len(feats.labels)
-    correct1 = correct5 = 0
-    loss = 0.0
+    sums = {run.spec.name: [0.0, 0, 0] for run in runs}  # loss, top-1 hits, top-5 hits
     for lo in range(0, n, batch_size):
         idx = torch.arange(lo, min(n, lo + batch_size))
-        x, y = feats.batch(idx)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = probe(x).float()
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        c1, c5 = topk_correct(logits, y, (1, 5))
-        correct1, correct5 = correct1 + c1, correct5 + c5
-    return {"val_loss": loss / n, "val_top1": 100.0 * correct1 / n, "val_top5": 100.0 * correct5 / n}
+        xs, y = feats.batch(idx)
+        for run in runs:
+            with torch.autocast(y.device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = run.probe(xs[run.slot]).float()
+            c1, c5 = topk_correct(logits, y, (1, 5))
+            acc = sums[run.spec.name]
+            acc[0] += float(F.cross_entropy(logits, y, reduction="sum"))
+            acc[1] += c1
+            acc[2] += c5
+    return {name: {"val_loss": loss / n, "val_top1": 100.0 * c1 / n, "val_top5": 100.0 * c5 / n}
+            for name, (loss, c1, c5) in sums.items()}
 
 
 def _save_checkpoint(path: str, runs: List[_Run], epoch: int, step: int, gen: torch.Generator,
@@ -219,16 +233,17 @@ def train_probes(specs: Sequence[ProbeSpec], train_store: FeatureStore, val_stor
     """Train every probe in `specs` on the same stream of cached-feature batches.
 
     Args:
-        specs: the grid (unique names).
-        train_store, val_store: finished feature stores of the same encoder; the training store may hold
-            several (augmented) views per sample, one drawn at random per sample and epoch.
+        specs: the grid (unique names); each spec's `layer` must be stored in both stores.
+        train_store, val_store: finished feature stores of the same encoder and layers; the training store may
+            hold several (augmented) views per sample, one drawn at random per sample and epoch.
         cfg: shared training hyper-parameters.
         output_dir: where `checkpoint.safetensors` goes (and is resumed from when `cfg.resume`).
         progress: show a tqdm bar.
         return_probes: also return the trained probe modules.
 
     Returns:
-        metrics `{"runs": {name: {top1, top5, best_top1, params, history, ...}}, "resumed_from_epoch": ...}`
+        metrics `{"runs": {name: {top1, top5, best_top1, params, layer, block, history, ...}},
+        "resumed_from_epoch": ...}`
         (JSON-able), and `{name: probe}` when `return_probes`.
     """
     cfg.check()
@@ -237,18 +252,24 @@ def train_probes(specs: Sequence[ProbeSpec], train_store: FeatureStore, val_stor
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"probe names must be unique, got {names}")
-    if train_store.dim != val_store.dim or train_store.num_classes != val_store.num_classes:
-        raise ValueError(f"train and val stores differ: dim {train_store.dim} vs {val_store.dim}, classes "
-                         f"{train_store.num_classes} vs {val_store.num_classes}")
+    if train_store.layers != val_store.layers or train_store.num_classes != val_store.num_classes or \
+            [a.shape[-1] for a in train_store.arrays] != [a.shape[-1] for a in val_store.arrays]:
+        raise ValueError(f"train and val stores differ: layers {train_store.layers} vs {val_store.layers}, dims "
+                         f"{[a.shape[-1] for a in train_store.arrays]} vs {[a.shape[-1] for a in val_store.arrays]}, "
+                         f"classes {train_store.num_classes} vs {val_store.num_classes}")
+    positions = [train_store.layer_index(s.layer) for s in specs]  # ValueError for a layer the store lacks
+    used = sorted(set(positions))  # only the layers some probe reads are loaded
     device = _resolve_device(cfg.device)
     amp = bool(cfg.amp and device.type == "cuda")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(train_store)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
-    runs = [_Run(s, train_store.dim, train_store.num_classes, train_store.num_prefix_tokens, cfg, steps_per_epoch,
-                 device) for s in specs]
-    signature = {"specs": [asdict(s) for s in specs],
+    runs = [_Run(s, used.index(pos), train_store.layer_block(s.layer), int(train_store.arrays[pos].shape[-1]),
+                 train_store.num_classes, train_store.num_prefix_tokens, cfg, steps_per_epoch, device)
+            for s, pos in zip(specs, positions)]
+    # a spec without a layer signs as before layers existed, so older checkpoints still resume
+    signature = {"specs": [{k: v for k, v in asdict(s).items() if k != "layer" or v is not None} for s in specs],
                  "train": {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "eval_every", "ckpt_every",
                                                                              "resume", "device", "preload")},
                  "train_store": os.path.basename(train_store.path), "val_store": os.path.basename(val_store.path)}
@@ -257,8 +278,8 @@ def train_probes(specs: Sequence[ProbeSpec], train_store: FeatureStore, val_stor
     start_epoch, step = 0, 0
     if cfg.resume and os.path.isfile(ckpt_path):
         start_epoch, step = _load_checkpoint(ckpt_path, runs, gen, signature)
-    train_feats = _Features(train_store, device, cfg.preload)
-    val_feats = _Features(val_store, device, cfg.preload)
+    train_feats = _Features(train_store, used, device, cfg.preload)
+    val_feats = _Features(val_store, used, device, cfg.preload)
 
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=min(step, cfg.epochs * steps_per_epoch), desc="probes",
                disable=not progress, leave=False)
@@ -270,12 +291,12 @@ def train_probes(specs: Sequence[ProbeSpec], train_store: FeatureStore, val_stor
             run.loss_sum, run.loss_count = 0.0, 0
         for lo in range(0, n, cfg.batch_size):
             idx = perm[lo:lo + cfg.batch_size]
-            x, y = train_feats.batch(idx, views[idx])  # loaded once, used by every probe
+            xs, y = train_feats.batch(idx, views[idx])  # loaded once, used by every probe
             for run in runs:
                 t0 = time.perf_counter()
                 run.scheduler.step_update(num_updates=step)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss = F.cross_entropy(run.probe(x).float(), y)
+                    loss = F.cross_entropy(run.probe(xs[run.slot]).float(), y)
                 run.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 run.optimizer.step()
@@ -285,11 +306,12 @@ def train_probes(specs: Sequence[ProbeSpec], train_store: FeatureStore, val_stor
             step += 1
             bar.update(1)
         last = epoch + 1 == cfg.epochs
+        evaluated = _evaluate(runs, val_feats, cfg.batch_size, amp) if (epoch + 1) % cfg.eval_every == 0 or last \
+            else {}
         for run in runs:
             entry = {"epoch": epoch + 1, "step": step, "train_loss": run.loss_sum / max(run.loss_count, 1),
                      "lr": run.optimizer.param_groups[0]["lr"]}
-            if (epoch + 1) % cfg.eval_every == 0 or last:
-                entry.update(_evaluate(run.probe, val_feats, cfg.batch_size, amp))
+            entry.update(evaluated.get(run.spec.name, {}))
             run.history.append(entry)
         evals = {r.spec.name: [h["val_top1"] for h in r.history if "val_top1" in h] for r in runs[:4]}
         bar.set_postfix({name: f"{v[-1]:.1f}" for name, v in evals.items() if v})
@@ -304,6 +326,7 @@ def train_probes(specs: Sequence[ProbeSpec], train_store: FeatureStore, val_stor
         final = evals[-1] if evals else {}
         results[run.spec.name] = {
             "probe": run.spec.probe, "kwargs": run.spec.kwargs, "lr": run.spec.lr, "optimizer": cfg.optimizer,
+            "layer": run.spec.layer if run.spec.layer is not None else run.block, "block": run.block,
             "params": run.params, "top1": final.get("val_top1"), "top5": final.get("val_top5"),
             "best_top1": best.get("val_top1"), "best_epoch": best.get("epoch"), "train_seconds": run.seconds,
             "history": run.history,
@@ -316,20 +339,33 @@ def train_probes(specs: Sequence[ProbeSpec], train_store: FeatureStore, val_stor
 
 
 def results_table(metrics: Dict[str, Any], title: str = "probes"):
-    """A rich Table comparing the probes (params, top-1/top-5, best, seconds), and the same as markdown."""
+    """A rich Table comparing the probes (layer, params, top-1/top-5, best, seconds), and the same as markdown.
+
+    The layer column names the encoder block each probe read: "final" for the encoder's output, else the block
+    index, followed by the index as the config gave it when that counted from the end (`3 (-3)`).
+    """
+    from rich import box
     from rich.table import Table
 
-    cols = ("probe", "type", "lr", "params", "top-1", "top-5", "best top-1 (epoch)", "train s")
-    table = Table(title=title)
-    for c in cols:
-        table.add_column(c, justify="left" if c in ("probe", "type") else "right")
+    cols = ("probe", "type", "layer", "lr", "params", "top-1", "top-5", "best (ep)", "train s")
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for c in cols:  # in a narrow terminal the probe names fold, the numbers stay whole
+        table.add_column(c, justify="left" if c in ("probe", "type", "layer") else "right",
+                         overflow="fold" if c == "probe" else "ellipsis", no_wrap=c != "probe",
+                         min_width=min(12, max(map(len, metrics["runs"]))) if c == "probe" else None)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
     def fmt(v, spec=".2f"):
         return "-" if v is None else format(v, spec)
 
+    def layer(r):
+        block, given = r.get("block"), r.get("layer")
+        if block is None:
+            return "final"
+        return str(block) if given is None or given == block else f"{block} ({given})"
+
     for name, r in sorted(metrics["runs"].items(), key=lambda kv: -(kv[1]["top1"] or 0.0)):
-        row = (name, r["probe"], f"{r['lr']:g}", f"{r['params'] / 1e3:.1f}k", fmt(r["top1"]), fmt(r["top5"]),
+        row = (name, r["probe"], layer(r), f"{r['lr']:g}", f"{r['params'] / 1e3:.1f}k", fmt(r["top1"]), fmt(r["top5"]),
                f"{fmt(r['best_top1'])} ({r['best_epoch']})", f"{r['train_seconds']:.1f}")
         table.add_row(*row)
         lines.append("| " + " | ".join(row) + " |")

@@ -1,4 +1,5 @@
 """Probe training: datasets (image/video folders, arrays), the feature cache, the trainer and `zoo probe`."""
+import functools
 import json
 import os
 
@@ -19,6 +20,7 @@ from pipelines.probing import (
     build_transform,
     extract_features,
     pool_time,
+    results_table,
     run_probe,
     topk_correct,
     train_probes,
@@ -240,6 +242,74 @@ def test_cache_augmented_views_are_seeded(tmp_path, encoder):
     assert again.path != store.path  # the augmentation seed is part of the key
 
 
+class _CountingLayers:
+    """Counts (and optionally interrupts) calls into a model's forward_intermediates."""
+
+    def __init__(self, model, fail_after=None):
+        self.calls = 0
+        self.fail_after = fail_after
+        self.model = model
+        self._inner = model.forward_intermediates
+        model.forward_intermediates = self
+
+    def __call__(self, *args, **kwargs):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+        self.calls += 1
+        return self._inner(*args, **kwargs)
+
+    def restore(self):
+        del self.model.forward_intermediates  # the class's method again
+
+
+def test_layer_cache_one_pass_keyed_resumable(tmp_path, encoder):
+    ds = ArrayDataset(np.random.randint(0, 255, (10, 12, 12, 3), dtype=np.uint8), np.arange(10) % 3)
+    tf, desc = build_transform(encoder.data_config)
+    layers_counter = _CountingLayers(encoder.model, fail_after=2)
+    final_counter = _Counting(encoder)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            extract_features(encoder, ds, tf, desc, tmp_path, batch_size=4, layers=[-1, -3], progress=False)
+        layers_counter.fail_after = None
+        store = extract_features(encoder, ds, tf, desc, tmp_path, batch_size=4, layers=[-1, -3], progress=False)
+        assert layers_counter.calls == 3 and final_counter.calls == 0  # both blocks from one pass, resumed once
+        assert store.layers == (5, 3) and [a.shape for a in store.arrays] == [(10, 1, 5, 64)] * 2
+        x = torch.stack([ViewDataset(ds, tf)[i][0] for i in range(10)])
+        with torch.no_grad():
+            inter = layers_counter._inner(x, indices=[3, 5], return_prefix_tokens=True, output_fmt="NLC",
+                                          intermediates_only=True)
+        for block, (spatial, prefix) in zip((3, 5), inter):
+            for layer in (block, block - 6):
+                torch.testing.assert_close(torch.from_numpy(np.array(store.layer_features(layer)[:, 0])).float(),
+                                           torch.cat([prefix, spatial], 1), atol=2e-3, rtol=2e-3)
+        with pytest.raises(ValueError, match="layer"):
+            store.layer_features(-2)  # block 4 was not stored
+        with pytest.raises(ValueError, match="layer"):
+            store.layer_features(None)  # two layers: say which
+        again = extract_features(encoder, ds, tf, desc, tmp_path, batch_size=4, layers=[5, 3], progress=False)
+        assert again.path == store.path and layers_counter.calls == 3  # keyed by the blocks: reused
+        paths = {extract_features(encoder, ds, tf, desc, tmp_path, batch_size=4, progress=False, **kw).path
+                 for kw in ({"layers": [-3, -1]}, {"layers": [-1]}, {"layers": [-1, -3], "norm_layers": True}, {})}
+        assert store.path not in paths and len(paths) == 4
+        with pytest.raises(ValueError, match="norm_layers"):
+            extract_features(encoder, ds, tf, desc, tmp_path, norm_layers=True, progress=False)
+        with pytest.raises(ValueError, match="layers"):
+            extract_features(encoder, ds, tf, desc, tmp_path, layers=[6], progress=False)
+    finally:
+        layers_counter.restore()
+        encoder.model.forward_features = final_counter._inner
+
+
+def test_final_output_cache_keeps_its_key(tmp_path, encoder):
+    """Stores of the final output (no layers) keep the key they had before layers existed: old caches are reused."""
+    imgs = (np.arange(4 * 8 * 8 * 3) * 7 % 256).astype(np.uint8).reshape(4, 8, 8, 3)
+    tf, desc = build_transform(encoder.data_config)
+    store = extract_features(encoder, ArrayDataset(imgs, np.array([0, 1, 0, 1])), tf, desc, tmp_path,
+                             batch_size=4, progress=False)
+    assert os.path.basename(store.path) == "fc8647c273ad3ae84c551ff7" and store.layers is None
+    assert sorted(os.listdir(store.path)) == ["done.npy", "features.npy", "labels.npy", "meta.json"]
+
+
 # ---------------------------------------------------------------------------------------------------------- trainer
 
 
@@ -250,8 +320,11 @@ def test_topk_correct_against_loop():
         assert topk_correct(logits, target, (k,)) == [ref]
 
 
-def _blob_store(root, n, seed, split):
-    """A synthetic store whose class is set by which token carries a bump: attentive probes can find it."""
+def _blob_store(root, n, seed, split, blocks=None):
+    """A synthetic store whose class is set by which token carries a bump: attentive probes can find it.
+
+    With `blocks=(signal, noise)`: a store of two blocks of a 6-block encoder, noise block first; only the signal
+    block carries the class."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 4, n)
     x = rng.normal(size=(n, 1, 9, 16)).astype(np.float16)
@@ -259,10 +332,15 @@ def _blob_store(root, n, seed, split):
         x[i, 0, 1 + rng.integers(8), :] += np.float16(5.0) * np.eye(16, dtype=np.float16)[c]
     path = root / split
     path.mkdir()
-    np.save(path / "features.npy", x)
+    meta = {"complete": True, "num_prefix_tokens": 1, "classes": ["a", "b", "c", "d"]}
+    if blocks is None:
+        np.save(path / "features.npy", x)
+    else:
+        np.save(path / f"features_block{blocks[0]}.npy", x)
+        np.save(path / f"features_block{blocks[1]}.npy", rng.normal(size=x.shape).astype(np.float16))
+        meta.update(layers=[blocks[1], blocks[0]], num_encoder_layers=6)
     np.save(path / "labels.npy", labels.astype(np.int64))
-    (path / "meta.json").write_text(json.dumps({"complete": True, "num_prefix_tokens": 1,
-                                                "classes": ["a", "b", "c", "d"]}))
+    (path / "meta.json").write_text(json.dumps(meta))
     return FeatureStore.open(str(path))
 
 
@@ -301,6 +379,37 @@ def test_grid_trains_in_one_pass_and_resumes(tmp_path):
     assert runs[0]["top1"] is not None
     losses = [[h["train_loss"] for h in r["history"]] for r in runs]
     assert losses[0] == pytest.approx(losses[1])
+
+
+def test_grid_layers_axis_reads_each_batch_once(tmp_path, monkeypatch):
+    from pipelines.probing import trainer
+
+    train, val = (_blob_store(tmp_path, n, seed, split, blocks=(2, 5))
+                  for n, seed, split in ((256, 0, "train"), (128, 1, "val")))
+    specs = [ProbeSpec("ep_last", "ep", 3e-2, {"num_queries": 4}, layer=-1),
+             ProbeSpec("ep_b2", "ep", 3e-2, {"num_queries": 4}, layer=2),
+             ProbeSpec("lin_b2", "linear", 3e-2, {"pool": "mean"}, layer=-4)]
+    reads = []
+    batch = trainer._Features.batch
+    monkeypatch.setattr(trainer._Features, "batch", lambda self, *a: reads.append(len(a[0])) or batch(self, *a))
+    cfg = TrainConfig(epochs=4, batch_size=32, eval_every=2)
+    metrics = train_probes(specs, train, val, cfg, str(tmp_path / "run"), progress=False)
+    assert len(reads) == 4 * 8 + 2 * 4  # every train batch and every eval batch read once for all probes
+    runs = metrics["runs"]
+    assert runs["ep_b2"]["top1"] > 60 and runs["lin_b2"]["top1"] > 40  # the class is in block 2 (chance 25 %)
+    assert runs["ep_last"]["top1"] < 45  # block 5 is noise: the probe really read the other layer
+    assert [(runs[n]["layer"], runs[n]["block"]) for n in ("ep_last", "ep_b2", "lin_b2")] == [(-1, 5), (2, 2),
+                                                                                              (-4, 2)]
+    _, markdown = results_table(metrics)
+    assert "| ep_last | ep | 5 (-1) |" in markdown and "| ep_b2 | ep | 2 |" in markdown
+    for bad in (ProbeSpec("x", "ep", 1e-3, {"num_queries": 4}, layer=-2),  # block 4: not stored
+                ProbeSpec("x", "ep", 1e-3, {"num_queries": 4})):  # two layers stored: say which
+        with pytest.raises(ValueError, match="layer"):
+            train_probes([bad], train, val, cfg, str(tmp_path / "bad"), progress=False)
+    legacy = _blob_store(tmp_path, 16, 0, "legacy")
+    with pytest.raises(ValueError, match="layer"):
+        train_probes([ProbeSpec("x", "ep", 1e-3, {"num_queries": 4}, layer=-1)], legacy, legacy, cfg,
+                     str(tmp_path / "bad2"), progress=False)
 
 
 def test_trainer_bad_config(tmp_path):
@@ -372,9 +481,73 @@ def test_zoo_probe_cli_end_to_end(tmp_path, capsys):
     assert sorted(os.listdir(cache)) == stores
 
 
+def test_layers_lr_probe_grid_end_to_end_one_extraction(tmp_path, monkeypatch):
+    from sklearn.datasets import load_digits
+    from timm.models.vision_transformer import VisionTransformer
+
+    calls = {"forward_intermediates": 0, "forward_features": 0}
+    for method in calls:
+        inner = getattr(VisionTransformer, method)
+
+        @functools.wraps(inner)  # keeps the signature, which the encoder reads
+        def counted(self, *args, _inner=inner, _name=method, **kwargs):
+            calls[_name] += 1
+            return _inner(self, *args, **kwargs)
+
+        monkeypatch.setattr(VisionTransformer, method, counted)
+    d = load_digits()
+    keep = np.concatenate([np.flatnonzero(d.target == c)[:12] for c in range(10)])  # 120 images
+    config = {
+        "name": "layers_grid", "progress": False, "output_dir": str(tmp_path / "out"),
+        "encoder": {"name": "timm:test_vit", "kwargs": {"img_size": 32}, "layers": [-1, -2]},
+        "data": {"kind": "arrays", "images": d.images[keep] / 16.0, "labels": d.target[keep], "val_fraction": 0.25},
+        "cache": {"dir": str(tmp_path / "cache"), "batch_size": 64},
+        "probes": [{"type": "linear", "pool": "cls"}, {"type": "ep", "num_queries": 4}],
+        "train": {"epochs": 2, "batch_size": 32, "lr": [1e-3, 3e-3]},
+    }
+    metrics = run_probe(config)
+    assert calls == {"forward_intermediates": 2 + 1, "forward_features": 0}  # one extraction: 90 train, 30 val
+    expected = {f"{p}@L{layer}@lr{lr:g}" for p in ("linear", "ep") for layer in (-1, -2) for lr in (1e-3, 3e-3)}
+    assert set(metrics["runs"]) == expected and metrics["cache"]["layers"] == [5, 4]
+    for name, run in metrics["runs"].items():
+        layer = -1 if "@L-1@" in name else -2
+        assert (run["layer"], run["block"]) == (layer, 6 + layer) and len(run["history"]) == 2
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| layer |" in table and "| ep@L-2@lr0.003 | ep | 4 (-2) | 0.003 |" in table
+    assert "| linear@L-1@lr0.001 | linear | 5 (-1) | 0.001 |" in table
+    # the same layers again, or a sub-grid, reuse the cache: no encoder call
+    config["output_dir"] = str(tmp_path / "out2")
+    config["probes"] = [{"type": "ep", "num_queries": 4, "layers": [-2], "lr": 3e-3}]
+    again = run_probe(config)
+    assert calls["forward_intermediates"] == 3 and set(again["runs"]) == {"ep"} and again["runs"]["ep"]["block"] == 4
+    bad_configs = ({"encoder": {"layers": -1}}, {"encoder": {"layers": [-1, 7]}},
+                   {"probes": [{"type": "ep", "layers": [-3]}]}, {"encoder": {"layers": None, "norm_layers": True}})
+    for bad in bad_configs:
+        with pytest.raises(ValueError, match="layer"):
+            run_probe(merge_config(config, bad))
+    assert calls["forward_intermediates"] == 3  # bad configs fail before any extraction
+
+
 def test_example_config_parses_and_names_a_known_setup():
     here = os.path.dirname(__file__)
     cfg = yaml.safe_load(open(os.path.join(here, "..", "..", "configs", "probe", "digits_ep.yaml")))
     merged = merge_config(DEFAULT_CONFIG, cfg)
     assert merged["data"]["kind"] == "digits" and merged["encoder"]["name"].startswith("timm:")
     assert any(p["type"] == "ep" for p in merged["probes"])
+    enc = merged["encoder"]
+    assert len(enc["layers"]) >= 2  # it shows the layers axis, with blocks the encoder has
+    assert len(set(create_encoder(enc["name"], **enc["kwargs"]).resolve_layers(enc["layers"]))) == len(enc["layers"])
+
+
+def test_demo_probe_config_is_a_valid_layer_grid():
+    from pipelines.demo import DEMO_STEPS
+    from pipelines.probing.cli import DEMO_CONFIG
+    from pipelines.probing.run import _grid
+
+    assert [t for t, _ in DEMO_STEPS].count("probes") == 1
+    cfg = merge_config(DEFAULT_CONFIG, DEMO_CONFIG)
+    assert cfg["data"]["kind"] == "digits" and cfg["encoder"]["checkpoint"] is None  # offline
+    specs = _grid(cfg["probes"], cfg["train"]["lr"], cfg["encoder"]["layers"])
+    assert len({s.layer for s in specs}) >= 2 and len({s.lr for s in specs}) >= 2 and len({s.probe for s in specs}) >= 2
+    enc = create_encoder(cfg["encoder"]["name"], **cfg["encoder"]["kwargs"])
+    assert len(enc.resolve_layers(cfg["encoder"]["layers"])) == len({s.layer for s in specs})

@@ -289,3 +289,75 @@ def test_open_clip_encoder_tokens_and_local_checkpoint(tiny_open_clip, tmp_path)
     assert tokens.shape == (2, 1 + 16, 64) and enc.num_prefix_tokens == 1
     torch.testing.assert_close(tokens[:, 1:], patch_tokens, rtol=1e-5, atol=1e-5)
     assert enc.data_config["input_size"] == (3, 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------------------- layers
+
+
+def test_timm_encoder_layers_equal_forward_intermediates(tmp_path):
+    ref = timm.create_model("test_vit", img_size=32).eval()
+    save_file(ref.state_dict(), str(tmp_path / "w.safetensors"))
+    enc = create_encoder("timm:test_vit", checkpoint_path=str(tmp_path / "w.safetensors"), img_size=32)
+    assert enc.num_layers == len(ref.blocks) == 6 and enc.layer_prefix_tokens == 1
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        inter = ref.forward_intermediates(x, indices=[1, 3, 5], return_prefix_tokens=True, output_fmt="NLC",
+                                          intermediates_only=True)
+        final = ref.forward_features(x)
+    want = {b: torch.cat([prefix, spatial], dim=1) for b, (spatial, prefix) in zip((1, 3, 5), inter)}
+    got = enc.forward_layers(x, [-1, 1, -3])  # any order; negative counts from the end
+    assert [tuple(t.shape) for t in got] == [(2, 1 + 4, 64)] * 3
+    for tokens, block in zip(got, (5, 1, 3)):
+        torch.testing.assert_close(tokens, want[block], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(got[0], got[2], atol=1e-2)  # different blocks, different tokens
+    # with the final norm, the last block is the encoder's default output
+    torch.testing.assert_close(enc.forward_layers(x, [-1], norm=True)[0], final, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(enc(x), final, rtol=1e-6, atol=1e-6)
+
+
+def test_cnn_encoder_layers_are_flattened_stages():
+    enc = create_encoder("timm:resnet10t")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        stages = enc.model.forward_intermediates(x, indices=[1, 4], intermediates_only=True)  # NCHW
+    got = enc.forward_layers(x, [1, -1])
+    assert enc.num_layers == 5 and enc.layer_prefix_tokens == 0
+    for tokens, fmap in zip(got, stages):
+        torch.testing.assert_close(tokens, fmap.flatten(2).transpose(1, 2))
+    assert got[0].shape == (1, 16 * 16, 64) and got[1].shape == (1, 2 * 2, 512)
+    torch.testing.assert_close(got[1], enc(x))  # a ResNet's last stage is its forward_features
+
+
+def test_encoder_layers_validation():
+    enc = create_encoder("timm:test_vit", img_size=32)
+    assert enc.resolve_layers([-1, 0, -2]) == (5, 0, 4)
+    for bad in ([], [6], [-7], [0, -6], [1.0], (True,), -1, "last", None):
+        with pytest.raises(ValueError, match="layers"):
+            enc.resolve_layers(bad)
+    with pytest.raises(ValueError, match="layers"):
+        enc.forward_layers(torch.randn(1, 3, 32, 32), [2, 2])
+
+
+def test_open_clip_vit_layers_and_other_towers(tiny_open_clip, tmp_path):
+    enc = create_encoder(f"open_clip:{tiny_open_clip}")
+    x = torch.randn(2, 3, 32, 32)
+    assert enc.num_layers == 2 and enc.layer_prefix_tokens == 1
+    with torch.no_grad():
+        out = enc.model.forward_intermediates(x, indices=[0, 1], output_fmt="NLC", output_extra_tokens=True,
+                                              intermediates_only=True)
+    got = enc.forward_layers(x, [-1, 0])
+    for tokens, i in zip(got, (1, 0)):
+        want = torch.cat([out["image_intermediates_prefix"][i], out["image_intermediates"][i]], dim=1)
+        torch.testing.assert_close(tokens, want, rtol=1e-6, atol=1e-6)
+    assert got[0].shape == (2, 1 + 16, 64)
+    torch.testing.assert_close(enc.forward_layers(x, [-1], norm=True)[0], enc(x), rtol=1e-6, atol=1e-6)
+    # a non-ViT tower (ModifiedResNet) gives its final output, and says plainly that it has no layers
+    cfg = ('{"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, '
+           '"head_width": 8}, "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, '
+           '"layers": 1}}')
+    (tmp_path / "attnzoo-tiny-rn.json").write_text(cfg)
+    open_clip.add_model_config(tmp_path / "attnzoo-tiny-rn.json")
+    rn = create_encoder("open_clip:attnzoo-tiny-rn")
+    assert rn.num_layers is None
+    with pytest.raises(NotImplementedError, match="ModifiedResNet"):
+        rn.forward_layers(x, [-1])
