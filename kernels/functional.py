@@ -6,6 +6,7 @@ from typing import Optional, Union
 import torch
 
 from .backends import choose_backend
+from .capture import active_frame, captured_attention
 from .checks import check_attention_args
 from .patterns import Dense, Pattern
 
@@ -45,5 +46,7 @@ def attention(
     check_attention_args(q, k, v, pattern, bias, gate, scale, raise_error=True)
     if pattern is None:
         pattern = Dense()
+    if active_frame() is not None:  # inside a module selected by kernels.capture: the analysis path
+        return captured_attention(q, k, v, pattern, bias, gate, scale, return_lse, backend)
     fn = choose_backend(q, k, v, pattern, bias, gate, return_lse, backend)
     return fn(q, k, v, pattern=pattern, bias=bias, gate=gate, scale=scale, return_lse=return_lse)
