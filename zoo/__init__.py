@@ -4,6 +4,7 @@
 """
 from ._registry import create_model, is_zoo_model, list_models, load_checkpoint, model_family, register_model
 from . import models  # noqa: F401  (registers the model families)
-from .accelerate import accelerate  # noqa: F401
+from .accelerate import accelerate
 
-__all__ = ["create_model", "list_models", "register_model", "model_family", "load_checkpoint", "is_zoo_model"]
+__all__ = ["accelerate", "create_model", "list_models", "register_model", "model_family", "load_checkpoint",
+           "is_zoo_model"]

@@ -239,7 +239,7 @@ def test_bad_input_names_the_problem(name):
     model = timm.create_model(name).eval()
     with pytest.raises(ValueError, match="in_chans=3"):
         model(torch.randn(1, 1, 64, 64))
-    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+    with pytest.raises(ValueError, match=r"\(B, in_chans=3 channels, H, W\)"):
         model(torch.randn(3, 64, 64))
     with pytest.raises(ValueError, match="in_chans=3"):
         model.forward_intermediates(torch.randn(1, 4, 64, 64))

@@ -157,7 +157,7 @@ def test_tiny_model_and_validation():
     assert model(torch.randn(1, 3, 40, 24)).shape == (1, 10)
     with pytest.raises(ValueError, match="in_chans=3 channels"):
         model(torch.randn(1, 1, 32, 32))
-    with pytest.raises(ValueError, match="stride 16"):
+    with pytest.raises(ValueError, match="at least 16x16"):
         model(torch.randn(1, 3, 8, 32))
     with pytest.raises(ValueError, match="ulsam_stages"):
         UlsamMobileNet(ulsam_stages=(7,))

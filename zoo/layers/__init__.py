@@ -1,9 +1,11 @@
 """Building blocks shared by the zoo's model families."""
-from .agent_attention import AgentAttention  # noqa: F401
+from .agent_attention import AgentAttention
 from .attention import Attention
-from .halo_attention import HaloAttention, HaloRelPosEmbed, halo_rel_pos_bias  # noqa: F401
-from .minimal_attention import MinimalAttention  # noqa: F401
-from .nin import MixerBlock, MixerGatingUnit, NiNBlock  # noqa: F401
-from .ulsam import ULSAM  # noqa: F401
+from .checks import check_image_input
+from .halo_attention import HaloAttention, HaloRelPosEmbed, halo_rel_pos_bias
+from .minimal_attention import MinimalAttention
+from .nin import MixerBlock, MixerGatingUnit, NiNBlock
+from .ulsam import ULSAM
 
-__all__ = ["Attention"]
+__all__ = ["AgentAttention", "Attention", "check_image_input", "HaloAttention", "HaloRelPosEmbed",
+           "halo_rel_pos_bias", "MinimalAttention", "MixerBlock", "MixerGatingUnit", "NiNBlock", "ULSAM"]

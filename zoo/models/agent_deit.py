@@ -25,22 +25,11 @@ from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoi
 from torch import nn
 
 from .._registry import register_model
+from ..layers.checks import check_image_input
 from ..layers.agent_attention import AgentAttention, resize_agent_biases
 from ..layers.attention import Attention
 
 __all__ = ["AgentDeiT"]
-
-
-def check_image_input(x: torch.Tensor, in_chans: int) -> None:
-    """Raise a ValueError/TypeError naming the problem unless `x` is a non-empty `(B, in_chans, H, W)` float tensor."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must have layout (B, C, H, W), got x.shape={tuple(x.shape)}")
-    if x.shape[1] != in_chans:
-        raise ValueError(f"x must have in_chans={in_chans} channels, got x.shape={tuple(x.shape)}")
-    if min(x.shape) < 1:
-        raise ValueError(f"x must not be empty, got x.shape={tuple(x.shape)}")
 
 
 class AgentBlock(nn.Module):

@@ -31,7 +31,8 @@ import kernels
 
 from .._registry import register_model
 from ..layers.agent_attention import AgentAttention, resize_agent_biases
-from .agent_deit import agent_cfg, check_image_input
+from ..layers.checks import check_image_input
+from .agent_deit import agent_cfg
 
 __all__ = ["AgentSwinTransformer"]
 

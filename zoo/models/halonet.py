@@ -31,6 +31,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg, SelfAttnBlock, interleave_blocks
 
 from .._registry import register_model
+from ..layers.checks import check_image_input
 from ..layers.halo_attention import HaloAttention
 
 __all__ = ["HaloNet"]
@@ -60,13 +61,7 @@ class HaloNet(ByobNet):
     """
 
     def _check_input(self, x):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"x must be (B, C, H, W) with C = in_chans = {self.in_chans} channels, "
-                             f"got x.shape={tuple(x.shape)}")
-        if min(x.shape[2:]) < 1:
-            raise ValueError(f"x must have a non-empty image, got x.shape={tuple(x.shape)}")
+        check_image_input(x, self.in_chans)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

@@ -30,6 +30,7 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from .._registry import register_model
+from ..layers.checks import check_image_input
 from ..layers.minimal_attention import MinimalAttention
 
 __all__ = ["MinimalViT"]
@@ -164,11 +165,7 @@ class MinimalViT(nn.Module):
         self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"x must have shape (B, in_chans={self.in_chans} channels, H, W), "
-                             f"got x.shape={tuple(x.shape)}")
+        check_image_input(x, self.in_chans)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)  # (B, gh, gw, C)

@@ -26,6 +26,7 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from .._registry import register_model
+from ..layers.checks import check_image_input
 from ..layers.nin import NiNBlock
 
 __all__ = ["NiNformer"]
@@ -114,14 +115,7 @@ class NiNformer(nn.Module):
                      else nn.Identity())
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"x must have shape (B, in_chans={self.in_chans} channels, H, W), "
-                             f"got x.shape={tuple(x.shape)}")
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"NiNformer's token-mixing MLPs are built for img_size={self.img_size} (create the "
-                             f"model with img_size= for another size), got an image of {tuple(x.shape[-2:])}")
+        check_image_input(x, self.in_chans, fixed_size=self.img_size)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens `(B, H/p·W/p, embed_dim)` after the last block."""

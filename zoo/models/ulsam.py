@@ -27,6 +27,7 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from .._registry import register_model
+from ..layers.checks import check_image_input
 from ..layers.ulsam import ULSAM
 
 __all__ = ["UlsamMobileNet"]
@@ -175,14 +176,7 @@ class UlsamMobileNet(nn.Module):
                                      device=w.device, dtype=w.dtype) if num_classes > 0 else nn.Identity())
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"x must have shape (B, in_chans={self.in_chans} channels, H, W), "
-                             f"got x.shape={tuple(x.shape)}")
-        if min(x.shape[-2:]) < self.reduction:
-            raise ValueError(f"image height and width must be at least the network stride {self.reduction}, "
-                             f"got {tuple(x.shape[-2:])}")
+        check_image_input(x, self.in_chans, min_size=self.reduction)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Feature map `(B, num_features, H/stride, W/stride)` before pooling."""
