@@ -83,13 +83,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    batch = 2 if args.smoke else args.batch
+    batch = 1 if args.smoke else args.batch
     torch.backends.cudnn.benchmark = True
     rows = []
     for label, zoo_name, timm_name, size, modes in CASES:
         if args.cases and label not in args.cases:
             continue
-        run_size = 64 if args.smoke and size <= 256 else (96 if args.smoke else size)
+        run_size = min(size, 256) if args.smoke else size
         for mode in modes:
             row = {"case": label, "mode": mode, "img_size": size, "batch": batch}
             for tag, name in (("timm", timm_name), ("zoo", zoo_name)):
