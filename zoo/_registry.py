@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import os
 from typing import Callable, Dict, List, Optional
 
@@ -44,8 +45,12 @@ def list_models(pattern: Optional[str] = None) -> List[str]:
     return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
 
 
-def load_checkpoint(model: torch.nn.Module, path: str, strict: bool = True):
-    """Load a local `.safetensors` file (or a tensors-only torch file, read with weights_only=True)."""
+def load_checkpoint(model: torch.nn.Module, path: str, strict: bool = True, filter_fn: Optional[Callable] = None):
+    """Load a local `.safetensors` file (or a tensors-only torch file, read with weights_only=True).
+
+    `filter_fn(state_dict, model)` maps another layout (the reference code's, a different image size) onto the
+    model's, as timm's `pretrained_filter_fn` does; `create_model` passes the family's `checkpoint_filter_fn`.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint_path {path!r} is not a file")
     if path.endswith(".safetensors"):
@@ -57,7 +62,16 @@ def load_checkpoint(model: torch.nn.Module, path: str, strict: bool = True):
         for key in ("state_dict", "model", "module"):
             if isinstance(state_dict, dict) and key in state_dict and isinstance(state_dict[key], dict):
                 state_dict = state_dict[key]
+    if filter_fn is not None:
+        state_dict = filter_fn(state_dict, model)
     return model.load_state_dict(state_dict, strict=strict)
+
+
+def _family_filter_fn(name: str) -> Optional[Callable]:
+    module = timm_registry._model_to_module.get(name)
+    if module is None or name not in _ZOO_MODELS:
+        return None
+    return getattr(importlib.import_module(f"zoo.models.{module}"), "checkpoint_filter_fn", None)
 
 
 def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None, **kwargs):
@@ -67,7 +81,8 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
         name: a registered model name, e.g. "ninformer_cifar"; see `zoo.list_models()`.
         pretrained: load the weights file named by the model's `pretrained_cfg["file"]`. The zoo downloads
             nothing; without such a file, pass `checkpoint_path`.
-        checkpoint_path: a local `.safetensors` (or tensors-only `.pth`) file loaded strictly after creation.
+        checkpoint_path: a local `.safetensors` (or tensors-only `.pth`) file loaded strictly after creation,
+            through the family's `checkpoint_filter_fn` when it has one (reference layouts, other image sizes).
         **kwargs: model arguments (`num_classes`, `in_chans`, `img_size`, ...), as for `timm.create_model`.
     """
     if not isinstance(name, str) or not timm.is_model(name):
@@ -79,5 +94,5 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
             raise ValueError(f"{name!r} has no local weights file in its pretrained_cfg; pass checkpoint_path=")
     model = timm.create_model(name, pretrained=False, **kwargs)
     if checkpoint_path is not None:
-        load_checkpoint(model, checkpoint_path)
+        load_checkpoint(model, checkpoint_path, filter_fn=_family_filter_fn(name))
     return model
