@@ -29,8 +29,9 @@ def model_summary(name: str) -> dict:
 
 def models_table(names) -> Table:
     table = Table(title="attention zoo models")
-    for col in ("name", "family", "params", "input", "paper"):
-        table.add_column(col, justify="right" if col == "params" else "left")
+    for col in ("name", "family", "params", "input"):
+        table.add_column(col, justify="right" if col == "params" else "left", no_wrap=True)
+    table.add_column("paper", ratio=1)
     for name in names:
         s = model_summary(name)
         table.add_row(s["name"], s["family"], f"{s['params'] / 1e6:.3f}M", "x".join(map(str, s["input_size"])),
