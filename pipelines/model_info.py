@@ -29,13 +29,17 @@ def model_summary(name: str) -> dict:
 
 def models_table(names) -> Table:
     table = Table(title="attention zoo models")
-    for col in ("name", "family", "params", "input"):
-        table.add_column(col, justify="right" if col == "params" else "left", no_wrap=True)
-    table.add_column("paper", ratio=1)
+    rows = []
     for name in names:
         s = model_summary(name)
-        table.add_row(s["name"], s["family"], f"{s['params'] / 1e6:.3f}M", "x".join(map(str, s["input_size"])),
-                      s["paper"])
+        rows.append((s["name"], s["family"], f"{s['params'] / 1e6:.3f}M", "x".join(map(str, s["input_size"])),
+                     f"{s['paper_ids']} {s['paper']}".strip()))
+    for i, col in enumerate(("name", "family", "params", "input")):  # whole; the paper column gives way
+        width = max([len(col)] + [len(r[i]) for r in rows])
+        table.add_column(col, justify="right" if col == "params" else "left", no_wrap=True, min_width=width)
+    table.add_column("paper", no_wrap=True, overflow="ellipsis")
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
