@@ -34,10 +34,12 @@ def models_table(names) -> Table:
         s = model_summary(name)
         rows.append((s["name"], s["family"], f"{s['params'] / 1e6:.3f}M", "x".join(map(str, s["input_size"])),
                      f"{s['paper_ids']} {s['paper']}".strip()))
-    for i, col in enumerate(("name", "family", "params", "input")):  # whole; the paper column gives way
-        width = max([len(col)] + [len(r[i]) for r in rows])
+    widths = [max([len(col)] + [len(r[i]) for r in rows]) for i, col in enumerate(("name", "family", "params",
+                                                                                   "input"))]
+    for col, width in zip(("name", "family", "params", "input"), widths):  # kept whole; the paper gives way
         table.add_column(col, justify="right" if col == "params" else "left", no_wrap=True, min_width=width)
-    table.add_column("paper", no_wrap=True, overflow="ellipsis")
+    room = Console().width - sum(widths) - 3 * 5 - 1
+    table.add_column("paper", no_wrap=True, overflow="ellipsis", max_width=max(16, room))
     for row in rows:
         table.add_row(*row)
     return table
