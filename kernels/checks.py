@@ -64,6 +64,13 @@ def check_attention_args(q, k, v, pattern, bias, gate, scale, raise_error: bool 
         elif not hasattr(bias, "materialize"):
             return _fail(f"bias must be a tensor or a factorized bias, got {type(bias).__name__}", raise_error,
                          TypeError)
+        elif hasattr(bias, "check"):  # factorized bias (kernels.bias): its shapes against q, k and the pattern
+            try:
+                bias.check(q, k, pattern)
+            except ValueError:
+                if raise_error:
+                    raise
+                return False
     if gate is not None:
         if not isinstance(gate, torch.Tensor):
             return _fail(f"gate must be a tensor, got {type(gate).__name__}", raise_error, TypeError)

@@ -224,7 +224,12 @@ def _pow2_splits(total: int, n: int) -> List[Tuple[int, ...]]:
 def tile_shape_candidates(grid: Tuple[int, ...], size: int) -> List[Tuple[int, ...]]:
     """N-d power-of-two tile shapes of `size` tokens that fit the grid's padded extent."""
     caps = [1 << max(0, (g - 1).bit_length()) for g in grid]
-    return [s for s in _pow2_splits(size, len(grid)) if all(t <= c for t, c in zip(s, caps))]
+    fits = [s for s in _pow2_splits(size, len(grid)) if all(t <= c for t, c in zip(s, caps))]
+    if fits:
+        return fits
+    # the whole grid holds fewer tokens than one tile: every axis at its cap, the first axis padded further
+    return [(size // math.prod(caps[1:]),) + tuple(caps[1:])] if size >= math.prod(caps[1:]) else \
+        [s for s in _pow2_splits(size, len(grid)) if all(t >= c for t, c in zip(s[1:], caps[1:]))][:1]
 
 
 @lru_cache(maxsize=256)

@@ -1,10 +1,12 @@
 """Benchmark `kernels.attention` (Triton) against its anchors on one CUDA GPU, after a GPU correctness check.
 
-Usage: python scripts/bench_kernels.py [--out benchmarks] [--skip-check] [--only dense,causal,na3d,na2d,win1d]
+Usage: python scripts/bench_kernels.py [--out benchmarks] [--name kernels] [--skip-check]
+       [--only dense,causal,na3d,na2d,win1d,bias,gate,skinny]
 
 Every row is measured with its anchor in the same run (torch SDPA with the flash backend, FlexAttention compiled
-with a block mask of the same pattern); bf16, head dim 128. Writes `<out>/kernels.json` and prints a markdown
-table for BENCHMARKS.md.
+with a block mask of the same pattern, or our own kernel without the fused term: no bias, no gate); bf16.
+Writes `<out>/<name>.json` and prints a markdown table for BENCHMARKS.md. The issue-4 rows (bias, gate, skinny)
+tune over three configs per kernel (ATTNZOO_AUTOTUNE=fast) to bound compile time.
 """
 from __future__ import annotations
 
@@ -61,6 +63,87 @@ def check_case(name, pattern, B, H, HKV, NQ, NK, D, DV, dtype):
     ok = finite and max(errs["out"], errs["dq"], errs["dk"], errs["dv"]) < TOL[dtype] and errs["lse"] < 1e-2
     print(f"check {name:44s} {str(dtype):15s} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
           + f" {'ok' if ok else 'FAIL'}", flush=True)
+    return ok
+
+
+def check_extra(name, pattern, B, H, HKV, NQ, NK, D, DV, dtype, bias_fn=None, gate_shape=None, kv_expand=False):
+    """Bias / gate / skinny / expanded-k/v features vs float64: out and every gradient (bias leaves too)."""
+    dev = "cuda"
+
+    def mk(*shape, dt=dtype):
+        return torch.randn(*shape, device=dev, dtype=dt, requires_grad=True)
+
+    q, k, v = mk(B, H, NQ, D), mk(B, HKV, NK, D), mk(B, HKV, NK, DV)
+    gate = mk(*gate_shape) if gate_shape else None
+    bias, bl = bias_fn(mk) if bias_fn else (None, [])
+    kv = (lambda a, b: (a.expand(-1, H, -1, -1), b.expand(-1, H, -1, -1))) if kv_expand else (lambda a, b: (a, b))
+    out = kernels.attention(q, *kv(k, v), pattern, bias=bias, gate=gate, backend="triton")
+    do = torch.randn_like(out)
+    leaves = [q, k, v] + ([gate] if gate is not None else []) + bl
+    grads = torch.autograd.grad(out, leaves, do)
+    l64 = [x.detach().double().requires_grad_() for x in leaves]
+    it = iter(l64[3 + (gate is not None):])
+    bias64 = bias_fn(lambda *s, dt=None: next(it))[0] if bias_fn else None
+    ro = attention_reference(l64[0], *kv(l64[1], l64[2]), pattern, bias=bias64,
+                             gate=l64[3] if gate is not None else None)
+    rgrads = torch.autograd.grad(ro, l64, do.double())
+    errs = dict(out=_rel(out, ro), **{f"g{i}": _rel(g, rg) for i, (g, rg) in enumerate(zip(grads, rgrads))})
+    finite = torch.isfinite(out).all().item() and all(torch.isfinite(g).all().item() for g in grads)
+    ok = finite and max(errs.values()) < TOL[dtype]
+    print(f"check {name:44s} {str(dtype):15s} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+          + f" {'ok' if ok else 'FAIL'}", flush=True)
+    return ok
+
+
+def _dense_bias(shape, dt=None):
+    return lambda mk: (lambda b: (b, [b]))(mk(*shape) if dt is None else mk(*shape, dt=dt))
+
+
+def _low_rank(qs, ks):
+    def fn(mk):
+        a, b = mk(*qs), mk(*ks)
+        return kernels.LowRankBias(a, b), [a, b]
+    return fn
+
+
+def _rel_pos(pattern, d, scale=0.25):
+    def fn(mk):
+        t = [mk(2 * pattern.window - 1, d) for _ in pattern.grid]
+        return kernels.RelPosBias(pattern, t, scale=scale), t
+    return fn
+
+
+def run_checks_ii():
+    os.environ["ATTNZOO_AUTOTUNE"] = "0"
+    bf, fp = torch.bfloat16, torch.float16
+    halo = kernels.Halo((16, 16), 8, 2)
+    cases = [
+        ("dense bias (1,H,N,N) d128 n1000", kernels.Dense(), 2, 4, 2, 1000, 1000, 128, 128, bf,
+         dict(bias_fn=_dense_bias((1, 4, 1000, 1000)))),
+        ("causal bias fp32-under-bf16 (N,N) d64", kernels.Causal(), 1, 4, 4, 777, 800, 64, 64, bf,
+         dict(bias_fn=_dense_bias((777, 800), torch.float32))),
+        ("na2d (30,37) w(7,9) bias (H,N,N) d64", kernels.Neighborhood((30, 37), (7, 9)), 1, 2, 2, 1110, 1110, 64,
+         64, bf, dict(bias_fn=_dense_bias((2, 1110, 1110)))),
+        ("low-rank r16 dense d64 n900", kernels.Dense(), 2, 4, 2, 900, 1000, 64, 64, bf,
+         dict(bias_fn=_low_rank((1, 4, 900, 16), (2, 1, 1000, 16)))),
+        ("low-rank r7 window1d fp16 d96", kernels.Window1d(100, 50), 1, 3, 1, 777, 777, 96, 96, fp,
+         dict(bias_fn=_low_rank((1, 3, 777, 7), (1, 3, 777, 7)))),
+        ("relpos halo grid (16,16) b8 h2 d64", halo, 1, 2, 2, 256, 400, 64, 64, bf, dict(bias_fn=_rel_pos(halo, 64))),
+        ("relpos halo block (blocked dense) d32", None, 64, 4, 4, 64, 144, 32, 32, bf,
+         dict(bias_fn=_rel_pos(kernels.Halo((8, 8), 8, 2), 32))),
+        ("gate head-wise dense d128", kernels.Dense(), 2, 4, 4, 1000, 1000, 128, 128, bf,
+         dict(gate_shape=(2, 1000, 4))),
+        ("gate element-wise na2d d64", kernels.Neighborhood((30, 37), (7, 9)), 1, 2, 2, 1110, 1110, 64, 64, bf,
+         dict(gate_shape=(1, 1110, 2, 64))),
+        ("skinny nq4096 nk100 + bias + gate d64", kernels.Dense(), 2, 8, 8, 4096, 100, 64, 64, bf,
+         dict(bias_fn=_dense_bias((1, 8, 4096, 100)), gate_shape=(2, 4096, 8))),
+        ("skinny nq49 nk5000 + bias d64", kernels.Dense(), 2, 8, 8, 49, 5000, 64, 64, bf,
+         dict(bias_fn=_dense_bias((1, 8, 49, 5000)))),
+        ("expanded k/v (probe) nq16 nk3000 d64", kernels.Dense(), 4, 8, 1, 16, 3000, 64, 64, bf,
+         dict(kv_expand=True)),
+    ]
+    ok = all([check_extra(*c[:10], **c[10]) for c in cases])
+    os.environ.pop("ATTNZOO_AUTOTUNE")
     return ok
 
 
@@ -236,7 +319,112 @@ def bench_win1d(rows):
     _row(rows, f"window1d({left},{right}) B{B} H{H} N{N}", "fwd", t_o, "FlexAttention", t_f, flops, 1.0)
 
 
-BENCHES = dict(dense=bench_dense, causal=bench_causal, na3d=bench_na3d, na2d=bench_na2d, win1d=bench_win1d)
+def _rel_row(rows, case, direction, t_o, anchor, t_a, target_ratio, **extra):
+    """A row whose target is a ratio to our own anchor time (<= target_ratio x anchor)."""
+    row = dict(case=case, direction=direction, ours_ms=t_o, anchor=anchor, anchor_ms=t_a, speedup=t_a / t_o,
+               ratio=t_o / t_a, target=f"<= {target_ratio:.3g}x anchor",
+               met="yes" if t_o <= target_ratio * t_a else "no", **extra)
+    rows.append(row)
+    print(f"{case:42s} {direction:4s} ours {t_o:9.3f} ms  {anchor:22s} {t_a:9.3f} ms  ratio {t_o / t_a:5.3f}"
+          f"  target <= {target_ratio:.3f} {row['met']}", flush=True)
+
+
+def _fb(fn, leaves, heavy=False):
+    """(forward ms, backward ms) of fn() with respect to leaves."""
+    with torch.no_grad():
+        t_f = _time(fn, heavy)
+    out = fn()
+    do = torch.randn_like(out)
+    t_b = _time(lambda: torch.autograd.grad(out, leaves, do, retain_graph=True), heavy)
+    return t_f, t_b
+
+
+def bench_bias(rows):
+    os.environ["ATTNZOO_AUTOTUNE"] = "fast"
+    bw = 3.4e12
+    for B, H, N, D in [(1, 16, 4096, 128), (2, 16, 4096, 64)]:
+        q, k, v = _qkv(B, H, N, D)
+        base = f"B{B} H{H} N{N} d{D}"
+        t0f, t0b = _fb(lambda: kernels.attention(q, k, v), [q, k, v])
+        # dense (H, N, N) bf16 bias with gradient
+        bias = torch.randn(H, N, N, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        tbf, tbb = _fb(lambda: kernels.attention(q, k, v, bias=bias), [q, k, v, bias])
+        nbytes = bias.numel() * 2
+        _rel_row(rows, f"dense bias (H,N,N) {base}", "fwd", tbf, "ours, no bias", t0f, (t0f + nbytes / bw * 1e3) / t0f,
+                 bias_bytes=nbytes)
+        # backward reads the bias twice and writes dS in float32 (then sums it over the batch)
+        _rel_row(rows, f"dense bias (H,N,N) {base}", "bwd", tbb, "ours, no bias", t0b,
+                 (t0b + (2 * nbytes + B * bias.numel() * 4) / bw * 1e3) / t0b, bias_bytes=nbytes)
+        for R in (16,):
+            uq = torch.randn(B, H, N, R, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            uk = torch.randn(B, H, N, R, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            tlf, tlb = _fb(lambda: kernels.attention(q, k, v, bias=kernels.LowRankBias(uq, uk)), [q, k, v, uq, uk])
+            _rel_row(rows, f"low-rank r{R} {base}", "fwd", tlf, "ours, no bias", t0f, 1.15)
+            _rel_row(rows, f"low-rank r{R} {base}", "bwd", tlb, "ours, no bias", t0b, 1.15)
+    # HaloNet form on the full grid: Halo((64, 64), block 8, halo 2), tables shared by heads (rank 2 x 12)
+    pattern = kernels.Halo((64, 64), 8, 2)
+    B, H, D = 8, 8, 64
+    q = torch.randn(B, H, 64 * 64, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = [torch.randn(B, H, 68 * 68, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv"]
+    th, tw = [(0.125 * torch.randn(23, D, device="cuda", dtype=torch.bfloat16)).requires_grad_() for _ in "hw"]
+    t0f, t0b = _fb(lambda: kernels.attention(q, k, v, pattern), [q, k, v])
+    trf, trb = _fb(lambda: kernels.attention(q, k, v, pattern, bias=kernels.RelPosBias(pattern, (th, tw))),
+                   [q, k, v, th, tw])
+    case = "relpos halo grid(64,64) b8 h2 B8 H8 d64"
+    _rel_row(rows, case, "fwd", trf, "ours, no bias", t0f, 1.15)
+    _rel_row(rows, case, "bwd", trb, "ours, no bias", t0b, 1.15)
+    # the HaloNet layer's blocked-dense layout: (B * 64 blocks, heads, 8 x 8 queries, 12 x 12 keys)
+    hb = kernels.Halo((8, 8), 8, 2)
+    q = torch.randn(512, 8, 64, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = [torch.randn(512, 8, 144, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv"]
+    t0f, t0b = _fb(lambda: kernels.attention(q, k, v), [q, k, v])
+    trf, trb = _fb(lambda: kernels.attention(q, k, v, bias=kernels.RelPosBias(hb, (th, tw))), [q, k, v, th, tw])
+    case = "relpos halo blocked (512,8,64,144) d64"
+    _rel_row(rows, case, "fwd", trf, "ours, no bias", t0f, 1.15)
+    _rel_row(rows, case, "bwd", trb, "ours, no bias", t0b, 1.15)
+    os.environ.pop("ATTNZOO_AUTOTUNE")
+
+
+def bench_gate(rows):
+    os.environ["ATTNZOO_AUTOTUNE"] = "fast"
+    B, H, N, D = 2, 16, 4096, 128
+    q, k, v = _qkv(B, H, N, D)
+    t0f, t0b = _fb(lambda: kernels.attention(q, k, v), [q, k, v])
+    for kind, shape in (("head-wise", (B, N, H)), ("element-wise", (B, N, H, D))):
+        g = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        tgf, tgb = _fb(lambda: kernels.attention(q, k, v, gate=g), [q, k, v, g])
+        _rel_row(rows, f"gate {kind} B{B} H{H} N{N} d{D}", "fwd", tgf, "ours, no gate", t0f, 1.03)
+        _rel_row(rows, f"gate {kind} B{B} H{H} N{N} d{D}", "bwd", tgb, "ours, no gate", t0b, 1.05)
+    os.environ.pop("ATTNZOO_AUTOTUNE")
+
+
+def _sdpa_any(q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def bench_skinny(rows):
+    os.environ["ATTNZOO_AUTOTUNE"] = "fast"
+    B, H, D, NL = 8, 8, 64, 16384
+    for nq, nk in [(NL, 64), (NL, 128), (NL, 256), (64, NL), (256, NL)]:
+        q = torch.randn(B, H, nq, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = [torch.randn(B, H, nk, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv"]
+        nbytes = 2 * B * H * D * (2 * nq + 2 * nk)
+        tof, tob = _fb(lambda: kernels.attention(q, k, v), [q, k, v])
+        taf, tab = _fb(lambda: _sdpa_any(q, k, v), [q, k, v])
+        case = f"skinny nq{nq} nk{nk} B{B} H{H} d{D}"
+        for direction, t_o, t_a in (("fwd", tof, taf), ("bwd", tob, tab)):
+            row = dict(case=case, direction=direction, ours_ms=t_o, anchor="SDPA (default)", anchor_ms=t_a,
+                       speedup=t_a / t_o, target=2.0 if direction == "fwd" else "",
+                       met=("yes" if t_a / t_o >= 2.0 and nbytes / t_o * 1e-9 >= 2.5 else "no")
+                       if direction == "fwd" else "", ours_tb_s=nbytes / t_o * 1e-9, anchor_tb_s=nbytes / t_a * 1e-9)
+            rows.append(row)
+            print(f"{case:42s} {direction} ours {t_o:8.3f} ms ({row['ours_tb_s']:.2f} TB/s)  SDPA {t_a:8.3f} ms "
+                  f"({row['anchor_tb_s']:.2f} TB/s)  x{t_a / t_o:.2f}", flush=True)
+    os.environ.pop("ATTNZOO_AUTOTUNE")
+
+
+BENCHES = dict(dense=bench_dense, causal=bench_causal, na3d=bench_na3d, na2d=bench_na2d, win1d=bench_win1d,
+               bias=bench_bias, gate=bench_gate, skinny=bench_skinny)
 
 
 def main():
@@ -244,20 +432,22 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks"))
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--only", default=",".join(BENCHES))
+    ap.add_argument("--name", default="kernels", help="results file name under --out")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU")
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
-    checks_ok = True if args.skip_check else run_checks()
+    issue4 = {"bias", "gate", "skinny"} & set(args.only.split(","))
+    checks = ([run_checks_ii] if issue4 else []) + ([run_checks] if set(args.only.split(",")) - issue4 else [])
+    checks_ok = True if args.skip_check else all([c() for c in checks])
     rows = []
     for name in args.only.split(","):
         t0 = time.time()
         BENCHES[name](rows)
         print(f"[{name} took {time.time() - t0:.0f} s]", flush=True)
     command = "python scripts/bench_kernels.py " + " ".join(sys.argv[1:])
-    path = bench.write_results("kernels", rows, command, out_dir=args.out)
-    cols = ["case", "direction", "ours_ms", "anchor", "anchor_ms", "speedup", "target", "met", "ours_tflops",
-            "anchor_tflops"]
+    path = bench.write_results(args.name, rows, command, out_dir=args.out)
+    cols = list(dict.fromkeys(c for r in rows for c in r))
     print(bench.markdown_table(rows, cols))
     from kernels.backends import triton_attention
 

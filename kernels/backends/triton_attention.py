@@ -5,13 +5,19 @@ custom ops (`attnzoo::attention_fwd` / `attnzoo::attention_bwd`, with fake imple
 Runs CUDA tensors; CPU tensors too when `TRITON_INTERPRET=1` (Triton's interpreter, used by the tests).
 Grid patterns (`Neighborhood`, `Halo`) run on tokens permuted into N-d tiles (`kernels.tiles`); 1-d patterns
 (`Dense`, `Causal`, `Window1d`) run in place. Block sizes, warps and stages are autotuned per problem class on
-first use (CUDA events, a few repeats per candidate; `ATTNZOO_AUTOTUNE=0` takes the first candidate), as are the tile shapes of grid patterns (by counting the
-visited tile pairs, which is exact and free). The gate is applied after the kernel, in torch (differentiable).
-Additive bias is not supported here yet: `can_run_triton` says so and the reference runs.
+first use (CUDA events, a few repeats per candidate; `ATTNZOO_AUTOTUNE=0` takes the first candidate), as are the
+tile shapes of grid patterns (by counting the visited tile pairs, which is exact and free).
+
+Fused terms: a dense additive bias (read through its strides, broadcast dims at stride 0; its gradient dS is
+written per (b, h) by the backward and summed over broadcast dims in torch), low-rank logits `U_q · U_kᵀ`
+(`kernels.LowRankBias`, and `kernels.RelPosBias` lowered to such factors in torch), and the sigmoid output gate
+(forward epilogue; the backward's delta kernel produces dO·sigmoid(g) and dg). Skinny 1-d problems (few query
+blocks, or few key blocks) split the long axis over a third program axis and combine the parts in torch.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -20,7 +26,6 @@ import torch
 from .. import tiles
 from ..checks import _fail
 from ..patterns import Causal, Dense, Halo, Neighborhood, Pattern, Window1d
-from .reference import apply_gate
 
 NAME = "triton"
 logger = logging.getLogger("kernels")
@@ -29,6 +34,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PATTERNS: Dict[str, Pattern] = {}
 _BEST: Dict[tuple, tuple] = {}
 _MAX_HEAD_DIM = 256
+_MAX_RANK = 64
 
 
 def _interpret() -> bool:
@@ -50,12 +56,18 @@ def can_run_triton(q, k, v, pattern=None, bias=None, gate=None, return_lse=False
     if max(q.shape[-1], v.shape[-1]) > _MAX_HEAD_DIM:
         return _fail(f"the triton backend supports head dims up to {_MAX_HEAD_DIM}, got {q.shape=} {v.shape=}",
                      raise_error, NotImplementedError)
-    if bias is not None:
-        return _fail("the triton backend does not support bias yet (the reference does)", raise_error,
-                     NotImplementedError)
     if pattern is not None and not isinstance(pattern, (Dense, Causal, Window1d, Neighborhood, Halo)):
         return _fail(f"the triton backend has no kernel for pattern {type(pattern).__name__}", raise_error,
                      NotImplementedError)
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        rank = getattr(bias, "kernel_rank", None)
+        if rank is None:
+            return _fail(f"the triton backend cannot lower a {type(bias).__name__} bias (no kernel_rank/"
+                         f"kernel_factors); the reference can run it", raise_error, NotImplementedError)
+        if rank > _MAX_RANK:
+            return _fail(f"the triton backend fuses factorized biases up to rank {_MAX_RANK}, got rank {rank} "
+                         f"({type(bias).__name__}); pass bias.materialize(q, k) as a dense bias instead",
+                         raise_error, NotImplementedError)
     return True
 
 
@@ -75,6 +87,13 @@ def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _bstrides(t: Optional[torch.Tensor], n: int = 4) -> Tuple[int, ...]:
+    """Strides of a 4-d (or `n`-d) tensor with 0 on size-1 (broadcast) dims; zeros for an absent tensor."""
+    if t is None:
+        return (0,) * n
+    return tuple(0 if s == 1 else st for s, st in zip(t.shape, t.stride()))
+
+
 def _window_params(pattern, nq: int, nk: int) -> Tuple[int, int, int]:
     """(OFF, LEFT, RIGHT) of a 1-d pattern: query i sees key j iff i + OFF - LEFT <= j <= i + OFF + RIGHT."""
     big = nq + nk + 1
@@ -89,10 +108,17 @@ def _is_grid(pattern) -> bool:
     return isinstance(pattern, (Neighborhood, Halo))
 
 
+def _fast_tune() -> bool:
+    """ATTNZOO_AUTOTUNE=fast: three candidates per kernel (benchmarks that must bound compile time)."""
+    return os.environ.get("ATTNZOO_AUTOTUNE", "1") == "fast"
+
+
 def _fwd_candidates(d: int, dv: int) -> List[tuple]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the forward autotuner."""
     if _interpret():
         return [(32, 16, 4, 1)]
+    if _fast_tune() and max(_block_d(d), _block_d(dv)) < 256:
+        return [(64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)]
     if max(_block_d(d), _block_d(dv)) >= 256:
         return [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2)]
     return [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
@@ -101,9 +127,46 @@ def _fwd_candidates(d: int, dv: int) -> List[tuple]:
 def _bwd_candidates(d: int, dv: int) -> List[tuple]:
     if _interpret():
         return [(16, 32, 4, 1)]
+    if _fast_tune() and max(_block_d(d), _block_d(dv)) < 256:
+        return [(64, 64, 4, 2), (64, 128, 8, 2), (128, 128, 8, 2)]
     if max(_block_d(d), _block_d(dv)) >= 256:
         return [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)]
     return [(64, 128, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 8, 2)]
+
+
+def _skinny_candidates(cands: List[tuple], nk: int) -> List[tuple]:
+    """Few keys: add key blocks that cover them without padding, and 64-row query blocks."""
+    if _interpret() or nk > 256:
+        return cands
+    bn = max(16, _next_pow2(nk))
+    extra = [(128, min(bn, 128), 4, 3), (64, min(bn, 128), 4, 3), (128, min(bn, 64), 4, 2)]
+    if not _fast_tune():
+        extra.append((256, 64, 8, 3))
+    return list(dict.fromkeys(cands + extra))
+
+
+_SMS: Dict[str, int] = {}
+
+
+def _num_sms(device) -> int:
+    """Multiprocessors to fill (the interpreter pretends 4, so small test problems take the split paths)."""
+    if device.type != "cuda":
+        return 4
+    key = str(device)
+    if key not in _SMS:
+        _SMS[key] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[key]
+
+
+def _splits(programs: int, blocks: int, device, min_blocks: int = 2) -> Tuple[int, int]:
+    """(number of splits, blocks per split) so that `programs` x splits fills about two waves of the GPU, each
+    split keeping at least `min_blocks` of the `blocks` to loop over. (1, blocks) when no split helps."""
+    want = -(-2 * _num_sms(device) // max(programs, 1))
+    s = max(1, min(want, blocks // min_blocks))
+    if s <= 1:
+        return 1, max(blocks, 1)
+    per = -(-blocks // s)
+    return -(-blocks // per), per
 
 
 class _Problem:
@@ -139,6 +202,20 @@ class _Problem:
     def k_out(self, x):
         return self.map.k_layout.unpermute(x) if self.grid else x
 
+    def bias_in(self, bias4, nq, nk):
+        """Dense bias (b, h, Nq, Nk) (b, h may be 1) in kernel order: grid patterns permute both axes."""
+        if not self.grid:
+            return bias4 if bias4.stride(-1) == 1 or bias4.shape[-1] == 1 else bias4.contiguous()
+        x = bias4.expand(bias4.shape[0], bias4.shape[1], nq, nk)
+        x = self.map.q_layout.permute(x).transpose(-1, -2)
+        return self.map.k_layout.permute(x).transpose(-1, -2).contiguous()
+
+    def bias_out(self, db):
+        if not self.grid:
+            return db
+        x = self.map.q_layout.unpermute(db).transpose(-1, -2)
+        return self.map.k_layout.unpermute(x).transpose(-1, -2)
+
     def lists(self, backward: bool):
         if not self.grid:
             dummy = _dummy_int(self.device)
@@ -173,10 +250,14 @@ def _with_tile_costs(pattern, candidates):
     return [c + (pc,) for c in candidates for pc in (1.25, 2.0)]
 
 
+def _poison() -> bool:
+    return os.environ.get("ATTNZOO_KERNEL_POISON", "0") == "1"
+
+
 def _new(*shape, like, dtype=None):
     """Output buffer; filled with NaN when ATTNZOO_KERNEL_POISON=1 (tests check every element is written)."""
     dtype = like.dtype if dtype is None else dtype
-    if os.environ.get("ATTNZOO_KERNEL_POISON", "0") == "1":
+    if _poison():
         return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
     return torch.empty(shape, device=like.device, dtype=dtype)
 
@@ -185,71 +266,186 @@ def _dot_prec(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _launch_fwd(qp, kp, vp, prob: _Problem, scale: float, cfg):
-    from . import triton_kernels as tk
-
-    B, H, NQ, D = qp.shape
-    HKV, DV = kp.shape[1], vp.shape[-1]
-    BM, BN, warps, stages = cfg[:4]
-    out = _new(B, H, NQ, DV, like=qp)
-    lse = _new(B, H, NQ, like=qp, dtype=torch.float32)
-    full_ptr, full_idx, part_ptr, part_idx = prob.lists(False)
-    qlo, qhi, kc = prob.tables()
-    grid = (triton_cdiv(NQ, BM), B * H)
-    tk._attn_fwd[grid](
-        qp, kp, vp, out, lse,
-        qp.stride(0), qp.stride(1), qp.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),
-        vp.stride(0), vp.stride(1), vp.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        H, H // HKV, NQ, kp.shape[2], scale * tk.LOG2E, prob.off, prob.left, prob.right,
-        full_ptr, full_idx, part_ptr, part_idx, qlo, qhi, kc, *prob.dil,
-        D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_block_d(D), BLOCK_DV=_block_d(DV),
-        GRID_MODE=prob.grid, MASK_AXES=prob.mask_axes, HAS_DIL=prob.has_dil,
-        REVERSE=isinstance(prob.pattern, Causal), DOT_PREC=_dot_prec(qp.dtype),
-        num_warps=warps, num_stages=stages)
-    return out, lse
+def _gate4(gate: torch.Tensor) -> torch.Tensor:
+    """Gate (B, N, H) or (B, N, H, Dv) as a (B, H, N, 1 | Dv) view."""
+    return gate.permute(0, 2, 1)[..., None] if gate.dim() == 3 else gate.permute(0, 2, 1, 3)
 
 
-def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, prob: _Problem, scale: float, cfg):
+class _Extras:
+    """Optional kernel inputs (bias, low-rank factors, gate) in kernel order, with pointer/stride arguments."""
+
+    def __init__(self, prob: _Problem, qp, bias, qf, kf, gate, nq, nk):
+        self.bias = None if bias is None else prob.bias_in(bias, nq, nk)
+        self.qf = None if qf is None else prob.q_in(qf)
+        self.kf = None if kf is None else prob.k_in(kf)
+        self.gate = None if gate is None else prob.q_in(_gate4(gate))
+        self.rank = 0 if qf is None else qf.shape[-1]
+        self.dummy = qp
+
+    def ptr(self, name):
+        t = getattr(self, name)
+        return self.dummy if t is None else t
+
+    def kw(self):
+        r = self.rank
+        sb, sqf, skf, sg = _bstrides(self.bias), _bstrides(self.qf), _bstrides(self.kf), _bstrides(self.gate)
+        return dict(stride_qfb=sqf[0], stride_qfh=sqf[1], stride_qfn=sqf[2],
+                    stride_kfb=skf[0], stride_kfh=skf[1], stride_kfn=skf[2],
+                    stride_bb=sb[0], stride_bh=sb[1], stride_bm=sb[2], stride_bn=sb[3],
+                    R=max(r, 1), BLOCK_R=_block_d(max(r, 1)), HAS_BIAS=self.bias is not None, HAS_LR=r > 0), sg
+
+
+def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg):
     from . import triton_kernels as tk
 
     B, H, NQ, D = qp.shape
     HKV, NK, DV = kp.shape[1], kp.shape[2], vp.shape[-1]
     BM, BN, warps, stages = cfg[:4]
-    delta = _new(B, H, NQ, like=qp, dtype=torch.float32)
-    tk._bwd_delta[(triton_cdiv(NQ, 64), B * H)](
-        op, dop, dlsep if dlsep is not None else lsep, delta, op.stride(0), op.stride(1), op.stride(2),
-        dop.stride(0), dop.stride(1), dop.stride(2), H, NQ, DV=DV, BLOCK_M=64, BLOCK_DV=_block_d(DV),
-        HAS_DLSE=dlsep is not None)
-    dq = _new(B, H, NQ, D, like=qp)
-    dk = _new(B, HKV, NK, D, like=qp)
-    dv = _new(B, HKV, NK, DV, like=qp)
+    nqb, nkb = triton_cdiv(NQ, BM), triton_cdiv(NK, BN)
+    S, per = (1, max(nkb, 1)) if prob.grid else _splits(nqb * B * H, nkb, qp.device)
+    if S == 1:
+        out = _new(B, H, NQ, DV, like=qp)
+        lse = _new(B, H, NQ, like=qp, dtype=torch.float32)
+        so, sl = 0, 0
+    else:  # partial results per split, combined below
+        out = _new(S, B, H, NQ, DV, like=qp, dtype=torch.float32)
+        lse = _new(S, B, H, NQ, like=qp, dtype=torch.float32)
+        so, sl = out.stride(0), lse.stride(0)
+    o_view = out if S == 1 else out[0]
+    full_ptr, full_idx, part_ptr, part_idx = prob.lists(False)
     qlo, qhi, kc = prob.tables()
-    common = dict(D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_block_d(D), BLOCK_DV=_block_d(DV),
+    kw, sg = ex.kw()
+    fuse_gate = ex.gate is not None and S == 1
+    tk._attn_fwd[(nqb, B * H, S)](
+        Q=qp, K=kp, V=vp, O=o_view, LSE=lse, QF=ex.ptr("qf"), KF=ex.ptr("kf"), BIAS=ex.ptr("bias"),
+        GATE=ex.ptr("gate"),
+        stride_qb=qp.stride(0), stride_qh=qp.stride(1), stride_qn=qp.stride(2),
+        stride_kb=kp.stride(0), stride_kh=kp.stride(1), stride_kn=kp.stride(2),
+        stride_vb=vp.stride(0), stride_vh=vp.stride(1), stride_vn=vp.stride(2),
+        stride_ob=o_view.stride(0), stride_oh=o_view.stride(1), stride_on=o_view.stride(2),
+        stride_gb=sg[0], stride_gh=sg[1], stride_gn=sg[2], stride_gd=sg[3],
+        stride_os=so, stride_ls=sl, SPLIT_BLOCKS=per,
+        H=H, GROUP=H // HKV, NQ=NQ, NK=NK, qk_scale=scale * tk.LOG2E, OFF=prob.off, LEFT=prob.left,
+        RIGHT=prob.right, FULL_PTR=full_ptr, FULL_IDX=full_idx, PART_PTR=part_ptr, PART_IDX=part_idx,
+        QLO=qlo, QHI=qhi, KC=kc, DIL0=prob.dil[0], DIL1=prob.dil[1], DIL2=prob.dil[2],
+        D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_block_d(D), BLOCK_DV=_block_d(DV),
+        GRID_MODE=prob.grid, MASK_AXES=prob.mask_axes, HAS_DIL=prob.has_dil,
+        REVERSE=isinstance(prob.pattern, Causal), HAS_GATE=fuse_gate, DOT_PREC=_dot_prec(qp.dtype),
+        num_warps=warps, num_stages=stages, **kw)
+    if S == 1:
+        return out, lse
+    # combine the splits: weights exp(lse_s - lse); rows without any key stay zero with lse = -inf
+    lse_all = torch.logsumexp(lse, dim=0)
+    w = torch.exp(lse - torch.where(torch.isfinite(lse_all), lse_all, 0.0))
+    o = (w[..., None] * out).sum(0)
+    if ex.gate is not None:
+        o = o * torch.sigmoid(ex.gate.float())
+    return o.to(qp.dtype), lse_all
+
+
+def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, scale: float, cfg,
+                need_db: bool, need_lr: bool):
+    from . import triton_kernels as tk
+
+    B, H, NQ, D = qp.shape
+    HKV, NK, DV = kp.shape[1], kp.shape[2], vp.shape[-1]
+    BM, BN, warps, stages = cfg[:4]
+    f32 = torch.float32
+    delta = _new(B, H, NQ, like=qp, dtype=f32)
+    gate = ex.gate
+    doe, dg = dop, None
+    if gate is not None:
+        doe = _new(B, H, NQ, DV, like=qp)
+        dg = _new(*gate.shape, like=gate)
+    sg, se, sdg = _bstrides(gate), _bstrides(doe if gate is not None else None), _bstrides(dg)
+    tk._bwd_delta[(triton_cdiv(NQ, 64), B * H)](
+        O=op, DO=dop, DLSE=dlsep if dlsep is not None else lsep, DELTA=delta, GATE=ex.ptr("gate"), DOE=doe,
+        DG=dg if dg is not None else delta,
+        stride_ob=op.stride(0), stride_oh=op.stride(1), stride_on=op.stride(2),
+        stride_db=dop.stride(0), stride_dh=dop.stride(1), stride_dn=dop.stride(2),
+        stride_gb=sg[0], stride_gh=sg[1], stride_gn=sg[2], stride_gd=sg[3],
+        stride_eb=se[0], stride_eh=se[1], stride_en=se[2],
+        stride_dgb=sdg[0], stride_dgh=sdg[1], stride_dgn=sdg[2], stride_dgd=sdg[3],
+        H=H, NQ=NQ, DV=DV, BLOCK_M=64, BLOCK_DV=_block_d(DV), HAS_DLSE=dlsep is not None,
+        HAS_GATE=gate is not None, GATE_ELEM=gate is not None and gate.shape[-1] > 1)
+
+    kw, _ = ex.kw()
+    r = ex.rank
+    nqb, nkb = triton_cdiv(NQ, BM), triton_cdiv(NK, BN)
+    qlo, qhi, kc = prob.tables()
+    common = dict(H=H, NQ=NQ, NK=NK, qk_scale=scale * tk.LOG2E, sm_scale=scale, OFF=prob.off, LEFT=prob.left,
+                  RIGHT=prob.right, QLO=qlo, QHI=qhi, KC=kc, DIL0=prob.dil[0], DIL1=prob.dil[1], DIL2=prob.dil[2],
+                  D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_block_d(D), BLOCK_DV=_block_d(DV),
                   GRID_MODE=prob.grid, MASK_AXES=prob.mask_axes, HAS_DIL=prob.has_dil, DOT_PREC=_dot_prec(qp.dtype),
-                  num_warps=warps, num_stages=stages)
-    tk._attn_bwd_dkdv[(triton_cdiv(NK, BN), B * HKV)](
-        qp, kp, vp, dop, lsep, delta, dk, dv,
-        qp.stride(0), qp.stride(1), qp.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),
-        vp.stride(0), vp.stride(1), vp.stride(2), dop.stride(0), dop.stride(1), dop.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        H, HKV, H // HKV, NQ, NK, scale * tk.LOG2E, scale, prob.off, prob.left, prob.right,
-        *prob.lists(True), qlo, qhi, kc, *prob.dil, **common)
-    tk._attn_bwd_dq[(triton_cdiv(NQ, BM), B * H)](
-        qp, kp, vp, dop, lsep, delta, dq,
-        qp.stride(0), qp.stride(1), qp.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),
-        vp.stride(0), vp.stride(1), vp.stride(2), dop.stride(0), dop.stride(1), dop.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        H, H // HKV, NQ, NK, scale * tk.LOG2E, scale, prob.off, prob.left, prob.right,
-        *prob.lists(False), qlo, qhi, kc, *prob.dil, **common)
-    return dq, dk, dv
+                  num_warps=warps, num_stages=stages, **kw)
+    qkv = dict(Q=qp, K=kp, V=vp, DO=doe, LSE=lsep, DELTA=delta, QF=ex.ptr("qf"), KF=ex.ptr("kf"),
+               BIAS=ex.ptr("bias"),
+               stride_qb=qp.stride(0), stride_qh=qp.stride(1), stride_qn=qp.stride(2),
+               stride_kb=kp.stride(0), stride_kh=kp.stride(1), stride_kn=kp.stride(2),
+               stride_vb=vp.stride(0), stride_vh=vp.stride(1), stride_vn=vp.stride(2),
+               stride_db=doe.stride(0), stride_dh=doe.stride(1), stride_dn=doe.stride(2))
+
+    # dK/dV (+ dS for the bias, + dU_k): one program per key block, query blocks split when keys are few
+    store_db = need_db and ex.bias is not None
+    db = None
+    if store_db:  # unvisited (masked) tiles keep a zero gradient; dense patterns write every element
+        db = (_new if isinstance(prob.pattern, Dense) else
+              lambda *s, like, dtype: torch.zeros(s, device=like.device, dtype=dtype))(B, H, NQ, NK, like=qp,
+                                                                                          dtype=f32)
+    S, per = (1, max(nqb, 1)) if prob.grid else _splits(nkb * B * HKV, nqb, qp.device, min_blocks=4)
+    if S == 1:
+        dk, dv = _new(B, HKV, NK, D, like=qp), _new(B, HKV, NK, DV, like=qp)
+        duk = _new(B, H, NK, max(r, 1), like=qp, dtype=f32) if r else None
+    else:
+        dk, dv = _new(S, B, HKV, NK, D, like=qp, dtype=f32), _new(S, B, HKV, NK, DV, like=qp, dtype=f32)
+        duk = _new(S, B, H, NK, max(r, 1), like=qp, dtype=f32) if r else None
+    dk0, dv0 = (dk, dv) if S == 1 else (dk[0], dv[0])
+    duk0 = None if duk is None else (duk if S == 1 else duk[0])
+    sdb, sduk = _bstrides(db), _bstrides(duk0)
+    tk._attn_bwd_dkdv[(nkb, B * HKV, S)](
+        DK=dk0, DV_=dv0, DB=db if db is not None else delta, DUK=duk0 if duk0 is not None else delta,
+        stride_dkb=dk0.stride(0), stride_dkh=dk0.stride(1), stride_dkn=dk0.stride(2),
+        stride_dvb=dv0.stride(0), stride_dvh=dv0.stride(1), stride_dvn=dv0.stride(2),
+        stride_dbb=sdb[0], stride_dbh=sdb[1], stride_dbm=sdb[2], stride_dbn=sdb[3],
+        stride_dukb=sduk[0], stride_dukh=sduk[1], stride_dukn=sduk[2],
+        stride_dks=dk.stride(0) if S > 1 else 0, stride_dvs=dv.stride(0) if S > 1 else 0,
+        stride_duks=duk.stride(0) if (S > 1 and duk is not None) else 0, SPLIT_BLOCKS=per,
+        HKV=HKV, GROUP=H // HKV, FULL_PTR=prob.lists(True)[0], FULL_IDX=prob.lists(True)[1],
+        PART_PTR=prob.lists(True)[2], PART_IDX=prob.lists(True)[3], STORE_DB=store_db, **qkv, **common)
+    if S > 1:
+        dk, dv = dk.sum(0).to(qp.dtype), dv.sum(0).to(qp.dtype)
+        duk = None if duk is None else duk.sum(0)
+
+    # dQ (+ dU_q): one program per query block, key blocks split when queries are few
+    S, per = (1, max(nkb, 1)) if prob.grid else _splits(nqb * B * H, nkb, qp.device, min_blocks=4)
+    if S == 1:
+        dq = _new(B, H, NQ, D, like=qp)
+        duq = _new(B, H, NQ, max(r, 1), like=qp, dtype=f32) if r else None
+    else:
+        dq = _new(S, B, H, NQ, D, like=qp, dtype=f32)
+        duq = _new(S, B, H, NQ, max(r, 1), like=qp, dtype=f32) if r else None
+    dq0 = dq if S == 1 else dq[0]
+    duq0 = None if duq is None else (duq if S == 1 else duq[0])
+    sduq = _bstrides(duq0)
+    tk._attn_bwd_dq[(nqb, B * H, S)](
+        DQ=dq0, DUQ=duq0 if duq0 is not None else delta,
+        stride_dqb=dq0.stride(0), stride_dqh=dq0.stride(1), stride_dqn=dq0.stride(2),
+        stride_duqb=sduq[0], stride_duqh=sduq[1], stride_duqn=sduq[2],
+        stride_dqs=dq.stride(0) if S > 1 else 0, stride_duqs=duq.stride(0) if (S > 1 and duq is not None) else 0,
+        SPLIT_BLOCKS=per, GROUP=H // HKV, FULL_PTR=prob.lists(False)[0], FULL_IDX=prob.lists(False)[1],
+        PART_PTR=prob.lists(False)[2], PART_IDX=prob.lists(False)[3], **qkv, **common)
+    if S > 1:
+        dq = dq.sum(0).to(qp.dtype)
+        duq = None if duq is None else duq.sum(0)
+    return dq, dk, dv, db, duq, duk, dg
 
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _tune_key(kind, pattern, q, k, v):
-    shape_class = (q.shape[-1], v.shape[-1], q.dtype, q.shape[1] // k.shape[1] > 1)
+def _tune_key(kind, pattern, q, k, v, feats=()):
+    shape_class = (q.shape[-1], v.shape[-1], q.dtype, q.shape[1] // k.shape[1] > 1) + tuple(feats)
     if _is_grid(pattern) or isinstance(pattern, Window1d):
         return (kind, pattern) + shape_class
     return (kind, type(pattern).__name__, _next_pow2(q.shape[2]), _next_pow2(k.shape[2])) + shape_class
@@ -270,14 +466,14 @@ def _autotune(key, candidates, run) -> tuple:
             run(cfg)
             torch.cuda.synchronize()
             ts = []
-            for _ in range(3):
+            for _ in range(5):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 run(cfg)
                 end.record()
                 end.synchronize()
                 ts.append(start.elapsed_time(end))
-            timings[cfg] = sorted(ts)[1]
+            timings[cfg] = sorted(ts)[2]
         except (OutOfResources, CompilationError) as err:
             logger.debug("autotune %s: config %s failed: %s", key, cfg, err)
     if not timings:
@@ -288,11 +484,16 @@ def _autotune(key, candidates, run) -> tuple:
     return best
 
 
+def _feats(bias, qf, gate):
+    return ("bias" if bias is not None else "", _block_d(qf.shape[-1]) if qf is not None else 0,
+            "gate" if gate is not None else "")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # forward / backward on the original (B, H, N, D) layout
 
 
-def _forward(q, k, v, pattern, scale):
+def _forward(q, k, v, bias, qf, kf, gate, pattern, scale):
     nq, nk = q.shape[2], k.shape[2]
     cache = {}
 
@@ -302,16 +503,26 @@ def _forward(q, k, v, pattern, scale):
         ins = cache.get(ck)
         if ins is None:
             ins = (prob.q_in(q), prob.k_in(k), prob.k_in(v))
+            ins = ins + (_Extras(prob, ins[0], bias, qf, kf, gate, nq, nk),)
             cache[ck] = ins
         return prob, _launch_fwd(*ins, prob, scale, cfg)
 
-    cfg = _autotune(_tune_key("fwd", pattern, q, k, v),
-                    _with_tile_costs(pattern, _fwd_candidates(q.shape[-1], v.shape[-1])), run)
+    cands = _skinny_candidates(_fwd_candidates(q.shape[-1], v.shape[-1]), nk)
+    cfg = _autotune(_tune_key("fwd", pattern, q, k, v, _feats(bias, qf, gate)), _with_tile_costs(pattern, cands),
+                    run)
     prob, (out, lse) = run(cfg)
     return prob.q_out(out), prob.q_out(lse[..., None])[..., 0]
 
 
-def _backward(do, q, k, v, out, lse, dlse, pattern, scale):
+def _reduce_to(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum a full-size gradient over the dims where `like` broadcasts (size 1), in `like`'s dtype."""
+    dims = [i for i, (a, b) in enumerate(zip(like.shape, g.shape)) if a == 1 and b != 1]
+    if dims:
+        g = g.sum(dim=dims, keepdim=True)
+    return g.to(like.dtype)
+
+
+def _backward(do, q, k, v, out, lse, dlse, bias, qf, kf, gate, pattern, scale, need_db, need_lr):
     nq, nk = q.shape[2], k.shape[2]
     cache = {}
 
@@ -320,16 +531,30 @@ def _backward(do, q, k, v, out, lse, dlse, pattern, scale):
         ck = (cfg[:2], cfg[4:]) if prob.grid else None
         ins = cache.get(ck)
         if ins is None:
-            ins = (prob.q_in(do), prob.q_in(q), prob.k_in(k), prob.k_in(v), prob.q_in(out),
+            qp = prob.q_in(q)
+            ins = (prob.q_in(do), qp, prob.k_in(k), prob.k_in(v), prob.q_in(out),
                    prob.q_in(lse[..., None])[..., 0].contiguous(),
-                   None if dlse is None else prob.q_in(dlse.float()[..., None])[..., 0].contiguous())
+                   None if dlse is None else prob.q_in(dlse.float()[..., None])[..., 0].contiguous(),
+                   _Extras(prob, qp, bias, qf, kf, gate, nq, nk))
             cache[ck] = ins
-        return prob, _launch_bwd(*ins, prob, scale, cfg)
+        return prob, _launch_bwd(*ins, prob, scale, cfg, need_db, need_lr)
 
-    cfg = _autotune(_tune_key("bwd", pattern, q, k, v),
-                    _with_tile_costs(pattern, _bwd_candidates(q.shape[-1], v.shape[-1])), run)
-    prob, (dq, dk, dv) = run(cfg)
-    return prob.q_out(dq), prob.k_out(dk), prob.k_out(dv)
+    cands = _skinny_candidates(_bwd_candidates(q.shape[-1], v.shape[-1]), nk)
+    feats = _feats(bias, qf, gate) + (need_db,)
+    cfg = _autotune(_tune_key("bwd", pattern, q, k, v, feats), _with_tile_costs(pattern, cands), run)
+    prob, (dq, dk, dv, db, duq, duk, dg) = run(cfg)
+    dq, dk, dv = prob.q_out(dq), prob.k_out(dk), prob.k_out(dv)
+    dbias = dqf = dkf = dgate = None
+    if db is not None:
+        dbias = _reduce_to(prob.bias_out(db), bias)
+    if qf is not None and need_lr:
+        dqf = _reduce_to(prob.q_out(duq), qf)
+        dkf = _reduce_to(prob.k_out(duk), kf)
+    if dg is not None:
+        dg = prob.q_out(dg)  # (B, H, N, 1 | Dv)
+        dgate = dg[..., 0].permute(0, 2, 1) if gate.dim() == 3 else dg.permute(0, 2, 1, 3)
+        dgate = dgate.to(gate.dtype)
+    return dq, dk, dv, dbias, dqf, dkf, dgate
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -337,44 +562,64 @@ def _backward(do, q, k, v, out, lse, dlse, pattern, scale):
 
 
 @torch.library.custom_op("attnzoo::attention_fwd", mutates_args=())
-def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_key: str,
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                      q_factor: Optional[torch.Tensor], k_factor: Optional[torch.Tensor],
+                      gate: Optional[torch.Tensor], pattern_key: str,
                       scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _forward(q, k, v, _PATTERNS[pattern_key], scale)
+    out, lse = _forward(q, k, v, bias, q_factor, k_factor, gate, _PATTERNS[pattern_key], scale)
     return out.contiguous(), lse.contiguous()
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, pattern_key, scale):
+def _(q, k, v, bias, q_factor, k_factor, gate, pattern_key, scale):
     B, H, NQ, _ = q.shape
     return q.new_empty(B, H, NQ, v.shape[-1]), q.new_empty(B, H, NQ, dtype=torch.float32)
 
 
+def _grad_like(x: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.empty(0, device="meta") if x is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 @torch.library.custom_op("attnzoo::attention_bwd", mutates_args=())
 def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                      lse: torch.Tensor, dlse: Optional[torch.Tensor], pattern_key: str,
-                      scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = _backward(do, q, k, v, out, lse, dlse, _PATTERNS[pattern_key], scale)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+                      lse: torch.Tensor, dlse: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                      q_factor: Optional[torch.Tensor], k_factor: Optional[torch.Tensor],
+                      gate: Optional[torch.Tensor], pattern_key: str, scale: float, need_bias_grad: bool,
+                      need_factor_grad: bool) -> List[torch.Tensor]:
+    grads = _backward(do, q, k, v, out, lse, dlse, bias, q_factor, k_factor, gate, _PATTERNS[pattern_key], scale,
+                      need_bias_grad, need_factor_grad)
+    return [g.contiguous() if g is not None else q.new_empty(0) for g in grads]
 
 
 @_attention_bwd_op.register_fake
-def _(do, q, k, v, out, lse, dlse, pattern_key, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(do, q, k, v, out, lse, dlse, bias, q_factor, k_factor, gate, pattern_key, scale, need_bias_grad,
+      need_factor_grad):
+    def like(x, needed):
+        return torch.empty_like(x, memory_format=torch.contiguous_format) if (x is not None and needed) \
+            else q.new_empty(0)
+
+    return [like(q, True), like(k, True), like(v, True), like(bias, need_bias_grad),
+            like(q_factor, need_factor_grad), like(k_factor, need_factor_grad), like(gate, True)]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, pattern_key, scale = inputs
+    q, k, v, bias, qf, kf, gate, pattern_key, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, bias, qf, kf, gate)
     ctx.pattern_key, ctx.scale = pattern_key, scale
 
 
 def _attention_backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, bias, qf, kf, gate = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, dlse, ctx.pattern_key, ctx.scale)
-    return dq, dk, dv, None, None
+    need = ctx.needs_input_grad
+    need_db = bias is not None and need[3]
+    need_lr = qf is not None and (need[4] or need[5])
+    dq, dk, dv, dbias, dqf, dkf, dgate = _attention_bwd_op(dout, q, k, v, out, lse, dlse, bias, qf, kf, gate,
+                                                           ctx.pattern_key, ctx.scale, need_db, need_lr)
+    return (dq, dk, dv, dbias if need_db else None, dqf if need_lr else None, dkf if need_lr else None,
+            dgate if gate is not None else None, None, None)
 
 
 _attention_fwd_op.register_autograd(_attention_backward, setup_context=_setup_context)
@@ -387,12 +632,23 @@ def _pattern_key(pattern: Pattern) -> str:
     return key
 
 
+def _as4d(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape((1,) * (4 - x.dim()) + tuple(x.shape))
+
+
 def attention_triton(q, k, v, pattern=None, bias=None, gate=None, scale=None, return_lse=False):
-    """Triton attention (differentiable); arguments as `kernels.attention` (bias must be None)."""
-    if bias is not None:
-        raise NotImplementedError("the triton backend does not support bias yet")
+    """Triton attention (differentiable); arguments as `kernels.attention`.
+
+    A tensor bias is fused as a dense bias; a factorized bias (`LowRankBias`, `RelPosBias`) is lowered by its
+    `kernel_factors(q, k)` to low-rank factors (differentiable torch ops) that the kernels add as a second dot.
+    """
     pattern = Dense() if pattern is None else pattern
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    out, lse = _attention_fwd_op(q, k, v, _pattern_key(pattern), scale)
-    out = apply_gate(out, gate)
+    dense = qf = kf = None
+    if isinstance(bias, torch.Tensor):
+        dense = _as4d(bias)
+    elif bias is not None:
+        qf, kf = bias.kernel_factors(q, k)
+        qf, kf = qf.to(q.dtype), kf.to(q.dtype)
+    out, lse = _attention_fwd_op(q, k, v, dense, qf, kf, gate, _pattern_key(pattern), scale)
     return (out, lse) if return_lse else out

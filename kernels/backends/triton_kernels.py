@@ -12,6 +12,18 @@ Two ways to enumerate blocks (constexpr `GRID_MODE`):
 
 Full blocks run without any mask; only partial blocks pay for the element mask. Logits are kept in base 2
 (`qk_scale = scale * log2(e)`); the stored lse is natural-log. Rows that see no key give zeros and lse=-inf.
+
+Optional terms (constexpr flags, absent ones cost nothing):
+
+* `HAS_BIAS`: a dense additive bias read tile by tile through its strides (stride 0 on broadcast dims);
+  `STORE_DB` writes dS (the logit gradient, natural units) per (b, h) from the dK/dV kernel.
+* `HAS_LR`: low-rank logits `U_q · U_kᵀ` (FlashBias), a second small dot per tile; gradients dU_k (dK/dV kernel,
+  per query head) and dU_q (dQ kernel).
+* `HAS_GATE`: `out *= sigmoid(g)` in the forward epilogue (g per row or per element, stride 0 on the head-wise
+  column axis); the backward's delta kernel turns dO into dO·sigmoid(g) and writes dg.
+* splits (1-d patterns only): a third program axis cuts the key blocks (forward, dQ) or query blocks (dK/dV)
+  into chunks, so skinny problems (few query or few key blocks) still fill the GPU; partial results go to a
+  float32 buffer with a per-split stride and are combined in torch.
 """
 import triton
 import triton.language as tl
@@ -82,29 +94,80 @@ def _load_rows(base, offs_r, stride_r, offs_c, NR, NC: tl.constexpr, BLOCK_C: tl
     return x
 
 
+@triton.jit
+def _bias_tile(b_base, offs_m, offs_n, stride_bm, stride_bn, NQ, NK, GRID_MODE: tl.constexpr, TRANS: tl.constexpr):
+    """Dense bias tile in base-2 logits, (BM, BN) or (BN, BM) when TRANS. 1-d mode masks rows/columns past the
+    end; grid mode runs on padded buffers. (A first version clamped the indices with tl.minimum and measured
+    3.9-4.9x the no-bias forward on an H200; suspected, not verified: the clamp hides the offsets' contiguity and
+    the loads lose vectorisation. This masked form is not yet measured on a GPU.)"""
+    if TRANS:
+        ptrs = b_base + offs_n[:, None] * stride_bn + offs_m[None, :] * stride_bm
+        if GRID_MODE:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=(offs_n < NK)[:, None] & (offs_m < NQ)[None, :], other=0.0)
+    else:
+        ptrs = b_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
+        if GRID_MODE:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=(offs_m < NQ)[:, None] & (offs_n < NK)[None, :], other=0.0)
+    return x.to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
+def _chunk(lo, hi, pid_s, SPLIT_BLOCKS):
+    """Intersect the block range [lo, hi) with split pid_s's chunk of SPLIT_BLOCKS blocks."""
+    c0 = pid_s * SPLIT_BLOCKS
+    return tl.maximum(lo, c0), tl.minimum(hi, c0 + SPLIT_BLOCKS)
+
+
+@triton.jit
+def _ranges_q(pid_m, NQ, NK, OFF, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """1-d patterns, one query block: key blocks [nb_lo, nb_hi), of which [f_lo, f_hi) are full."""
+    m0 = pid_m * BLOCK_M
+    m1 = tl.minimum(m0 + BLOCK_M, NQ)
+    first = tl.maximum(m0 + OFF - LEFT, 0)
+    last = tl.minimum(m1 - 1 + OFF + RIGHT, NK - 1)
+    nb_lo = first // BLOCK_N
+    nb_hi = tl.where(last >= first, last // BLOCK_N + 1, nb_lo)
+    f_lo = (tl.maximum(m1 - 1 + OFF - LEFT, 0) + BLOCK_N - 1) // BLOCK_N
+    f_hi = tl.maximum(tl.minimum(m0 + OFF + RIGHT, NK - 1) + 1, 0) // BLOCK_N
+    f_lo = tl.minimum(tl.maximum(f_lo, nb_lo), nb_hi)
+    f_hi = tl.minimum(tl.maximum(f_hi, f_lo), nb_hi)
+    return nb_lo, nb_hi, f_lo, f_hi
+
+
 # ----------------------------------------------------------------------------------------------------------
 # forward
 
 
 @triton.jit
-def _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, offs_d, offs_dv,
-              qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQP, NKP, DIL0, DIL1, DIL2,
-              D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr, MASK_AXES: tl.constexpr,
-              HAS_DIL: tl.constexpr, DOT_PREC: tl.constexpr):
+def _fwd_step(acc, m_i, l_i, q, uq, k_base, v_base, kf_base, b_base, stride_kn, stride_vn, stride_kfn, stride_bm,
+              stride_bn, start_n, offs_m, offs_d, offs_dv, offs_r, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC,
+              NQP, NKP, DIL0, DIL1, DIL2,
+              D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr,
+              MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
+              DOT_PREC: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     check = MASKED and not GRID_MODE  # 1-d partial blocks may run past NK
     k = _load_rows(k_base, offs_n, stride_kn, offs_d, NK, D, BLOCK_D, check)
     v = _load_rows(v_base, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV, check)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if HAS_LR:
+        uk = _load_rows(kf_base, offs_n, stride_kfn, offs_r, NK, R, BLOCK_R, check)
+        s += tl.dot(uq, tl.trans(uk), input_precision=DOT_PREC) * 1.4426950408889634
+    if HAS_BIAS:
+        s += _bias_tile(b_base, offs_m, offs_n, stride_bm, stride_bn, NQ, NK, GRID_MODE, False)
     if MASKED:
         vis = _visible(offs_m, offs_n, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQP, NKP, DIL0, DIL1, DIL2,
                        GRID_MODE, MASK_AXES, HAS_DIL, False)
         s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED or HAS_BIAS:  # a row may have seen only -inf so far
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = m_new
     alpha = tl.math.exp2(m_i - m_use)
     p = tl.math.exp2(s - m_use[:, None])
@@ -114,29 +177,41 @@ def _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, o
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE,
+def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+              stride_qfb, stride_qfh, stride_qfn, stride_kfb, stride_kfh, stride_kfn,
+              stride_bb, stride_bh, stride_bm, stride_bn, stride_gb, stride_gh, stride_gn, stride_gd,
+              stride_os, stride_ls, SPLIT_BLOCKS,
               H, GROUP, NQ, NK, qk_scale, OFF, LEFT, RIGHT,
               FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, QLO, QHI, KC, DIL0, DIL1, DIL2,
-              D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GRID_MODE: tl.constexpr, MASK_AXES: tl.constexpr,
-              HAS_DIL: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr):
+              D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, GRID_MODE: tl.constexpr,
+              MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HAS_LR: tl.constexpr, HAS_GATE: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     if REVERSE:  # heavy (late, causal) query blocks first
         pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    o_base = O + b * stride_ob + h * stride_oh
+    o_base = O + pid_s.to(tl.int64) * stride_os + b * stride_ob + h * stride_oh
+    kf_base = KF + b * stride_kfb + h * stride_kfh
+    b_base = BIAS + b * stride_bb + h * stride_bh
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    offs_r = tl.arange(0, BLOCK_R)
     q = _load_rows(q_base, offs_m, stride_qn, offs_d, NQ, D, BLOCK_D, not GRID_MODE)
+    uq = q
+    if HAS_LR:
+        uq = _load_rows(QF + b * stride_qfb + h * stride_qfh, offs_m, stride_qfn, offs_r, NQ, R, BLOCK_R,
+                        not GRID_MODE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -144,50 +219,54 @@ def _attn_fwd(Q, K, V, O, LSE,
     if GRID_MODE:
         for it in range(tl.load(FULL_PTR + pid_m), tl.load(FULL_PTR + pid_m + 1)):
             start_n = tl.load(FULL_IDX + it) * BLOCK_N
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m,
-                                      offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK,
-                                      DIL0, DIL1, DIL2, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, GRID_MODE,
-                                      MASK_AXES, HAS_DIL, DOT_PREC)
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, uq, k_base, v_base, kf_base, b_base, stride_kn, stride_vn,
+                                      stride_kfn, stride_bm, stride_bn, start_n, offs_m, offs_d, offs_dv, offs_r,
+                                      qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
+                                      D, DV, R, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, False, GRID_MODE, MASK_AXES,
+                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC)
         for it in range(tl.load(PART_PTR + pid_m), tl.load(PART_PTR + pid_m + 1)):
             start_n = tl.load(PART_IDX + it) * BLOCK_N
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, start_n, offs_m,
-                                      offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK,
-                                      DIL0, DIL1, DIL2, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, GRID_MODE,
-                                      MASK_AXES, HAS_DIL, DOT_PREC)
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, uq, k_base, v_base, kf_base, b_base, stride_kn, stride_vn,
+                                      stride_kfn, stride_bm, stride_bn, start_n, offs_m, offs_d, offs_dv, offs_r,
+                                      qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
+                                      D, DV, R, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES,
+                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC)
     else:
-        m0 = pid_m * BLOCK_M
-        m1 = tl.minimum(m0 + BLOCK_M, NQ)
-        first = tl.maximum(m0 + OFF - LEFT, 0)
-        last = tl.minimum(m1 - 1 + OFF + RIGHT, NK - 1)
-        nb_lo = first // BLOCK_N
-        nb_hi = tl.where(last >= first, last // BLOCK_N + 1, nb_lo)
-        f_lo = (tl.maximum(m1 - 1 + OFF - LEFT, 0) + BLOCK_N - 1) // BLOCK_N
-        f_hi = tl.maximum(tl.minimum(m0 + OFF + RIGHT, NK - 1) + 1, 0) // BLOCK_N
-        f_lo = tl.minimum(tl.maximum(f_lo, nb_lo), nb_hi)
-        f_hi = tl.minimum(tl.maximum(f_hi, f_lo), nb_hi)
-        for nb in range(f_lo, f_hi):
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, nb * BLOCK_N, offs_m,
-                                      offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK,
-                                      DIL0, DIL1, DIL2, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, GRID_MODE,
-                                      MASK_AXES, HAS_DIL, DOT_PREC)
-        for nb in range(nb_lo, f_lo):
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, nb * BLOCK_N, offs_m,
-                                      offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK,
-                                      DIL0, DIL1, DIL2, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, GRID_MODE,
-                                      MASK_AXES, HAS_DIL, DOT_PREC)
-        for nb in range(f_hi, nb_hi):
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, nb * BLOCK_N, offs_m,
-                                      offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK,
-                                      DIL0, DIL1, DIL2, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, GRID_MODE,
-                                      MASK_AXES, HAS_DIL, DOT_PREC)
+        nb_lo, nb_hi, f_lo, f_hi = _ranges_q(pid_m, NQ, NK, OFF, LEFT, RIGHT, BLOCK_M, BLOCK_N)
+        a, e = _chunk(f_lo, f_hi, pid_s, SPLIT_BLOCKS)
+        for nb in range(a, e):
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, uq, k_base, v_base, kf_base, b_base, stride_kn, stride_vn,
+                                      stride_kfn, stride_bm, stride_bn, nb * BLOCK_N, offs_m, offs_d, offs_dv, offs_r,
+                                      qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
+                                      D, DV, R, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, False, GRID_MODE, MASK_AXES,
+                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC)
+        a, e = _chunk(nb_lo, f_lo, pid_s, SPLIT_BLOCKS)
+        for nb in range(a, e):
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, uq, k_base, v_base, kf_base, b_base, stride_kn, stride_vn,
+                                      stride_kfn, stride_bm, stride_bn, nb * BLOCK_N, offs_m, offs_d, offs_dv, offs_r,
+                                      qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
+                                      D, DV, R, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES,
+                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC)
+        a, e = _chunk(f_hi, nb_hi, pid_s, SPLIT_BLOCKS)
+        for nb in range(a, e):
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, uq, k_base, v_base, kf_base, b_base, stride_kn, stride_vn,
+                                      stride_kfn, stride_bm, stride_bn, nb * BLOCK_N, offs_m, offs_d, offs_dv, offs_r,
+                                      qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
+                                      D, DV, R, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES,
+                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     rows = offs_m < NQ
+    cols = offs_dv < DV
+    if HAS_GATE:
+        g_ptrs = GATE + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd
+        g = tl.load(g_ptrs, mask=rows[:, None] & cols[None, :], other=0.0).to(tl.float32)
+        out = out * tl.sigmoid(g)
     o_ptrs = o_base + offs_m[:, None] * stride_on + offs_dv[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=rows[:, None] & (offs_dv < DV)[None, :])
-    tl.store(LSE + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=rows)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=rows[:, None] & cols[None, :])
+    tl.store(LSE + pid_s.to(tl.int64) * stride_ls + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=rows)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -195,30 +274,54 @@ def _attn_fwd(Q, K, V, O, LSE,
 
 
 @triton.jit
-def _bwd_delta(O, DO, DLSE, DELTA, stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
-               H, NQ, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_DLSE: tl.constexpr):
-    """delta = rowsum(dO * O) - dlse, float32 (B, H, NQ)."""
+def _bwd_delta(O, DO, DLSE, DELTA, GATE, DOE, DG,
+               stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
+               stride_gb, stride_gh, stride_gn, stride_gd, stride_eb, stride_eh, stride_en,
+               stride_dgb, stride_dgh, stride_dgn, stride_dgd,
+               H, NQ, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_DLSE: tl.constexpr,
+               HAS_GATE: tl.constexpr, GATE_ELEM: tl.constexpr):
+    """delta = rowsum(dO * O) - dlse, float32 (B, H, NQ). With a gate (O is the gated output): also
+    dO_eff = dO * sigmoid(g) (what the attention saw) and dg = dO * O * (1 - sigmoid(g)) (summed per row when
+    head-wise)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
+    rows = offs_m < NQ
+    cols = offs_dv < DV
     o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_dv, NQ, DV, BLOCK_DV, True)
     do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, stride_dn, offs_dv, NQ, DV, BLOCK_DV, True)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    rows = offs_m < NQ
+    prod = o.to(tl.float32) * do.to(tl.float32)
+    delta = tl.sum(prod, 1)
+    if HAS_GATE:
+        g_base = GATE + b * stride_gb + h * stride_gh
+        g = tl.load(g_base + offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd,
+                    mask=rows[:, None] & cols[None, :], other=0.0).to(tl.float32)
+        sg = tl.sigmoid(g)
+        e_ptrs = DOE + b * stride_eb + h * stride_eh + offs_m[:, None] * stride_en + offs_dv[None, :]
+        tl.store(e_ptrs, (do.to(tl.float32) * sg).to(DOE.dtype.element_ty), mask=rows[:, None] & cols[None, :])
+        dg_base = DG + b * stride_dgb + h * stride_dgh
+        if GATE_ELEM:
+            tl.store(dg_base + offs_m[:, None] * stride_dgn + offs_dv[None, :] * stride_dgd,
+                     (prod * (1.0 - sg)).to(DG.dtype.element_ty), mask=rows[:, None] & cols[None, :])
+        else:
+            sg_row = tl.sigmoid(tl.load(g_base + offs_m * stride_gn, mask=rows, other=0.0).to(tl.float32))
+            tl.store(dg_base + offs_m * stride_dgn, (delta * (1.0 - sg_row)).to(DG.dtype.element_ty), mask=rows)
     if HAS_DLSE:
         delta -= tl.load(DLSE + pid_bh.to(tl.int64) * NQ + offs_m, mask=rows, other=0.0)
     tl.store(DELTA + pid_bh.to(tl.int64) * NQ + offs_m, delta, mask=rows)
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn, start_m, offs_n,
-               offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2,
-               D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr, MASK_AXES: tl.constexpr,
-               HAS_DIL: tl.constexpr, DOT_PREC: tl.constexpr):
+def _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_base, b_base, db_base, stride_qn,
+               stride_dn, stride_qfn, stride_bm, stride_bn, stride_dbm, stride_dbn, start_m, offs_n, offs_d, offs_dv,
+               offs_r, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2,
+               D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr,
+               MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
+               STORE_DB: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     check = MASKED and not GRID_MODE
     q = _load_rows(q_base, offs_m, stride_qn, offs_d, NQ, D, BLOCK_D, check)
@@ -231,6 +334,12 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, s
         delta = tl.load(delta_base + offs_m)
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 1.4426950408889634)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BN, BM)
+    uq = q
+    if HAS_LR:
+        uq = _load_rows(qf_base, offs_m, stride_qfn, offs_r, NQ, R, BLOCK_R, check)
+        s_t += tl.dot(uk, tl.trans(uq), input_precision=DOT_PREC) * 1.4426950408889634
+    if HAS_BIAS:
+        s_t += _bias_tile(b_base, offs_m, offs_n, stride_bm, stride_bn, NQ, NK, GRID_MODE, True)
     p_t = tl.math.exp2(s_t - lse2[None, :])
     if MASKED:
         vis = _visible(offs_m, offs_n, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
@@ -240,26 +349,41 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, s
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     ds_t = p_t * (dp_t - delta[None, :])
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
-    return dk, dv
+    if HAS_LR:
+        duk += tl.dot(ds_t.to(uq.dtype), uq, input_precision=DOT_PREC)
+    if STORE_DB:
+        db_ptrs = db_base + offs_n[:, None] * stride_dbn + offs_m[None, :] * stride_dbm
+        if GRID_MODE:
+            tl.store(db_ptrs, ds_t)
+        else:
+            tl.store(db_ptrs, ds_t, mask=(offs_n < NK)[:, None] & (offs_m < NQ)[None, :])
+    return dk, dv, duk
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                   stride_qfb, stride_qfh, stride_qfn, stride_kfb, stride_kfh, stride_kfn,
+                   stride_bb, stride_bh, stride_bm, stride_bn, stride_dbb, stride_dbh, stride_dbm, stride_dbn,
+                   stride_dukb, stride_dukh, stride_dukn, stride_dks, stride_dvs, stride_duks, SPLIT_BLOCKS,
                    H, HKV, GROUP, NQ, NK, qk_scale, sm_scale, OFF, LEFT, RIGHT,
                    FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, QLO, QHI, KC, DIL0, DIL1, DIL2,
-                   D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GRID_MODE: tl.constexpr, MASK_AXES: tl.constexpr,
-                   HAS_DIL: tl.constexpr, DOT_PREC: tl.constexpr):
+                   D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, GRID_MODE: tl.constexpr,
+                   MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
+                   STORE_DB: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
     b = (pid_bh // HKV).to(tl.int64)
     hk = (pid_bh % HKV).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    offs_r = tl.arange(0, BLOCK_R)
+    rows = offs_n < NK
     k = _load_rows(K + b * stride_kb + hk * stride_kh, offs_n, stride_kn, offs_d, NK, D, BLOCK_D, not GRID_MODE)
     v = _load_rows(V + b * stride_vb + hk * stride_vh, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV,
                    not GRID_MODE)
@@ -282,62 +406,96 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_,
         f_hi = tl.where(n0 + BLOCK_N <= NK, f_hi, 0)
         f_lo = tl.minimum(tl.maximum(f_lo, mb_lo), mb_hi)
         f_hi = tl.minimum(tl.maximum(f_hi, f_lo), mb_hi)
+        fa, fe = _chunk(f_lo, f_hi, pid_s, SPLIT_BLOCKS)
+        pa, pe = _chunk(mb_lo, f_lo, pid_s, SPLIT_BLOCKS)
+        qa, qe = _chunk(f_hi, mb_hi, pid_s, SPLIT_BLOCKS)
 
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * H + h
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_db + h * stride_dh
+        qf_base = QF + b * stride_qfb + h * stride_qfh
+        b_base = BIAS + b * stride_bb + h * stride_bh
+        db_base = DB + b * stride_dbb + h * stride_dbh
         lse_base = LSE + bh * NQ
         delta_base = DELTA + bh * NQ
+        uk = k
+        duk = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
+        if HAS_LR:
+            uk = _load_rows(KF + b * stride_kfb + h * stride_kfh, offs_n, stride_kfn, offs_r, NK, R, BLOCK_R,
+                            not GRID_MODE)
         if GRID_MODE:
             for it in range(f_s, f_e):
                 start_m = tl.load(FULL_IDX + it) * BLOCK_M
-                dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
-                                    start_m, offs_n, offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI,
-                                    KC, DIL0, DIL1, DIL2, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, False, GRID_MODE,
-                                    MASK_AXES, HAS_DIL, DOT_PREC)
+                dk, dv, duk = _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_base,
+                                         b_base, db_base, stride_qn, stride_dn, stride_qfn, stride_bm, stride_bn,
+                                         stride_dbm, stride_dbn, start_m, offs_n, offs_d, offs_dv, offs_r, qk_scale,
+                                         NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R, BLOCK_M,
+                                         BLOCK_D, BLOCK_DV, BLOCK_R, False, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
+                                         HAS_LR, STORE_DB, DOT_PREC)
             for it in range(p_s, p_e):
                 start_m = tl.load(PART_IDX + it) * BLOCK_M
-                dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
-                                    start_m, offs_n, offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI,
-                                    KC, DIL0, DIL1, DIL2, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, True, GRID_MODE,
-                                    MASK_AXES, HAS_DIL, DOT_PREC)
+                dk, dv, duk = _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_base,
+                                         b_base, db_base, stride_qn, stride_dn, stride_qfn, stride_bm, stride_bn,
+                                         stride_dbm, stride_dbn, start_m, offs_n, offs_d, offs_dv, offs_r, qk_scale,
+                                         NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R, BLOCK_M,
+                                         BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
+                                         HAS_LR, STORE_DB, DOT_PREC)
         else:
-            for mb in range(f_lo, f_hi):
-                dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
-                                    mb * BLOCK_M, offs_n, offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO,
-                                    QHI, KC, DIL0, DIL1, DIL2, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, False, GRID_MODE,
-                                    MASK_AXES, HAS_DIL, DOT_PREC)
-            for mb in range(mb_lo, f_lo):
-                dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
-                                    mb * BLOCK_M, offs_n, offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO,
-                                    QHI, KC, DIL0, DIL1, DIL2, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, True, GRID_MODE,
-                                    MASK_AXES, HAS_DIL, DOT_PREC)
-            for mb in range(f_hi, mb_hi):
-                dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_dn,
-                                    mb * BLOCK_M, offs_n, offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO,
-                                    QHI, KC, DIL0, DIL1, DIL2, D, DV, BLOCK_M, BLOCK_D, BLOCK_DV, True, GRID_MODE,
-                                    MASK_AXES, HAS_DIL, DOT_PREC)
+            for mb in range(fa, fe):
+                dk, dv, duk = _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_base,
+                                         b_base, db_base, stride_qn, stride_dn, stride_qfn, stride_bm, stride_bn,
+                                         stride_dbm, stride_dbn, mb * BLOCK_M, offs_n, offs_d, offs_dv, offs_r,
+                                         qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
+                                         BLOCK_M, BLOCK_D, BLOCK_DV, BLOCK_R, False, GRID_MODE, MASK_AXES, HAS_DIL,
+                                         HAS_BIAS, HAS_LR, STORE_DB, DOT_PREC)
+            for mb in range(pa, pe):
+                dk, dv, duk = _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_base,
+                                         b_base, db_base, stride_qn, stride_dn, stride_qfn, stride_bm, stride_bn,
+                                         stride_dbm, stride_dbn, mb * BLOCK_M, offs_n, offs_d, offs_dv, offs_r,
+                                         qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
+                                         BLOCK_M, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES, HAS_DIL,
+                                         HAS_BIAS, HAS_LR, STORE_DB, DOT_PREC)
+            for mb in range(qa, qe):
+                dk, dv, duk = _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_base,
+                                         b_base, db_base, stride_qn, stride_dn, stride_qfn, stride_bm, stride_bn,
+                                         stride_dbm, stride_dbn, mb * BLOCK_M, offs_n, offs_d, offs_dv, offs_r,
+                                         qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
+                                         BLOCK_M, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES, HAS_DIL,
+                                         HAS_BIAS, HAS_LR, STORE_DB, DOT_PREC)
+        if HAS_LR:
+            duk_ptrs = DUK + pid_s.to(tl.int64) * stride_duks + b * stride_dukb + h * stride_dukh + \
+                offs_n[:, None] * stride_dukn + offs_r[None, :]
+            tl.store(duk_ptrs, duk.to(DUK.dtype.element_ty), mask=rows[:, None] & (offs_r < R)[None, :])
 
-    rows = offs_n < NK
-    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    dk_ptrs = DK + pid_s.to(tl.int64) * stride_dks + b * stride_dkb + hk * stride_dkh + \
+        offs_n[:, None] * stride_dkn + offs_d[None, :]
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=rows[:, None] & (offs_d < D)[None, :])
-    dv_ptrs = DV_ + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :]
+    dv_ptrs = DV_ + pid_s.to(tl.int64) * stride_dvs + b * stride_dvb + hk * stride_dvh + \
+        offs_n[:, None] * stride_dvn + offs_dv[None, :]
     tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty), mask=rows[:, None] & (offs_dv < DV)[None, :])
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, offs_d, offs_dv,
-             qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2,
-             D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-             BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr, MASK_AXES: tl.constexpr,
-             HAS_DIL: tl.constexpr, DOT_PREC: tl.constexpr):
+def _dq_step(dq, duq, q, uq, do, lse2, delta, k_base, v_base, kf_base, b_base, stride_kn, stride_vn, stride_kfn,
+             stride_bm, stride_bn, start_n, offs_m, offs_d, offs_dv, offs_r, qk_scale, NQ, NK, OFF, LEFT, RIGHT,
+             QLO, QHI, KC, DIL0, DIL1, DIL2,
+             D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr,
+             MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
+             DOT_PREC: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     check = MASKED and not GRID_MODE
     k = _load_rows(k_base, offs_n, stride_kn, offs_d, NK, D, BLOCK_D, check)
     v = _load_rows(v_base, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV, check)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    uk = k
+    if HAS_LR:
+        uk = _load_rows(kf_base, offs_n, stride_kfn, offs_r, NK, R, BLOCK_R, check)
+        s += tl.dot(uq, tl.trans(uk), input_precision=DOT_PREC) * 1.4426950408889634
+    if HAS_BIAS:
+        s += _bias_tile(b_base, offs_m, offs_n, stride_bm, stride_bn, NQ, NK, GRID_MODE, False)
     p = tl.math.exp2(s - lse2[:, None])
     if MASKED:
         vis = _visible(offs_m, offs_n, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
@@ -346,69 +504,92 @@ def _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-    return dq
+    if HAS_LR:
+        duq += tl.dot(ds.to(uk.dtype), uk, input_precision=DOT_PREC)
+    return dq, duq
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
                  stride_dqb, stride_dqh, stride_dqn,
+                 stride_qfb, stride_qfh, stride_qfn, stride_kfb, stride_kfh, stride_kfn,
+                 stride_bb, stride_bh, stride_bm, stride_bn, stride_duqb, stride_duqh, stride_duqn,
+                 stride_dqs, stride_duqs, SPLIT_BLOCKS,
                  H, GROUP, NQ, NK, qk_scale, sm_scale, OFF, LEFT, RIGHT,
                  FULL_PTR, FULL_IDX, PART_PTR, PART_IDX, QLO, QHI, KC, DIL0, DIL1, DIL2,
-                 D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GRID_MODE: tl.constexpr, MASK_AXES: tl.constexpr,
-                 HAS_DIL: tl.constexpr, DOT_PREC: tl.constexpr):
+                 D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, GRID_MODE: tl.constexpr,
+                 MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
+    kf_base = KF + b * stride_kfb + h * stride_kfh
+    b_base = BIAS + b * stride_bb + h * stride_bh
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    offs_r = tl.arange(0, BLOCK_R)
     rows = offs_m < NQ
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, NQ, D, BLOCK_D, True)
     do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, stride_dn, offs_dv, NQ, DV, BLOCK_DV, True)
+    uq = q
+    if HAS_LR:
+        uq = _load_rows(QF + b * stride_qfb + h * stride_qfh, offs_m, stride_qfn, offs_r, NQ, R, BLOCK_R, True)
     lse2 = tl.load(LSE + pid_bh.to(tl.int64) * NQ + offs_m, mask=rows, other=float("inf"))
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 1.4426950408889634)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * NQ + offs_m, mask=rows, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    duq = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
     if GRID_MODE:
         for it in range(tl.load(FULL_PTR + pid_m), tl.load(FULL_PTR + pid_m + 1)):
             start_n = tl.load(FULL_IDX + it) * BLOCK_N
-            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, offs_d,
-                          offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV,
-                          BLOCK_N, BLOCK_D, BLOCK_DV, False, GRID_MODE, MASK_AXES, HAS_DIL, DOT_PREC)
+            dq, duq = _dq_step(dq, duq, q, uq, do, lse2, delta, k_base, v_base, kf_base, b_base, stride_kn,
+                               stride_vn, stride_kfn, stride_bm, stride_bn, start_n, offs_m, offs_d, offs_dv, offs_r,
+                               qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
+                               BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, False, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
+                               HAS_LR, DOT_PREC)
         for it in range(tl.load(PART_PTR + pid_m), tl.load(PART_PTR + pid_m + 1)):
             start_n = tl.load(PART_IDX + it) * BLOCK_N
-            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start_n, offs_m, offs_d,
-                          offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV,
-                          BLOCK_N, BLOCK_D, BLOCK_DV, True, GRID_MODE, MASK_AXES, HAS_DIL, DOT_PREC)
+            dq, duq = _dq_step(dq, duq, q, uq, do, lse2, delta, k_base, v_base, kf_base, b_base, stride_kn,
+                               stride_vn, stride_kfn, stride_bm, stride_bn, start_n, offs_m, offs_d, offs_dv, offs_r,
+                               qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
+                               BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
+                               HAS_LR, DOT_PREC)
     else:
-        m0 = pid_m * BLOCK_M
-        m1 = tl.minimum(m0 + BLOCK_M, NQ)
-        first = tl.maximum(m0 + OFF - LEFT, 0)
-        last = tl.minimum(m1 - 1 + OFF + RIGHT, NK - 1)
-        nb_lo = first // BLOCK_N
-        nb_hi = tl.where(last >= first, last // BLOCK_N + 1, nb_lo)
-        f_lo = (tl.maximum(m1 - 1 + OFF - LEFT, 0) + BLOCK_N - 1) // BLOCK_N
-        f_hi = tl.maximum(tl.minimum(m0 + OFF + RIGHT, NK - 1) + 1, 0) // BLOCK_N
-        f_lo = tl.minimum(tl.maximum(f_lo, nb_lo), nb_hi)
-        f_hi = tl.minimum(tl.maximum(f_hi, f_lo), nb_hi)
-        for nb in range(f_lo, f_hi):
-            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, nb * BLOCK_N, offs_m,
-                          offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D,
-                          DV, BLOCK_N, BLOCK_D, BLOCK_DV, False, GRID_MODE, MASK_AXES, HAS_DIL, DOT_PREC)
-        for nb in range(nb_lo, f_lo):
-            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, nb * BLOCK_N, offs_m,
-                          offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D,
-                          DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, GRID_MODE, MASK_AXES, HAS_DIL, DOT_PREC)
-        for nb in range(f_hi, nb_hi):
-            dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, nb * BLOCK_N, offs_m,
-                          offs_d, offs_dv, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D,
-                          DV, BLOCK_N, BLOCK_D, BLOCK_DV, True, GRID_MODE, MASK_AXES, HAS_DIL, DOT_PREC)
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
+        nb_lo, nb_hi, f_lo, f_hi = _ranges_q(pid_m, NQ, NK, OFF, LEFT, RIGHT, BLOCK_M, BLOCK_N)
+        a, e = _chunk(f_lo, f_hi, pid_s, SPLIT_BLOCKS)
+        for nb in range(a, e):
+            dq, duq = _dq_step(dq, duq, q, uq, do, lse2, delta, k_base, v_base, kf_base, b_base, stride_kn,
+                               stride_vn, stride_kfn, stride_bm, stride_bn, nb * BLOCK_N, offs_m, offs_d, offs_dv,
+                               offs_r, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
+                               BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, False, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
+                               HAS_LR, DOT_PREC)
+        a, e = _chunk(nb_lo, f_lo, pid_s, SPLIT_BLOCKS)
+        for nb in range(a, e):
+            dq, duq = _dq_step(dq, duq, q, uq, do, lse2, delta, k_base, v_base, kf_base, b_base, stride_kn,
+                               stride_vn, stride_kfn, stride_bm, stride_bn, nb * BLOCK_N, offs_m, offs_d, offs_dv,
+                               offs_r, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
+                               BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
+                               HAS_LR, DOT_PREC)
+        a, e = _chunk(f_hi, nb_hi, pid_s, SPLIT_BLOCKS)
+        for nb in range(a, e):
+            dq, duq = _dq_step(dq, duq, q, uq, do, lse2, delta, k_base, v_base, kf_base, b_base, stride_kn,
+                               stride_vn, stride_kfn, stride_bm, stride_bn, nb * BLOCK_N, offs_m, offs_d, offs_dv,
+                               offs_r, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
+                               BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
+                               HAS_LR, DOT_PREC)
+    dq_ptrs = DQ + pid_s.to(tl.int64) * stride_dqs + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + \
+        offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows[:, None] & (offs_d < D)[None, :])
+    if HAS_LR:
+        duq_ptrs = DUQ + pid_s.to(tl.int64) * stride_duqs + b * stride_duqb + h * stride_duqh + \
+            offs_m[:, None] * stride_duqn + offs_r[None, :]
+        tl.store(duq_ptrs, duq.to(DUQ.dtype.element_ty), mask=rows[:, None] & (offs_r < R)[None, :])

@@ -121,3 +121,77 @@ def test_pattern_arguments_validated():
         kernels.Neighborhood((4, 4), (3, 3, 3))
     with pytest.raises(ValueError, match="divisible"):
         kernels.Halo((6, 6), block=4, halo=1)
+
+
+def _rel_pos_loop(q, tables, pattern, scale):
+    """RelPosBias by its definition, one (query, key) pair at a time: float64 loops."""
+    qgrid = pattern.grid
+    kgrid = getattr(pattern, "key_grid", pattern.grid)
+    mask = pattern.mask(math.prod(qgrid), math.prod(kgrid))
+    B, H, Nq, _ = q.shape
+    out = torch.zeros(B, H, Nq, math.prod(kgrid), dtype=torch.float64)
+    for m in range(Nq):
+        qc = [int(c) for c in torch.unravel_index(torch.tensor(m), qgrid)]
+        for n in range(out.shape[-1]):
+            if not mask[m, n]:
+                continue
+            kc = [int(c) for c in torch.unravel_index(torch.tensor(n), kgrid)]
+            for a, table in enumerate(tables):
+                if isinstance(pattern, kernels.Halo):
+                    blk = qc[a] // pattern.query_block
+                    idx = (kc[a] - blk * pattern.block) - (qc[a] % pattern.query_block) + pattern.window - 1
+                else:
+                    idx = (kc[a] - qc[a]) // pattern.dilation[a] + pattern.window[a] - 1
+                out[:, :, m, n] += scale * (q[:, :, m].double() @ table[idx].double())
+    return out
+
+
+REL_PATTERNS = [
+    kernels.Halo((4, 6), block=2, halo=1),
+    kernels.Halo((2, 4), block=4, halo=1, query_stride=2),
+    kernels.Neighborhood((5, 6), (3, 5), dilation=(1, 2)),
+    kernels.Neighborhood((4, 3, 5), (3, 2, 3), causal_axes=(0,), inward=False),
+]
+
+
+@pytest.mark.parametrize("pattern", REL_PATTERNS, ids=repr)
+def test_rel_pos_bias_matches_definition_and_factors(pattern):
+    windows = [pattern.window] * len(pattern.grid) if isinstance(pattern, kernels.Halo) else list(pattern.window)
+    tables = [torch.randn(2 * w - 1, 8, dtype=torch.float64) for w in windows]
+    nq, nk = math.prod(pattern.grid), math.prod(getattr(pattern, "key_grid", pattern.grid))
+    q, k = torch.randn(2, 3, nq, 8, dtype=torch.float64), torch.randn(2, 3, nk, 8, dtype=torch.float64)
+    bias = kernels.RelPosBias(pattern, tables, scale=0.3)
+    dense = bias.materialize(q, k)
+    torch.testing.assert_close(dense, _rel_pos_loop(q, tables, pattern, 0.3), rtol=1e-12, atol=1e-12)
+    uq, uk = bias.kernel_factors(q, k)  # what the Triton path fuses: equal on every visible pair
+    assert uq.shape[-1] == bias.kernel_rank == sum(windows)
+    mask = pattern.mask(nq, nk)
+    torch.testing.assert_close((uq @ uk.transpose(-1, -2))[..., mask], dense[..., mask], rtol=1e-12, atol=1e-12)
+
+
+def test_rel_pos_bias_equals_halonet_layer_bias():
+    # the HaloNet layer's blocked layout: one block of qb x qb queries against its win x win window
+    from zoo.layers.halo_attention import halo_rel_pos_bias
+
+    block, halo, stride, dqk = 4, 1, 2, 8
+    qb, win = block // stride, block + 2 * halo
+    q = torch.randn(3, 2, qb, qb, dqk, dtype=torch.float64)
+    rel_h, rel_w = torch.randn(2 * win - 1, dqk, dtype=torch.float64), torch.randn(2 * win - 1, dqk,
+                                                                                    dtype=torch.float64)
+    bias = kernels.RelPosBias(kernels.Halo((qb, qb), block, halo, stride), (rel_h, rel_w))
+    ours = bias.materialize(q.reshape(3, 2, qb * qb, dqk), None)
+    torch.testing.assert_close(ours, halo_rel_pos_bias(q, rel_h, rel_w, win), rtol=1e-12, atol=1e-12)
+
+
+def test_factorized_bias_gradients_on_reference():
+    pattern = kernels.Neighborhood((3, 4), (3, 3))
+    q = torch.randn(1, 2, 12, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 12, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 12, 4, dtype=torch.float64, requires_grad=True)
+    th, tw = (torch.randn(5, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    uq = torch.randn(1, 2, 12, 3, dtype=torch.float64, requires_grad=True)
+    uk = torch.randn(1, 1, 12, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda q, k, v, th, tw: kernels.attention(
+        q, k, v, pattern, bias=kernels.RelPosBias(pattern, (th, tw)), backend="reference"), (q, k, v, th, tw))
+    torch.autograd.gradcheck(lambda q, k, v, uq, uk: kernels.attention(
+        q, k, v, bias=kernels.LowRankBias(uq, uk), backend="reference"), (q, k, v, uq, uk))

@@ -19,8 +19,10 @@ from kernels import Causal, Dense, Halo, Neighborhood, Window1d  # noqa: E402
 from kernels.backends.reference import attention_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# relative error bounds (‖x - ref‖ / ‖ref‖) per dtype, for out and for dq/dk/dv
+# per dtype: relative error bound (‖x - ref‖ / ‖ref‖) for out and every gradient, and absolute bound on lse
+# (factorized biases are formed in the input dtype, so lse carries its rounding: |bias| x eps)
 TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 1e-4 if DEVICE == "cpu" else 1e-3}
+LSE_TOL = {torch.float16: 5e-3, torch.bfloat16: 4e-2, torch.float32: 1e-4 if DEVICE == "cpu" else 1e-3}
 DTYPES = [torch.float16, torch.float32] if DEVICE == "cpu" else [torch.float16, torch.bfloat16]
 
 CASES = [  # (id, pattern, B, H, HKV, NQ, NK, D, DV)
@@ -44,16 +46,27 @@ def _rel(x, ref):
     return ((x.double() - ref).norm() / ref.norm()).item()
 
 
-def _check(pattern, B, H, HKV, NQ, NK, D, DV, dtype, gate_shape=None, lse_grad=False):
-    q = torch.randn(B, H, NQ, D, device=DEVICE, dtype=dtype, requires_grad=True)
-    k = torch.randn(B, HKV, NK, D, device=DEVICE, dtype=dtype, requires_grad=True)
-    v = torch.randn(B, HKV, NK, DV, device=DEVICE, dtype=dtype, requires_grad=True)
-    gate = None if gate_shape is None else torch.randn(*gate_shape, device=DEVICE, dtype=dtype, requires_grad=True)
+def _rand(*shape, dtype, grad=True):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype, requires_grad=grad)
+
+
+def _check(pattern, B, H, HKV, NQ, NK, D, DV, dtype, gate_shape=None, lse_grad=False, bias_fn=None, kv_fn=None):
+    """Triton vs float64 reference: out, lse and the gradient of every leaf (q, k, v, gate, bias tensors).
+
+    `bias_fn(q) -> (bias, leaves)` builds the bias (a tensor or a factorized bias) from its leaf tensors;
+    `kv_fn(k, v) -> (k, v)` may turn the leaves into views (expanded, strided) before the call."""
+    q = _rand(B, H, NQ, D, dtype=dtype)
+    k = _rand(B, HKV, NK, D, dtype=dtype)
+    v = _rand(B, HKV, NK, DV, dtype=dtype)
+    gate = None if gate_shape is None else _rand(*gate_shape, dtype=dtype)
+    bias, bias_leaves = (None, ()) if bias_fn is None else bias_fn(lambda *s, dtype=dtype: _rand(*s, dtype=dtype))
+    kv_fn = kv_fn or (lambda k_, v_: (k_, v_))
     scale = 0.5 / math.sqrt(D)
-    out, lse = kernels.attention(q, k, v, pattern, gate=gate, scale=scale, return_lse=True, backend="triton")
+    out, lse = kernels.attention(q, *kv_fn(k, v), pattern, bias=bias, gate=gate, scale=scale, return_lse=True,
+                                 backend="triton")
     do = torch.randn_like(out)
     dlse = torch.randn_like(lse) if lse_grad else None
-    leaves = (q, k, v) + (() if gate is None else (gate,))
+    leaves = (q, k, v) + (() if gate is None else (gate,)) + tuple(bias_leaves)
     finite_lse = torch.isfinite(lse.detach())
     loss_terms = [(out * do).sum()]
     if lse_grad:
@@ -61,8 +74,14 @@ def _check(pattern, B, H, HKV, NQ, NK, D, DV, dtype, gate_shape=None, lse_grad=F
     grads = torch.autograd.grad(sum(loss_terms), leaves)
 
     leaves64 = [x.detach().double().requires_grad_() for x in leaves]
+    q64, k64, v64 = leaves64[:3]
     gate64 = leaves64[3] if gate is not None else None
-    ro, rl = attention_reference(*leaves64[:3], pattern, gate=gate64, scale=scale, return_lse=True)
+    bias64 = None
+    if bias_fn is not None:
+        it = iter(leaves64[3 + (gate is not None):])
+        bias64, _ = bias_fn(lambda *s, dtype=None: next(it))
+    ro, rl = attention_reference(q64, *kv_fn(k64, v64), pattern, bias=bias64, gate=gate64, scale=scale,
+                                 return_lse=True)
     ref_terms = [(ro * do.double()).sum()]
     if lse_grad:
         ref_terms.append((torch.where(torch.isfinite(rl), rl, 0.0) * dlse.double()).sum())
@@ -72,8 +91,11 @@ def _check(pattern, B, H, HKV, NQ, NK, D, DV, dtype, gate_shape=None, lse_grad=F
     assert torch.isfinite(out).all(), "output not fully written"
     assert _rel(out, ro) < tol
     assert torch.equal(torch.isfinite(lse), torch.isfinite(rl)), "rows without keys must give lse = -inf"
-    assert (lse[finite_lse].double() - rl[finite_lse]).abs().max() < 1e-3
-    for name, g, rg in zip(("dq", "dk", "dv", "dgate"), grads, rgrads):
+    assert (lse[finite_lse].double() - rl[finite_lse]).abs().max() < LSE_TOL[dtype]
+    names = ["dq", "dk", "dv"] + (["dgate"] if gate is not None else []) + [f"dbias{i}" for i in
+                                                                              range(len(bias_leaves))]
+    for name, g, rg in zip(names, grads, rgrads):
+        assert g is not None and g.shape == rg.shape, name
         assert torch.isfinite(g).all(), f"{name} not fully written"
         assert _rel(g, rg) < tol, name
 
@@ -110,9 +132,11 @@ def test_default_dispatch_and_can_run():
 
     q = torch.randn(1, 2, 16, 32, device=DEVICE, dtype=torch.float16)
     assert can_run_triton(q, q, q, Dense(), None, None, False)
-    assert not can_run_triton(q, q, q, Dense(), torch.zeros(16, 16, device=DEVICE), None, False)
-    with pytest.raises(NotImplementedError, match="bias"):
-        kernels.attention(q, q, q, bias=torch.zeros(16, 16, device=DEVICE), backend="triton")
+    assert can_run_triton(q, q, q, Dense(), torch.randn(16, 16, device=DEVICE), None, False)
+    big = kernels.LowRankBias(torch.randn(1, 1, 16, 65, device=DEVICE), torch.randn(1, 1, 16, 65, device=DEVICE))
+    assert not can_run_triton(q, q, q, Dense(), big, None, False)
+    with pytest.raises(NotImplementedError, match="rank"):
+        kernels.attention(q, q, q, bias=big, backend="triton")
     assert not can_run_triton(q.double(), q.double(), q.double(), Dense(), None, None, False)
     # CPU tensors dispatch to the reference unless the triton backend is named
     out = kernels.attention(q.cpu().float(), q.cpu().float(), q.cpu().float())
@@ -135,3 +159,123 @@ def test_torch_compile_fullgraph():
     assert abs(loss.item() - ref.item()) < 1e-2 * max(1.0, abs(ref.item()))
     for g, rg in zip(grads, rgrads):
         assert _rel(g, rg) < TOL[torch.float16]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# issue 4: bias (dense, low-rank, relative position), fused gate, skinny shapes, expanded k/v
+
+
+def _dense_bias(shape, dtype=None, expand_to=None):
+    def fn(make):
+        leaf = make(*shape) if dtype is None else make(*shape, dtype=dtype)
+        return (leaf if expand_to is None else leaf.expand(*expand_to)), [leaf]
+    return fn
+
+
+def _low_rank(qshape, kshape):
+    def fn(make):
+        qf, kf = make(*qshape), make(*kshape)
+        return kernels.LowRankBias(qf, kf), [qf, kf]
+    return fn
+
+
+def _rel_pos(pattern, d):
+    windows = [pattern.window] * len(pattern.grid) if isinstance(pattern, Halo) else list(pattern.window)
+
+    def fn(make):
+        tables = [make(2 * w - 1, d) for w in windows]
+        return kernels.RelPosBias(pattern, tables, scale=0.2), tables
+    return fn
+
+
+BIAS_CASES = [  # (id, pattern, B, H, HKV, NQ, NK, D, DV, bias_fn)
+    ("dense-bias-1hqk", Dense(), 2, 2, 1, 37, 45, 32, 32, _dense_bias((1, 2, 37, 45))),
+    ("causal-bias-2d", Causal(), 1, 2, 2, 29, 50, 32, 32, _dense_bias((29, 50))),
+    ("window1d-bias-keypad", Window1d(6, 2), 2, 2, 2, 41, 41, 16, 16, _dense_bias((2, 1, 1, 41))),
+    ("dense-bias-expanded-fp32", Dense(), 2, 2, 2, 33, 20, 16, 16,
+     _dense_bias((1, 2, 1, 20), torch.float32, expand_to=(2, 2, 33, 20))),
+    ("na2d-bias", Neighborhood((6, 7), (3, 5), dilation=(2, 1)), 1, 2, 1, 42, 42, 16, 16, _dense_bias((2, 42, 42))),
+    ("halo-bias", Halo((4, 6), block=2, halo=1), 1, 2, 2, 24, 48, 16, 16, _dense_bias((1, 1, 24, 48))),
+    ("dense-lowrank-r5", Dense(), 2, 2, 1, 37, 45, 32, 32, _low_rank((1, 2, 37, 5), (2, 1, 45, 5))),
+    ("causal-lowrank-r16", Causal(), 1, 2, 2, 40, 40, 32, 32, _low_rank((1, 2, 40, 16), (1, 2, 40, 16))),
+    ("na3d-lowrank-r3", Neighborhood((3, 4, 5), (3, 3, 3)), 1, 1, 1, 60, 60, 16, 16,
+     _low_rank((1, 1, 60, 3), (1, 1, 60, 3))),
+    ("relpos-halo-block", None, 3, 2, 2, 16, 64, 16, 16, _rel_pos(Halo((4, 4), block=4, halo=2), 16)),
+    ("relpos-halo-grid-stride2", Halo((4, 4), block=4, halo=1, query_stride=2), 1, 2, 1, 16, 100, 16, 16,
+     _rel_pos(Halo((4, 4), block=4, halo=1, query_stride=2), 16)),
+    ("relpos-na2d-dil-causal", Neighborhood((6, 7), (3, 3), dilation=(1, 2), causal_axes=(0,)), 1, 2, 2, 42, 42,
+     16, 16, _rel_pos(Neighborhood((6, 7), (3, 3), dilation=(1, 2), causal_axes=(0,)), 16)),
+]
+
+
+@pytest.mark.parametrize("case", BIAS_CASES, ids=[c[0] for c in BIAS_CASES])
+def test_bias_forward_backward(case):
+    *args, bias_fn = case[1:]
+    _check(*args, torch.float16, bias_fn=bias_fn)
+
+
+def test_bias_float32_and_gate_together():
+    _check(Causal(), 1, 2, 1, 30, 30, 32, 32, torch.float32, gate_shape=(1, 30, 2, 32),
+           bias_fn=_dense_bias((1, 2, 30, 30)))
+
+
+@pytest.mark.parametrize("pattern", [Window1d(4, 4), Neighborhood((5, 6), (3, 3))], ids=["window1d", "na2d"])
+@pytest.mark.parametrize("kind", ["head", "element"])
+def test_gate_fused(kind, pattern):
+    B, H, N, D = 2, 2, 30, 32
+    shape = (B, N, H) if kind == "head" else (B, N, H, D)
+    _check(pattern, B, H, H, N, N, D, D, torch.float16, gate_shape=shape)
+
+
+SKINNY = [  # few keys (dK/dV split over query blocks), few queries (forward and dQ split over key blocks)
+    ("few-keys", Dense(), 1, 2, 2, 200, 20, 32, 32),
+    ("few-keys-gqa-causal", Causal(), 1, 4, 2, 150, 40, 16, 16),
+    ("few-queries", Dense(), 1, 2, 1, 10, 300, 32, 32),
+    ("few-queries-window", Window1d(100, 40), 1, 2, 2, 7, 260, 16, 16),
+]
+
+
+@pytest.mark.parametrize("case", SKINNY, ids=[c[0] for c in SKINNY])
+def test_skinny_split_paths(case):
+    from kernels.backends.triton_attention import _splits
+
+    _, pattern, B, H, HKV, NQ, NK, D, DV = case
+    _check(pattern, B, H, HKV, NQ, NK, D, DV, torch.float16, gate_shape=(B, NQ, H),
+           bias_fn=_low_rank((1, H, NQ, 4), (1, 1, NK, 4)))
+    # the split paths are taken here (the interpreter counts 4 multiprocessors)
+    dev = torch.device(DEVICE)
+    if DEVICE == "cpu":
+        if NK < NQ:
+            assert _splits(-(-NK // 32) * B * HKV, -(-NQ // 16), dev, 4)[0] > 1
+        else:
+            assert _splits(-(-NQ // 32) * B * H, -(-NK // 16), dev)[0] > 1
+
+
+def test_skinny_agent_steps_with_dense_bias():
+    # agent attention: agents x keys (few queries) then queries x agents (few keys), each with a dense bias
+    _check(Dense(), 2, 2, 2, 9, 120, 16, 16, torch.float16, bias_fn=_dense_bias((1, 2, 9, 120)))
+    _check(Dense(), 2, 2, 2, 120, 9, 16, 16, torch.float16, bias_fn=_dense_bias((1, 2, 120, 9)))
+
+
+def test_expanded_key_value():
+    # probes pass one key/value tensor broadcast across heads (stride 0)
+    def kv_fn(k, v):
+        return k.expand(-1, 3, -1, -1), v.expand(-1, 3, -1, -1)
+
+    _check(Dense(), 2, 3, 1, 20, 40, 16, 16, torch.float16, kv_fn=kv_fn)
+
+
+def test_factorized_bias_errors():
+    q = torch.randn(1, 2, 16, 8)
+    with pytest.raises(ValueError, match="q_factor"):
+        kernels.attention(q, q, q, bias=kernels.LowRankBias(torch.randn(1, 2, 15, 4), torch.randn(1, 2, 16, 4)))
+    with pytest.raises(ValueError, match="rank"):
+        kernels.LowRankBias(torch.randn(1, 2, 16, 4), torch.randn(1, 2, 16, 3))
+    halo = Halo((4, 4), block=2, halo=1)
+    with pytest.raises(ValueError, match="tables"):
+        kernels.RelPosBias(halo, [torch.randn(7, 8), torch.randn(6, 8)])
+    bias = kernels.RelPosBias(halo, [torch.randn(7, 8), torch.randn(7, 8)])
+    kq, kk = torch.randn(1, 2, 16, 8), torch.randn(1, 2, 36, 8)
+    with pytest.raises(ValueError, match="pattern"):  # a multi-block Halo bias needs its pattern
+        kernels.attention(kq, kk, kk, bias=bias)
+    assert kernels.attention(kq, kk, kk, halo, bias=bias).shape == (1, 2, 16, 8)
