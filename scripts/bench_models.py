@@ -76,7 +76,8 @@ def step_fns(model, batch: int, img_size: int, device, channels_last: bool):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--cases", nargs="*", default=None, help="labels to run (default all)")
+    parser.add_argument("--cases", nargs="*", default=None, help="labels to run, in this order (default all)")
+    parser.add_argument("--modes", nargs="*", default=("infer", "train"), help="infer and/or train")
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="run each case once on tiny inputs (CPU ok)")
     parser.add_argument("--out", default=None, help="directory for models.json (default benchmarks/)")
@@ -86,11 +87,10 @@ def main(argv=None):
     batch = 1 if args.smoke else args.batch
     torch.backends.cudnn.benchmark = True
     rows = []
-    for label, zoo_name, timm_name, size, modes in CASES:
-        if args.cases and label not in args.cases:
-            continue
+    cases = CASES if not args.cases else [c for label in args.cases for c in CASES if c[0] == label]
+    for label, zoo_name, timm_name, size, modes in cases:
         run_size = min(size, 256) if args.smoke else size
-        for mode in modes:
+        for mode in [m for m in modes if m in args.modes]:
             row = {"case": label, "mode": mode, "img_size": size, "batch": batch}
             for tag, name in (("timm", timm_name), ("zoo", zoo_name)):
                 cl = not args.no_channels_last and "deit" not in name and "swin" not in name
