@@ -42,7 +42,11 @@ def attention(
 
     Returns:
         `out (B, H, Nq, Dv)` in q's dtype, and `lse` when `return_lse`.
+
+    Under `torch.autocast`, q, k and v are cast to the autocast dtype first, as torch's
+    `scaled_dot_product_attention` is (float64 stays float64); biases and gates keep their dtype.
     """
+    q, k, v = _autocast_inputs(q, k, v)
     check_attention_args(q, k, v, pattern, bias, gate, scale, raise_error=True)
     if pattern is None:
         pattern = Dense()
@@ -50,3 +54,13 @@ def attention(
         return captured_attention(q, k, v, pattern, bias, gate, scale, return_lse, backend)
     fn = choose_backend(q, k, v, pattern, bias, gate, return_lse, backend)
     return fn(q, k, v, pattern=pattern, bias=bias, gate=gate, scale=scale, return_lse=return_lse)
+
+
+_AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_inputs(q, k, v):
+    if not isinstance(q, torch.Tensor) or not torch.is_autocast_enabled(q.device.type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(q.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_FROM else t for t in (q, k, v))

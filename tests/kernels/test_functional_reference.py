@@ -195,3 +195,22 @@ def test_factorized_bias_gradients_on_reference():
         q, k, v, pattern, bias=kernels.RelPosBias(pattern, (th, tw)), backend="reference"), (q, k, v, th, tw))
     torch.autograd.gradcheck(lambda q, k, v, uq, uk: kernels.attention(
         q, k, v, bias=kernels.LowRankBias(uq, uk), backend="reference"), (q, k, v, uq, uk))
+
+
+def test_autocast_casts_inputs_like_sdpa():
+    """Under autocast, mixed-precision inputs (a float32 parameter as queries, bf16 activations) work and the
+    result is the reference computed on the autocast-dtype inputs."""
+    q = torch.randn(2, 4, 5, 16)
+    k = torch.randn(2, 2, 9, 16).to(torch.bfloat16)
+    v = torch.randn(2, 2, 9, 8).to(torch.float16)
+    bias = torch.randn(4, 5, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kernels.attention(q, k, v, bias=bias)
+    assert out.dtype == torch.bfloat16
+    qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
+    ref, _ = explicit_attention(qb, kb, vb, [[True] * 9] * 5, bias=bias[None])
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+    q64 = torch.randn(1, 1, 3, 8, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernels.attention(q64, q64, q64).dtype == torch.float64
+

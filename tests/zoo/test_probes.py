@@ -361,3 +361,13 @@ def test_open_clip_vit_layers_and_other_towers(tiny_open_clip, tmp_path):
     assert rn.num_layers is None
     with pytest.raises(NotImplementedError, match="ModifiedResNet"):
         rn.forward_layers(x, [-1])
+
+
+@pytest.mark.parametrize("kind", ["linear", "aim", "jepa", "ep"])
+def test_probes_run_under_autocast(kind):
+    """The probe trainer trains under bf16 autocast on GPU; every probe type must accept that."""
+    probe = create_probe(kind, 64, 10, num_prefix_tokens=1, **({"num_heads": 4} if kind in ("aim", "jepa") else {}))
+    x = torch.randn(4, 17, 64).half()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = probe(x)
+    assert out.shape == (4, 10) and torch.isfinite(out.float()).all()
