@@ -1,5 +1,6 @@
 """Probe training: datasets (image/video folders, arrays), the feature cache, the trainer and `zoo probe`."""
 import functools
+import glob
 import json
 import os
 
@@ -551,3 +552,16 @@ def test_demo_probe_config_is_a_valid_layer_grid():
     assert len({s.layer for s in specs}) >= 2 and len({s.lr for s in specs}) >= 2 and len({s.probe for s in specs}) >= 2
     enc = create_encoder(cfg["encoder"]["name"], **cfg["encoder"]["kwargs"])
     assert len(enc.resolve_layers(cfg["encoder"]["layers"])) == len({s.layer for s in specs})
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "configs",
+                                                                "probe", "*.yaml"))))
+def test_shipped_configs_are_valid(path):
+    """Every example config parses, uses only known keys, and expands into a probe grid."""
+    from pipelines.probing.run import DEFAULT_CONFIG, _grid, load_config, merge_config
+
+    cfg = merge_config(DEFAULT_CONFIG, load_config(path))
+    assert cfg["encoder"]["name"] and cfg["data"]["kind"]
+    lrs = cfg["train"]["lr"] if isinstance(cfg["train"]["lr"], list) else [cfg["train"]["lr"]]
+    specs = _grid(cfg["probes"], lrs, cfg["encoder"]["layers"])
+    assert len(specs) >= len(cfg["probes"])
