@@ -21,6 +21,7 @@ with `zoo.create_model(name, checkpoint_path=...)`).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from typing import Any, Dict, Optional
 
@@ -28,7 +29,8 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import make_divisible
 from timm.models import build_model_with_cfg, generate_default_cfgs
-from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg, SelfAttnBlock, interleave_blocks
+from timm.models import byoanet
+from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg, SelfAttnBlock
 
 from .._registry import register_model
 from ..layers.checks import check_image_input
@@ -92,68 +94,22 @@ def _halo_family(b: int, h: int, rv: float, rb: float, l3: int, df: int) -> ByoM
     )
 
 
+def _zoo_halo_cfg(timm_variant: str) -> ByoModelCfg:
+    """timm's own config of `timm_variant` with every `halo` self-attention layer replaced by the zoo's."""
+
+    def swap(block: ByoBlockCfg) -> ByoBlockCfg:
+        return replace(block, self_attn_layer=HaloAttention) if block.self_attn_layer == "halo" else block
+
+    cfg = byoanet.model_cfgs[timm_variant]
+    blocks = tuple(tuple(swap(b) for b in blk) if isinstance(blk, tuple) else swap(blk) for blk in cfg.blocks)
+    if cfg.self_attn_layer != "halo":
+        raise ValueError(f"timm's {timm_variant!r} is not a HaloNet (self_attn_layer={cfg.self_attn_layer!r})")
+    return replace(cfg, blocks=blocks, self_attn_layer=HaloAttention)
+
+
 model_cfgs = dict(
-    # timm-compatible architectures (timm/models/byoanet.py), self-attention = zoo HaloAttention
-    halonet26t=ByoModelCfg(
-        blocks=(
-            ByoBlockCfg(type="bottle", d=2, c=256, s=1, gs=0, br=0.25),
-            ByoBlockCfg(type="bottle", d=2, c=512, s=2, gs=0, br=0.25),
-            interleave_blocks(types=("bottle", "self_attn"), d=2, c=1024, s=2, gs=0, br=0.25),
-            ByoBlockCfg(type="self_attn", d=2, c=2048, s=2, gs=0, br=0.25),
-        ),
-        stem_chs=64,
-        stem_type="tiered",
-        stem_pool="maxpool",
-        self_attn_layer=HaloAttention,
-        self_attn_kwargs=dict(block_size=8, halo_size=2),
-    ),
-    sehalonet33ts=ByoModelCfg(
-        blocks=(
-            ByoBlockCfg(type="bottle", d=2, c=256, s=1, gs=0, br=0.25),
-            interleave_blocks(types=("bottle", "self_attn"), every=[2], d=3, c=512, s=2, gs=0, br=0.25),
-            interleave_blocks(types=("bottle", "self_attn"), every=[2], d=3, c=1024, s=2, gs=0, br=0.25),
-            ByoBlockCfg("self_attn", d=2, c=1536, s=2, gs=0, br=0.333),
-        ),
-        stem_chs=64,
-        stem_type="tiered",
-        stem_pool="",
-        act_layer="silu",
-        num_features=1280,
-        attn_layer="se",
-        self_attn_layer=HaloAttention,
-        self_attn_kwargs=dict(block_size=8, halo_size=3),
-    ),
-    halonet50ts=ByoModelCfg(
-        blocks=(
-            ByoBlockCfg(type="bottle", d=3, c=256, s=1, gs=0, br=0.25),
-            interleave_blocks(
-                types=("bottle", "self_attn"), every=4, d=4, c=512, s=2, gs=0, br=0.25,
-                self_attn_layer=HaloAttention, self_attn_kwargs=dict(block_size=8, halo_size=3, num_heads=4)),
-            interleave_blocks(types=("bottle", "self_attn"), d=6, c=1024, s=2, gs=0, br=0.25),
-            interleave_blocks(types=("bottle", "self_attn"), d=3, c=2048, s=2, gs=0, br=0.25),
-        ),
-        stem_chs=64,
-        stem_type="tiered",
-        stem_pool="maxpool",
-        act_layer="silu",
-        self_attn_layer=HaloAttention,
-        self_attn_kwargs=dict(block_size=8, halo_size=3),
-    ),
-    eca_halonext26ts=ByoModelCfg(
-        blocks=(
-            ByoBlockCfg(type="bottle", d=2, c=256, s=1, gs=16, br=0.25),
-            ByoBlockCfg(type="bottle", d=2, c=512, s=2, gs=16, br=0.25),
-            interleave_blocks(types=("bottle", "self_attn"), d=2, c=1024, s=2, gs=16, br=0.25),
-            ByoBlockCfg(type="self_attn", d=2, c=2048, s=2, gs=16, br=0.25),
-        ),
-        stem_chs=64,
-        stem_type="tiered",
-        stem_pool="maxpool",
-        act_layer="silu",
-        attn_layer="eca",
-        self_attn_layer=HaloAttention,
-        self_attn_kwargs=dict(block_size=8, halo_size=2, dim_head=16),
-    ),
+    # timm-compatible architectures: timm's own configs (timm/models/byoanet.py), zoo HaloAttention swapped in
+    **{name: _zoo_halo_cfg(name) for name in ("halonet26t", "sehalonet33ts", "halonet50ts", "eca_halonext26ts")},
     # the paper's family (b, h, rv, rb, l3, df); H1 is timm's halonet_h1
     halonet_h0=_halo_family(b=8, h=3, rv=1, rb=0.5, l3=7, df=0),
     halonet_h1=_halo_family(b=8, h=3, rv=1, rb=1, l3=10, df=0),
