@@ -9,6 +9,9 @@ Two ways to enumerate blocks (constexpr `GRID_MODE`):
 * grid patterns (Neighborhood, Halo) on tile-permuted tokens (`kernels.tiles`): per query tile a CSR list of
   full key tiles and one of partial key tiles (and the transposed lists for dK/dV). The element mask of a
   partial tile is rebuilt from per-axis tables: query window bounds `QLO/QHI` and key coordinates `KC`.
+  Pair mode (constexpr `PAIR_MASK`, `kernels.tiles.grid_tile_map(pair_mask=True)`): each partial pair has its
+  own bits (`PART_BITS`): only the axes partial for that pair are tested, and padding / dead slots (tiles that
+  are not a power of two, e.g. 21 frames in a 128-row block) are masked by adding a per-key bias `KB` (0/-inf).
 
 Full blocks run without any mask; only partial blocks pay for the element mask. Logits are kept in base 2
 (`qk_scale = scale * log2(e)`); the stored lse is natural-log. Rows that see no key give zeros and lse=-inf.
@@ -75,6 +78,34 @@ def _visible(offs_m, offs_n, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQP, NKP, D
         else:
             vis = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] <= hi[:, None]) & (offs_n[None, :] < NK)
     return vis
+
+
+@triton.jit
+def _pair_mask(s, bits, offs_m, offs_n, QLO, QHI, KC, KB, NQP, NKP, DIL0, DIL1, DIL2, MASK_AXES: tl.constexpr,
+               HAS_DIL: tl.constexpr, TRANS: tl.constexpr):
+    """Pair mode (grid patterns): logits `s` (BM, BN), or (BN, BM) when TRANS, set to -inf where invisible, testing
+    only what this pair's `bits` name (runtime, uniform per program): bit 3 adds the key bias KB (0 / -inf per
+    key: padding and dead slots), bit a < 3 tests axis a. MASK_AXES bounds the bits at compile time."""
+    if MASK_AXES & 8:
+        if (bits & 8) != 0:
+            kb = tl.load(KB + offs_n)
+            if TRANS:
+                s = s + kb[:, None]
+            else:
+                s = s + kb[None, :]
+    if MASK_AXES & 1:
+        if (bits & 1) != 0:
+            s = tl.where(_axis_vis(tl.load(QLO + offs_m), tl.load(QHI + offs_m), tl.load(KC + offs_n), DIL0,
+                                   HAS_DIL, TRANS), s, float("-inf"))
+    if MASK_AXES & 2:
+        if (bits & 2) != 0:
+            s = tl.where(_axis_vis(tl.load(QLO + NQP + offs_m), tl.load(QHI + NQP + offs_m),
+                                   tl.load(KC + NKP + offs_n), DIL1, HAS_DIL, TRANS), s, float("-inf"))
+    if MASK_AXES & 4:
+        if (bits & 4) != 0:
+            s = tl.where(_axis_vis(tl.load(QLO + 2 * NQP + offs_m), tl.load(QHI + 2 * NQP + offs_m),
+                                   tl.load(KC + 2 * NKP + offs_n), DIL2, HAS_DIL, TRANS), s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -149,7 +180,7 @@ def _fwd_step(acc, m_i, l_i, q, uq, k_base, v_base, kf_base, b_base, stride_kn, 
               D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr,
               MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              DOT_PREC: tl.constexpr, bits=0, KB=None, PAIR_MASK: tl.constexpr = False):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     check = MASKED and not GRID_MODE  # 1-d partial blocks may run past NK
     k = _load_rows(k_base, offs_n, stride_kn, offs_d, NK, D, BLOCK_D, check)
@@ -160,7 +191,10 @@ def _fwd_step(acc, m_i, l_i, q, uq, k_base, v_base, kf_base, b_base, stride_kn, 
         s += tl.dot(uq, tl.trans(uk), input_precision=DOT_PREC) * 1.4426950408889634
     if HAS_BIAS:
         s += _bias_tile(b_base, offs_m, offs_n, stride_bm, stride_bn, NQ, NK, GRID_MODE, False)
-    if MASKED:
+    if MASKED and PAIR_MASK:
+        s = _pair_mask(s, bits, offs_m, offs_n, QLO, QHI, KC, KB, NQP, NKP, DIL0, DIL1, DIL2, MASK_AXES, HAS_DIL,
+                       False)
+    elif MASKED:
         vis = _visible(offs_m, offs_n, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQP, NKP, DIL0, DIL1, DIL2,
                        GRID_MODE, MASK_AXES, HAS_DIL, False)
         s = tl.where(vis, s, float("-inf"))
@@ -188,7 +222,8 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
               D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, GRID_MODE: tl.constexpr,
               MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr,
-              HAS_LR: tl.constexpr, HAS_GATE: tl.constexpr, DOT_PREC: tl.constexpr):
+              HAS_LR: tl.constexpr, HAS_GATE: tl.constexpr, DOT_PREC: tl.constexpr, PART_BITS=None, KB=None,
+              PAIR_MASK: tl.constexpr = False):
     pid_m = tl.program_id(0)
     if REVERSE:  # heavy (late, causal) query blocks first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -226,11 +261,14 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
                                       HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC)
         for it in range(tl.load(PART_PTR + pid_m), tl.load(PART_PTR + pid_m + 1)):
             start_n = tl.load(PART_IDX + it) * BLOCK_N
+            bits = 0
+            if PAIR_MASK:
+                bits = tl.load(PART_BITS + it)
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, uq, k_base, v_base, kf_base, b_base, stride_kn, stride_vn,
                                       stride_kfn, stride_bm, stride_bn, start_n, offs_m, offs_d, offs_dv, offs_r,
                                       qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
                                       D, DV, R, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES,
-                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC)
+                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC, bits, KB, PAIR_MASK)
     else:
         nb_lo, nb_hi, f_lo, f_hi = _ranges_q(pid_m, NQ, NK, OFF, LEFT, RIGHT, BLOCK_M, BLOCK_N)
         a, e = _chunk(f_lo, f_hi, pid_s, SPLIT_BLOCKS)
@@ -321,7 +359,7 @@ def _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_
                D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr,
                MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
-               STORE_DB: tl.constexpr, DOT_PREC: tl.constexpr):
+               STORE_DB: tl.constexpr, DOT_PREC: tl.constexpr, bits=0, KB=None, PAIR_MASK: tl.constexpr = False):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     check = MASKED and not GRID_MODE
     q = _load_rows(q_base, offs_m, stride_qn, offs_d, NQ, D, BLOCK_D, check)
@@ -340,8 +378,11 @@ def _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_
         s_t += tl.dot(uk, tl.trans(uq), input_precision=DOT_PREC) * 1.4426950408889634
     if HAS_BIAS:
         s_t += _bias_tile(b_base, offs_m, offs_n, stride_bm, stride_bn, NQ, NK, GRID_MODE, True)
+    if MASKED and PAIR_MASK:
+        s_t = _pair_mask(s_t, bits, offs_m, offs_n, QLO, QHI, KC, KB, NQ, NK, DIL0, DIL1, DIL2, MASK_AXES, HAS_DIL,
+                         True)
     p_t = tl.math.exp2(s_t - lse2[None, :])
-    if MASKED:
+    if MASKED and not PAIR_MASK:
         vis = _visible(offs_m, offs_n, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
                        GRID_MODE, MASK_AXES, HAS_DIL, True)
         p_t = tl.where(vis, p_t, 0.0)
@@ -373,7 +414,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
                    D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, GRID_MODE: tl.constexpr,
                    MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
-                   STORE_DB: tl.constexpr, DOT_PREC: tl.constexpr):
+                   STORE_DB: tl.constexpr, DOT_PREC: tl.constexpr, PART_BITS=None, KB=None,
+                   PAIR_MASK: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -436,12 +478,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
                                          HAS_LR, STORE_DB, DOT_PREC)
             for it in range(p_s, p_e):
                 start_m = tl.load(PART_IDX + it) * BLOCK_M
+                bits = 0
+                if PAIR_MASK:
+                    bits = tl.load(PART_BITS + it)
                 dk, dv, duk = _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_base,
                                          b_base, db_base, stride_qn, stride_dn, stride_qfn, stride_bm, stride_bn,
                                          stride_dbm, stride_dbn, start_m, offs_n, offs_d, offs_dv, offs_r, qk_scale,
                                          NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R, BLOCK_M,
                                          BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
-                                         HAS_LR, STORE_DB, DOT_PREC)
+                                         HAS_LR, STORE_DB, DOT_PREC, bits, KB, PAIR_MASK)
         else:
             for mb in range(fa, fe):
                 dk, dv, duk = _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_base,
@@ -484,7 +529,7 @@ def _dq_step(dq, duq, q, uq, do, lse2, delta, k_base, v_base, kf_base, b_base, s
              D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
              BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr,
              MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
-             DOT_PREC: tl.constexpr):
+             DOT_PREC: tl.constexpr, bits=0, KB=None, PAIR_MASK: tl.constexpr = False):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     check = MASKED and not GRID_MODE
     k = _load_rows(k_base, offs_n, stride_kn, offs_d, NK, D, BLOCK_D, check)
@@ -496,8 +541,11 @@ def _dq_step(dq, duq, q, uq, do, lse2, delta, k_base, v_base, kf_base, b_base, s
         s += tl.dot(uq, tl.trans(uk), input_precision=DOT_PREC) * 1.4426950408889634
     if HAS_BIAS:
         s += _bias_tile(b_base, offs_m, offs_n, stride_bm, stride_bn, NQ, NK, GRID_MODE, False)
+    if MASKED and PAIR_MASK:
+        s = _pair_mask(s, bits, offs_m, offs_n, QLO, QHI, KC, KB, NQ, NK, DIL0, DIL1, DIL2, MASK_AXES, HAS_DIL,
+                       False)
     p = tl.math.exp2(s - lse2[:, None])
-    if MASKED:
+    if MASKED and not PAIR_MASK:
         vis = _visible(offs_m, offs_n, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
                        GRID_MODE, MASK_AXES, HAS_DIL, False)
         p = tl.where(vis, p, 0.0)
@@ -522,7 +570,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
                  D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, GRID_MODE: tl.constexpr,
                  MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
+                 DOT_PREC: tl.constexpr, PART_BITS=None, KB=None, PAIR_MASK: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -558,11 +606,14 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
                                HAS_LR, DOT_PREC)
         for it in range(tl.load(PART_PTR + pid_m), tl.load(PART_PTR + pid_m + 1)):
             start_n = tl.load(PART_IDX + it) * BLOCK_N
+            bits = 0
+            if PAIR_MASK:
+                bits = tl.load(PART_BITS + it)
             dq, duq = _dq_step(dq, duq, q, uq, do, lse2, delta, k_base, v_base, kf_base, b_base, stride_kn,
                                stride_vn, stride_kfn, stride_bm, stride_bn, start_n, offs_m, offs_d, offs_dv, offs_r,
                                qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
                                BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
-                               HAS_LR, DOT_PREC)
+                               HAS_LR, DOT_PREC, bits, KB, PAIR_MASK)
     else:
         nb_lo, nb_hi, f_lo, f_hi = _ranges_q(pid_m, NQ, NK, OFF, LEFT, RIGHT, BLOCK_M, BLOCK_N)
         a, e = _chunk(f_lo, f_hi, pid_s, SPLIT_BLOCKS)

@@ -279,3 +279,75 @@ def test_factorized_bias_errors():
     with pytest.raises(ValueError, match="pattern"):  # a multi-block Halo bias needs its pattern
         kernels.attention(kq, kk, kk, bias=bias)
     assert kernels.attention(kq, kk, kk, halo, bias=bias).shape == (1, 2, 16, 8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# grid patterns, pair-mask path (per-pair mask bits, key bias for padding / dead slots, tiles of any shape)
+
+NEW_GRID_CASES = [
+    ("na3d-whole-time-dead-slots", Neighborhood((5, 4, 6), (5, 3, 3)), 1, 2, 1, 120, 120, 16, 16),
+    ("na3d-time-padded", Neighborhood((7, 6, 8), (7, 3, 3)), 1, 1, 1, 336, 336, 16, 16),
+    ("na2d-full-pairs-bwd", Neighborhood((8, 16), (7, 15)), 1, 2, 2, 128, 128, 32, 32),
+    ("na2d-full-pairs-fwd", Neighborhood((16, 16), (9, 9)), 1, 1, 1, 256, 256, 16, 16),
+]
+GRID_CASES = [c for c in CASES if isinstance(c[1], (Neighborhood, Halo))] + NEW_GRID_CASES
+PAIR_RUNS = ([(c, torch.float16, "pair") for c in GRID_CASES] + [(c, DTYPES[1], "pair") for c in NEW_GRID_CASES]
+             + [(c, torch.float16, "pairp2") for c in NEW_GRID_CASES])
+
+
+@pytest.mark.parametrize("case,dtype,variant", PAIR_RUNS, ids=[f"{c[0]}-{str(d)[6:]}-{v}" for c, d, v in PAIR_RUNS])
+def test_grid_pair_mask_matches_reference(case, dtype, variant, monkeypatch):
+    monkeypatch.setenv("ATTNZOO_GRID_VARIANTS", variant)
+    _check(*case[1:], dtype)
+
+
+def test_pair_cases_cover_the_new_paths():
+    """The interpreter blocks (forward 32x16, backward 16x32) take the pair paths these tests mean to cover:
+    dead slots (a 5-frame axis whole in a tile), padded keys, full pairs, key-bias-only pairs, 1- and 2-axis
+    masks."""
+    from kernels.backends.triton_attention import _bwd_candidates, _fwd_candidates, _Problem
+
+    fwd, bwd = _fwd_candidates(16, 16)[0], _bwd_candidates(16, 16)[0]
+    dev = torch.device(DEVICE)
+    bits, dead, full = set(), False, 0
+    for case in NEW_GRID_CASES:
+        for cfg in (fwd, bwd):
+            for variant in ("pair", "pairp2"):
+                prob = _Problem(case[1], 0, 0, cfg[0], cfg[1], dev, variant)
+                assert prob.pair_mask
+                tm = prob.map
+                dead |= tm.k_layout.slot_size > tm.k_layout.tile_size
+                full += tm.pairs_full
+                bits |= set(tm.fwd_bits.tolist())
+    assert dead and full > 0
+    assert 8 in bits and any(b & 7 and not b & 8 for b in bits) and any(bin(b & 7).count("1") == 2 for b in bits)
+    prob = _Problem(NEW_GRID_CASES[0][1], 0, 0, bwd[0], bwd[1], dev, "pair")
+    assert prob.map.q_layout.tile[0] == prob.map.k_layout.tile[0] == 5  # tiles that are not a power of two
+
+
+PAIR_FEATURE_CASES = [c for c in BIAS_CASES if isinstance(c[1], (Neighborhood, Halo))]
+
+
+@pytest.mark.parametrize("case", PAIR_FEATURE_CASES, ids=[c[0] for c in PAIR_FEATURE_CASES])
+def test_grid_pair_mask_with_bias(case, monkeypatch):
+    monkeypatch.setenv("ATTNZOO_GRID_VARIANTS", "pair")
+    *args, bias_fn = case[1:]
+    _check(*args, torch.float16, bias_fn=bias_fn)
+
+
+def test_grid_pair_mask_gate_and_lse_gradient(monkeypatch):
+    monkeypatch.setenv("ATTNZOO_GRID_VARIANTS", "pair")
+    _check(Neighborhood((5, 6, 7), (5, 3, 3)), 1, 2, 1, 210, 210, 16, 16, torch.float16, gate_shape=(1, 210, 2, 16),
+           lse_grad=True)
+
+
+def test_grid_variant_env(monkeypatch):
+    from kernels.backends.triton_attention import _grid_variants, _with_tile_costs
+
+    monkeypatch.setenv("ATTNZOO_GRID_VARIANTS", "pair,old")
+    cands = _with_tile_costs(Neighborhood((5, 6), (3, 3)), [(64, 64, 4, 3), (128, 64, 4, 3)])
+    assert cands[0] == (64, 64, 4, 3, "pair") and (128, 64, 4, 3, 1.25) in cands and len(cands) == 6
+    assert _with_tile_costs(Dense(), [(64, 64, 4, 3)]) == [(64, 64, 4, 3)]
+    monkeypatch.setenv("ATTNZOO_GRID_VARIANTS", "new")
+    with pytest.raises(ValueError, match="ATTNZOO_GRID_VARIANTS"):
+        _grid_variants()
