@@ -7,9 +7,12 @@ A dense tensor bias is the general form; these objects describe biases that the 
 * `RelPosBias(pattern, tables, scale)`: HaloNet's factorized relative-position logits (Vaswani et al., CVPR 2021;
   timm's `HaloAttn` index), `logit(m, n) += scale · Σ_a q_m · tables[a][idx_a(m, n)]` with one `(2 w_a - 1, D)`
   table per grid axis, shared by the heads. Inside a window each key row/column has exactly one position, so the
-  term is exactly rank `Σ_a w_a` on the visible pairs (per-axis query logits against one-hot key channels); the
-  Triton backend runs it through the low-rank path, and autograd carries the factors' gradients to q and the
-  tables.
+  term is exactly rank `Σ_a w_a` on the visible pairs (per-axis query logits against one-hot key channels). On
+  HaloNet's blocked layout (a 2-d single-block `Halo`: q = one qb x qb block, k = its win x win window) the Triton
+  backend computes the term inside the few-keys kernel (`kernels.backends.triton_skinny`: `q · R_aᵀ` per query
+  block, shifted to the key classes in registers, table gradients accumulated per program); elsewhere, or with
+  `ATTNZOO_RELPOS=lowrank`, it runs `kernel_factors` through the low-rank path and autograd carries the factors'
+  gradients to q and the tables.
 
 Each object has `materialize(q, k) -> (B|1, H|1, Nq, Nk)` (the reference path and the tests' oracle; computed
 directly from the definition, not from the factors), `kernel_rank` and `kernel_factors(q, k)` (what the Triton

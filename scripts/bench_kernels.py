@@ -1,7 +1,7 @@
 """Benchmark `kernels.attention` (Triton) against its anchors on one CUDA GPU, after a GPU correctness check.
 
 Usage: python scripts/bench_kernels.py [--out benchmarks] [--name kernels] [--skip-check]
-       [--only dense,causal,na3d,na2d,win1d,bias,gate,skinny]
+       [--only dense,causal,na3d,na2d,win1d,bias,gate,skinny,skinny2,relpos,agent]
 
 Every row is measured with its anchor in the same run (torch SDPA with the flash backend, FlexAttention compiled
 with a block mask of the same pattern, or our own kernel without the fused term: no bias, no gate); bf16.
@@ -423,8 +423,187 @@ def bench_skinny(rows):
     os.environ.pop("ATTNZOO_AUTOTUNE")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# issue 4, round 2: skinny kernels (kernels/backends/triton_skinny.py), in-kernel HaloNet rel-pos, agent steps.
+# Each case times the new path (ATTNZOO_SKINNY=new / in-kernel rel-pos) against the old one (ATTNZOO_SKINNY=old /
+# ATTNZOO_RELPOS=lowrank) and its anchor in the same run; three or fewer configs per kernel (fast tune).
+
+
+def _paths(**env):
+    """Set the dispatch env flags for the next calls (None removes one)."""
+    for key, val in env.items():
+        if val is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = val
+
+
+def run_checks_round2():
+    """bf16/fp16 GPU checks of the new paths (the interpreter cannot run bf16 dots); asserts each path ran."""
+    from kernels.backends import triton_skinny as sk
+
+    os.environ["ATTNZOO_AUTOTUNE"] = "0"
+    _paths(ATTNZOO_SKINNY="new", ATTNZOO_RELPOS=None)
+    bf, fp = torch.bfloat16, torch.float16
+    hb, hs = kernels.Halo((8, 8), 8, 2), kernels.Halo((4, 4), 8, 3, query_stride=2)
+    cases = [  # name, pattern, B, H, HKV, NQ, NK, D, DV, dtype, kwargs, kernels that must run
+        ("skinny keys res nq3000 nk64 bias+gate d64", None, 2, 8, 8, 3000, 64, 64, 64, bf,
+         dict(bias_fn=_dense_bias((1, 8, 3000, 64)), gate_shape=(2, 3000, 8)), ("keys_fwd_res", "keys_bwd_res")),
+        ("skinny keys gqa nq2000 nk200 d64", None, 2, 8, 2, 2000, 200, 64, 64, fp, {}, ("keys_fwd_res",)),
+        ("skinny keys d128 nq1000 nk64 elem gate", None, 1, 4, 4, 1000, 64, 128, 128, bf,
+         dict(gate_shape=(1, 1000, 4, 128)), ("keys_bwd_res",)),
+        ("skinny keys flat agents nq197 nk49 bias", None, 16, 3, 3, 197, 49, 64, 64, bf,
+         dict(bias_fn=_dense_bias((1, 3, 197, 49))), ("keys_fwd_res",)),
+        ("skinny keys flat nq49 nk197 bias", None, 16, 3, 3, 49, 197, 64, 64, bf,
+         dict(bias_fn=_dense_bias((1, 3, 49, 197))), ("keys_fwd_flat", "keys_bwd_flat")),
+        ("skinny queries nq49 nk4097 bias d64", None, 4, 3, 3, 49, 4097, 64, 64, bf,
+         dict(bias_fn=_dense_bias((1, 3, 49, 4097))), ("queries_fwd", "queries_bwd")),
+        ("skinny queries gqa nq40 nk3000 gate d128", None, 2, 8, 2, 40, 3000, 128, 128, fp,
+         dict(gate_shape=(2, 40, 8)), ("queries_fwd", "queries_bwd")),
+        ("relpos blocked in-kernel (64,144) d64", None, 64, 8, 8, 64, 144, 64, 64, bf,
+         dict(bias_fn=_rel_pos(hb, 64)), ("keys_fwd_flat_rel", "keys_bwd_flat_rel")),
+        ("relpos blocked stride2 (16,196) d32 fp16", None, 64, 4, 4, 16, 196, 32, 32, fp,
+         dict(bias_fn=_rel_pos(hs, 32)), ("keys_fwd_flat_rel", "keys_bwd_flat_rel")),
+    ]
+    ok = True
+    for name, pattern, B, H, HKV, NQ, NK, D, DV, dt, kw, expect in cases:
+        before = dict(sk.CALLS)
+        case_ok = check_extra(name, pattern, B, H, HKV, NQ, NK, D, DV, dt, **kw)
+        ran = {key for key, n in sk.CALLS.items() if n > before.get(key, 0)}
+        if not set(expect) <= ran:
+            print(f"check {name}: expected kernels {expect}, ran {sorted(ran)} FAIL", flush=True)
+            case_ok = False
+        ok = ok and case_ok
+    _paths(ATTNZOO_SKINNY=None)
+    os.environ.pop("ATTNZOO_AUTOTUNE")
+    return ok
+
+
+def _guarded(rows, case, fn):
+    """Run one case; a kernel that fails to compile or run on this GPU becomes an error row, not a crash."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        fn()
+    except (CompilationError, OutOfResources, RuntimeError, AssertionError) as err:
+        print(f"{case}: FAILED {type(err).__name__}: {str(err)[:400]}", flush=True)
+        rows.append(dict(case=case, direction="", error=f"{type(err).__name__}: {str(err)[:400]}"))
+
+
+def _tb_row(rows, case, direction, t_new, t_old, t_sdpa, nbytes, target=None, **extra):
+    row = dict(case=case, direction=direction, ours_ms=t_new, old_ms=t_old, anchor="SDPA (default)",
+               anchor_ms=t_sdpa, speedup=t_sdpa / t_new, new_vs_old=t_old / t_new if t_old else None,
+               ours_tb_s=nbytes / t_new * 1e-9, anchor_tb_s=nbytes / t_sdpa * 1e-9, target=target or "", **extra)
+    if target:
+        row["met"] = "yes" if (t_sdpa / t_new >= 2.0 and row["ours_tb_s"] >= 2.5) else "no"
+    rows.append(row)
+    old = f"old {t_old:8.3f} ms (x{t_old / t_new:.2f})" if t_old else "old -"
+    print(f"{case:44s} {direction} new {t_new:8.3f} ms ({row['ours_tb_s']:.2f} TB/s)  {old}  SDPA {t_sdpa:8.3f} ms "
+          f"({row['anchor_tb_s']:.2f} TB/s)  x{t_sdpa / t_new:.2f} vs SDPA", flush=True)
+
+
+def bench_skinny2(rows):
+    """Skinny dense problems, new kernels vs the old path vs SDPA: Nq=16384 with Nk in {64, 128, 256} (old path
+    only at Nk=64, measured before), and the reverse Nq=49 agents against 4096 keys per image."""
+    os.environ["ATTNZOO_AUTOTUNE"] = "fast"
+    B, H, D = 8, 8, 64
+    for nq, nk, with_old in [(16384, 64, True), (16384, 128, False), (16384, 256, False), (49, 4096, True)]:
+        case = f"skinny2 nq{nq} nk{nk} B{B} H{H} d{D}"
+
+        def one():
+            q = torch.randn(B, H, nq, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            k, v = [torch.randn(B, H, nk, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv"]
+            nbytes = 2 * B * H * D * (2 * nq + 2 * nk)
+            fn = lambda: kernels.attention(q, k, v)  # noqa: E731
+            _paths(ATTNZOO_SKINNY="new")
+            tnf, tnb = _fb(fn, [q, k, v])
+            tof = tob = None
+            if with_old:
+                _paths(ATTNZOO_SKINNY="old")
+                tof, tob = _fb(fn, [q, k, v])
+            _paths(ATTNZOO_SKINNY=None)
+            taf, tab = _fb(lambda: _sdpa_any(q, k, v), [q, k, v])
+            _tb_row(rows, case, "fwd", tnf, tof, taf, nbytes, target=">= 2x SDPA and >= 2.5 TB/s")
+            # backward bytes: q, k, v, o, dO read; dq, dk, dv written
+            _tb_row(rows, case, "bwd", tnb, tob, tab, 2 * B * H * D * (4 * nq + 4 * nk))
+
+        _guarded(rows, case, one)
+    _paths(ATTNZOO_SKINNY=None)
+    os.environ.pop("ATTNZOO_AUTOTUNE")
+
+
+def bench_relpos(rows):
+    """HaloNet's blocked layout (B*64 blocks, 8 heads, 8x8 queries, 12x12 keys, d64): in-kernel rel-pos vs the
+    low-rank lowering vs no bias (new and old kernels); target: in-kernel <= 1.15x the faster no-bias time."""
+    os.environ["ATTNZOO_AUTOTUNE"] = "fast"
+    case = "relpos halo blocked (512,8,64,144) d64"
+
+    def one():
+        hb = kernels.Halo((8, 8), 8, 2)
+        D = 64
+        q = torch.randn(512, 8, 64, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = [torch.randn(512, 8, 144, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv"]
+        th, tw = [(0.125 * torch.randn(23, D, device="cuda", dtype=torch.bfloat16)).requires_grad_() for _ in "hw"]
+        plain = lambda: kernels.attention(q, k, v)  # noqa: E731
+        rel = lambda: kernels.attention(q, k, v, bias=kernels.RelPosBias(hb, (th, tw)))  # noqa: E731
+        _paths(ATTNZOO_SKINNY="old")
+        t0f, t0b = _fb(plain, [q, k, v])
+        _paths(ATTNZOO_SKINNY="new")
+        t1f, t1b = _fb(plain, [q, k, v])
+        _paths(ATTNZOO_RELPOS="lowrank")
+        tlf, tlb = _fb(rel, [q, k, v, th, tw])
+        _paths(ATTNZOO_RELPOS=None)
+        tkf, tkb = _fb(rel, [q, k, v, th, tw])
+        _paths(ATTNZOO_SKINNY=None)
+        for direction, tk, tl_, t0, t1 in (("fwd", tkf, tlf, t0f, t1f), ("bwd", tkb, tlb, t0b, t1b)):
+            base = min(t0, t1)
+            row = dict(case=case, direction=direction, ours_ms=tk, lowrank_ms=tl_, nobias_old_ms=t0, nobias_new_ms=t1,
+                       ratio=tk / base, lowrank_ratio=tl_ / base, target="<= 1.15x no-bias",
+                       met="yes" if tk <= 1.15 * base else "no")
+            rows.append(row)
+            print(f"{case:44s} {direction} in-kernel {tk:8.3f} ms  low-rank {tl_:8.3f} ms  no-bias old {t0:8.3f} "
+                  f"new {t1:8.3f} ms  ratio {tk / base:.3f} (low-rank {tl_ / base:.3f})", flush=True)
+
+    _guarded(rows, case, one)
+    _paths(ATTNZOO_SKINNY=None, ATTNZOO_RELPOS=None)
+    os.environ.pop("ATTNZOO_AUTOTUNE")
+
+
+def bench_agent(rows):
+    """agent_deit_tiny's two attention steps (batch 256, 3 heads, d64, 49 agents, dense biases) at 224 px (197
+    tokens) and 1024 px (4097 tokens), inference: new vs old kernels vs SDPA with the same bias."""
+    os.environ["ATTNZOO_AUTOTUNE"] = "fast"
+    B, H, D, n = 256, 3, 64, 49
+    for px, N in ((224, 197), (1024, 4097)):
+        for step in ("agents x tokens", "tokens x agents"):
+            nq, nk = (n, N) if step == "agents x tokens" else (N, n)
+            case = f"agent_deit_tiny@{px} {step} ({nq}x{nk})"
+
+            def one():
+                q = torch.randn(B, H, nq, D, device="cuda", dtype=torch.bfloat16)
+                k, v = [torch.randn(B, H, nk, D, device="cuda", dtype=torch.bfloat16) for _ in "kv"]
+                bias = 0.02 * torch.randn(1, H, nq, nk, device="cuda", dtype=torch.bfloat16)
+                fn = lambda: kernels.attention(q, k, v, bias=bias)  # noqa: E731
+                with torch.no_grad():
+                    _paths(ATTNZOO_SKINNY="new")
+                    t_new = _time(fn)
+                    _paths(ATTNZOO_SKINNY="old")
+                    t_old = _time(fn)
+                    _paths(ATTNZOO_SKINNY=None)
+                    t_sdpa = _time(lambda: torch.nn.functional.scaled_dot_product_attention(
+                        q, k, v, attn_mask=bias.expand(B, H, nq, nk)))
+                nbytes = 2 * B * H * D * (2 * nq + 2 * nk) + bias.numel() * 2
+                _tb_row(rows, case, "fwd", t_new, t_old, t_sdpa, nbytes)
+
+            _guarded(rows, case, one)
+    _paths(ATTNZOO_SKINNY=None)
+    os.environ.pop("ATTNZOO_AUTOTUNE")
+
+
 BENCHES = dict(dense=bench_dense, causal=bench_causal, na3d=bench_na3d, na2d=bench_na2d, win1d=bench_win1d,
-               bias=bench_bias, gate=bench_gate, skinny=bench_skinny)
+               bias=bench_bias, gate=bench_gate, skinny=bench_skinny, skinny2=bench_skinny2, relpos=bench_relpos,
+               agent=bench_agent)
 
 
 def main():
@@ -438,7 +617,9 @@ def main():
         raise SystemExit("bench_kernels.py needs a CUDA GPU")
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
     issue4 = {"bias", "gate", "skinny"} & set(args.only.split(","))
-    checks = ([run_checks_ii] if issue4 else []) + ([run_checks] if set(args.only.split(",")) - issue4 else [])
+    round2 = {"skinny2", "relpos", "agent"} & set(args.only.split(","))
+    checks = ([run_checks_ii] if issue4 else []) + ([run_checks_round2] if round2 else []) + \
+        ([run_checks] if set(args.only.split(",")) - issue4 - round2 else [])
     checks_ok = True if args.skip_check else all([c() for c in checks])
     rows = []
     for name in args.only.split(","):

@@ -15,6 +15,9 @@ written per (b, h) by the backward and summed over broadcast dims in torch), low
 (`kernels.LowRankBias`, and `kernels.RelPosBias` lowered to such factors in torch), and the sigmoid output gate
 (forward epilogue; the backward's delta kernel produces dO·sigmoid(g) and dg). Skinny 1-d problems (few query
 blocks, or few key blocks) split the long axis over a third program axis and combine the parts in torch.
+Dense skinny problems (Nk <= 256, or H/Hkv · Nq <= 256) also have the kernels of `triton_skinny` (autotune
+candidates, `ATTNZOO_SKINNY`), which also computes HaloNet's blocked relative-position bias in-kernel
+(`attnzoo::relpos_fwd/bwd`, `ATTNZOO_RELPOS`).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .. import tiles
+from ..bias import RelPosBias
 from ..checks import _fail
 from ..patterns import Causal, Dense, Halo, Neighborhood, Pattern, Window1d
 
@@ -553,6 +557,65 @@ def _feats(bias, qf, gate):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# skinny dense problems (kernels.backends.triton_skinny)
+
+
+def _skinny_mode() -> str:
+    """ATTNZOO_SKINNY: "auto" (default: the skinny kernels and the general ones are autotune candidates of one
+    key, skinny first), "new" (skinny kernels only), "old" (general kernels only; also "0")."""
+    mode = os.environ.get("ATTNZOO_SKINNY", "auto")
+    return "old" if mode == "0" else ("new" if mode == "1" else mode)
+
+
+def _skinny_kind(pattern, q, k, v, qf) -> Optional[str]:
+    """"keys" (Nk fits one tile: Nk <= 256 at head dims <= 64, <= 64 at <= 128), "queries" (H/Hkv · Nq <= 256
+    rows and more keys than that), or None (general kernels). Dense pattern, dense bias or none, no low-rank
+    factors."""
+    if _skinny_mode() == "old" or qf is not None or not isinstance(pattern, Dense):
+        return None
+    bd = max(_block_d(q.shape[-1]), _block_d(v.shape[-1]))
+    max_keys = 256 if bd <= 64 else (64 if bd <= 128 else 0)
+    nk, rows = k.shape[2], q.shape[1] // k.shape[1] * q.shape[2]
+    if nk <= max_keys:
+        return "keys"
+    if bd <= 128 and rows <= 256:
+        return "queries"
+    return None
+
+
+def _with_skinny(cands, backward: bool, pattern, q, k, v, qf):
+    """Candidates with the skinny kernels' configs ("skinny", kind, cfg) in front, and the tune-key feature."""
+    kind = _skinny_kind(pattern, q, k, v, qf)
+    if kind is None:
+        return cands, ()
+    from . import triton_skinny as sk
+
+    if kind == "keys":
+        sc = sk.keys_candidates(q.shape[2], k.shape[2], q.shape[-1], v.shape[-1], backward)
+    else:
+        sc = sk.queries_candidates(q.shape[1] // k.shape[1] * q.shape[2])
+    sc = [("skinny", kind, c) for c in sc]
+    mode = _skinny_mode()
+    return (sc if mode == "new" else sc + list(cands)), (kind, mode)
+
+
+def _skinny_run(cfg, backward, q, k, v, bias, gate, scale, do=None, out=None, lse=None, dlse=None, need_db=False):
+    """Run a skinny config; returns (identity problem, results in the general launchers' form)."""
+    from . import triton_skinny as sk
+
+    prob = _Problem(Dense(), q.shape[2], k.shape[2], 64, 64, q.device)
+    kind, c = cfg[1], cfg[2]
+    if not backward:
+        fn = sk.keys_forward if kind == "keys" else sk.queries_forward
+        return prob, fn(q, k, v, bias, gate, scale, c)
+    if kind == "keys":
+        dq, dk, dv, db, dg, _ = sk.keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, c, need_db)
+    else:
+        dq, dk, dv, db, dg = sk.queries_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, c, need_db)
+    return prob, (dq, dk, dv, db, None, None, dg)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # forward / backward on the original (B, H, N, D) layout
 
 
@@ -561,6 +624,8 @@ def _forward(q, k, v, bias, qf, kf, gate, pattern, scale):
     cache = {}
 
     def run(cfg):
+        if cfg[0] == "skinny":  # kernels.backends.triton_skinny: few keys / few queries
+            return _skinny_run(cfg, False, q, k, v, bias, gate, scale)
         prob = _problem(pattern, nq, nk, cfg, q.device)
         ck = (cfg[:2], cfg[4:]) if prob.grid else None
         ins = cache.get(ck)
@@ -571,8 +636,9 @@ def _forward(q, k, v, bias, qf, kf, gate, pattern, scale):
         return prob, _launch_fwd(*ins, prob, scale, cfg)
 
     cands = _skinny_candidates(_fwd_candidates(q.shape[-1], v.shape[-1]), nk)
-    cfg = _autotune(_tune_key("fwd", pattern, q, k, v, _feats(bias, qf, gate)), _with_tile_costs(pattern, cands),
-                    run)
+    cands, sk_feat = _with_skinny(cands, False, pattern, q, k, v, qf)
+    cfg = _autotune(_tune_key("fwd", pattern, q, k, v, _feats(bias, qf, gate) + sk_feat),
+                    _with_tile_costs(pattern, cands), run)
     prob, (out, lse) = run(cfg)
     return prob.q_out(out), prob.q_out(lse[..., None])[..., 0]
 
@@ -590,6 +656,8 @@ def _backward(do, q, k, v, out, lse, dlse, bias, qf, kf, gate, pattern, scale, n
     cache = {}
 
     def run(cfg):
+        if cfg[0] == "skinny":  # kernels.backends.triton_skinny: few keys / few queries
+            return _skinny_run(cfg, True, q, k, v, bias, gate, scale, do, out, lse, dlse, need_db)
         prob = _problem(pattern, nq, nk, cfg, q.device)
         ck = (cfg[:2], cfg[4:]) if prob.grid else None
         ins = cache.get(ck)
@@ -603,7 +671,8 @@ def _backward(do, q, k, v, out, lse, dlse, bias, qf, kf, gate, pattern, scale, n
         return prob, _launch_bwd(*ins, prob, scale, cfg, need_db, need_lr)
 
     cands = _skinny_candidates(_bwd_candidates(q.shape[-1], v.shape[-1]), nk)
-    feats = _feats(bias, qf, gate) + (need_db,)
+    cands, sk_feat = _with_skinny(cands, True, pattern, q, k, v, qf)
+    feats = _feats(bias, qf, gate) + (need_db,) + sk_feat
     cfg = _autotune(_tune_key("bwd", pattern, q, k, v, feats), _with_tile_costs(pattern, cands), run)
     prob, (dq, dk, dv, db, duq, duk, dg) = run(cfg)
     dq, dk, dv = prob.q_out(dq), prob.k_out(dk), prob.k_out(dv)
@@ -688,6 +757,84 @@ def _attention_backward(ctx, dout, dlse):
 _attention_fwd_op.register_autograd(_attention_backward, setup_context=_setup_context)
 
 
+# HaloNet's relative-position bias on the blocked layout, computed inside the few-keys kernel
+# (kernels.backends.triton_skinny; ATTNZOO_RELPOS=lowrank keeps the torch lowering to low-rank factors)
+
+
+@torch.library.custom_op("attnzoo::relpos_fwd", mutates_args=())
+def _relpos_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rh: torch.Tensor, rw: torch.Tensor,
+                   gate: Optional[torch.Tensor], qb: int, win: int, rel_scale: float,
+                   scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    from . import triton_skinny as sk
+
+    out, lse = sk.relpos_forward(q, k, v, rh, rw, gate, qb, win, rel_scale, scale)
+    return out.contiguous(), lse.contiguous()
+
+
+@_relpos_fwd_op.register_fake
+def _(q, k, v, rh, rw, gate, qb, win, rel_scale, scale):
+    B, H, NQ, _ = q.shape
+    return q.new_empty(B, H, NQ, v.shape[-1]), q.new_empty(B, H, NQ, dtype=torch.float32)
+
+
+@torch.library.custom_op("attnzoo::relpos_bwd", mutates_args=())
+def _relpos_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, dlse: Optional[torch.Tensor], rh: torch.Tensor, rw: torch.Tensor,
+                   gate: Optional[torch.Tensor], qb: int, win: int, rel_scale: float,
+                   scale: float) -> List[torch.Tensor]:
+    from . import triton_skinny as sk
+
+    grads = sk.relpos_backward(do, q, k, v, out, lse, dlse, rh, rw, gate, qb, win, rel_scale, scale)
+    return [g.contiguous() if g is not None else q.new_empty(0) for g in grads]
+
+
+@_relpos_bwd_op.register_fake
+def _(do, q, k, v, out, lse, dlse, rh, rw, gate, qb, win, rel_scale, scale):
+    return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v, rh, rw)] + \
+        [torch.empty_like(gate, memory_format=torch.contiguous_format) if gate is not None else q.new_empty(0)]
+
+
+def _relpos_setup_context(ctx, inputs, output):
+    q, k, v, rh, rw, gate, qb, win, rel_scale, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, rh, rw, gate)
+    ctx.geom = (qb, win, rel_scale, scale)
+
+
+def _relpos_backward(ctx, dout, dlse):
+    q, k, v, out, lse, rh, rw, gate = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv, drh, drw, dgate = _relpos_bwd_op(dout, q, k, v, out, lse, dlse, rh, rw, gate, *ctx.geom)
+    return dq, dk, dv, drh, drw, (dgate if gate is not None else None), None, None, None, None
+
+
+_relpos_fwd_op.register_autograd(_relpos_backward, setup_context=_relpos_setup_context)
+
+
+@torch.compiler.assume_constant_result
+def _relpos_in_kernel_enabled() -> bool:
+    return os.environ.get("ATTNZOO_RELPOS", "kernel") != "lowrank"
+
+
+def _relpos_args(bias, pattern, q, k, v):
+    """(qb, win) when `bias` is a RelPosBias the few-keys kernel computes in-kernel: HaloNet's blocked layout (a
+    2-d single-block Halo, q = the qb x qb block, k = the win x win window, every pair visible); else None."""
+    if not isinstance(bias, RelPosBias) or not _relpos_in_kernel_enabled():
+        return None
+    p = bias.pattern
+    if not isinstance(p, Halo) or len(p.grid) != 2 or any(g != p.query_block for g in p.grid):
+        return None
+    if not (isinstance(pattern, Dense) or pattern == p):
+        return None
+    qb, win = p.query_block, p.window
+    bd = max(_block_d(q.shape[-1]), _block_d(v.shape[-1]))
+    max_keys = 256 if bd <= 64 else (64 if bd <= 128 else 0)
+    if q.shape[2] != qb * qb or k.shape[2] != win * win or win * win > max_keys:
+        return None
+    return qb, win
+
+
 @torch.compiler.assume_constant_result
 def _pattern_key(pattern: Pattern) -> str:
     key = repr(pattern)
@@ -711,6 +858,11 @@ def attention_triton(q, k, v, pattern=None, bias=None, gate=None, scale=None, re
     if isinstance(bias, torch.Tensor):
         dense = _as4d(bias)
     elif bias is not None:
+        rel = _relpos_args(bias, pattern, q, k, v)
+        if rel is not None:  # in-kernel relative logits (blocked HaloNet layout)
+            rh, rw = (t.to(q.dtype) for t in bias.tables)
+            out, lse = _relpos_fwd_op(q, k, v, rh, rw, gate, rel[0], rel[1], float(bias.scale), scale)
+            return (out, lse) if return_lse else out
         qf, kf = bias.kernel_factors(q, k)
         qf, kf = qf.to(q.dtype), kf.to(q.dtype)
     out, lse = _attention_fwd_op(q, k, v, dense, qf, kf, gate, _pattern_key(pattern), scale)

@@ -1,0 +1,806 @@
+"""Skinny Triton kernels for dense attention: few keys (Nk <= 256) or few queries (H/Hkv · Nq <= 256), and
+HaloNet's relative-position bias computed inside the kernel for the blocked layout.
+
+Why: with 64 keys the general kernel runs one key block per program, so every program pays one q-tile load
+latency with nothing to overlap (0.86 TB/s on an H200 where SDPA reaches 1.58). Here:
+
+* `_keys_fwd` / `_keys_bwd` (few keys): all keys of one (b, h) fit one tile of BLOCK_N = next_pow2(Nk) rows.
+  RESIDENT mode keeps K/V (loaded once) in the program and loops over a chunk of query blocks of that (b, h)
+  (persistent style: the loop lets Triton prefetch the next q tile while this one computes); FLAT mode walks a
+  range of (b, h, query block) items and reloads K/V per item (for many small (b, h) problems, e.g. the blocked
+  HaloNet layout, where each (b, h) has one query block). One-pass softmax (no rescaling). The backward is one
+  fused kernel: delta = rowsum(dO·O) (and the gate terms) in-kernel, dQ stored per query block, dK/dV
+  accumulated over the program's query blocks (fp32 partials per program summed in torch), dS stored for a
+  dense bias.
+* `_queries_fwd` / `_queries_bwd` (few queries): the query rows of one KV head (GQA groups folded into the rows:
+  row r = g · Nq + m) form one or two tiles; the keys are split over a program axis, each program looping over
+  a chunk of key blocks; forward partials are lse-combined in torch, dQ partials summed; dK/dV of a key chunk
+  belong to one program (no atomics).
+* Relative positions (`HAS_REL`, keys path): for HaloNet's blocked layout (queries a qb x qb block, keys the
+  win x win window, both row-major) the per-axis logits `T_a = q · R_aᵀ` (BLOCK_M x (2 win - 1), one small dot
+  per table) are shifted per query row to the key classes (`tl.gather`), giving exact rank-2·win factors whose
+  key side is a one-hot built from iota (no memory). Backward: dT_a by the inverse shift, dq += dT_a · R_a,
+  dR_a += dT_aᵀ · q accumulated per program (fp32 partials summed in torch).
+
+Dispatch lives in `triton_attention` (`_skinny_kind`, ATTNZOO_SKINNY, ATTNZOO_RELPOS). `CALLS` counts launches
+per kernel (tests assert that the new paths run).
+"""
+from __future__ import annotations
+
+import collections
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_attention as ta
+
+CALLS = collections.Counter()
+_FORCE = {}  # tests: {"keys_mode": "flat" | "resident", "block_m": int, "block_n": int}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+
+@triton.jit
+def _ld(base, offs_r, stride_r, offs_c, NR, NC: tl.constexpr, BLOCK_C: tl.constexpr):
+    ptrs = base + offs_r[:, None] * stride_r + offs_c[None, :]
+    if BLOCK_C == NC:
+        x = tl.load(ptrs, mask=(offs_r < NR)[:, None], other=0.0)
+    else:
+        x = tl.load(ptrs, mask=(offs_r < NR)[:, None] & (offs_c < NC)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _rel_key_onehots(offs_n, NK, WIN, BLOCK_W: tl.constexpr):
+    """(BLOCK_W, BLOCK_N) one-hots of each key's window row (n // WIN) and column (n % WIN)."""
+    c = tl.arange(0, BLOCK_W)
+    ok = (offs_n < NK)[None, :]
+    kh = ((offs_n // WIN)[None, :] == c[:, None]) & ok
+    kw = ((offs_n % WIN)[None, :] == c[:, None]) & ok
+    return kh, kw
+
+
+@triton.jit
+def _rel_query_factors(q, rh, rw, offs_m, QB, WIN, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
+                       DOT_PREC: tl.constexpr):
+    """(BM, BLOCK_W) twice: u_a[m, c] = q_m · R_a[c - pos_a(m) + WIN - 1] for c < WIN (garbage, finite, above)."""
+    th = tl.dot(q, tl.trans(rh), input_precision=DOT_PREC)  # (BM, BLOCK_T) fp32
+    tw = tl.dot(q, tl.trans(rw), input_precision=DOT_PREC)
+    c = tl.arange(0, BLOCK_W)
+    sh = WIN - 1 - offs_m // QB  # shift of the row axis (qy)
+    sw = WIN - 1 - offs_m % QB  # shift of the column axis (qx)
+    ih = tl.minimum(tl.maximum(c[None, :] + sh[:, None], 0), BLOCK_T - 1)
+    iw = tl.minimum(tl.maximum(c[None, :] + sw[:, None], 0), BLOCK_T - 1)
+    return tl.gather(th, ih, 1), tl.gather(tw, iw, 1)
+
+
+@triton.jit
+def _rel_table_grads(ds_lp, kh, kw, offs_m, QB, WIN, rel_scale, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
+                     DOT_PREC: tl.constexpr):
+    """dT_a (BM, BLOCK_T) fp32 from dS: dU_a = rel_scale · dS · onehot_a, then the inverse shift."""
+    duh = tl.dot(ds_lp, tl.trans(kh), input_precision=DOT_PREC) * rel_scale  # (BM, BLOCK_W)
+    duw = tl.dot(ds_lp, tl.trans(kw), input_precision=DOT_PREC) * rel_scale
+    t = tl.arange(0, BLOCK_T)
+    jh = t[None, :] - (WIN - 1 - offs_m // QB)[:, None]
+    jw = t[None, :] - (WIN - 1 - offs_m % QB)[:, None]
+    dth = tl.gather(duh, tl.minimum(tl.maximum(jh, 0), BLOCK_W - 1), 1)
+    dtw = tl.gather(duw, tl.minimum(tl.maximum(jw, 0), BLOCK_W - 1), 1)
+    dth = tl.where((jh >= 0) & (jh < WIN), dth, 0.0)
+    dtw = tl.where((jw >= 0) & (jw < WIN), dtw, 0.0)
+    return dth, dtw
+
+
+@triton.jit
+def _item_range(pid, BH, NQB, ITEMS, CHUNKS, RESIDENT: tl.constexpr):
+    """Items (b·H + h) · NQB + query block of one program: RESIDENT keeps one (b, h) per program."""
+    if RESIDENT:
+        bh0 = pid // CHUNKS
+        c0 = (pid % CHUNKS) * ITEMS
+        lo = bh0 * NQB + c0
+        hi = bh0 * NQB + tl.minimum(NQB, c0 + ITEMS)
+    else:
+        bh0 = pid * 0
+        lo = pid * ITEMS
+        hi = tl.minimum(BH * NQB, lo + ITEMS)
+    return bh0, lo, hi
+
+
+# ----------------------------------------------------------------------------------------------------------
+# few keys: forward
+
+
+@triton.jit
+def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
+              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+              stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn,
+              stride_gb, stride_gh, stride_gn, stride_gd, stride_rt,
+              BH, H, GROUP, NQ, NK, NQB, ITEMS, CHUNKS, NT, QB, WIN, qk_scale, rel_scale,
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
+              RESIDENT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_REL: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    bh0, lo, hi = _item_range(pid, BH, NQB, ITEMS, CHUNKS, RESIDENT)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_ok = offs_n < NK
+    if RESIDENT:
+        b0 = (bh0 // H).to(tl.int64)
+        hk0 = ((bh0 % H) // GROUP).to(tl.int64)
+        k = _ld(K + b0 * stride_kb + hk0 * stride_kh, offs_n, stride_kn, offs_d, NK, D, BLOCK_D)
+        v = _ld(V + b0 * stride_vb + hk0 * stride_vh, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV)
+    if HAS_REL:
+        offs_t = tl.arange(0, BLOCK_T)
+        rh = _ld(RH, offs_t, stride_rt, offs_d, NT, D, BLOCK_D)
+        rw = _ld(RW, offs_t, stride_rt, offs_d, NT, D, BLOCK_D)
+        kh, kw = _rel_key_onehots(offs_n, NK, WIN, BLOCK_W)
+        kh = kh.to(rh.dtype)
+        kw = kw.to(rh.dtype)
+    for it in range(lo, hi):
+        bh = it // NQB
+        mb = it % NQB
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        if not RESIDENT:
+            hk = h // GROUP
+            k = _ld(K + b * stride_kb + hk * stride_kh, offs_n, stride_kn, offs_d, NK, D, BLOCK_D)
+            v = _ld(V + b * stride_vb + hk * stride_vh, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV)
+        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = offs_m < NQ
+        q = _ld(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, NQ, D, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if HAS_REL:
+            uh, uw = _rel_query_factors(q, rh, rw, offs_m, QB, WIN, BLOCK_T, BLOCK_W, DOT_PREC)
+            rel = tl.dot(uh.to(q.dtype), kh, input_precision=DOT_PREC) + \
+                tl.dot(uw.to(q.dtype), kw, input_precision=DOT_PREC)
+            s += rel * (rel_scale * 1.4426950408889634)
+        if HAS_BIAS:
+            b_ptrs = BIAS + b * stride_bb + h * stride_bh + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
+            s += tl.load(b_ptrs, mask=rows[:, None] & col_ok[None, :], other=0.0).to(tl.float32) * \
+                1.4426950408889634
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_i = tl.max(s, 1)
+        m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+        p = tl.math.exp2(s - m_use[:, None])
+        l_i = tl.sum(p, 1)
+        seen = l_i > 0.0
+        acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, (m_use + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        cols = offs_dv < DV
+        if HAS_GATE:
+            g_ptrs = GATE + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd
+            g = tl.load(g_ptrs, mask=rows[:, None] & cols[None, :], other=0.0).to(tl.float32)
+            out = out * tl.sigmoid(g)
+        o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=rows[:, None] & cols[None, :])
+        tl.store(LSE + bh.to(tl.int64) * NQ + offs_m, lse, mask=rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# few keys: backward (one fused kernel)
+
+
+@triton.jit
+def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG, DRH, DRW,
+              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+              stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
+              stride_dqb, stride_dqh, stride_dqn, stride_bb, stride_bh, stride_bm, stride_bn,
+              stride_gb, stride_gh, stride_gn, stride_gd, stride_dgb, stride_dgh, stride_dgn, stride_dgd,
+              stride_dbb, stride_dbh, stride_dbm, stride_dbn, stride_dks, stride_dkb, stride_dkh, stride_dkn,
+              stride_dvs, stride_dvb, stride_dvh, stride_dvn, stride_rt,
+              BH, H, GROUP, NQ, NK, NQB, ITEMS, CHUNKS, NT, QB, WIN, qk_scale, sm_scale, rel_scale,
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
+              RESIDENT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DB: tl.constexpr, HAS_GATE: tl.constexpr,
+              GATE_ELEM: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_REL: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    bh0, lo, hi = _item_range(pid, BH, NQB, ITEMS, CHUNKS, RESIDENT)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_ok = offs_n < NK
+    cols = offs_dv < DV
+    if RESIDENT:
+        b0 = (bh0 // H).to(tl.int64)
+        h0 = (bh0 % H).to(tl.int64)
+        k = _ld(K + b0 * stride_kb + (h0 // GROUP) * stride_kh, offs_n, stride_kn, offs_d, NK, D, BLOCK_D)
+        v = _ld(V + b0 * stride_vb + (h0 // GROUP) * stride_vh, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    if HAS_REL:
+        offs_t = tl.arange(0, BLOCK_T)
+        rh = _ld(RH, offs_t, stride_rt, offs_d, NT, D, BLOCK_D)
+        rw = _ld(RW, offs_t, stride_rt, offs_d, NT, D, BLOCK_D)
+        kh, kw = _rel_key_onehots(offs_n, NK, WIN, BLOCK_W)
+        kh = kh.to(rh.dtype)
+        kw = kw.to(rh.dtype)
+        drh = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        drw = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    for it in range(lo, hi):
+        bh = it // NQB
+        mb = it % NQB
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        if not RESIDENT:
+            hk = h // GROUP
+            k = _ld(K + b * stride_kb + hk * stride_kh, offs_n, stride_kn, offs_d, NK, D, BLOCK_D)
+            v = _ld(V + b * stride_vb + hk * stride_vh, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV)
+            dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = offs_m < NQ
+        q = _ld(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, NQ, D, BLOCK_D)
+        do = _ld(DO + b * stride_db + h * stride_dh, offs_m, stride_dn, offs_dv, NQ, DV, BLOCK_DV)
+        o = _ld(O + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_dv, NQ, DV, BLOCK_DV)
+        prod = o.to(tl.float32) * do.to(tl.float32)
+        delta = tl.sum(prod, 1)
+        if HAS_GATE:  # O is the gated output: dO_eff = dO·σ(g), dg = dO·O·(1 - σ(g))
+            g_base = GATE + b * stride_gb + h * stride_gh
+            g = tl.load(g_base + offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd,
+                        mask=rows[:, None] & cols[None, :], other=0.0).to(tl.float32)
+            sg = tl.sigmoid(g)
+            doe = (do.to(tl.float32) * sg).to(do.dtype)
+            dg_base = DG + b * stride_dgb + h * stride_dgh
+            if GATE_ELEM:
+                tl.store(dg_base + offs_m[:, None] * stride_dgn + offs_dv[None, :] * stride_dgd,
+                         (prod * (1.0 - sg)).to(DG.dtype.element_ty), mask=rows[:, None] & cols[None, :])
+            else:
+                sg_row = tl.sigmoid(tl.load(g_base + offs_m * stride_gn, mask=rows, other=0.0).to(tl.float32))
+                tl.store(dg_base + offs_m * stride_dgn, (delta * (1.0 - sg_row)).to(DG.dtype.element_ty),
+                         mask=rows)
+        else:
+            doe = do
+        if HAS_DLSE:
+            delta -= tl.load(DLSE + bh.to(tl.int64) * NQ + offs_m, mask=rows, other=0.0)
+        lse = tl.load(LSE + bh.to(tl.int64) * NQ + offs_m, mask=rows, other=float("inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if HAS_REL:
+            uh, uw = _rel_query_factors(q, rh, rw, offs_m, QB, WIN, BLOCK_T, BLOCK_W, DOT_PREC)
+            rel = tl.dot(uh.to(q.dtype), kh, input_precision=DOT_PREC) + \
+                tl.dot(uw.to(q.dtype), kw, input_precision=DOT_PREC)
+            s += rel * (rel_scale * 1.4426950408889634)
+        if HAS_BIAS:
+            b_ptrs = BIAS + b * stride_bb + h * stride_bh + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
+            s += tl.load(b_ptrs, mask=rows[:, None] & col_ok[None, :], other=0.0).to(tl.float32) * \
+                1.4426950408889634
+        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.where(col_ok[None, :], p, 0.0)
+        dp = tl.dot(doe, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        ds_lp = ds.to(q.dtype)
+        dq = tl.dot(ds_lp, k, input_precision=DOT_PREC) * sm_scale
+        if HAS_REL:
+            dth, dtw = _rel_table_grads(ds_lp, kh, kw, offs_m, QB, WIN, rel_scale, BLOCK_T, BLOCK_W, DOT_PREC)
+            dth_lp = dth.to(q.dtype)
+            dtw_lp = dtw.to(q.dtype)
+            dq += tl.dot(dth_lp, rh, input_precision=DOT_PREC) + tl.dot(dtw_lp, rw, input_precision=DOT_PREC)
+            drh += tl.dot(tl.trans(dth_lp), q, input_precision=DOT_PREC)
+            drw += tl.dot(tl.trans(dtw_lp), q, input_precision=DOT_PREC)
+        tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=rows[:, None] & (offs_d < D)[None, :])
+        dv += tl.dot(tl.trans(p.to(doe.dtype)), doe, input_precision=DOT_PREC)
+        dk += tl.dot(tl.trans(ds_lp), q, input_precision=DOT_PREC)
+        if STORE_DB:
+            tl.store(DB + b * stride_dbb + h * stride_dbh + offs_m[:, None] * stride_dbm + offs_n[None, :] * stride_dbn,
+                     ds, mask=rows[:, None] & col_ok[None, :])
+        if not RESIDENT:
+            tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+                     (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d < D)[None, :])
+            tl.store(DV_ + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :],
+                     dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & cols[None, :])
+    if RESIDENT:
+        split = (pid % CHUNKS).to(tl.int64)
+        tl.store(DK + split * stride_dks + b0 * stride_dkb + h0 * stride_dkh + offs_n[:, None] * stride_dkn +
+                 offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+                 mask=col_ok[:, None] & (offs_d < D)[None, :])
+        tl.store(DV_ + split * stride_dvs + b0 * stride_dvb + h0 * stride_dvh + offs_n[:, None] * stride_dvn +
+                 offs_dv[None, :], dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & cols[None, :])
+    if HAS_REL:
+        t_ptrs = pid.to(tl.int64) * NT * D + offs_t[:, None] * D + offs_d[None, :]
+        t_mask = (offs_t < NT)[:, None] & (offs_d < D)[None, :]
+        tl.store(DRH + t_ptrs, drh, mask=t_mask)
+        tl.store(DRW + t_ptrs, drw, mask=t_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# few queries (GQA groups folded into the rows): forward with split keys
+
+
+@triton.jit
+def _q_step(acc, m_i, l_i, q, k_base, v_base, b_rows, rows, start_n, stride_kn, stride_vn, stride_bn, qk_scale, NK,
+            offs_d, offs_dv, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if MASKED:
+        k = _ld(k_base, offs_n, stride_kn, offs_d, NK, D, BLOCK_D)
+        v = _ld(v_base, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV)
+    else:
+        k = _ld(k_base, offs_n, stride_kn, offs_d, NK + BLOCK_N, D, BLOCK_D)
+        v = _ld(v_base, offs_n, stride_vn, offs_dv, NK + BLOCK_N, DV, BLOCK_DV)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if HAS_BIAS:
+        s += tl.load(b_rows[:, None] + offs_n[None, :] * stride_bn, mask=rows[:, None] & (offs_n < NK)[None, :],
+                     other=0.0).to(tl.float32) * 1.4426950408889634
+    if MASKED:
+        s = tl.where((offs_n < NK)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _queries_fwd(Q, K, V, O, LSE, BIAS, GATE,
+                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                 stride_os, stride_ob, stride_oh, stride_on, stride_ls, stride_bb, stride_bh, stride_bm, stride_bn,
+                 stride_gb, stride_gh, stride_gn, stride_gd,
+                 H, HKV, GROUP, NQ, NK, R, PER, NKB, NKB_FULL, qk_scale,
+                 D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    pid_s = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = (pid_bh // HKV).to(tl.int64)
+    hk = (pid_bh % HKV).to(tl.int64)
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_r < R
+    h = hk * GROUP + (offs_r // NQ).to(tl.int64)  # per row: query head
+    m = offs_r % NQ
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + m[:, None] * stride_qn + offs_d[None, :],
+                mask=rows[:, None] & (offs_d < D)[None, :], other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    b_rows = BIAS + b * stride_bb + h * stride_bh + m * stride_bm
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    nb_lo = pid_s * PER
+    nb_hi = tl.minimum(NKB, nb_lo + PER)
+    full_hi = tl.minimum(nb_hi, NKB_FULL)
+    for nb in range(nb_lo, full_hi):
+        acc, m_i, l_i = _q_step(acc, m_i, l_i, q, k_base, v_base, b_rows, rows, nb * BLOCK_N, stride_kn, stride_vn,
+                                stride_bn, qk_scale, NK, offs_d, offs_dv, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, False,
+                                HAS_BIAS, DOT_PREC)
+    for nb in range(tl.maximum(nb_lo, full_hi), nb_hi):
+        acc, m_i, l_i = _q_step(acc, m_i, l_i, q, k_base, v_base, b_rows, rows, nb * BLOCK_N, stride_kn, stride_vn,
+                                stride_bn, qk_scale, NK, offs_d, offs_dv, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True,
+                                HAS_BIAS, DOT_PREC)
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+    lse = tl.where(seen, (m_use + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    cols = offs_dv < DV
+    if HAS_GATE:
+        g_rows = GATE + b * stride_gb + h * stride_gh + m * stride_gn
+        g = tl.load(g_rows[:, None] + offs_dv[None, :] * stride_gd, mask=rows[:, None] & cols[None, :],
+                    other=0.0).to(tl.float32)
+        out = out * tl.sigmoid(g)
+    o_ptrs = O + pid_s.to(tl.int64) * stride_os + b * stride_ob + h[:, None] * stride_oh + m[:, None] * stride_on + \
+        offs_dv[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=rows[:, None] & cols[None, :])
+    tl.store(LSE + pid_s.to(tl.int64) * stride_ls + (b * H + h) * NQ + m, lse, mask=rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# few queries: backward (one fused kernel per key chunk)
+
+
+@triton.jit
+def _queries_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, DQ, DK, DV_, DB, DG,
+                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                 stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
+                 stride_dqs, stride_dqb, stride_dqh, stride_dqn, stride_bb, stride_bh, stride_bm, stride_bn,
+                 stride_gb, stride_gh, stride_gn, stride_gd, stride_dgb, stride_dgh, stride_dgn, stride_dgd,
+                 stride_dbb, stride_dbh, stride_dbm, stride_dbn, stride_dkb, stride_dkh, stride_dkn,
+                 stride_dvb, stride_dvh, stride_dvn,
+                 H, HKV, GROUP, NQ, NK, R, NRB, PER, NKB, qk_scale, sm_scale,
+                 D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, ACCUM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 STORE_DB: tl.constexpr, HAS_GATE: tl.constexpr, GATE_ELEM: tl.constexpr, HAS_DLSE: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    hk = (pid_bh % HKV).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    cols = offs_dv < DV
+    nb_lo = pid_s * PER
+    nb_hi = tl.minimum(NKB, nb_lo + PER)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    for mb in range(NRB):
+        if ACCUM:
+            tl.debug_barrier()  # dK/dV of the previous row block were stored by other threads of this program
+        offs_r = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = offs_r < R
+        h = hk * GROUP + (offs_r // NQ).to(tl.int64)
+        m = offs_r % NQ
+        rmask = rows[:, None] & (offs_d < D)[None, :]
+        vmask = rows[:, None] & cols[None, :]
+        q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + m[:, None] * stride_qn + offs_d[None, :],
+                    mask=rmask, other=0.0)
+        do = tl.load(DO + b * stride_db + h[:, None] * stride_dh + m[:, None] * stride_dn + offs_dv[None, :],
+                     mask=vmask, other=0.0)
+        o = tl.load(O + b * stride_ob + h[:, None] * stride_oh + m[:, None] * stride_on + offs_dv[None, :],
+                    mask=vmask, other=0.0)
+        prod = o.to(tl.float32) * do.to(tl.float32)
+        delta = tl.sum(prod, 1)
+        if HAS_GATE:
+            g_rows = GATE + b * stride_gb + h * stride_gh + m * stride_gn
+            g = tl.load(g_rows[:, None] + offs_dv[None, :] * stride_gd, mask=vmask, other=0.0).to(tl.float32)
+            sg = tl.sigmoid(g)
+            doe = (do.to(tl.float32) * sg).to(do.dtype)
+            dg_rows = DG + b * stride_dgb + h * stride_dgh + m * stride_dgn
+            first = pid_s == 0  # one split writes dg
+            if GATE_ELEM:
+                tl.store(dg_rows[:, None] + offs_dv[None, :] * stride_dgd, (prod * (1.0 - sg)).to(DG.dtype.element_ty),
+                         mask=vmask & first)
+            else:
+                sg_row = tl.sigmoid(tl.load(g_rows, mask=rows, other=0.0).to(tl.float32))
+                tl.store(dg_rows, (delta * (1.0 - sg_row)).to(DG.dtype.element_ty), mask=rows & first)
+        else:
+            doe = do
+        lrow = (b * H + h) * NQ + m
+        if HAS_DLSE:
+            delta -= tl.load(DLSE + lrow, mask=rows, other=0.0)
+        lse = tl.load(LSE + lrow, mask=rows, other=float("inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        b_rows = BIAS + b * stride_bb + h * stride_bh + m * stride_bm
+        db_rows = DB + b * stride_dbb + h * stride_dbh + m * stride_dbm
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for nb in range(nb_lo, nb_hi):
+            offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+            kmask = offs_n < NK
+            k = _ld(k_base, offs_n, stride_kn, offs_d, NK, D, BLOCK_D)
+            v = _ld(v_base, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            if HAS_BIAS:
+                s += tl.load(b_rows[:, None] + offs_n[None, :] * stride_bn, mask=rows[:, None] & kmask[None, :],
+                             other=0.0).to(tl.float32) * 1.4426950408889634
+            p = tl.math.exp2(s - lse2[:, None])
+            p = tl.where(kmask[None, :], p, 0.0)
+            dp = tl.dot(doe, tl.trans(v), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            ds_lp = ds.to(q.dtype)
+            dq += tl.dot(ds_lp, k, input_precision=DOT_PREC)
+            dk_b = tl.dot(tl.trans(ds_lp), q, input_precision=DOT_PREC) * sm_scale
+            dv_b = tl.dot(tl.trans(p.to(doe.dtype)), doe, input_precision=DOT_PREC)
+            dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+            dv_ptrs = DV_ + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :]
+            kd_mask = kmask[:, None] & (offs_d < D)[None, :]
+            kv_mask = kmask[:, None] & cols[None, :]
+            if ACCUM:  # several row blocks: fp32 buffers, accumulated by this program only
+                dk_b += tl.load(dk_ptrs, mask=kd_mask & (mb > 0), other=0.0)
+                dv_b += tl.load(dv_ptrs, mask=kv_mask & (mb > 0), other=0.0)
+            tl.store(dk_ptrs, dk_b.to(DK.dtype.element_ty), mask=kd_mask)
+            tl.store(dv_ptrs, dv_b.to(DV_.dtype.element_ty), mask=kv_mask)
+            if STORE_DB:
+                tl.store(db_rows[:, None] + offs_n[None, :] * stride_dbn, ds, mask=rows[:, None] & kmask[None, :])
+        tl.store(DQ + pid_s.to(tl.int64) * stride_dqs + b * stride_dqb + h[:, None] * stride_dqh +
+                 m[:, None] * stride_dqn + offs_d[None, :], dq * sm_scale, mask=rmask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# host side
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def max_keys(d: int, dv: int) -> int:
+    """Largest Nk the few-keys kernels keep in one tile (K/V tiles and, backward, fp32 dK/dV of BLOCK_N x head dim
+    per program): 256 at head dims <= 64, 64 at <= 128."""
+    bd = max(ta._block_d(d), ta._block_d(dv))
+    return 256 if bd <= 64 else (64 if bd <= 128 else 0)
+
+
+
+def keys_candidates(nq: int, nk: int, d: int, dv: int, backward: bool = False) -> List[tuple]:
+    """(BLOCK_M, warps, stages, mode, waves) for the few-keys kernels; mode "res" | "flat"."""
+    bm_cap = _next_pow2(max(nq, 16))
+    if ta._interpret():
+        bm = _FORCE.get("block_m", 16)
+        mode = _FORCE.get("keys_mode", "res" if nq > bm else "flat")
+        return [(bm, 4, 1, mode, 4)]
+    keep = 2 if ta._fast_tune() else None  # ATTNZOO_AUTOTUNE=fast: the first two
+    wide = _next_pow2(nk) >= 256  # 256-key tiles: smaller query blocks / more warps for the (BM, 256) logits
+    if nq <= 128:  # one query block per (b, h): many small problems (blocked layouts, agents)
+        bm = max(16, bm_cap)
+        return [(bm, 4, 2, "flat", 4), (bm, 8, 2, "flat", 4), (bm, 4, 3, "flat", 8)][:keep]
+    if backward:
+        if wide:
+            return [(64, 8, 2, "res", 4), (32, 4, 2, "res", 4), (64, 4, 2, "res", 4)][:keep]
+        return [(64, 4, 2, "res", 4), (128, 8, 2, "res", 4), (64, 8, 2, "res", 4)][:keep]
+    if wide:
+        return [(64, 8, 3, "res", 4), (64, 4, 3, "res", 4), (128, 8, 3, "res", 4)][:keep]
+    return [(128, 4, 3, "res", 4), (64, 4, 3, "res", 4), (128, 8, 3, "res", 8), (128, 4, 3, "flat", 4)][:keep]
+
+
+def queries_candidates(rows: int) -> List[tuple]:
+    """(BLOCK_M, BLOCK_N, warps, stages, waves) for the few-queries kernels."""
+    bm = min(128, max(16, _next_pow2(rows)))
+    if ta._interpret():
+        return [(_FORCE.get("block_m", 16), _FORCE.get("block_n", 16), 4, 1, 2)]
+    return [(bm, 128, 4, 3, 2), (bm, 64, 4, 3, 2), (bm, 128, 8, 3, 4)][:2 if ta._fast_tune() else None]
+
+
+def _keys_grid(BH: int, nqb: int, device, mode: str, waves: int, backward: bool):
+    """(programs, items per program, chunks per (b, h)); RESIDENT programs stay inside one (b, h)."""
+    target = waves * ta._num_sms(device)
+    if mode == "res":
+        chunks = max(1, min(nqb, target // max(BH, 1)))
+        items = _cdiv(nqb, chunks)
+        chunks = _cdiv(nqb, items)
+        return BH * chunks, items, chunks
+    total = BH * nqb
+    items = max(1, total // target)
+    return _cdiv(total, items), items, 1
+
+
+class Rel:
+    """In-kernel HaloNet relative logits on the blocked layout: tables (2 win - 1, D) in q's dtype."""
+
+    def __init__(self, rh, rw, qb: int, win: int, scale: float):
+        self.rh, self.rw, self.qb, self.win, self.scale = rh.contiguous(), rw.contiguous(), qb, win, scale
+        self.nt = 2 * win - 1
+        self.block_t = max(16, _next_pow2(self.nt))
+        self.block_w = max(16, _next_pow2(win))
+
+
+def _rel_kw(rel: Optional[Rel], dummy):
+    if rel is None:
+        return dict(RH=dummy, RW=dummy, stride_rt=0, NT=1, QB=1, WIN=1, rel_scale=0.0, BLOCK_T=16, BLOCK_W=16,
+                    HAS_REL=False)
+    return dict(RH=rel.rh, RW=rel.rw, stride_rt=rel.rh.stride(0), NT=rel.nt, QB=rel.qb, WIN=rel.win,
+                rel_scale=float(rel.scale), BLOCK_T=rel.block_t, BLOCK_W=rel.block_w, HAS_REL=True)
+
+
+def _gate_views(gate):
+    """Gate (B, N, H[, Dv]) as the (B, H, N, 1 | Dv) view, with broadcast strides."""
+    if gate is None:
+        return None, (0, 0, 0, 0)
+    g4 = ta._gate4(gate)
+    return g4, ta._bstrides(g4)
+
+
+def keys_forward(q, k, v, bias, gate, scale, cfg, rel: Optional[Rel] = None):
+    """Few-keys forward; returns (out (B, H, NQ, DV), lse (B, H, NQ) fp32)."""
+    q, k, v = ta._lastdim_contiguous(q), ta._lastdim_contiguous(k), ta._lastdim_contiguous(v)
+    B, H, NQ, D = q.shape
+    HKV, NK, DV = k.shape[1], k.shape[2], v.shape[-1]
+    BM, warps, stages, mode, waves = cfg
+    nqb = _cdiv(NQ, BM)
+    nprog, items, chunks = _keys_grid(B * H, nqb, q.device, mode, waves, False)
+    out = ta._new(B, H, NQ, DV, like=q)
+    lse = ta._new(B, H, NQ, like=q, dtype=torch.float32)
+    g4, sg = _gate_views(gate)
+    bias = None if bias is None else ta._Problem(ta.Dense(), NQ, NK, BM, 16, q.device).bias_in(bias, NQ, NK)
+    sb = ta._bstrides(bias)
+    CALLS["keys_fwd_" + mode + ("_rel" if rel is not None else "")] += 1
+    _keys_fwd[(nprog,)](
+        q, k, v, out, lse, bias if bias is not None else q, g4 if g4 is not None else q,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_on=out.stride(2),
+        stride_bb=sb[0], stride_bh=sb[1], stride_bm=sb[2], stride_bn=sb[3],
+        stride_gb=sg[0], stride_gh=sg[1], stride_gn=sg[2], stride_gd=sg[3],
+        BH=B * H, H=H, GROUP=H // HKV, NQ=NQ, NK=NK, NQB=nqb, ITEMS=items, CHUNKS=chunks,
+        qk_scale=scale * 1.4426950408889634, D=D, DV=DV, BLOCK_M=BM, BLOCK_N=max(16, _next_pow2(NK)),
+        BLOCK_D=ta._block_d(D), BLOCK_DV=ta._block_d(DV), RESIDENT=mode == "res", HAS_BIAS=bias is not None,
+        HAS_GATE=gate is not None, DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages,
+        **_rel_kw(rel, q))
+    return out, lse
+
+
+def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, rel: Optional[Rel] = None):
+    """Few-keys backward; returns (dq, dk, dv, db (B, H, NQ, NK) fp32 | None, dg (B, H, N, 1 | DV) | None,
+    (drh, drw) | None)."""
+    q, k, v = ta._lastdim_contiguous(q), ta._lastdim_contiguous(k), ta._lastdim_contiguous(v)
+    do, out = ta._lastdim_contiguous(do), ta._lastdim_contiguous(out)
+    B, H, NQ, D = q.shape
+    HKV, NK, DV = k.shape[1], k.shape[2], v.shape[-1]
+    GROUP = H // HKV
+    BM, warps, stages, mode, waves = cfg
+    nqb = _cdiv(NQ, BM)
+    if nqb > 1:
+        mode = "res"  # dK/dV accumulate over the query blocks of one (b, h) in one program
+    nprog, items, chunks = _keys_grid(B * H, nqb, q.device, mode, waves, True)
+    f32 = torch.float32
+    lse = lse.contiguous()
+    dlse = None if dlse is None else dlse.float().contiguous()
+    dq = ta._new(B, H, NQ, D, like=q)
+    direct = mode == "flat" and GROUP == 1  # each program writes finished dK/dV of its (b, h)
+    S = 1 if mode == "flat" else chunks
+    dk = ta._new(S, B, H, NK, D, like=q, dtype=q.dtype if direct else f32)
+    dv = ta._new(S, B, H, NK, DV, like=q, dtype=q.dtype if direct else f32)
+    g4, sg = _gate_views(gate)
+    dg = None if gate is None else ta._new(*g4.shape, like=g4)
+    sdg = ta._bstrides(dg)
+    bias_k = None if bias is None else ta._Problem(ta.Dense(), NQ, NK, BM, 16, q.device).bias_in(bias, NQ, NK)
+    sb = ta._bstrides(bias_k)
+    store_db = need_db and bias is not None
+    db = ta._new(B, H, NQ, NK, like=q, dtype=f32) if store_db else None
+    sdb = ta._bstrides(db)
+    drel = None
+    if rel is not None:
+        drel = (torch.empty(nprog, rel.nt, D, device=q.device, dtype=f32),
+                torch.empty(nprog, rel.nt, D, device=q.device, dtype=f32))
+    CALLS["keys_bwd_" + mode + ("_rel" if rel is not None else "")] += 1
+    _keys_bwd[(nprog,)](
+        q, k, v, out, do, lse, dlse if dlse is not None else lse, bias_k if bias_k is not None else q,
+        g4 if g4 is not None else q, DQ=dq, DK=dk, DV_=dv, DB=db if db is not None else lse,
+        DG=dg if dg is not None else lse, DRH=drel[0] if drel else lse, DRW=drel[1] if drel else lse,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_on=out.stride(2),
+        stride_db=do.stride(0), stride_dh=do.stride(1), stride_dn=do.stride(2),
+        stride_dqb=dq.stride(0), stride_dqh=dq.stride(1), stride_dqn=dq.stride(2),
+        stride_bb=sb[0], stride_bh=sb[1], stride_bm=sb[2], stride_bn=sb[3],
+        stride_gb=sg[0], stride_gh=sg[1], stride_gn=sg[2], stride_gd=sg[3],
+        stride_dgb=sdg[0], stride_dgh=sdg[1], stride_dgn=sdg[2], stride_dgd=sdg[3],
+        stride_dbb=sdb[0], stride_dbh=sdb[1], stride_dbm=sdb[2], stride_dbn=sdb[3],
+        stride_dks=dk.stride(0), stride_dkb=dk.stride(1), stride_dkh=dk.stride(2), stride_dkn=dk.stride(3),
+        stride_dvs=dv.stride(0), stride_dvb=dv.stride(1), stride_dvh=dv.stride(2), stride_dvn=dv.stride(3),
+        BH=B * H, H=H, GROUP=GROUP, NQ=NQ, NK=NK, NQB=nqb, ITEMS=items, CHUNKS=chunks,
+        qk_scale=scale * 1.4426950408889634, sm_scale=scale, D=D, DV=DV, BLOCK_M=BM,
+        BLOCK_N=max(16, _next_pow2(NK)), BLOCK_D=ta._block_d(D), BLOCK_DV=ta._block_d(DV),
+        RESIDENT=mode == "res", HAS_BIAS=bias_k is not None, STORE_DB=store_db, HAS_GATE=gate is not None,
+        GATE_ELEM=gate is not None and g4.shape[-1] > 1, HAS_DLSE=dlse is not None,
+        DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages, **_rel_kw(rel, q))
+    if direct:
+        dk, dv = dk[0], dv[0]
+    else:  # sum the per-program partials and the GQA group
+        dk = dk.sum(0).reshape(B, HKV, GROUP, NK, D).sum(2).to(q.dtype)
+        dv = dv.sum(0).reshape(B, HKV, GROUP, NK, DV).sum(2).to(q.dtype)
+    if drel is not None:
+        drel = (drel[0].sum(0), drel[1].sum(0))
+    return dq, dk, dv, db, dg, drel
+
+
+def _query_splits(programs: int, nkb: int, device, waves: int) -> tuple:
+    """(splits, key blocks per split): about `waves` waves, at least 2 key blocks per split."""
+    want = _cdiv(waves * ta._num_sms(device), max(programs, 1))
+    s = max(1, min(want, nkb // 2))
+    per = _cdiv(nkb, s)
+    return _cdiv(nkb, per), per
+
+
+def queries_forward(q, k, v, bias, gate, scale, cfg):
+    q, k, v = ta._lastdim_contiguous(q), ta._lastdim_contiguous(k), ta._lastdim_contiguous(v)
+    B, H, NQ, D = q.shape
+    HKV, NK, DV = k.shape[1], k.shape[2], v.shape[-1]
+    GROUP = H // HKV
+    R = GROUP * NQ
+    BM, BN, warps, stages, waves = cfg
+    nrb, nkb = _cdiv(R, BM), _cdiv(NK, BN)
+    S, per = _query_splits(nrb * B * HKV, nkb, q.device, waves)
+    if S == 1:
+        out = ta._new(1, B, H, NQ, DV, like=q)
+        lse = ta._new(1, B, H, NQ, like=q, dtype=torch.float32)
+    else:
+        out = ta._new(S, B, H, NQ, DV, like=q, dtype=torch.float32)
+        lse = ta._new(S, B, H, NQ, like=q, dtype=torch.float32)
+    g4, sg = _gate_views(gate if S == 1 else None)
+    bias = None if bias is None else ta._Problem(ta.Dense(), NQ, NK, BM, BN, q.device).bias_in(bias, NQ, NK)
+    sb = ta._bstrides(bias)
+    CALLS["queries_fwd"] += 1
+    _queries_fwd[(S, nrb, B * HKV)](
+        q, k, v, out, lse, bias if bias is not None else q, g4 if g4 is not None else q,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
+        stride_os=out.stride(0), stride_ob=out.stride(1), stride_oh=out.stride(2), stride_on=out.stride(3),
+        stride_ls=lse.stride(0), stride_bb=sb[0], stride_bh=sb[1], stride_bm=sb[2], stride_bn=sb[3],
+        stride_gb=sg[0], stride_gh=sg[1], stride_gn=sg[2], stride_gd=sg[3],
+        H=H, HKV=HKV, GROUP=GROUP, NQ=NQ, NK=NK, R=R, PER=per, NKB=nkb, NKB_FULL=NK // BN,
+        qk_scale=scale * 1.4426950408889634, D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=ta._block_d(D),
+        BLOCK_DV=ta._block_d(DV), HAS_BIAS=bias is not None, HAS_GATE=g4 is not None,
+        DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages)
+    if S == 1:
+        return out[0], lse[0]
+    lse_all = torch.logsumexp(lse, dim=0)
+    w = torch.exp(lse - torch.where(torch.isfinite(lse_all), lse_all, 0.0))
+    o = (w[..., None] * out).sum(0)
+    if gate is not None:
+        o = o * torch.sigmoid(ta._gate4(gate).float())
+    return o.to(q.dtype), lse_all
+
+
+def queries_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db):
+    q, k, v = ta._lastdim_contiguous(q), ta._lastdim_contiguous(k), ta._lastdim_contiguous(v)
+    do, out = ta._lastdim_contiguous(do), ta._lastdim_contiguous(out)
+    B, H, NQ, D = q.shape
+    HKV, NK, DV = k.shape[1], k.shape[2], v.shape[-1]
+    GROUP = H // HKV
+    R = GROUP * NQ
+    BM, BN, warps, stages, waves = cfg
+    nrb, nkb = _cdiv(R, BM), _cdiv(NK, BN)
+    S, per = _query_splits(B * HKV, nkb, q.device, waves)
+    f32 = torch.float32
+    accum = nrb > 1
+    lse = lse.contiguous()
+    dlse = None if dlse is None else dlse.float().contiguous()
+    dq = ta._new(S, B, H, NQ, D, like=q, dtype=f32)
+    dk = ta._new(B, HKV, NK, D, like=q, dtype=f32 if accum else q.dtype)
+    dv = ta._new(B, HKV, NK, DV, like=q, dtype=f32 if accum else q.dtype)
+    g4, sg = _gate_views(gate)
+    dg = None if gate is None else ta._new(*g4.shape, like=g4)
+    sdg = ta._bstrides(dg)
+    bias_k = None if bias is None else ta._Problem(ta.Dense(), NQ, NK, BM, BN, q.device).bias_in(bias, NQ, NK)
+    sb = ta._bstrides(bias_k)
+    store_db = need_db and bias is not None
+    db = ta._new(B, H, NQ, NK, like=q, dtype=f32) if store_db else None
+    sdb = ta._bstrides(db)
+    CALLS["queries_bwd"] += 1
+    _queries_bwd[(S, B * HKV)](
+        q, k, v, out, do, lse, dlse if dlse is not None else lse, bias_k if bias_k is not None else q,
+        g4 if g4 is not None else q, dq, dk, dv, db if db is not None else lse, dg if dg is not None else lse,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_on=out.stride(2),
+        stride_db=do.stride(0), stride_dh=do.stride(1), stride_dn=do.stride(2),
+        stride_dqs=dq.stride(0), stride_dqb=dq.stride(1), stride_dqh=dq.stride(2), stride_dqn=dq.stride(3),
+        stride_bb=sb[0], stride_bh=sb[1], stride_bm=sb[2], stride_bn=sb[3],
+        stride_gb=sg[0], stride_gh=sg[1], stride_gn=sg[2], stride_gd=sg[3],
+        stride_dgb=sdg[0], stride_dgh=sdg[1], stride_dgn=sdg[2], stride_dgd=sdg[3],
+        stride_dbb=sdb[0], stride_dbh=sdb[1], stride_dbm=sdb[2], stride_dbn=sdb[3],
+        stride_dkb=dk.stride(0), stride_dkh=dk.stride(1), stride_dkn=dk.stride(2),
+        stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvn=dv.stride(2),
+        H=H, HKV=HKV, GROUP=GROUP, NQ=NQ, NK=NK, R=R, NRB=nrb, PER=per, NKB=nkb,
+        qk_scale=scale * 1.4426950408889634, sm_scale=scale, D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN,
+        BLOCK_D=ta._block_d(D), BLOCK_DV=ta._block_d(DV), ACCUM=accum, HAS_BIAS=bias_k is not None,
+        STORE_DB=store_db, HAS_GATE=gate is not None, GATE_ELEM=gate is not None and g4.shape[-1] > 1,
+        HAS_DLSE=dlse is not None, DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages)
+    dq = dq.sum(0).to(q.dtype)
+    return dq, dk.to(q.dtype), dv.to(q.dtype), db, dg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# relative positions (HaloNet blocked layout): entry points of the attnzoo::relpos_* ops
+
+
+def _relpos_key(kind, q, k, v, qb, win, gate):
+    return (kind, qb, win, q.shape[-1], v.shape[-1], q.dtype, q.shape[1] != k.shape[1], gate is not None,
+            ta._next_pow2(q.shape[0] * q.shape[1]))
+
+
+def relpos_forward(q, k, v, rh, rw, gate, qb, win, rel_scale, scale):
+    rel = Rel(rh, rw, qb, win, rel_scale)
+    cands = keys_candidates(q.shape[2], k.shape[2], q.shape[-1], v.shape[-1])
+    cfg = ta._autotune(_relpos_key("relpos_fwd", q, k, v, qb, win, gate), cands,
+                       lambda c: keys_forward(q, k, v, None, gate, scale, c, rel))
+    return keys_forward(q, k, v, None, gate, scale, cfg, rel)
+
+
+def relpos_backward(do, q, k, v, out, lse, dlse, rh, rw, gate, qb, win, rel_scale, scale):
+    rel = Rel(rh, rw, qb, win, rel_scale)
+    cands = keys_candidates(q.shape[2], k.shape[2], q.shape[-1], v.shape[-1], backward=True)
+    cfg = ta._autotune(_relpos_key("relpos_bwd", q, k, v, qb, win, gate), cands,
+                       lambda c: keys_backward(do, q, k, v, out, lse, dlse, None, gate, scale, c, False, rel))
+    dq, dk, dv, _, dg, (drh, drw) = keys_backward(do, q, k, v, out, lse, dlse, None, gate, scale, cfg, False, rel)
+    dgate = None
+    if dg is not None:
+        dgate = (dg[..., 0].permute(0, 2, 1) if gate.dim() == 3 else dg.permute(0, 2, 1, 3)).to(gate.dtype)
+    return dq, dk, dv, drh.to(rh.dtype), drw.to(rw.dtype), dgate

@@ -1,0 +1,230 @@
+"""The skinny kernels (kernels/backends/triton_skinny.py) and the in-kernel HaloNet relative-position bias, against
+a float64 reference under Triton's CPU interpreter (float16/float32; bf16 is checked on the GPU by
+scripts/bench_kernels.py). Every case also asserts which kernel ran (`triton_skinny.CALLS`)."""
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["ATTNZOO_KERNEL_POISON"] = "1"  # outputs start as NaN: a missed write fails the comparison
+pytest.importorskip("triton")
+
+import kernels  # noqa: E402
+from kernels import Dense, Halo  # noqa: E402
+from kernels.backends.reference import attention_reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 1e-4 if DEVICE == "cpu" else 1e-3}
+LSE_TOL = {torch.float16: 5e-3, torch.bfloat16: 4e-2, torch.float32: 1e-4 if DEVICE == "cpu" else 1e-3}
+
+
+def _sk():
+    from kernels.backends import triton_skinny
+
+    return triton_skinny
+
+
+def _rel(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def _rand(*shape, dtype, scale=1.0):
+    return (scale * torch.randn(*shape, device=DEVICE, dtype=torch.float32)).to(dtype).requires_grad_()
+
+
+def _check(B, H, HKV, NQ, NK, D, DV, dtype, bias_fn=None, gate_shape=None, lse_grad=False, expect=(),
+           pattern=None):
+    """Triton vs float64: out, lse, and the gradients of q, k, v, gate and the bias leaves; `expect` names the
+    `triton_skinny.CALLS` entries that must have run."""
+    sk = _sk()
+    before = dict(sk.CALLS)
+    q, k, v = _rand(B, H, NQ, D, dtype=dtype), _rand(B, HKV, NK, D, dtype=dtype), _rand(B, HKV, NK, DV, dtype=dtype)
+    gate = None if gate_shape is None else _rand(*gate_shape, dtype=dtype)
+    bias, bias_leaves = (None, []) if bias_fn is None else bias_fn(lambda *s, dt=dtype: _rand(*s, dtype=dt))
+    scale = 0.7 / math.sqrt(D)
+    out, lse = kernels.attention(q, k, v, pattern, bias=bias, gate=gate, scale=scale, return_lse=True,
+                                 backend="triton")
+    leaves = [q, k, v] + ([gate] if gate is not None else []) + bias_leaves
+    do = torch.randn_like(out)
+    dlse = torch.randn_like(lse) if lse_grad else None
+    finite = torch.isfinite(lse.detach())
+    loss = (out * do).sum() + ((torch.where(finite, lse, 0.0) * dlse).sum() if lse_grad else 0.0)
+    grads = torch.autograd.grad(loss, leaves)
+
+    l64 = [x.detach().double().requires_grad_() for x in leaves]
+    it = iter(l64[3 + (gate is not None):])
+    bias64 = None if bias_fn is None else bias_fn(lambda *s, dt=None: next(it))[0]
+    ro, rl = attention_reference(l64[0], l64[1], l64[2], pattern, bias=bias64,
+                                 gate=l64[3] if gate is not None else None, scale=scale, return_lse=True)
+    rloss = (ro * do.double()).sum() + ((torch.where(torch.isfinite(rl), rl, 0.0) * dlse.double()).sum()
+                                        if lse_grad else 0.0)
+    rgrads = torch.autograd.grad(rloss, l64)
+
+    tol = TOL[dtype]
+    assert torch.isfinite(out).all(), "output not fully written"
+    assert _rel(out, ro) < tol
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(rl))
+    assert (lse[finite].double() - rl[finite]).abs().max() < LSE_TOL[dtype]
+    names = ["dq", "dk", "dv"] + (["dgate"] if gate is not None else []) + [f"dbias{i}" for i in
+                                                                              range(len(bias_leaves))]
+    for name, g, rg in zip(names, grads, rgrads):
+        assert g is not None and g.shape == rg.shape, name
+        assert torch.isfinite(g).all(), f"{name} not fully written"
+        assert _rel(g, rg) < tol, (name, _rel(g, rg))
+    ran = {key for key, n in sk.CALLS.items() if n > before.get(key, 0)}
+    assert set(expect) <= ran, (expect, ran)
+    return ran
+
+
+def _dense_bias(shape, dtype=None):
+    def fn(make):
+        leaf = make(*shape) if dtype is None else make(*shape, dt=dtype)
+        return leaf, [leaf]
+    return fn
+
+
+@pytest.fixture
+def force():
+    sk = _sk()
+    yield sk._FORCE
+    sk._FORCE.clear()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# few keys: K/V resident, loop over query blocks
+
+
+def test_few_keys_resident_bias_gate():
+    # 3 query blocks of 16 in one program chunk: the dK/dV partials and the dS store of a (1, H, Nq, Nk) bias
+    _check(2, 2, 2, 40, 20, 32, 32, torch.float16, bias_fn=_dense_bias((1, 2, 40, 20)), gate_shape=(2, 40, 2),
+           expect=("keys_fwd_res", "keys_bwd_res"))
+
+
+def test_few_keys_gqa_fp32_elementwise_gate_lse_grad():
+    _check(1, 4, 2, 37, 9, 16, 32, torch.float32, gate_shape=(1, 37, 4, 32), lse_grad=True,
+           expect=("keys_fwd_res", "keys_bwd_res"))
+
+
+def test_few_keys_flat_single_block_keypad_bias():
+    # every (b, h) has one query block: FLAT programs walk (b, h) items; bias broadcast over heads and queries
+    _check(3, 2, 2, 12, 30, 16, 16, torch.float16, bias_fn=_dense_bias((3, 1, 1, 30)),
+           expect=("keys_fwd_flat", "keys_bwd_flat"))
+
+
+def test_few_keys_flat_forward_many_blocks_gqa(force):
+    force["keys_mode"] = "flat"  # forward FLAT over several query blocks per (b, h); the backward goes RESIDENT
+    _check(2, 4, 1, 35, 17, 16, 16, torch.float16, bias_fn=_dense_bias((4, 35, 17), torch.float32),
+           expect=("keys_fwd_flat", "keys_bwd_res"))
+
+
+def test_few_keys_fully_masked_row():
+    # a -inf bias on every key of query row 5: zero output, lse = -inf, no gradient from that row; the other rows
+    # must match the float64 reference of the problem without row 5
+    sk = _sk()
+    n0 = sk.CALLS["keys_bwd_res"]
+    dt = torch.float32
+    q, k, v = _rand(1, 2, 21, 16, dtype=dt), _rand(1, 2, 18, 16, dtype=dt), _rand(1, 2, 18, 16, dtype=dt)
+    leaf = _rand(1, 2, 21, 18, dtype=dt)
+    row = torch.arange(21, device=DEVICE)[:, None] == 5
+    out, lse = kernels.attention(q, k, v, bias=torch.where(row, float("-inf"), leaf), return_lse=True,
+                                 backend="triton")
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad((out * do).sum(), (q, k, v, leaf))
+    keep = torch.arange(21, device=DEVICE) != 5
+    l64 = [x.detach().double().requires_grad_() for x in (q, k, v, leaf)]
+    ro, rl = attention_reference(l64[0][:, :, keep], l64[1], l64[2], bias=l64[3][:, :, keep], return_lse=True)
+    rgrads = torch.autograd.grad((ro * do.double()[:, :, keep]).sum(), l64)
+    assert torch.equal(out[:, :, 5], torch.zeros_like(out[:, :, 5])) and torch.isinf(lse[:, :, 5]).all()
+    assert _rel(out[:, :, keep], ro) < TOL[dt] and (lse[:, :, keep].double() - rl).abs().max() < LSE_TOL[dt]
+    assert torch.equal(grads[0][:, :, 5], torch.zeros_like(grads[0][:, :, 5]))
+    assert torch.equal(grads[3][:, :, 5], torch.zeros_like(grads[3][:, :, 5]))
+    for g, rg in zip(grads, rgrads):
+        assert _rel(g, rg) < TOL[dt]
+    assert sk.CALLS["keys_bwd_res"] == n0 + 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# few queries: split keys, lse-combined partials
+
+
+def test_few_queries_split_bias():
+    # agent aggregation shape: 9 agents x 120 keys, (1, H, n, N) bias; splits over key blocks
+    _check(2, 2, 2, 9, 300, 16, 16, torch.float16, bias_fn=_dense_bias((1, 2, 9, 300)),
+           expect=("queries_fwd", "queries_bwd"))
+
+
+def test_few_queries_gqa_rows_fold_two_row_blocks_fp32(force):
+    force["block_n"] = 64
+    # 4 query heads on 1 KV head: 20 folded rows = 2 row blocks (dK/dV accumulated in fp32); element-wise gate
+    _check(1, 4, 1, 5, 270, 16, 16, torch.float32, gate_shape=(1, 5, 4, 16), lse_grad=True,
+           bias_fn=_dense_bias((1, 4, 5, 270)), expect=("queries_fwd", "queries_bwd"))
+
+
+def test_few_queries_single_split_fused_gate(force):
+    force["block_n"] = 128  # 3 key blocks over 8 programs: no split, the gate runs in the forward epilogue
+    from kernels.backends.triton_attention import _skinny_kind
+
+    q = torch.empty(2, 4, 7, 16)
+    k = torch.empty(2, 4, 300, 16)
+    assert _skinny_kind(Dense(), q, k, k, None) == "queries"
+    _check(2, 4, 4, 7, 300, 16, 16, torch.float16, gate_shape=(2, 7, 4), expect=("queries_fwd", "queries_bwd"))
+
+
+def test_old_path_selectable(monkeypatch):
+    monkeypatch.setenv("ATTNZOO_SKINNY", "old")
+    ran = _check(1, 2, 2, 40, 20, 16, 16, torch.float16, bias_fn=_dense_bias((1, 2, 40, 20)))
+    assert not ran
+
+
+# ----------------------------------------------------------------------------------------------------------
+# HaloNet relative positions in-kernel (blocked layout)
+
+
+def _rel_pos(pattern, d, scale=0.3):
+    def fn(make):
+        t = [make(2 * pattern.window - 1, d) for _ in pattern.grid]
+        return kernels.RelPosBias(pattern, t, scale=scale), t
+    return fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_relpos_blocked_in_kernel(dtype):
+    hb = Halo((4, 4), block=4, halo=1)  # 16 queries, 6 x 6 = 36 keys per block
+    _check(3, 2, 2, 16, 36, 16, 16, dtype, bias_fn=_rel_pos(hb, 16), lse_grad=dtype == torch.float32,
+           expect=("keys_fwd_flat_rel", "keys_bwd_flat_rel"))
+
+
+def test_relpos_blocked_strided_gqa_gate_and_pattern():
+    hb = Halo((2, 2), block=4, halo=1, query_stride=2)  # 2 x 2 queries per block against the 6 x 6 window
+    _check(2, 4, 2, 4, 36, 16, 32, torch.float16, bias_fn=_rel_pos(hb, 16), gate_shape=(2, 4, 4),
+           expect=("keys_fwd_flat_rel", "keys_bwd_flat_rel"))
+    # the single-block Halo pattern itself (every pair visible) takes the same path
+    _check(1, 2, 2, 4, 36, 16, 16, torch.float16, bias_fn=_rel_pos(hb, 16), pattern=hb,
+           expect=("keys_fwd_flat_rel", "keys_bwd_flat_rel"))
+
+
+def test_relpos_resident_several_query_blocks():
+    hb = Halo((6, 6), block=6, halo=1)  # 36 queries = 3 query blocks of 16 (RESIDENT), 8 x 8 keys
+    _check(1, 2, 1, 36, 64, 16, 16, torch.float16, bias_fn=_rel_pos(hb, 16),
+           expect=("keys_fwd_res_rel", "keys_bwd_res_rel"))
+
+
+def test_relpos_lowrank_selectable(monkeypatch):
+    monkeypatch.setenv("ATTNZOO_RELPOS", "lowrank")
+    hb = Halo((4, 4), block=4, halo=1)
+    ran = _check(2, 2, 2, 16, 36, 16, 16, torch.float16, bias_fn=_rel_pos(hb, 16))
+    assert not any(key.endswith("_rel") for key in ran)
+
+
+@pytest.mark.parametrize("case", [(1, 2, 2, 37, 45, 32, 32), (1, 4, 2, 33, 33, 72, 72), (2, 2, 1, 9, 120, 16, 16)],
+                         ids=["few-keys", "gqa-d72", "few-queries"])
+def test_general_kernels_still_cover_small_dense(case, monkeypatch):
+    # these shapes now dispatch to the skinny kernels; the general kernels stay selectable (and tested) for them
+    monkeypatch.setenv("ATTNZOO_SKINNY", "old")
+    B, H, HKV, NQ, NK, D, DV = case
+    ran = _check(B, H, HKV, NQ, NK, D, DV, torch.float16, bias_fn=_dense_bias((1, H, NQ, NK)),
+                 gate_shape=(B, NQ, H))
+    assert not ran
