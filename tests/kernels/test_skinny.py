@@ -10,6 +10,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["ATTNZOO_KERNEL_POISON"] = "1"  # outputs start as NaN: a missed write fails the comparison
+
+
+@pytest.fixture(autouse=True)
+def _new_kernels(monkeypatch):
+    """These tests are for the skinny and in-kernel rel-pos kernels, which are opt-in (env) until GPU-checked."""
+    monkeypatch.setenv("ATTNZOO_SKINNY", "auto")
+    monkeypatch.setenv("ATTNZOO_RELPOS", "kernel")
 pytest.importorskip("triton")
 
 import kernels  # noqa: E402
