@@ -1,7 +1,7 @@
 """Benchmark `kernels.attention` (Triton) against its anchors on one CUDA GPU, after a GPU correctness check.
 
 Usage: python scripts/bench_kernels.py [--out benchmarks] [--name kernels] [--skip-check]
-       [--only dense,causal,na3d,na2d,win1d,bias,gate,skinny,skinny2,relpos,agent]
+       [--only dense,causal,na3d,na2d,win1d,bias,gate,skinny,grid,skinny2,relpos,agent]
 
 Every row is measured with its anchor in the same run (torch SDPA with the flash backend, FlexAttention compiled
 with a block mask of the same pattern, or our own kernel without the fused term: no bias, no gate); bf16.
@@ -443,7 +443,7 @@ def run_checks_round2():
     from kernels.backends import triton_skinny as sk
 
     os.environ["ATTNZOO_AUTOTUNE"] = "0"
-    _paths(ATTNZOO_SKINNY="new", ATTNZOO_RELPOS=None)
+    _paths(ATTNZOO_SKINNY="new", ATTNZOO_RELPOS="kernel")
     bf, fp = torch.bfloat16, torch.float16
     hb, hs = kernels.Halo((8, 8), 8, 2), kernels.Halo((4, 4), 8, 3, query_stride=2)
     cases = [  # name, pattern, B, H, HKV, NQ, NK, D, DV, dtype, kwargs, kernels that must run
@@ -553,8 +553,9 @@ def bench_relpos(rows):
         t1f, t1b = _fb(plain, [q, k, v])
         _paths(ATTNZOO_RELPOS="lowrank")
         tlf, tlb = _fb(rel, [q, k, v, th, tw])
-        _paths(ATTNZOO_RELPOS=None)
+        _paths(ATTNZOO_RELPOS="kernel")
         tkf, tkb = _fb(rel, [q, k, v, th, tw])
+        _paths(ATTNZOO_RELPOS=None)
         _paths(ATTNZOO_SKINNY=None)
         for direction, tk, tl_, t0, t1 in (("fwd", tkf, tlf, t0f, t1f), ("bwd", tkb, tlb, t0b, t1b)):
             base = min(t0, t1)
@@ -601,9 +602,114 @@ def bench_agent(rows):
     os.environ.pop("ATTNZOO_AUTOTUNE")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# grid patterns: old path vs pair-mask path (kernels/NOTES.md, "Grid patterns, round 2"). `--only grid` runs the
+# bf16 GPU checks of the pair paths first (inside bench_grid), then the 3-d and 2-d cases once per variant
+# (ATTNZOO_GRID_VARIANTS=old / pairp2 / pair, three block configs each: ATTNZOO_AUTOTUNE=fast), with the anchors
+# (dense SDPA flash, FlexAttention with the same block mask) timed once in the same run.
+
+GRID_VARIANTS = ("old", "pairp2", "pair")
+
+
+def run_checks_grid():
+    """bf16/fp16 checks of the pair-mask paths vs float64 (first config of each kernel, no tuning)."""
+    N = kernels.Neighborhood
+    cases = [
+        ("na2d (30,37) w(7,9) d128", N((30, 37), (7, 9)), 1, 2, 2, 1110, 1110, 128, 128, torch.bfloat16),
+        ("na3d (5,12,20) w(3,5,7) dil/stride d80", N((5, 12, 20), (3, 5, 7), stride=(1, 1, 2), dilation=(1, 2, 1)),
+         1, 2, 1, 1200, 1200, 80, 80, torch.bfloat16),
+        ("na3d causal t, noinward fp16 d64", N((6, 9, 11), (3, 4, 5), inward=False, causal_axes=(0,)), 1, 2, 2,
+         594, 594, 64, 64, torch.float16),
+        ("freeswim-shaped (21,12,16) w(21,6,8) d128", N((21, 12, 16), (21, 6, 8)), 1, 2, 2, 4032, 4032, 128, 128,
+         torch.bfloat16),
+    ]
+    os.environ["ATTNZOO_AUTOTUNE"] = "0"
+    ok = True
+    for variant in ("pair", "pairp2"):
+        os.environ["ATTNZOO_GRID_VARIANTS"] = variant
+        for c in (cases if variant == "pair" else cases[-1:]):
+            ok &= check_case(f"{c[0]} [{variant}]", *c[1:])
+    os.environ.pop("ATTNZOO_GRID_VARIANTS")
+    os.environ.pop("ATTNZOO_AUTOTUNE")
+    return ok
+
+
+def _grid_pick(pattern, kind, block_arg):
+    """(cfg, tiles, cost-model numbers) the autotuner picked for `pattern` under the current variants."""
+    from kernels import tiles
+    from kernels.backends import triton_attention as ta
+
+    variants = ta._grid_variants()
+    for key, cfg in ta._BEST.items():
+        if key[0] == kind and key[1] == pattern and key[2] == variants:
+            prob = ta._problem(pattern, 0, 0, cfg, torch.device("cpu"))
+            tm = prob.map
+            w = tiles.tile_work(pattern, tm.q_layout.tile, tm.k_layout.tile, tm.q_layout.slot_size,
+                                tm.k_layout.slot_size, prob.pair_mask)
+            return dict(cfg=str(cfg), q_tile=str(tm.q_layout.tile), k_tile=str(tm.k_layout.tile),
+                        work_frac=round(w["work"], 4), pairs=w["pairs"], partial=w["partial"],
+                        masked_axes=sum(i * c for i, c in enumerate(w["by_axes"])) if prob.pair_mask
+                        else w["partial"] * bin(tm.mask_axes).count("1"))
+    return dict(cfg=block_arg)
+
+
+def bench_grid(rows):
+    checks_ok = run_checks_grid()
+    rows.append(dict(case="grid pair-mask GPU checks", direction="", met="yes" if checks_ok else "no"))
+    os.environ["ATTNZOO_AUTOTUNE"] = "fast"
+    # 3-d FreeSwim case
+    grid, window, H = (21, 60, 104), (21, 30, 52), 12
+    pattern = kernels.Neighborhood(grid, window)
+    n = math.prod(grid)
+    q, k, v = _qkv(1, H, n, 128)
+    flops = 4 * H * n * n * 128 * pattern.density(n, n)
+    dense = lambda: _sdpa(q, k, v)  # noqa: E731
+    mask = _flex_grid_mask(pattern, n)
+    with torch.no_grad():
+        t_d, t_f = _time(dense, True), _time(lambda: _flex()(q, k, v, block_mask=mask), True)
+    t_db = _time(_bwd_fn(dense, q, k, v), True)
+    case = "na3d grid(21,60,104) win(21,30,52) H12"
+    for variant in GRID_VARIANTS:
+        os.environ["ATTNZOO_GRID_VARIANTS"] = variant
+        ours = lambda: kernels.attention(q, k, v, pattern)  # noqa: E731
+        with torch.no_grad():
+            t_o = _time(ours, True)
+        pick = _grid_pick(pattern, "fwd", "")
+        _row(rows, f"{case} [{variant}]", "fwd", t_o, "dense SDPA flash", t_d, flops, 3.0, **pick)
+        _row(rows, f"{case} [{variant}]", "fwd", t_o, "FlexAttention", t_f, flops, 4.0, **pick)
+        t_ob = _time(_bwd_fn(ours, q, k, v), True)
+        _row(rows, f"{case} [{variant}]", "bwd", t_ob, "dense SDPA flash", t_db, 2.5 * flops, 2.5,
+             **_grid_pick(pattern, "bwd", ""))
+    del q, k, v, mask
+    # 2-d case (power-of-two tiles are already the cost model's best there: pair == pairp2)
+    grid, window = (128, 128), (33, 33)
+    pattern = kernels.Neighborhood(grid, window)
+    n = math.prod(grid)
+    q, k, v = _qkv(1, H, n, 128)
+    flops = 4 * H * n * n * 128 * pattern.density(n, n)
+    mask = _flex_grid_mask(pattern, n)
+    with torch.no_grad():
+        t_f = _time(lambda: _flex()(q, k, v, block_mask=mask))
+    for variant in ("old", "pair"):
+        os.environ["ATTNZOO_GRID_VARIANTS"] = variant
+        with torch.no_grad():
+            t_o = _time(lambda: kernels.attention(q, k, v, pattern))
+        _row(rows, f"na2d grid(128,128) win(33,33) H12 [{variant}]", "fwd", t_o, "FlexAttention", t_f, flops, 3.0,
+             **_grid_pick(pattern, "fwd", ""))
+    os.environ.pop("ATTNZOO_GRID_VARIANTS")
+    os.environ.pop("ATTNZOO_AUTOTUNE")
+    from kernels.backends import triton_attention as ta
+
+    for key, timings in ta._TIMINGS.items():  # every config's best time: old vs new per block config
+        if len(key) > 2 and isinstance(key[2], tuple):
+            print("grid tune", key[0], key[1].grid, key[2], {c: round(t, 3) for c, t in sorted(timings.items(),
+                                                                                          key=lambda x: x[1])})
+
+
 BENCHES = dict(dense=bench_dense, causal=bench_causal, na3d=bench_na3d, na2d=bench_na2d, win1d=bench_win1d,
                bias=bench_bias, gate=bench_gate, skinny=bench_skinny, skinny2=bench_skinny2, relpos=bench_relpos,
                agent=bench_agent)
+BENCHES["grid"] = bench_grid
 
 
 def main():
@@ -619,7 +725,7 @@ def main():
     issue4 = {"bias", "gate", "skinny"} & set(args.only.split(","))
     round2 = {"skinny2", "relpos", "agent"} & set(args.only.split(","))
     checks = ([run_checks_ii] if issue4 else []) + ([run_checks_round2] if round2 else []) + \
-        ([run_checks] if set(args.only.split(",")) - issue4 - round2 else [])
+        ([run_checks] if set(args.only.split(",")) - issue4 - round2 - {"grid"} else [])  # grid: own checks
     checks_ok = True if args.skip_check else all([c() for c in checks])
     rows = []
     for name in args.only.split(","):
