@@ -10,6 +10,7 @@ import timm
 import torch
 from rich.console import Console
 from rich.table import Table
+from tqdm.auto import tqdm
 
 import zoo
 
@@ -28,7 +29,7 @@ DIGITS_MODELS = [
 def step_models(args, console):
     names = zoo.list_models()
     console.print(models_table(names))
-    for name in names:  # every model builds and runs at its default size
+    for name in tqdm(names, desc="create and run", disable=args.quiet, leave=False):  # each at its default size
         model = timm.create_model(name).eval()
         with torch.no_grad():
             model(torch.randn(1, *model.pretrained_cfg["input_size"]))
@@ -83,10 +84,20 @@ def run_demo(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    import argparse
+
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the offline tour: every model, brief digits training, and more")
-    p.add_argument("--only", nargs="*", default=None, help="steps to run (default all)")
-    p.add_argument("--epochs", type=int, default=None, help="override the digits training epochs")
+    p.add_argument("--only", nargs="+", default=None, choices=[title for title, _ in DEMO_STEPS],
+                   help="steps to run (default all)")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="override the digits training epochs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", default="./zoo-demo-out", help="directory for the demo's files (videos, pictures)")
     p.set_defaults(func=run_demo)
