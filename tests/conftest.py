@@ -8,6 +8,13 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+# Without a GPU the Triton kernels run through Triton's interpreter. Triton reads the flag when it is first
+# imported (importing `kernels` registers the torch custom ops, which imports Triton), so it is set here, before
+# any test module imports `kernels`; only tests that name backend="triton" use it (CPU tensors dispatch to the
+# reference otherwise).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):

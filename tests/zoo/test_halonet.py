@@ -8,7 +8,7 @@ from timm.layers.halo_attn import HaloAttn, PosEmbedRel
 import zoo
 from zoo.layers.halo_attention import HaloAttention, halo_rel_index, halo_rel_pos_bias, halo_rel_pos_factors
 
-MODES = ("fold", "bias")
+MODES = ("fold", "relpos", "bias")
 
 
 def _randomize(layer):

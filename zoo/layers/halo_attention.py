@@ -39,6 +39,9 @@ import kernels
 __all__ = ["HaloAttention", "HaloRelPosEmbed", "halo_rel_pos_bias", "halo_rel_pos_factors", "halo_rel_index"]
 
 
+REL_POS_MODES = ("fold", "relpos", "bias")
+
+
 def halo_rel_index(query_block: int, win: int, device=None) -> torch.Tensor:
     """`(query_block, win)` index into a `(2 win - 1)` relative table: `k - q + win - 1` (timm's HaloAttn)."""
     q = torch.arange(query_block, device=device)
@@ -123,7 +126,9 @@ class HaloAttention(nn.Module):
         scale_pos_embed: scale the relative logits by `dim_head ** -0.5` too (timm's option; off by default).
         rel_pos_mode: how the relative logits reach the kernel: "fold" (default) appends them to q and k as
             `2 * win` extra channels (`halo_rel_pos_factors`; exact, bias-free, so the Triton path runs it);
-            "bias" passes them as a dense additive bias (`halo_rel_pos_bias`). Also settable as an attribute.
+            "relpos" passes the tables as a factorized `kernels.RelPosBias` (computed inside the kernel with
+            `ATTNZOO_RELPOS=kernel`); "bias" passes them as a dense additive bias (`halo_rel_pos_bias`). Also
+            settable as an attribute.
         device, dtype: factory kwargs for the parameters.
     """
 
@@ -158,8 +163,8 @@ class HaloAttention(nn.Module):
             raise ValueError(f"HaloAttention: dim_out ({dim_out}) must be divisible by num_heads ({num_heads})")
         if stride not in (1, 2):
             raise ValueError(f"HaloAttention: stride must be 1 or 2, got {stride!r}")
-        if rel_pos_mode not in ("fold", "bias"):
-            raise ValueError(f"HaloAttention: rel_pos_mode must be 'fold' or 'bias', got {rel_pos_mode!r}")
+        if rel_pos_mode not in REL_POS_MODES:
+            raise ValueError(f"HaloAttention: rel_pos_mode must be one of {REL_POS_MODES}, got {rel_pos_mode!r}")
         self.num_heads = num_heads
         self.dim_head_qk = dim_head or make_divisible(dim_out * qk_ratio, divisor=8) // num_heads
         self.dim_head_v = dim_out // num_heads
@@ -219,6 +224,11 @@ class HaloAttention(nn.Module):
             q = torch.cat([q.reshape(B * nh * nw, heads, qb * qb, dqk) * self.scale, q_rel * rel_scale], dim=-1)
             k = torch.cat([k, k_rel.expand(B * nh * nw, heads, -1, -1)], dim=-1)
             out = kernels.attention(q, k, v, scale=1.0, backend=self.backend)
+        elif self.rel_pos_mode == "relpos":
+            rel = kernels.RelPosBias(kernels.Halo((qb, qb), b, h, self.block_stride),
+                                     (self.pos_embed.height_rel, self.pos_embed.width_rel), scale=rel_scale)
+            out = kernels.attention(q.reshape(B * nh * nw, heads, qb * qb, dqk), k, v, bias=rel, scale=self.scale,
+                                    backend=self.backend)
         else:
             bias = self.pos_embed(q) * rel_scale  # (B * nblocks, heads, qb * qb, win * win)
             out = kernels.attention(q.reshape(B * nh * nw, heads, qb * qb, dqk), k, v, bias=bias, scale=self.scale,
