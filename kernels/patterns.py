@@ -155,7 +155,8 @@ class Neighborhood(Pattern):
         window = _as_tuple(self.window, n, "window")
         stride = _as_tuple(self.stride, n, "stride")
         dilation = _as_tuple(self.dilation, n, "dilation")
-        causal = tuple(sorted(set(_as_tuple(self.causal_axes, len(tuple(self.causal_axes)), "causal_axes"))))
+        axes = (self.causal_axes,) if isinstance(self.causal_axes, int) else tuple(self.causal_axes)
+        causal = tuple(sorted(set(_as_tuple(axes, len(axes), "causal_axes"))))
         for name, values in (("grid", grid), ("window", window), ("stride", stride), ("dilation", dilation)):
             if any(v < 1 for v in values):
                 raise ValueError(f"Neighborhood.{name} must be >= 1 on every axis, got {values!r}")

@@ -214,3 +214,10 @@ def test_autocast_casts_inputs_like_sdpa():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert kernels.attention(q64, q64, q64).dtype == torch.float64
 
+
+
+def test_neighborhood_causal_axes_accepts_an_int():
+    p = kernels.Neighborhood((4, 5), (3, 3), causal_axes=0)
+    assert p.causal_axes == (0,) and p == kernels.Neighborhood((4, 5), (3, 3), causal_axes=(0,))
+    with pytest.raises(TypeError, match="causal_axes"):
+        kernels.Neighborhood((4, 5), (3, 3), causal_axes="x")
