@@ -24,3 +24,11 @@ def test_quick_start_commands_match_ci():
     test_cmd = re.search(r"# 2\..*?\n(.*?)\n```", README.read_text(), re.S).group(1).strip()
     assert test_cmd in ci
     assert "zoo demo" in README.read_text()
+
+
+def test_model_table_lists_every_model():
+    import zoo
+
+    text = README.read_text()
+    missing = [name for name in zoo.list_models() if f"`{name}`" not in text]
+    assert not missing, f"README model table lacks {missing}; regenerate it with `zoo list --markdown`"
