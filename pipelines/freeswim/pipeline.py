@@ -17,9 +17,20 @@ only.
 `mode="window"` is plain high-resolution text-to-video with window attention only (no base stage, no full
 branch); `num_frames=1` makes images. The transformer is diffusers' `WanTransformer3DModel`, unchanged: the
 attention is swapped through `set_attn_processor` for the target-resolution stage only, and restored after.
+
+Wan2.2 two-expert checkpoints (`transformer_2` + `boundary_ratio`) follow diffusers' `WanPipeline`: the step at
+timestep `t` runs the high-noise expert `transformer` when `t >= boundary_ratio * num_train_timesteps` and the
+low-noise expert `transformer_2` below, with `guidance_scale_2` for the latter. Both experts get FreeSwim
+processors (each with its own `FreeSwimState`) for the target-resolution stage. The cross-attention cache is per
+expert and a switch of expert is always a refresh step: a cached tensor is one layer's cross-attention output of
+one expert (its own `to_q`/`to_k`/`to_v`), so it cannot stand in for the other expert's layer, and the expert
+that takes over has no output of its own yet; refreshes then follow every `cache_steps` steps counted from the
+switch. With one expert this is the plain `i % cache_steps == 0` schedule. Image-to-video Wan checkpoints (image
+cross-attention, or latent channels concatenated to the input) are not supported.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -69,8 +80,11 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         scheduler: a flow-matching scheduler (`UniPCMultistepScheduler` or `FlowMatchEulerDiscreteScheduler`).
         transformer ([`WanTransformer3DModel`]): the denoiser; its attention processors are replaced only during
             the target-resolution stage.
-        transformer_2, boundary_ratio, expand_timesteps: accepted so that any Wan folder loads; two-expert
-            checkpoints (`transformer_2`) are not supported by the FreeSwim stage.
+        transformer_2 ([`WanTransformer3DModel`], *optional*): Wan2.2's low-noise expert, used for timesteps below
+            `boundary_ratio * num_train_timesteps` (both stages); its processors are replaced as `transformer`'s.
+        boundary_ratio (`float`, *optional*): the expert boundary as a fraction of the training timesteps; None
+            uses `transformer` on every step (as diffusers' `WanPipeline`).
+        expand_timesteps (`bool`): per-token timesteps (Wan2.2 TI2V-5B), as diffusers' `WanPipeline`.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->transformer_2->vae"
@@ -137,13 +151,44 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             overrides[key] = flow_shift
         return type(self.scheduler).from_config(self.scheduler.config, **overrides)
 
+    def experts(self) -> Dict[str, WanTransformer3DModel]:
+        """The denoisers this pipeline runs, by component name: `transformer`, plus `transformer_2` when a
+        `boundary_ratio` is set (without one diffusers' `WanPipeline` never calls `transformer_2` either)."""
+        experts = {"transformer": self.transformer}
+        if self.config.boundary_ratio is not None and self.transformer_2 is not None:
+            experts["transformer_2"] = self.transformer_2
+        return experts
+
+    def expert_name(self, timestep, boundary_timestep: Optional[float]) -> str:
+        """`"transformer"` (high noise) for `timestep >= boundary_timestep` or no boundary, else `"transformer_2"`."""
+        if boundary_timestep is None or timestep >= boundary_timestep:
+            return "transformer"
+        return "transformer_2"
+
     def check_inputs(self, prompt, negative_prompt, height, width, base_height, base_width, num_frames,
                      num_inference_steps, strength, cache_steps, mode, output_type, video, prompt_embeds,
-                     negative_prompt_embeds, callback_on_step_end_tensor_inputs):
+                     negative_prompt_embeds, callback_on_step_end_tensor_inputs, guidance_scale_2=None):
         if self.transformer is None:
-            raise ValueError("FreeSwimWanPipeline needs a `transformer`, got None")
-        if self.transformer_2 is not None:
-            raise NotImplementedError("two-expert Wan checkpoints (transformer_2, Wan2.2 A14B) are not supported")
+            raise ValueError("FreeSwimWanPipeline needs a `transformer` (the high-noise expert), got None")
+        ratio = self.config.boundary_ratio
+        if ratio is not None:
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+                raise ValueError(f"`boundary_ratio` must be a number in [0, 1] or None, got {ratio!r}")
+            if self.transformer_2 is None:
+                raise ValueError(f"`boundary_ratio`={ratio} needs a low-noise expert `transformer_2`, got None")
+            if tuple(self.transformer_2.config.patch_size) != tuple(self.transformer.config.patch_size):
+                raise ValueError(f"the experts' patch sizes differ: transformer {self.transformer.config.patch_size}, "
+                                 f"transformer_2 {self.transformer_2.config.patch_size}")
+        elif guidance_scale_2 is not None:
+            raise ValueError("`guidance_scale_2` is only supported when the pipeline's `boundary_ratio` is not None, "
+                             f"got guidance_scale_2={guidance_scale_2!r}")
+        for name, expert in self.experts().items():
+            cfg = expert.config
+            if cfg.image_dim is not None or cfg.added_kv_proj_dim is not None or cfg.in_channels != cfg.out_channels:
+                raise NotImplementedError(
+                    f"image-to-video Wan checkpoints are not supported: `{name}` has image_dim={cfg.image_dim}, "
+                    f"added_kv_proj_dim={cfg.added_kv_proj_dim}, in_channels={cfg.in_channels} "
+                    f"(out_channels={cfg.out_channels})")
         if mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
         if output_type not in OUTPUT_TYPES:
@@ -229,6 +274,7 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         num_inference_steps: int = 50,
         base_num_inference_steps: Optional[int] = None,
         guidance_scale: float = 5.0,
+        guidance_scale_2: Optional[float] = None,
         strength: float = 0.7,
         cache_steps: Optional[int] = 2,
         mode: str = "freeswim",
@@ -258,9 +304,12 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 (`int(num_inference_steps * strength)` steps) in mode "freeswim", all of it in mode "window".
             base_num_inference_steps: stage-1 steps (default `num_inference_steps`).
             guidance_scale: classifier-free guidance weight (both stages); <= 1 disables guidance.
+            guidance_scale_2: guidance weight of the low-noise expert `transformer_2` (both stages); None uses
+                `guidance_scale`. Only with a `boundary_ratio`.
             strength: how much of the schedule the video-to-video stage re-noises and denoises (0, 1].
             cache_steps: refresh the cross-attention cache every `cache_steps` steps (full branch only on those
-                steps, cond pass only); None runs the full dual path on every step and both guidance passes
+                steps, cond pass only), counted from the first step and from each switch of expert (a switch
+                always refreshes: the cache is per expert); None runs the full dual path on every step and both guidance passes
                 (the reference's "nocache" mode).
             mode: "freeswim" (coarse to fine, dual path) or "window" (text-to-video at the target resolution
                 with window attention only).
@@ -285,7 +334,9 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         # 1. Check inputs
         self.check_inputs(prompt, negative_prompt, height, width, base_height, base_width, num_frames,
                           num_inference_steps, strength, cache_steps, mode, output_type, video, prompt_embeds,
-                          negative_prompt_embeds, callback_on_step_end_tensor_inputs)
+                          negative_prompt_embeds, callback_on_step_end_tensor_inputs, guidance_scale_2)
+        if guidance_scale_2 is None:
+            guidance_scale_2 = guidance_scale
         device = self._execution_device
         do_cfg = guidance_scale > 1.0
         self._guidance_scale = guidance_scale
@@ -320,6 +371,7 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                     height=base_height, width=base_width, num_frames=num_frames,
                     num_inference_steps=base_num_inference_steps or num_inference_steps,
                     guidance_scale=guidance_scale, generator=generator, output_type="pt",
+                    guidance_scale_2=guidance_scale_2 if self.config.boundary_ratio is not None else None,
                     attention_kwargs=attention_kwargs, max_sequence_length=max_sequence_length)
                 base_frames = base.frames  # (B, F, 3, h, w) in [0, 1]
                 video = self.upscale_frames(base_frames, height, width)
@@ -333,44 +385,63 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 batch_size, self.transformer.config.in_channels, height, width, num_frames, torch.float32,
                 device, generator)
 
-        # 5. FreeSwim attention state for this resolution
+        # 5. FreeSwim attention state for this resolution, one per expert (each keeps its own cross-attention cache)
         grid = self.token_grid(num_frames, height, width)
         base_grid = self.token_grid(num_frames, base_height, base_width)[1:]
-        head_dim = self.transformer.config.attention_head_dim
-        if attention_scale is None:
-            attention_scale = freeswim_attention_scale(head_dim, base_grid[0] * base_grid[1], grid[1] * grid[2])
-        state = FreeSwimState(pattern=freeswim_pattern(grid, base_grid), scale=attention_scale)
-        self._freeswim_state = state  # exposed for inspection (call counts)
+        pattern = freeswim_pattern(grid, base_grid)
+        states = {}
+        for name, expert in self.experts().items():
+            scale = attention_scale
+            if scale is None:
+                scale = freeswim_attention_scale(expert.config.attention_head_dim, base_grid[0] * base_grid[1],
+                                                 grid[1] * grid[2])
+            states[name] = FreeSwimState(pattern=pattern, scale=scale)
+        self._freeswim_states = states  # exposed for inspection (call counts per expert)
+        self._freeswim_state = states["transformer"]
         num_tokens = grid[0] * grid[1] * grid[2]
+        boundary_timestep = None
+        if self.config.boundary_ratio is not None:
+            boundary_timestep = self.config.boundary_ratio * scheduler.config.num_train_timesteps
 
-        def denoise(x, embeds, branch_mode, store=False, t=None):
+        def denoise(model, state, x, embeds, branch_mode, store=False, t=None):
             """One transformer pass; mode "dual" runs [window; full] rows and returns the window rows."""
             state.set_mode(branch_mode, store)
             inp = torch.cat([x, x]) if branch_mode == "dual" else x
             ctx = torch.cat([embeds, embeds]) if branch_mode == "dual" else embeds
             ts = t.expand(inp.shape[0], num_tokens) if self.config.expand_timesteps else t.expand(inp.shape[0])
-            out = self.transformer(hidden_states=inp.to(dtype), timestep=ts, encoder_hidden_states=ctx,
-                                   attention_kwargs=attention_kwargs, return_dict=False)[0]
+            out = model(hidden_states=inp.to(dtype), timestep=ts, encoder_hidden_states=ctx,
+                        attention_kwargs=attention_kwargs, return_dict=False)[0]
             return out[: x.shape[0]]
 
         # 6. Denoising loop at the target resolution
         self._num_timesteps = len(timesteps)
-        with freeswim_processors(self.transformer, state), self.progress_bar(total=len(timesteps)) as bar:
+        with contextlib.ExitStack() as stack:
+            for name, expert in self.experts().items():
+                stack.enter_context(freeswim_processors(expert, states[name]))
+            bar = stack.enter_context(self.progress_bar(total=len(timesteps)))
+            current, since_switch = None, 0
             for i, t in enumerate(timesteps):
                 if self._interrupt:
                     continue
+                name = self.expert_name(t, boundary_timestep)
+                model, state = getattr(self, name), states[name]
+                step_guidance = guidance_scale if name == "transformer" else guidance_scale_2
+                if name != current:  # a new expert: its cache starts over with a refresh
+                    current, since_switch = name, 0
+                    state.cross_cache.clear()
                 if mode == "window":
                     cond_mode, store, uncond_mode = "window", False, "window"
                 elif cache_steps is None:  # the full dual path on every pass, nothing cached
                     cond_mode, store, uncond_mode = "dual", False, "dual"
-                elif i % cache_steps == 0:  # refresh: full branch runs and its cross-attention is stored
+                elif since_switch % cache_steps == 0:  # refresh: full branch runs and its cross-attention is stored
                     cond_mode, store, uncond_mode = "dual", True, "window"
                 else:  # the full branch would equal the window branch: one window pass reusing the cache
                     cond_mode, store, uncond_mode = "reuse", False, "window"
-                noise_pred = denoise(latents, prompt_embeds, cond_mode, store, t)
+                since_switch += 1
+                noise_pred = denoise(model, state, latents, prompt_embeds, cond_mode, store, t)
                 if do_cfg:
-                    noise_uncond = denoise(latents, negative_prompt_embeds, uncond_mode, False, t)
-                    noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
+                    noise_uncond = denoise(model, state, latents, negative_prompt_embeds, uncond_mode, False, t)
+                    noise_pred = noise_uncond + step_guidance * (noise_pred - noise_uncond)
                 latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
                 if callback_on_step_end is not None:

@@ -356,3 +356,134 @@ def test_cli_generate(tmp_path):
     assert main(["generate", "--pipeline", "freeswim", "--frames", "5", "--steps", "2", "--height", "64",
                  "--width", "64", "--base-height", "32", "--base-width", "32", "--out", str(out), "--quiet"]) == 0
     assert out.exists() and os.path.getsize(out) > 0
+
+
+# ----------------------------------------------------------------------------- Wan2.2 two experts
+
+BOUNDARY = 0.85  # stage 3 below (10 steps, strength 0.6, shift 9): t = 931, 900, 857 | 794, 693, 502
+
+
+@pytest.fixture(scope="module")
+def two_expert_components():
+    comps = tiny_wan_components(seed=0)
+    comps["transformer_2"] = tiny_wan_components(seed=1)["transformer"]
+    return comps
+
+
+def two_expert_pipe(comps, boundary_ratio=BOUNDARY, **over):
+    p = FreeSwimWanPipeline(**{**comps, **over}, boundary_ratio=boundary_ratio)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def expert_kwargs(**over):
+    return call_kwargs(num_inference_steps=10, strength=0.6, base_num_inference_steps=4, **over)
+
+
+def _record_expert_calls(pipe):
+    """(expert, timestep, batch, latent width) of every transformer forward, through forward pre-hooks."""
+    calls = []
+
+    def hook(name):
+        def fn(module, args, kwargs):
+            x = kwargs["hidden_states"]
+            calls.append((name, float(kwargs["timestep"].flatten()[0]), x.shape[0], x.shape[-1]))
+        return fn
+
+    hooks = [getattr(pipe, n).register_forward_pre_hook(hook(n), with_kwargs=True)
+             for n in ("transformer", "transformer_2")]
+    return calls, hooks
+
+
+def test_two_experts_switch_at_boundary_and_refresh_on_switch(two_expert_components, monkeypatch):
+    pipe = two_expert_pipe(two_expert_components)
+    full_calls, on_step_end = _count_full_attention(monkeypatch, pipe)
+    calls, hooks = _record_expert_calls(pipe)
+    try:
+        pipe(**expert_kwargs(cache_steps=2, output_type="latent"), generator=gen(0), callback_on_step_end=on_step_end)
+    finally:
+        for h in hooks:
+            h.remove()
+    boundary = BOUNDARY * 1000
+    # every call, base stage (latent width 4) and FreeSwim stage (width 8), went to the expert of its timestep
+    assert all((name == "transformer") == (t >= boundary) for name, t, _, _ in calls)
+    base = [(n, t) for n, t, _, w in calls if w == 4]
+    high = [(n, t, b) for n, t, b, w in calls if w == 8]
+    assert {n for n, _ in base} == {"transformer", "transformer_2"}  # diffusers' WanPipeline ran both experts
+    # FreeSwim stage: 6 steps, 3 per expert; cond + uncond per step, the cond pass doubled on refresh steps
+    steps = sorted({t for _, t, _ in high}, reverse=True)
+    assert len(steps) == 6 and sum(t >= boundary for t in steps) == 3
+    per_step = {t: [(n, b) for n, tt, b in high if tt == t] for t in steps}
+    dual = [i for i, t in enumerate(steps) if any(b == 2 for _, b in per_step[t])]
+    assert dual == [0, 2, 3, 5]  # refreshes every 2 steps of each expert, and on the switch (not 0, 2, 4)
+    assert [per_step[t][0][0] for t in steps] == ["transformer"] * 3 + ["transformer_2"] * 3
+    assert sorted(set(full_calls)) == dual
+    layers = len(pipe.transformer.blocks)
+    for name, refresh, reuse in (("transformer", 2, 1), ("transformer_2", 2, 1)):
+        counts = pipe._freeswim_states[name].counts
+        assert counts["full_self"] == layers * refresh and counts["cross_reuse"] == layers * reuse
+        assert counts["window_self"] == 2 * layers * 3
+    # both experts have diffusers' processors back
+    for name in ("transformer", "transformer_2"):
+        procs = getattr(pipe, name).attn_processors.values()
+        assert {type(p).__name__ for p in procs} == {"WanAttnProcessor"}
+
+
+def test_two_experts_output_determinism_and_routing(two_expert_components):
+    pipe = two_expert_pipe(two_expert_components)
+    out = pipe(**expert_kwargs(), generator=gen(1))
+    assert out.frames.shape == (1, 5, 3, 64, 64) and out.base_frames.shape == (1, 5, 3, 32, 32)
+    assert torch.isfinite(out.frames).all()
+    assert torch.equal(pipe(**expert_kwargs(), generator=gen(1)).frames, out.frames)
+    assert not torch.allclose(pipe(**expert_kwargs(), generator=gen(2)).frames, out.frames)
+    # guidance_scale_2 weights the low-noise expert's steps only
+    g2 = pipe(**expert_kwargs(guidance_scale_2=1.5), generator=gen(1)).frames
+    assert not torch.allclose(g2, out.frames)
+    # a low-noise expert with the high-noise expert's weights gives the single-expert result (no cache, so the
+    # refresh schedule is the same); a different transformer_2 does not
+    same = two_expert_pipe(two_expert_components, transformer_2=copy.deepcopy(two_expert_components["transformer"]))
+    single = FreeSwimWanPipeline(**{k: v for k, v in two_expert_components.items() if k != "transformer_2"})
+    single.set_progress_bar_config(disable=True)
+    kw = expert_kwargs(cache_steps=None, num_frames=1)
+    a, b = same(**kw, generator=gen(4)).frames, single(**kw, generator=gen(4)).frames
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not torch.allclose(pipe(**kw, generator=gen(4)).frames, b)
+
+
+def test_two_experts_from_pipe_and_from_pretrained(two_expert_components, tmp_path):
+    from diffusers import WanPipeline
+
+    wan = WanPipeline(**two_expert_components, boundary_ratio=BOUNDARY)
+    piped = FreeSwimWanPipeline.from_pipe(wan)
+    assert piped.transformer is wan.transformer and piped.transformer_2 is wan.transformer_2
+    assert piped.config.boundary_ratio == BOUNDARY
+    piped.set_progress_bar_config(disable=True)
+    kw = expert_kwargs(num_frames=1)
+    ref = two_expert_pipe(two_expert_components)(**kw, generator=gen(5)).frames
+    torch.testing.assert_close(piped(**kw, generator=gen(5)).frames, ref, rtol=0, atol=0)
+    wan.save_pretrained(tmp_path / "wan22")
+    loaded = FreeSwimWanPipeline.from_pretrained(tmp_path / "wan22")
+    assert loaded.config.boundary_ratio == BOUNDARY and loaded.transformer_2 is not None
+    pytest.importorskip("accelerate")
+    loaded.set_progress_bar_config(disable=True)
+    loaded.enable_model_cpu_offload(device="cpu")
+    torch.testing.assert_close(loaded(**kw, generator=gen(5)).frames, ref, rtol=0, atol=1e-5)
+
+
+def test_two_expert_and_image_to_video_checks(two_expert_components):
+    from diffusers import WanTransformer3DModel
+
+    no_second = two_expert_pipe(two_expert_components, transformer_2=None)
+    with pytest.raises(ValueError, match="transformer_2"):
+        no_second(**call_kwargs())
+    single = FreeSwimWanPipeline(**{k: v for k, v in two_expert_components.items() if k != "transformer_2"})
+    with pytest.raises(ValueError, match="guidance_scale_2"):
+        single(**call_kwargs(guidance_scale_2=3.0))
+    with pytest.raises(ValueError, match="boundary_ratio"):
+        two_expert_pipe(two_expert_components, boundary_ratio=1.5)(**call_kwargs())
+    # Wan2.2 I2V experts take the image latents concatenated to the input (36 channels)
+    i2v = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36,
+                                out_channels=16, text_dim=TINY_TEXT_DIM, freq_dim=256, ffn_dim=32, num_layers=1,
+                                rope_max_seq_len=32)
+    with pytest.raises(NotImplementedError, match="image-to-video"):
+        two_expert_pipe(two_expert_components, transformer_2=i2v)(**call_kwargs())
