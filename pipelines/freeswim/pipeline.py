@@ -25,8 +25,11 @@ processors (each with its own `FreeSwimState`) for the target-resolution stage. 
 expert and a switch of expert is always a refresh step: a cached tensor is one layer's cross-attention output of
 one expert (its own `to_q`/`to_k`/`to_v`), so it cannot stand in for the other expert's layer, and the expert
 that takes over has no output of its own yet; refreshes then follow every `cache_steps` steps counted from the
-switch. With one expert this is the plain `i % cache_steps == 0` schedule. Image-to-video Wan checkpoints (image
-cross-attention, or latent channels concatenated to the input) are not supported.
+switch. With one expert this is the plain `i % cache_steps == 0` schedule. LoRA loads through diffusers'
+`WanLoraLoaderMixin` (`load_lora_weights`, `load_into_transformer_2=True` for the low-noise expert): the
+processors call the module's own (peft-wrapped) projections, so the LoRA applies in both branches and stages.
+Image-to-video Wan checkpoints (image cross-attention, or latent channels concatenated to the input) are not
+supported.
 """
 from __future__ import annotations
 
@@ -309,8 +312,8 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             strength: how much of the schedule the video-to-video stage re-noises and denoises (0, 1].
             cache_steps: refresh the cross-attention cache every `cache_steps` steps (full branch only on those
                 steps, cond pass only), counted from the first step and from each switch of expert (a switch
-                always refreshes: the cache is per expert); None runs the full dual path on every step and both guidance passes
-                (the reference's "nocache" mode).
+                always refreshes: the cache is per expert); None runs the full dual path on every step and both
+                guidance passes (the reference's "nocache" mode).
             mode: "freeswim" (coarse to fine, dual path) or "window" (text-to-video at the target resolution
                 with window attention only).
             flow_shift: scheduler shift for the target-resolution stage (the reference uses 9.0); None keeps the

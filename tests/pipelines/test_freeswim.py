@@ -487,3 +487,41 @@ def test_two_expert_and_image_to_video_checks(two_expert_components):
                                 rope_max_seq_len=32)
     with pytest.raises(NotImplementedError, match="image-to-video"):
         two_expert_pipe(two_expert_components, transformer_2=i2v)(**call_kwargs())
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+def test_lora_load_runs_freeswim_and_unloads(tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    # a tiny LoRA on every attention projection, trained weights stood in by random A and B, saved in diffusers'
+    # Wan LoRA file format
+    donor = tiny_wan_components(seed=0)["transformer"]
+    donor.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                 init_lora_weights=False))
+    lora = get_peft_model_state_dict(donor)
+    assert any(".attn1.to_q.lora_B" in k for k in lora) and any(".attn2.to_out.0.lora_A" in k for k in lora)
+    FreeSwimWanPipeline.save_lora_weights(tmp_path, transformer_lora_layers=lora)
+
+    pipe = FreeSwimWanPipeline(**tiny_wan_components(seed=0))
+    pipe.set_progress_bar_config(disable=True)
+    kw = call_kwargs(num_inference_steps=6, cache_steps=2, output_type="latent")
+    plain = pipe(**kw, generator=gen(6)).frames
+    pipe.load_lora_weights(tmp_path, adapter_name="tiny")
+    assert "tiny" in pipe.get_active_adapters()
+    calls, on_step_end = _count_full_attention(monkeypatch, pipe)
+    with_lora = pipe(**kw, generator=gen(6), callback_on_step_end=on_step_end).frames
+    assert not torch.allclose(with_lora, plain, atol=1e-3)
+    # FreeSwim ran under the LoRA: full attention on refresh steps 0 and 2 only, window attention on every pass
+    layers = len(pipe.transformer.blocks)
+    assert sorted(set(calls)) == [0, 2] and len(calls) == layers * 2
+    counts = pipe._freeswim_state.counts
+    assert counts["window_self"] == 2 * layers * 3 and counts["cross_reuse"] == layers
+    # the LoRA layers were live inside the FreeSwim processors: scale 0 through attention_kwargs switches them off
+    off = pipe(**kw, generator=gen(6), attention_kwargs={"scale": 0.0}).frames
+    torch.testing.assert_close(off, plain, rtol=0, atol=1e-6)
+    pipe.unload_lora_weights()
+    assert {type(p).__name__ for p in pipe.transformer.attn_processors.values()} == {"WanAttnProcessor"}
+    torch.testing.assert_close(pipe(**kw, generator=gen(6)).frames, plain, rtol=0, atol=1e-6)
