@@ -198,8 +198,15 @@ def _fwd_step(acc, m_i, l_i, q, uq, k_base, v_base, kf_base, b_base, stride_kn, 
         vis = _visible(offs_m, offs_n, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQP, NKP, DIL0, DIL1, DIL2,
                        GRID_MODE, MASK_AXES, HAS_DIL, False)
         s = tl.where(vis, s, float("-inf"))
+    return online_softmax_update(acc, m_i, l_i, s, v, MASKED or HAS_BIAS, DOT_PREC)
+
+
+@triton.jit
+def online_softmax_update(acc, m_i, l_i, s, v, MAY_BE_INF: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One flash-attention step on base-2 logits `s`: new running max, rescaled sum and accumulator.
+    MAY_BE_INF: a row may have seen only -inf so far (masks, biases), so the max is guarded."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASKED or HAS_BIAS:  # a row may have seen only -inf so far
+    if MAY_BE_INF:
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_use = m_new

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from . import triton_attention as ta
+from .triton_kernels import online_softmax_update
 
 CALLS = collections.Counter()
 _FORCE = {}  # tests: {"keys_mode": "flat" | "resident", "block_m": int, "block_n": int}
@@ -76,6 +77,24 @@ def _rel_query_factors(q, rh, rw, offs_m, QB, WIN, BLOCK_T: tl.constexpr, BLOCK_
     ih = tl.minimum(tl.maximum(c[None, :] + sh[:, None], 0), BLOCK_T - 1)
     iw = tl.minimum(tl.maximum(c[None, :] + sw[:, None], 0), BLOCK_T - 1)
     return tl.gather(th, ih, 1), tl.gather(tw, iw, 1)
+
+
+@triton.jit
+def _keys_logits(q, k, kh, kw, rh, rw, rel_scale, qk_scale, b_base, offs_m, offs_n, rows, col_ok, stride_bm,
+                 stride_bn, QB: tl.constexpr, WIN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
+                 HAS_REL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Base-2 logits of one query block against the resident keys: q·kᵀ, the in-kernel rel-pos term, the bias
+    (shared by the forward and the backward of the few-keys kernel)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if HAS_REL:
+        uh, uw = _rel_query_factors(q, rh, rw, offs_m, QB, WIN, BLOCK_T, BLOCK_W, DOT_PREC)
+        rel = tl.dot(uh.to(q.dtype), kh, input_precision=DOT_PREC) + tl.dot(uw.to(q.dtype), kw,
+                                                                              input_precision=DOT_PREC)
+        s += rel * (rel_scale * 1.4426950408889634)
+    if HAS_BIAS:
+        b_ptrs = b_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
+        s += tl.load(b_ptrs, mask=rows[:, None] & col_ok[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+    return s
 
 
 @triton.jit
@@ -141,6 +160,8 @@ def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
         kh, kw = _rel_key_onehots(offs_n, NK, WIN, BLOCK_W)
         kh = kh.to(rh.dtype)
         kw = kw.to(rh.dtype)
+    else:  # unused placeholders (HAS_REL is a constexpr): _keys_logits takes them either way
+        rh, rw, kh, kw = 0.0, 0.0, 0.0, 0.0
     for it in range(lo, hi):
         bh = it // NQB
         mb = it % NQB
@@ -153,16 +174,9 @@ def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = offs_m < NQ
         q = _ld(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, NQ, D, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if HAS_REL:
-            uh, uw = _rel_query_factors(q, rh, rw, offs_m, QB, WIN, BLOCK_T, BLOCK_W, DOT_PREC)
-            rel = tl.dot(uh.to(q.dtype), kh, input_precision=DOT_PREC) + \
-                tl.dot(uw.to(q.dtype), kw, input_precision=DOT_PREC)
-            s += rel * (rel_scale * 1.4426950408889634)
-        if HAS_BIAS:
-            b_ptrs = BIAS + b * stride_bb + h * stride_bh + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
-            s += tl.load(b_ptrs, mask=rows[:, None] & col_ok[None, :], other=0.0).to(tl.float32) * \
-                1.4426950408889634
+        s = _keys_logits(q, k, kh, kw, rh, rw, rel_scale, qk_scale, BIAS + b * stride_bb + h * stride_bh, offs_m,
+                         offs_n, rows, col_ok, stride_bm, stride_bn, QB, WIN, BLOCK_T, BLOCK_W, HAS_REL, HAS_BIAS,
+                         DOT_PREC)
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_i = tl.max(s, 1)
         m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
@@ -222,6 +236,8 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
         kw = kw.to(rh.dtype)
         drh = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
         drw = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    else:  # unused placeholders (HAS_REL is a constexpr): _keys_logits takes them either way
+        rh, rw, kh, kw = 0.0, 0.0, 0.0, 0.0
     for it in range(lo, hi):
         bh = it // NQB
         mb = it % NQB
@@ -260,16 +276,9 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
             delta -= tl.load(DLSE + bh.to(tl.int64) * NQ + offs_m, mask=rows, other=0.0)
         lse = tl.load(LSE + bh.to(tl.int64) * NQ + offs_m, mask=rows, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if HAS_REL:
-            uh, uw = _rel_query_factors(q, rh, rw, offs_m, QB, WIN, BLOCK_T, BLOCK_W, DOT_PREC)
-            rel = tl.dot(uh.to(q.dtype), kh, input_precision=DOT_PREC) + \
-                tl.dot(uw.to(q.dtype), kw, input_precision=DOT_PREC)
-            s += rel * (rel_scale * 1.4426950408889634)
-        if HAS_BIAS:
-            b_ptrs = BIAS + b * stride_bb + h * stride_bh + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
-            s += tl.load(b_ptrs, mask=rows[:, None] & col_ok[None, :], other=0.0).to(tl.float32) * \
-                1.4426950408889634
+        s = _keys_logits(q, k, kh, kw, rh, rw, rel_scale, qk_scale, BIAS + b * stride_bb + h * stride_bh, offs_m,
+                         offs_n, rows, col_ok, stride_bm, stride_bn, QB, WIN, BLOCK_T, BLOCK_W, HAS_REL, HAS_BIAS,
+                         DOT_PREC)
         p = tl.math.exp2(s - lse2[:, None])
         p = tl.where(col_ok[None, :], p, 0.0)
         dp = tl.dot(doe, tl.trans(v), input_precision=DOT_PREC)
@@ -330,13 +339,7 @@ def _q_step(acc, m_i, l_i, q, k_base, v_base, b_rows, rows, start_n, stride_kn, 
                      other=0.0).to(tl.float32) * 1.4426950408889634
     if MASKED:
         s = tl.where((offs_n < NK)[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_use)
-    p = tl.math.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-    return acc, m_new, l_i
+    return online_softmax_update(acc, m_i, l_i, s, v, True, DOT_PREC)
 
 
 @triton.jit
