@@ -1,5 +1,7 @@
-"""AOT-compile the grid-pattern kernels for sm_90 without a GPU (Triton + its bundled ptxas): catches compile errors
-of new kernel paths before device time is spent. Usage: python scripts/aot_compile_kernels.py"""
+"""AOT-compile the grid-pattern and skinny kernels for sm_90 without a GPU (Triton + its bundled ptxas): catches
+compile errors of new kernel paths and configs over the H200's shared memory before device time is spent. Shared
+memory depends on the Triton version: use the device's (PYTHONPATH=<triton 3.6 install>).
+Usage: python scripts/aot_compile_kernels.py"""
 import sys, time, inspect
 sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
 import triton
@@ -26,7 +28,12 @@ def compile_one(fn, consts, num_warps, num_stages):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-    src = ASTSource(fn, signature=sig, constexprs=consts)
+    # the launcher marks pointers and int arguments divisible by 16 (16-byte aligned tensors, strides of head dims
+    # >= 16); without these hints loads are not pipelined through shared memory and its size is under-estimated
+    names = list(inspect.signature(fn.fn).parameters)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
+             if sig[name].startswith("*") or (name.startswith("stride_") and sig[name] == "i32")}
+    src = ASTSource(fn, signature=sig, constexprs=consts, attrs=attrs)
     t = time.time()
     c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
     return time.time() - t, len(c.asm["cubin"]), c.metadata.shared
@@ -47,3 +54,55 @@ for pair, axes in ((True, 0b1110), (True, 0b1011), (False, 0b111)):
 c = dict(common, BLOCK_M=64, BLOCK_N=64, MASK_AXES=0b1111, PAIR_MASK=True, HAS_DIL=True, HAS_BIAS=True, HAS_LR=True,
          REVERSE=False, HAS_GATE=True, BLOCK_R=16, R=5)
 print("fwd features", compile_one(tk._attn_fwd, c, 4, 3), flush=True)
+
+# ---- skinny kernels (kernels/backends/triton_skinny.py): every autotune candidate, shared memory vs the H200's
+# 227 KiB per block (a config over it fails at launch with OutOfResources)
+from kernels.backends import triton_skinny as sk
+from kernels.backends import triton_attention as ta
+
+SMEM_LIMIT = 232448
+SK_PTR = dict(PTR, DLSE="*fp32", DB="*fp32", DG="*bf16", DRH="*fp32", DRW="*fp32", RH="*bf16", RW="*bf16")
+FLOATS |= {"rel_scale"}
+over = []
+
+
+def compile_skinny(name, fn, consts, warps, stages, ptr_over=()):
+    PTR.clear()
+    PTR.update(SK_PTR, **dict(ptr_over))
+    _, size, shared = compile_one(fn, consts, warps, stages)
+    flag = "OVER" if shared > SMEM_LIMIT else "ok"
+    if shared > SMEM_LIMIT:
+        over.append((name, consts, warps, stages, shared))
+    print(f"{name:60s} w{warps} s{stages} shared {shared:7d} {flag}", flush=True)
+
+
+ta._fast_tune = lambda: False  # all candidates
+for d in (32, 64, 128):
+    bd = ta._block_d(d)
+    for nq, nk in ((16384, 64), (16384, sk.max_keys(d, d)), (64, 144 if d <= 64 else 64)):
+        if nk == 0:
+            continue
+        for backward in (False, True):
+            for bm, warps, stages, mode, _ in sk.keys_candidates(nq, nk, d, d, backward):
+                for rel in ((False, True) if nq == 64 and nk == 144 else (False,)):
+                    c = dict(D=d, DV=d, BLOCK_M=bm, BLOCK_N=max(16, sk._next_pow2(nk)), BLOCK_D=bd, BLOCK_DV=bd,
+                             BLOCK_T=32, BLOCK_W=16, RESIDENT=mode == "res", HAS_BIAS=not rel, HAS_GATE=True,
+                             HAS_REL=rel, DOT_PREC="tf32")
+                    if backward:
+                        c.update(STORE_DB=not rel, GATE_ELEM=False, HAS_DLSE=False)
+                    fn = sk._keys_bwd if backward else sk._keys_fwd
+                    compile_skinny(f"keys_{'bwd' if backward else 'fwd'} d{d} nq{nq} nk{nk} bm{bm} {mode} rel={rel}",
+                                   fn, c, warps, stages, {"DK": "*fp32", "DV_": "*fp32"})
+    if bd <= 128:
+        for rows in (49, 256):
+            for bm, bn, warps, stages, _ in sk.queries_candidates(rows, d, False):
+                c = dict(D=d, DV=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bd, HAS_BIAS=True, HAS_GATE=True,
+                         DOT_PREC="tf32")
+                compile_skinny(f"queries_fwd d{d} rows{rows} bm{bm} bn{bn}", sk._queries_fwd, c, warps, stages,
+                               {"O": "*fp32"})
+            for bm, bn, warps, stages, _ in sk.queries_candidates(rows, d, True):
+                c = dict(D=d, DV=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bd, ACCUM=rows > bm, HAS_BIAS=True,
+                         STORE_DB=True, HAS_GATE=True, GATE_ELEM=False, HAS_DLSE=False, DOT_PREC="tf32")
+                compile_skinny(f"queries_bwd d{d} rows{rows} bm{bm} bn{bn}", sk._queries_bwd, c, warps, stages,
+                               {"DQ": "*fp32", "DK": "*fp32", "DV_": "*fp32"})
+print("skinny configs over the shared-memory limit:", over or "none")

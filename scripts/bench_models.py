@@ -2,6 +2,7 @@
 
     python scripts/bench_models.py                 # the issue's cases, bf16 autocast, batch 256
     python scripts/bench_models.py --smoke         # CPU check that every case runs (tiny batch, no timing)
+    python scripts/bench_models.py --profile DIR   # also: torch.profiler tables per case (attention layers' share)
 
 Writes benchmarks/models.json and prints a markdown table (images/s and the zoo/timm ratio).
 """
@@ -73,6 +74,51 @@ def step_fns(model, batch: int, img_size: int, device, channels_last: bool):
     return {"infer": infer, "train": train}
 
 
+def _attention_layer_types():
+    from timm.layers.halo_attn import HaloAttn
+
+    from zoo.layers.agent_attention import AgentAttention
+    from zoo.layers.halo_attention import HaloAttention
+
+    return (HaloAttn, HaloAttention, AgentAttention, timm.models.vision_transformer.Attention,
+            timm.models.swin_transformer.WindowAttention)
+
+
+def profile_step(model, fn, path: str, steps: int = 3) -> dict:
+    """GPU time of `steps` calls of `fn` and the part inside attention layers' forward (a `record_function` range
+    per layer call); writes the profiler's kernel table to `path`."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    handles, open_ranges = [], []
+    for module in model.modules():
+        if isinstance(module, _attention_layer_types()):
+            def pre(mod, args):
+                rf = record_function("attention_layer")
+                rf.__enter__()
+                open_ranges.append(rf)
+
+            def post(mod, args, out):
+                open_ranges.pop().__exit__(None, None, None)
+
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        sync()
+    for h in handles:
+        h.remove()
+    events = prof.key_averages()
+    kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    attn_us = max([e.device_time_total for e in events if e.key == "attention_layer"] or [0.0])
+    with open(path, "w") as f:
+        f.write(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90))
+    return {"gpu_ms_per_step": kernel_us / steps / 1e3, "attention_fwd_ms_per_step": attn_us / steps / 1e3,
+            "attention_fwd_share": attn_us / kernel_us if kernel_us else None}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=256)
@@ -81,6 +127,8 @@ def main(argv=None):
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="run each case once on tiny inputs (CPU ok)")
     parser.add_argument("--out", default=None, help="directory for models.json (default benchmarks/)")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="also profile each case (kernel tables into DIR, attention share in the results)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -104,6 +152,10 @@ def main(argv=None):
                 row[f"{tag}_img_s"] = batch / (t["median_ms"] / 1e3)
                 row[f"{tag}_ms"] = t["median_ms"]
                 row[f"{tag}_peak_GiB"] = peak_memory(fn)
+                if args.profile:
+                    os.makedirs(args.profile, exist_ok=True)
+                    prof = profile_step(model, fn, os.path.join(args.profile, f"{label}_{mode}_{tag}.txt"))
+                    row.update({f"{tag}_{k}": v for k, v in prof.items()})
                 del model, fn
                 torch.cuda.empty_cache()
             if not args.smoke:

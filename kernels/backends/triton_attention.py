@@ -522,10 +522,21 @@ def _autotune(key, candidates, run) -> tuple:
     if key in _BEST:
         return _BEST[key]
     on_gpu = torch.cuda.is_available() and not _interpret()
-    if len(candidates) == 1 or os.environ.get("ATTNZOO_AUTOTUNE", "1") == "0" or not on_gpu:
+    if len(candidates) == 1 or not on_gpu:
         return candidates[0]
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
+
+    if os.environ.get("ATTNZOO_AUTOTUNE", "1") == "0":  # no timing: the first config that fits this GPU
+        for cfg in candidates:
+            try:
+                run(cfg)
+            except (OutOfResources, CompilationError) as err:
+                logger.debug("autotune %s: config %s failed: %s", key, cfg, err)
+                continue
+            _BEST[key] = cfg
+            return cfg
+        raise RuntimeError(f"no kernel config could run for {key}")
 
     timings: Dict[tuple, List[float]] = {}
     for cfg in candidates:
@@ -595,7 +606,7 @@ def _with_skinny(cands, backward: bool, pattern, q, k, v, qf):
     if kind == "keys":
         sc = sk.keys_candidates(q.shape[2], k.shape[2], q.shape[-1], v.shape[-1], backward)
     else:
-        sc = sk.queries_candidates(q.shape[1] // k.shape[1] * q.shape[2])
+        sc = sk.queries_candidates(q.shape[1] // k.shape[1] * q.shape[2], max(q.shape[-1], v.shape[-1]), backward)
     sc = [("skinny", kind, c) for c in sc]
     mode = _skinny_mode()
     return (sc if mode == "new" else sc + list(cands)), (kind, mode)

@@ -528,7 +528,11 @@ def keys_candidates(nq: int, nk: int, d: int, dv: int, backward: bool = False) -
     wide = _next_pow2(nk) >= 256  # 256-key tiles: smaller query blocks / more warps for the (BM, 256) logits
     if nq <= 128:  # one query block per (b, h): many small problems (blocked layouts, agents)
         bm = max(16, bm_cap)
-        return [(bm, 4, 2, "flat", 4), (bm, 8, 2, "flat", 4), (bm, 4, 3, "flat", 8)][:keep]
+        # K/V of the next item are prefetched through shared memory: 3 stages of a (256, 64) K/V pair with the
+        # in-kernel rel-pos operands exceed the 227 KB of an H200 block (scripts/aot_compile_kernels.py)
+        if backward:
+            return [(bm, 4, 2, "flat", 4), (bm, 4, 1, "flat", 4), (bm, 8, 1, "flat", 8)][:keep]
+        return [(bm, 4, 2, "flat", 4), (bm, 8, 2, "flat", 4), (bm, 4, 1, "flat", 8)][:keep]
     if backward:
         if wide:
             return [(64, 8, 2, "res", 4), (32, 4, 2, "res", 4), (64, 4, 2, "res", 4)][:keep]
@@ -538,12 +542,21 @@ def keys_candidates(nq: int, nk: int, d: int, dv: int, backward: bool = False) -
     return [(128, 4, 3, "res", 4), (64, 4, 3, "res", 4), (128, 8, 3, "res", 8), (128, 4, 3, "flat", 4)][:keep]
 
 
-def queries_candidates(rows: int) -> List[tuple]:
-    """(BLOCK_M, BLOCK_N, warps, stages, waves) for the few-queries kernels."""
+def queries_candidates(rows: int, d: int = 64, backward: bool = False) -> List[tuple]:
+    """(BLOCK_M, BLOCK_N, warps, stages, waves) for the few-queries kernels. The backward keeps q, dO, o and the
+    fp32 dq of a row block resident next to the K/V pipeline: at head dim 128 it takes 64-row blocks and two
+    stages (128 rows x 128 keys x 3 stages needs 336 KB of shared memory; the H200 has 227 KB per block)."""
     bm = min(128, max(16, _next_pow2(rows)))
     if ta._interpret():
         return [(_FORCE.get("block_m", 16), _FORCE.get("block_n", 16), 4, 1, 2)]
-    return [(bm, 128, 4, 3, 2), (bm, 64, 4, 3, 2), (bm, 128, 8, 3, 4)][:2 if ta._fast_tune() else None]
+    keep = 2 if ta._fast_tune() else None
+    wide = ta._block_d(d) > 64
+    if backward:
+        bmb = min(bm, 64) if wide else bm
+        return [(bmb, 64, 4, 2, 2), (bmb, 32, 4, 2, 2), (bmb, 64, 8, 1, 4)][:keep]
+    if wide:
+        return [(bm, 64, 4, 3, 2), (bm, 128, 8, 2, 2), (min(bm, 64), 128, 4, 2, 4)][:keep]
+    return [(bm, 128, 4, 3, 2), (bm, 64, 4, 3, 2), (bm, 128, 8, 3, 4)][:keep]
 
 
 def _keys_grid(BH: int, nqb: int, device, mode: str, waves: int, backward: bool):
