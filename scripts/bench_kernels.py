@@ -608,7 +608,7 @@ def bench_agent(rows):
 # (ATTNZOO_GRID_VARIANTS=old / pairp2 / pair, three block configs each: ATTNZOO_AUTOTUNE=fast), with the anchors
 # (dense SDPA flash, FlexAttention with the same block mask) timed once in the same run.
 
-GRID_VARIANTS = ("old", "pairp2", "pair")
+GRID_VARIANTS = tuple(os.environ.get("BENCH_GRID_VARIANTS", "old,pairp2,pair").split(","))  # which to time
 
 
 def run_checks_grid():
