@@ -15,8 +15,11 @@ import torch
 def time_cuda(fn: Callable[[], object], warmup: int = 5, repeats: int = 20, min_ms: float = 200.0) -> dict:
     """Median/min/max milliseconds of `fn()` on the current CUDA device, timed with CUDA events.
 
-    Runs `warmup` calls first (compilation, autotuning, allocator), then at least `repeats` timed calls and
-    at least `min_ms` of timed work. Each call is timed separately; the median is the headline.
+    Runs `warmup` calls first (compilation, autotuning, allocator), then rounds of `repeats` back-to-back calls
+    until at least `min_ms` of timed work. Each call has its own pair of events, and the host does not wait
+    between calls (as `triton.testing.do_bench`): a call's time is the GPU's time for it once the host runs
+    ahead, and includes the host's launch overhead only where that overhead is longer than the GPU work, as in
+    a model's forward. The median is the headline.
     """
     if not torch.cuda.is_available():
         raise RuntimeError("time_cuda needs a CUDA device; speeds measured on a CPU are not results")
@@ -25,12 +28,14 @@ def time_cuda(fn: Callable[[], object], warmup: int = 5, repeats: int = 20, min_
     torch.cuda.synchronize()
     times: List[float] = []
     while len(times) < repeats or sum(times) < min_ms:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeats)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        times += [start.elapsed_time(end) for start, end in events]
         if len(times) >= 10 * repeats:
             break
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "n": len(times)}

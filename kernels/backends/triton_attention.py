@@ -267,12 +267,13 @@ def _problem(pattern, nq, nk, cfg, device) -> _Problem:
 
 
 def _grid_variants() -> Tuple[str, ...]:
-    """Grid-pattern kernel variants to tune over (env ATTNZOO_GRID_VARIANTS, comma-separated; default "old" until
-    the pair paths are checked and timed on a GPU, then "old,pair"):
+    """Grid-pattern kernel variants to tune over (env ATTNZOO_GRID_VARIANTS, comma-separated; default "pair,old":
+    on the H200 the pair path ran the 3-d FreeSwim window 1.7x faster than "old", the 2-d 33x33 window 7% slower,
+    so both are tuned, pair first for untuned runs; benchmarks/kernels_grid.json):
     "old" = the first grid path (power-of-two tiles, partial pairs mask every partial axis; tile choice weights
     partial pairs 1.25 and 2.0, or 2.0 only under ATTNZOO_AUTOTUNE=fast), "pair" = per-pair mask bits + key bias
     + tiles of any shape fitting the block (e.g. 21 frames), "pairp2" = the same with power-of-two tiles only."""
-    names = tuple(v.strip() for v in os.environ.get("ATTNZOO_GRID_VARIANTS", "old").split(",") if v.strip())
+    names = tuple(v.strip() for v in os.environ.get("ATTNZOO_GRID_VARIANTS", "pair,old").split(",") if v.strip())
     bad = [v for v in names if v not in ("old", "pair", "pairp2")]
     if bad or not names:
         raise ValueError(f"ATTNZOO_GRID_VARIANTS must list old, pair, pairp2; got {names!r}")
@@ -573,10 +574,9 @@ def _feats(bias, qf, gate):
 
 
 def _skinny_mode() -> str:
-    """ATTNZOO_SKINNY: "old" (default until the skinny kernels are checked and timed on a GPU: general kernels
-    only; also "0"), "auto" (the skinny kernels and the general ones are autotune candidates of one key, skinny
-    first), "new" (skinny kernels only; also "1")."""
-    mode = os.environ.get("ATTNZOO_SKINNY", "old")
+    """ATTNZOO_SKINNY: "auto" (default: the skinny kernels and the general ones are autotune candidates of one key,
+    skinny first), "old" (general kernels only; also "0"), "new" (skinny kernels only; also "1")."""
+    mode = os.environ.get("ATTNZOO_SKINNY", "auto")
     return "old" if mode == "0" else ("new" if mode == "1" else mode)
 
 
@@ -706,13 +706,15 @@ def _backward(do, q, k, v, out, lse, dlse, bias, qf, kf, gate, pattern, scale, n
 # torch custom ops
 
 
-@torch.library.custom_op("attnzoo::attention_fwd", mutates_args=())
-def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+def _attention_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
                       q_factor: Optional[torch.Tensor], k_factor: Optional[torch.Tensor],
                       gate: Optional[torch.Tensor], pattern_key: str,
                       scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     out, lse = _forward(q, k, v, bias, q_factor, k_factor, gate, _PATTERNS[pattern_key], scale)
     return out.contiguous(), lse.contiguous()
+
+
+_attention_fwd_op = torch.library.custom_op("attnzoo::attention_fwd", mutates_args=())(_attention_fwd_impl)
 
 
 @_attention_fwd_op.register_fake
@@ -725,8 +727,7 @@ def _grad_like(x: Optional[torch.Tensor]) -> torch.Tensor:
     return torch.empty(0, device="meta") if x is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@torch.library.custom_op("attnzoo::attention_bwd", mutates_args=())
-def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+def _attention_bwd_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                       lse: torch.Tensor, dlse: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                       q_factor: Optional[torch.Tensor], k_factor: Optional[torch.Tensor],
                       gate: Optional[torch.Tensor], pattern_key: str, scale: float, need_bias_grad: bool,
@@ -734,6 +735,9 @@ def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     grads = _backward(do, q, k, v, out, lse, dlse, bias, q_factor, k_factor, gate, _PATTERNS[pattern_key], scale,
                       need_bias_grad, need_factor_grad)
     return [g.contiguous() if g is not None else q.new_empty(0) for g in grads]
+
+
+_attention_bwd_op = torch.library.custom_op("attnzoo::attention_bwd", mutates_args=())(_attention_bwd_impl)
 
 
 @_attention_bwd_op.register_fake
@@ -754,15 +758,15 @@ def _setup_context(ctx, inputs, output):
     ctx.pattern_key, ctx.scale = pattern_key, scale
 
 
-def _attention_backward(ctx, dout, dlse):
+def _attention_backward(ctx, dout, dlse, bwd=_attention_bwd_op):
     q, k, v, out, lse, bias, qf, kf, gate = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     need = ctx.needs_input_grad
     need_db = bias is not None and need[3]
     need_lr = qf is not None and (need[4] or need[5])
-    dq, dk, dv, dbias, dqf, dkf, dgate = _attention_bwd_op(dout, q, k, v, out, lse, dlse, bias, qf, kf, gate,
-                                                           ctx.pattern_key, ctx.scale, need_db, need_lr)
+    dq, dk, dv, dbias, dqf, dkf, dgate = bwd(dout, q, k, v, out, lse, dlse, bias, qf, kf, gate, ctx.pattern_key,
+                                             ctx.scale, need_db, need_lr)
     return (dq, dk, dv, dbias if need_db else None, dqf if need_lr else None, dkf if need_lr else None,
             dgate if gate is not None else None, None, None)
 
@@ -770,12 +774,31 @@ def _attention_backward(ctx, dout, dlse):
 _attention_fwd_op.register_autograd(_attention_backward, setup_context=_setup_context)
 
 
+def _eager_twin(name, fwd_impl, setup_context, backward, bwd_impl):
+    """An autograd.Function with a custom op's forward, context and backward, calling the implementations
+    directly. Eager calls take it: the dispatcher's custom-op layer costs ~0.1 ms of CPU per call, which made
+    small attention calls (agent tokens, HaloNet blocks) CPU-bound; torch.compile traces the custom op."""
+
+    def fwd(*args):
+        return fwd_impl(*args)
+
+    def bwd(ctx, *grads):
+        return backward(ctx, *grads, bwd=bwd_impl)
+
+    return type(name, (torch.autograd.Function,), dict(forward=staticmethod(fwd),
+                                                       setup_context=staticmethod(setup_context),
+                                                       backward=staticmethod(bwd)))
+
+
+_AttentionFunction = _eager_twin("_AttentionFunction", _attention_fwd_impl, _setup_context, _attention_backward,
+                                 _attention_bwd_impl)
+
+
 # HaloNet's relative-position bias on the blocked layout, computed inside the few-keys kernel
 # (kernels.backends.triton_skinny; ATTNZOO_RELPOS=lowrank keeps the torch lowering to low-rank factors)
 
 
-@torch.library.custom_op("attnzoo::relpos_fwd", mutates_args=())
-def _relpos_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rh: torch.Tensor, rw: torch.Tensor,
+def _relpos_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rh: torch.Tensor, rw: torch.Tensor,
                    gate: Optional[torch.Tensor], qb: int, win: int, rel_scale: float,
                    scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     from . import triton_skinny as sk
@@ -784,14 +807,16 @@ def _relpos_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rh: torch.
     return out.contiguous(), lse.contiguous()
 
 
+_relpos_fwd_op = torch.library.custom_op("attnzoo::relpos_fwd", mutates_args=())(_relpos_fwd_impl)
+
+
 @_relpos_fwd_op.register_fake
 def _(q, k, v, rh, rw, gate, qb, win, rel_scale, scale):
     B, H, NQ, _ = q.shape
     return q.new_empty(B, H, NQ, v.shape[-1]), q.new_empty(B, H, NQ, dtype=torch.float32)
 
 
-@torch.library.custom_op("attnzoo::relpos_bwd", mutates_args=())
-def _relpos_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+def _relpos_bwd_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, dlse: Optional[torch.Tensor], rh: torch.Tensor, rw: torch.Tensor,
                    gate: Optional[torch.Tensor], qb: int, win: int, rel_scale: float,
                    scale: float) -> List[torch.Tensor]:
@@ -799,6 +824,9 @@ def _relpos_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
     grads = sk.relpos_backward(do, q, k, v, out, lse, dlse, rh, rw, gate, qb, win, rel_scale, scale)
     return [g.contiguous() if g is not None else q.new_empty(0) for g in grads]
+
+
+_relpos_bwd_op = torch.library.custom_op("attnzoo::relpos_bwd", mutates_args=())(_relpos_bwd_impl)
 
 
 @_relpos_bwd_op.register_fake
@@ -814,21 +842,24 @@ def _relpos_setup_context(ctx, inputs, output):
     ctx.geom = (qb, win, rel_scale, scale)
 
 
-def _relpos_backward(ctx, dout, dlse):
+def _relpos_backward(ctx, dout, dlse, bwd=_relpos_bwd_op):
     q, k, v, out, lse, rh, rw, gate = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv, drh, drw, dgate = _relpos_bwd_op(dout, q, k, v, out, lse, dlse, rh, rw, gate, *ctx.geom)
+    dq, dk, dv, drh, drw, dgate = bwd(dout, q, k, v, out, lse, dlse, rh, rw, gate, *ctx.geom)
     return dq, dk, dv, drh, drw, (dgate if gate is not None else None), None, None, None, None
 
 
 _relpos_fwd_op.register_autograd(_relpos_backward, setup_context=_relpos_setup_context)
+_RelPosFunction = _eager_twin("_RelPosFunction", _relpos_fwd_impl, _relpos_setup_context, _relpos_backward,
+                              _relpos_bwd_impl)
 
 
 @torch.compiler.assume_constant_result
 def _relpos_in_kernel_enabled() -> bool:
-    # default "lowrank" until the in-kernel path (tl.gather) is checked and timed on a GPU; "kernel" selects it
-    return os.environ.get("ATTNZOO_RELPOS", "lowrank") == "kernel"
+    # default "kernel" (H200: forward 1.9x faster than the low-rank lowering, backward 1.2x slower, a step 13%
+    # faster; benchmarks/kernels_ii_r2.json); "lowrank" keeps the torch lowering to low-rank factors
+    return os.environ.get("ATTNZOO_RELPOS", "kernel") == "kernel"
 
 
 def _relpos_args(bias, pattern, q, k, v):
@@ -875,9 +906,11 @@ def attention_triton(q, k, v, pattern=None, bias=None, gate=None, scale=None, re
         rel = _relpos_args(bias, pattern, q, k, v)
         if rel is not None:  # in-kernel relative logits (blocked HaloNet layout)
             rh, rw = (t.to(q.dtype) for t in bias.tables)
-            out, lse = _relpos_fwd_op(q, k, v, rh, rw, gate, rel[0], rel[1], float(bias.scale), scale)
+            fn = _relpos_fwd_op if torch.compiler.is_compiling() else _RelPosFunction.apply
+            out, lse = fn(q, k, v, rh, rw, gate, rel[0], rel[1], float(bias.scale), scale)
             return (out, lse) if return_lse else out
         qf, kf = bias.kernel_factors(q, k)
         qf, kf = qf.to(q.dtype), kf.to(q.dtype)
-    out, lse = _attention_fwd_op(q, k, v, dense, qf, kf, gate, _pattern_key(pattern), scale)
+    fn = _attention_fwd_op if torch.compiler.is_compiling() else _AttentionFunction.apply
+    out, lse = fn(q, k, v, dense, qf, kf, gate, _pattern_key(pattern), scale)
     return (out, lse) if return_lse else out
