@@ -162,9 +162,10 @@ def main(argv=None):
                 row["ratio"] = row["zoo_img_s"] / row["timm_img_s"]
             rows.append(row)
             print(row, flush=True)
+            if not args.smoke:  # after every row: a run cut short keeps what it measured
+                path = write_results("models", rows,
+                                     "python scripts/bench_models.py " + " ".join(argv or sys.argv[1:]), args.out)
     if not args.smoke:
-        path = write_results("models", rows, "python scripts/bench_models.py " + " ".join(argv or sys.argv[1:]),
-                             args.out)
         print(f"wrote {path}")
     print(markdown_table(rows, ["case", "mode", "img_size", "batch", "timm_img_s", "zoo_img_s", "ratio",
                                 "timm_peak_GiB", "zoo_peak_GiB"]))
