@@ -514,7 +514,8 @@ _LONG_MS = 2.0  # kernels at least this long get a second, longer round for the 
 
 
 def _autotune(key, candidates, run) -> tuple:
-    """Pick the fastest candidate config for `key`; cached per process.
+    """Pick the fastest candidate config for `key`; cached per process. `candidates`: a list, or a function
+    returning one (built only on the first call of a key: repeat calls cost a dict lookup).
 
     CUDA events; each candidate is run once (compile, warm-up) and timed 5 times, scored by its minimum (noise on
     a GPU only ever adds time). When the best takes >= `_LONG_MS` (the 3-d neighbourhood: ~100 ms a call, where
@@ -522,8 +523,13 @@ def _autotune(key, candidates, run) -> tuple:
     in 3 interleaved rounds of 3 (drift hits all alike) and the minimum over all their runs decides."""
     if key in _BEST:
         return _BEST[key]
+    if callable(candidates):
+        candidates = candidates()
     on_gpu = torch.cuda.is_available() and not _interpret()
-    if len(candidates) == 1 or not on_gpu:
+    if not on_gpu:
+        return candidates[0]
+    if len(candidates) == 1:
+        _BEST[key] = candidates[0]
         return candidates[0]
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
@@ -596,20 +602,25 @@ def _skinny_kind(pattern, q, k, v, qf) -> Optional[str]:
     return None
 
 
-def _with_skinny(cands, backward: bool, pattern, q, k, v, qf):
-    """Candidates with the skinny kernels' configs ("skinny", kind, cfg) in front, and the tune-key feature."""
+def _skinny_feat(pattern, q, k, v, qf) -> tuple:
+    """The tune-key feature of the skinny kernels: (kind, mode), or () when they do not apply."""
     kind = _skinny_kind(pattern, q, k, v, qf)
-    if kind is None:
-        return cands, ()
+    return () if kind is None else (kind, _skinny_mode())
+
+
+def _with_skinny(cands, backward: bool, sk_feat: tuple, q, k, v):
+    """Candidates with the skinny kernels' configs ("skinny", kind, cfg) in front (per `sk_feat`)."""
+    if not sk_feat:
+        return cands
     from . import triton_skinny as sk
 
+    kind, mode = sk_feat
     if kind == "keys":
         sc = sk.keys_candidates(q.shape[2], k.shape[2], q.shape[-1], v.shape[-1], backward)
     else:
         sc = sk.queries_candidates(q.shape[1] // k.shape[1] * q.shape[2], max(q.shape[-1], v.shape[-1]), backward)
     sc = [("skinny", kind, c) for c in sc]
-    mode = _skinny_mode()
-    return (sc if mode == "new" else sc + list(cands)), (kind, mode)
+    return sc if mode == "new" else sc + list(cands)
 
 
 def _skinny_run(cfg, backward, q, k, v, bias, gate, scale, do=None, out=None, lse=None, dlse=None, need_db=False):
@@ -648,10 +659,11 @@ def _forward(q, k, v, bias, qf, kf, gate, pattern, scale):
             cache[ck] = ins
         return prob, _launch_fwd(*ins, prob, scale, cfg)
 
-    cands = _skinny_candidates(_fwd_candidates(q.shape[-1], v.shape[-1]), nk)
-    cands, sk_feat = _with_skinny(cands, False, pattern, q, k, v, qf)
+    sk_feat = _skinny_feat(pattern, q, k, v, qf)
     cfg = _autotune(_tune_key("fwd", pattern, q, k, v, _feats(bias, qf, gate) + sk_feat),
-                    _with_tile_costs(pattern, cands), run)
+                    lambda: _with_tile_costs(pattern, _with_skinny(
+                        _skinny_candidates(_fwd_candidates(q.shape[-1], v.shape[-1]), nk), False, sk_feat, q, k, v)),
+                    run)
     prob, (out, lse) = run(cfg)
     return prob.q_out(out), prob.q_out(lse[..., None])[..., 0]
 
@@ -683,10 +695,12 @@ def _backward(do, q, k, v, out, lse, dlse, bias, qf, kf, gate, pattern, scale, n
             cache[ck] = ins
         return prob, _launch_bwd(*ins, prob, scale, cfg, need_db, need_lr)
 
-    cands = _skinny_candidates(_bwd_candidates(q.shape[-1], v.shape[-1]), nk)
-    cands, sk_feat = _with_skinny(cands, True, pattern, q, k, v, qf)
+    sk_feat = _skinny_feat(pattern, q, k, v, qf)
     feats = _feats(bias, qf, gate) + (need_db,) + sk_feat
-    cfg = _autotune(_tune_key("bwd", pattern, q, k, v, feats), _with_tile_costs(pattern, cands), run)
+    cfg = _autotune(_tune_key("bwd", pattern, q, k, v, feats),
+                    lambda: _with_tile_costs(pattern, _with_skinny(
+                        _skinny_candidates(_bwd_candidates(q.shape[-1], v.shape[-1]), nk), True, sk_feat, q, k, v)),
+                    run)
     prob, (dq, dk, dv, db, duq, duk, dg) = run(cfg)
     dq, dk, dv = prob.q_out(dq), prob.k_out(dk), prob.k_out(dv)
     dbias = dqf = dkf = dgate = None
@@ -779,15 +793,15 @@ def _eager_twin(name, fwd_impl, setup_context, backward, bwd_impl):
     directly. Eager calls take it: the dispatcher's custom-op layer costs ~0.1 ms of CPU per call, which made
     small attention calls (agent tokens, HaloNet blocks) CPU-bound; torch.compile traces the custom op."""
 
-    def fwd(*args):
-        return fwd_impl(*args)
+    def fwd(ctx, *args):  # the ctx-taking form: a separate setup_context binds defaults via inspect per call
+        output = fwd_impl(*args)
+        setup_context(ctx, args, output)
+        return output
 
     def bwd(ctx, *grads):
         return backward(ctx, *grads, bwd=bwd_impl)
 
-    return type(name, (torch.autograd.Function,), dict(forward=staticmethod(fwd),
-                                                       setup_context=staticmethod(setup_context),
-                                                       backward=staticmethod(bwd)))
+    return type(name, (torch.autograd.Function,), dict(forward=staticmethod(fwd), backward=staticmethod(bwd)))
 
 
 _AttentionFunction = _eager_twin("_AttentionFunction", _attention_fwd_impl, _setup_context, _attention_backward,

@@ -804,7 +804,7 @@ def _relpos_key(kind, q, k, v, qb, win, gate):
 
 def relpos_forward(q, k, v, rh, rw, gate, qb, win, rel_scale, scale):
     rel = Rel(rh, rw, qb, win, rel_scale)
-    cands = keys_candidates(q.shape[2], k.shape[2], q.shape[-1], v.shape[-1])
+    cands = lambda: keys_candidates(q.shape[2], k.shape[2], q.shape[-1], v.shape[-1])  # noqa: E731
     cfg = ta._autotune(_relpos_key("relpos_fwd", q, k, v, qb, win, gate), cands,
                        lambda c: keys_forward(q, k, v, None, gate, scale, c, rel))
     return keys_forward(q, k, v, None, gate, scale, cfg, rel)
@@ -812,7 +812,7 @@ def relpos_forward(q, k, v, rh, rw, gate, qb, win, rel_scale, scale):
 
 def relpos_backward(do, q, k, v, out, lse, dlse, rh, rw, gate, qb, win, rel_scale, scale):
     rel = Rel(rh, rw, qb, win, rel_scale)
-    cands = keys_candidates(q.shape[2], k.shape[2], q.shape[-1], v.shape[-1], backward=True)
+    cands = lambda: keys_candidates(q.shape[2], k.shape[2], q.shape[-1], v.shape[-1], backward=True)  # noqa: E731
     cfg = ta._autotune(_relpos_key("relpos_bwd", q, k, v, qb, win, gate), cands,
                        lambda c: keys_backward(do, q, k, v, out, lse, dlse, None, gate, scale, c, False, rel))
     dq, dk, dv, _, dg, (drh, drw) = keys_backward(do, q, k, v, out, lse, dlse, None, gate, scale, cfg, False, rel)

@@ -351,3 +351,61 @@ def test_grid_variant_env(monkeypatch):
     monkeypatch.setenv("ATTNZOO_GRID_VARIANTS", "new")
     with pytest.raises(ValueError, match="ATTNZOO_GRID_VARIANTS"):
         _grid_variants()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dispatch plumbing: the eager autograd.Function twin of the custom ops, and the untuned config fallback
+
+
+def test_eager_twin_matches_custom_op():
+    """Eager calls go through `_AttentionFunction` (no dispatcher); it must give the custom op's outputs and
+    gradients exactly (same kernels), with a dense bias and a gate so every gradient slot is exercised."""
+    from kernels.backends import triton_attention as ta
+
+    pattern = Neighborhood((5, 6), (3, 3))
+    mk = lambda *s: torch.randn(*s, device=DEVICE, dtype=torch.float32, requires_grad=True)  # noqa: E731
+    q, k, v, bias, gate = mk(1, 2, 30, 16), mk(1, 2, 30, 16), mk(1, 2, 30, 16), mk(1, 2, 30, 30), mk(1, 30, 2)
+    key = ta._pattern_key(pattern)
+    w = torch.randn(1, 2, 30, 16, device=DEVICE)
+    results = []
+    for fn in (ta._AttentionFunction.apply, ta._attention_fwd_op):
+        out, lse = fn(q, k, v, bias, None, None, gate, key, 0.25)
+        grads = torch.autograd.grad((out * w).sum() + lse.sum(), (q, k, v, bias, gate))
+        results.append((out, lse) + grads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_eager_call_bypasses_dispatcher(monkeypatch):
+    from kernels.backends import triton_attention as ta
+
+    calls = []
+    real = ta._attention_fwd_op
+    monkeypatch.setattr(ta, "_attention_fwd_op", lambda *a: calls.append(1) or real(*a))
+    q = torch.randn(1, 2, 20, 16, device=DEVICE, dtype=torch.float16)
+    out = kernels.attention(q, q, q, backend="triton")
+    assert calls == [] and _rel(out.double(), attention_reference(q.double(), q.double(), q.double())) < 2e-3
+
+
+def test_untuned_autotune_skips_configs_that_do_not_fit(monkeypatch):
+    """ATTNZOO_AUTOTUNE=0 takes the first candidate that launches (a config over the GPU's shared memory raises
+    OutOfResources at launch), and remembers it."""
+    from triton.runtime.errors import OutOfResources
+
+    from kernels.backends import triton_attention as ta
+
+    monkeypatch.setenv("ATTNZOO_AUTOTUNE", "0")
+    monkeypatch.setattr(ta, "_interpret", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    tried = []
+
+    def run(cfg):
+        tried.append(cfg)
+        if cfg == "big":
+            raise OutOfResources(335872, 232448, "shared memory")
+
+    key = ("test-untuned", os.urandom(4))
+    assert ta._autotune(key, ["big", "small", "other"], run) == "small"
+    assert tried == ["big", "small"] and ta._BEST.pop(key) == "small"
+    with pytest.raises(RuntimeError, match="no kernel config"):
+        ta._autotune(("test-untuned-none",), ["big", "big"], run)
