@@ -8,8 +8,9 @@ Token order on a grid is row-major (last axis fastest), as `x.flatten(2)` of a `
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Tuple
 
@@ -38,8 +39,47 @@ class Pattern:
         raise NotImplementedError
 
     def density(self, nq: int, nk: int) -> float:
-        """Fraction of the (nq, nk) score matrix that is visible."""
+        """Fraction of the (nq, nk) score matrix that is visible (cached; a constant under torch.compile)."""
+        return _density(pattern_key(self), nq, nk)
+
+    def _density(self, nq: int, nk: int) -> float:
         return self.mask(nq, nk).float().mean().item()
+
+
+def pattern_key(pattern: Pattern) -> str:
+    """A canonical string for `pattern` (class name and field values), e.g. `["Window1d", [4, 2]]`.
+
+    The Triton custom ops take patterns as this string; `pattern_from_key` rebuilds the object. Computed from the
+    fields rather than the object so that it stays a constant under torch.compile even for patterns built inside
+    the compiled code (dynamo cannot hand such objects to a constant function)."""
+    return _key_of(type(pattern).__name__, tuple(getattr(pattern, f.name) for f in fields(pattern)))
+
+
+@torch.compiler.assume_constant_result
+def _key_of(name: str, values: tuple) -> str:
+    return json.dumps([name, list(values)])
+
+
+@lru_cache(maxsize=1024)
+def pattern_from_key(key: str) -> Pattern:
+    """The pattern named by `pattern_key(pattern)`."""
+    name, values = json.loads(key)
+    if name not in __all__ or name == "Pattern":
+        raise ValueError(f"pattern_from_key: unknown pattern class {name!r} in key {key!r}")
+    return globals()[name](*[tuple(v) if isinstance(v, list) else v for v in values])
+
+
+_DENSITY = {}
+
+
+@torch.compiler.assume_constant_result
+def _density(key: str, nq: int, nk: int) -> float:
+    # computed eagerly from the rebuilt pattern: the masks' .item() would break a torch.compile graph
+    if (key, nq, nk) not in _DENSITY:
+        if len(_DENSITY) >= 4096:
+            _DENSITY.clear()
+        _DENSITY[key, nq, nk] = pattern_from_key(key)._density(nq, nk)
+    return _DENSITY[key, nq, nk]
 
 
 @dataclass(frozen=True)
@@ -49,7 +89,7 @@ class Dense(Pattern):
     def mask(self, nq, nk, device=None):
         return torch.ones(nq, nk, dtype=torch.bool, device=device)
 
-    def density(self, nq, nk):
+    def _density(self, nq, nk):
         return 1.0
 
 
@@ -196,7 +236,7 @@ class Neighborhood(Pattern):
         self.check(nq, nk)
         return _outer_and(self.axis_masks(device))
 
-    def density(self, nq, nk):
+    def _density(self, nq, nk):
         total = 1.0
         for lo, hi, d in self.axis_windows():
             total *= ((hi - lo) // d + 1).clamp(min=0).double().mean().item() / len(lo)

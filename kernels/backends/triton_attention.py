@@ -31,13 +31,12 @@ import torch
 from .. import tiles
 from ..bias import RelPosBias
 from ..checks import _fail
-from ..patterns import Causal, Dense, Halo, Neighborhood, Pattern, Window1d
+from ..patterns import Causal, Dense, Halo, Neighborhood, Pattern, Window1d, pattern_from_key, pattern_key
 
 NAME = "triton"
 logger = logging.getLogger("kernels")
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_PATTERNS: Dict[str, Pattern] = {}
 _BEST: Dict[tuple, tuple] = {}
 _MAX_HEAD_DIM = 256
 _MAX_RANK = 64
@@ -724,7 +723,7 @@ def _attention_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
                       q_factor: Optional[torch.Tensor], k_factor: Optional[torch.Tensor],
                       gate: Optional[torch.Tensor], pattern_key: str,
                       scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _forward(q, k, v, bias, q_factor, k_factor, gate, _PATTERNS[pattern_key], scale)
+    out, lse = _forward(q, k, v, bias, q_factor, k_factor, gate, pattern_from_key(pattern_key), scale)
     return out.contiguous(), lse.contiguous()
 
 
@@ -746,7 +745,7 @@ def _attention_bwd_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                       q_factor: Optional[torch.Tensor], k_factor: Optional[torch.Tensor],
                       gate: Optional[torch.Tensor], pattern_key: str, scale: float, need_bias_grad: bool,
                       need_factor_grad: bool) -> List[torch.Tensor]:
-    grads = _backward(do, q, k, v, out, lse, dlse, bias, q_factor, k_factor, gate, _PATTERNS[pattern_key], scale,
+    grads = _backward(do, q, k, v, out, lse, dlse, bias, q_factor, k_factor, gate, pattern_from_key(pattern_key), scale,
                       need_bias_grad, need_factor_grad)
     return [g.contiguous() if g is not None else q.new_empty(0) for g in grads]
 
@@ -894,13 +893,6 @@ def _relpos_args(bias, pattern, q, k, v):
     return qb, win
 
 
-@torch.compiler.assume_constant_result
-def _pattern_key(pattern: Pattern) -> str:
-    key = repr(pattern)
-    _PATTERNS.setdefault(key, pattern)
-    return key
-
-
 def _as4d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape((1,) * (4 - x.dim()) + tuple(x.shape))
 
@@ -926,5 +918,5 @@ def attention_triton(q, k, v, pattern=None, bias=None, gate=None, scale=None, re
         qf, kf = bias.kernel_factors(q, k)
         qf, kf = qf.to(q.dtype), kf.to(q.dtype)
     fn = _attention_fwd_op if torch.compiler.is_compiling() else _AttentionFunction.apply
-    out, lse = fn(q, k, v, dense, qf, kf, gate, _pattern_key(pattern), scale)
+    out, lse = fn(q, k, v, dense, qf, kf, gate, pattern_key(pattern), scale)
     return (out, lse) if return_lse else out

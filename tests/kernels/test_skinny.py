@@ -14,7 +14,7 @@ os.environ["ATTNZOO_KERNEL_POISON"] = "1"  # outputs start as NaN: a missed writ
 
 @pytest.fixture(autouse=True)
 def _new_kernels(monkeypatch):
-    """These tests are for the skinny and in-kernel rel-pos kernels, which are opt-in (env) until GPU-checked."""
+    """Pin the skinny and in-kernel rel-pos kernels on (the defaults; the env can pin other paths)."""
     monkeypatch.setenv("ATTNZOO_SKINNY", "auto")
     monkeypatch.setenv("ATTNZOO_RELPOS", "kernel")
 pytest.importorskip("triton")
@@ -217,6 +217,29 @@ def test_relpos_resident_several_query_blocks():
     hb = Halo((6, 6), block=6, halo=1)  # 36 queries = 3 query blocks of 16 (RESIDENT), 8 x 8 keys
     _check(1, 2, 1, 36, 64, 16, 16, torch.float16, bias_fn=_rel_pos(hb, 16),
            expect=("keys_fwd_res_rel", "keys_bwd_res_rel"))
+
+
+def test_relpos_in_kernel_under_torch_compile():
+    """torch.compile (fullgraph) traces the attnzoo::relpos ops (fake impls) and runs the in-kernel path."""
+    hb = Halo((4, 4), block=4, halo=1)
+    mk = lambda *s: torch.randn(*s, device=DEVICE, dtype=torch.float16, requires_grad=True)  # noqa: E731
+    q, k, v, th, tw = mk(2, 2, 16, 16), mk(2, 2, 36, 16), mk(2, 2, 36, 16), mk(11, 16), mk(11, 16)
+
+    def f(q, k, v, th, tw):
+        return kernels.attention(q, k, v, bias=kernels.RelPosBias(hb, (th, tw), scale=0.5), backend="triton")
+
+    before = dict(_sk().CALLS)
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, th, tw)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v, th, tw))
+    assert _sk().CALLS["keys_fwd_flat_rel"] > before.get("keys_fwd_flat_rel", 0)
+    assert _sk().CALLS["keys_bwd_flat_rel"] > before.get("keys_bwd_flat_rel", 0)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v, th, tw)]
+    bias = kernels.RelPosBias(hb, leaves[3:], scale=0.5)
+    ref = attention_reference(*leaves[:3], bias=bias)
+    rgrads = torch.autograd.grad(ref.square().sum(), leaves)
+    assert _rel(out, ref) < TOL[torch.float16]
+    for g, rg in zip(grads, rgrads):
+        assert _rel(g, rg) < 5 * TOL[torch.float16]
 
 
 def test_relpos_lowrank_selectable(monkeypatch):

@@ -180,6 +180,17 @@ def test_layer_any_size_matches_timm_on_padded_map():
         ref(x)  # timm asserts divisibility; the zoo layer pads
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_layer_torch_compile_fullgraph(mode, stride):
+    """torch.compile traces the layer in one graph (patterns and biases are built inside forward)."""
+    layer = _randomize(HaloAttention(16, num_heads=2, block_size=4, halo_size=1, stride=stride,
+                                     rel_pos_mode=mode)).eval()
+    x = torch.randn(2, 16, 12, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(layer, fullgraph=True, backend="aot_eager")(x), layer(x))
+
+
 def test_layer_rejects_bad_arguments():
     with pytest.raises(ValueError, match="num_heads"):
         HaloAttention(16, dim_out=18, num_heads=4)

@@ -187,3 +187,15 @@ def test_each_family_has_a_test_model():
     families = {zoo.model_family(n) for n in ALL_MODELS}
     test_families = {zoo.model_family(n) for n in ALL_MODELS if n.startswith("test_")}
     assert families == test_families, f"families without a test_* model: {families - test_families}"
+
+
+@pytest.mark.parametrize("name", [n for n in ALL_MODELS if n.startswith("test_")])
+def test_model_torch_compile_fullgraph(name):
+    """Each family compiles into one graph (no graph breaks: attention patterns and biases built inside forward
+    stay constants) and gives the eager outputs."""
+    model = timm.create_model(name).eval()
+    x = torch.randn(2, *_contract_size(_cfg(name)))
+    with torch.no_grad():
+        expected = model(x)
+        out = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
