@@ -139,8 +139,9 @@ def neighborhood_axis_window(length: int, window: int, stride: int, dilation: in
     i = torch.arange(length, device=device)
     group_q, pos_q = i % dilation, i // dilation
     group_len = (length - group_q + dilation - 1) // dilation  # tokens in the query's dilation group
-    if causal:
-        start, end = pos_q - window + 1, pos_q
+    if causal:  # the stride group's leader is its last query; no key after the query itself
+        leader = torch.minimum((pos_q // stride) * stride + stride - 1, group_len - 1)
+        start, end = leader - window + 1, pos_q
     else:
         leader = torch.minimum((pos_q // stride) * stride + stride // 2, group_len - 1)
         start = leader - window // 2
@@ -174,8 +175,9 @@ class Neighborhood(Pattern):
     * window: keys at p* - w // 2 .. p* - w // 2 + w - 1 (for odd w: centred; even w: one more on the left);
       with `inward=True` the start is clamped to [0, L_g - w] so the window is shifted inside the border and
       every query sees exactly min(w, L_g) keys (NATTEN, FreeSwim); with `inward=False` it is clipped;
-    * causal axes (`causal_axes`, stride 1 there): keys at p - w + 1 .. p, clipped at 0 (never shifted
-      forward, so early queries see fewer keys).
+    * causal axes (`causal_axes`): keys at p* - w + 1 .. p, clipped at 0 (never shifted forward, so early
+      queries see fewer keys), where p* = min(s * (p // s) + s - 1, L_g - 1) is the stride block's last query
+      (NATTEN's causal stride-group leader; s = 1: p itself).
 
     Queries and keys are the same grid: nq == nk == prod(grid).
     """
@@ -202,8 +204,6 @@ class Neighborhood(Pattern):
                 raise ValueError(f"Neighborhood.{name} must be >= 1 on every axis, got {values!r}")
         if any(not 0 <= a < n for a in causal):
             raise ValueError(f"Neighborhood.causal_axes must index the grid's {n} axes, got {causal!r}")
-        if any(stride[a] > 1 for a in causal):
-            raise NotImplementedError(f"Neighborhood: stride > 1 on a causal axis is not supported, got {stride=}")
         if any(s > w for s, w in zip(stride, window)):
             raise ValueError(f"Neighborhood.stride must be <= window on every axis, got {stride=} {window=}")
         object.__setattr__(self, "grid", grid)

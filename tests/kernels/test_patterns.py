@@ -15,7 +15,8 @@ def _axis_window_loop(L, w, s, d, inward, causal, i):
     r, p = i % d, i // d
     Lg = len(range(r, L, d))
     if causal:
-        keys = range(max(p - w + 1, 0), p + 1)
+        leader = min(s * (p // s) + s - 1, Lg - 1)
+        keys = range(max(leader - w + 1, 0), p + 1)
     else:
         leader = min(s * (p // s) + s // 2, Lg - 1)
         start = leader - w // 2
@@ -44,7 +45,7 @@ def neighborhoods(draw, max_axes=3, max_len=9):
     grid = tuple(draw(st.integers(1, max_len)) for _ in range(n))
     window = tuple(draw(st.integers(1, g + 2)) for g in grid)
     causal = tuple(a for a in range(n) if draw(st.booleans()) and draw(st.booleans()))
-    stride = tuple(1 if a in causal else draw(st.integers(1, w)) for a, w in enumerate(window))
+    stride = tuple(draw(st.integers(1, w)) for w in window)
     dilation = tuple(draw(st.integers(1, 3)) for _ in range(n))
     return Neighborhood(grid, window, stride=stride, dilation=dilation, inward=draw(st.booleans()),
                         causal_axes=causal)
@@ -101,6 +102,30 @@ def test_stride_leader_is_group_centre():
     assert all(torch.equal(m[i], m[4 * (i // 4)]) for i in range(12))
     assert m[0].nonzero().flatten().tolist() == [0, 1, 2, 3]
     assert m[4].nonzero().flatten().tolist() == [4, 5, 6, 7]  # leader 6: 6 - 2 .. 6 + 1
+
+
+def _natten_axis_visible(q, kv, L, w, s, d, causal):
+    """NATTEN's per-axis mask predicate as its documentation and reference tests state it (dilation groups,
+    stride-group leaders: the centre query non-causal, the last query causal; the window clamped inside)."""
+    if q % d != kv % d:
+        return False
+    qd, kd, Lg = q // d, kv // d, (L - q % d + d - 1) // d
+    if causal:
+        leader = min((qd // s) * s + s - 1, Lg - 1)
+        return qd - kd >= 0 and leader - kd < w
+    left, right = w // 2, w // 2 + (w % 2 - 1)
+    leader = min((qd // s) * s + s // 2, Lg - 1)
+    centre = max(left, min(leader, Lg - 1 - right))
+    return centre - left <= kd <= centre + right
+
+
+@pytest.mark.parametrize("L,w,s,d,causal", [(13, 5, 1, 1, False), (13, 6, 3, 1, False), (17, 4, 4, 2, False),
+                                            (11, 3, 2, 3, False), (13, 5, 1, 1, True), (13, 5, 3, 1, True),
+                                            (17, 4, 4, 2, True), (10, 7, 5, 1, True)])
+def test_neighborhood_axis_matches_natten_rule(L, w, s, d, causal):
+    m = Neighborhood((L,), (w,), stride=s, dilation=d, causal_axes=(0,) if causal else ()).mask(L, L)
+    expected = torch.tensor([[_natten_axis_visible(q, k, L, w, s, d, causal) for k in range(L)] for q in range(L)])
+    assert torch.equal(m, expected)
 
 
 def test_1d_patterns_match_definitions():

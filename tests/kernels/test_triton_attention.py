@@ -36,6 +36,7 @@ CASES = [  # (id, pattern, B, H, HKV, NQ, NK, D, DV)
     ("na2d-stride-dil", Neighborhood((7, 9), (3, 4), stride=(1, 2), dilation=(2, 1)), 1, 2, 1, 63, 63, 32, 32),
     ("na2d-even-noinward", Neighborhood((6, 10), (4, 6), inward=False), 1, 1, 1, 60, 60, 16, 16),
     ("na3d", Neighborhood((3, 5, 6), (3, 3, 5)), 1, 2, 2, 90, 90, 16, 16),
+    ("na2d-causal-stride", Neighborhood((6, 7), (3, 4), stride=(2, 3), causal_axes=(0,)), 1, 2, 1, 42, 42, 16, 16),
     ("na3d-causal-dil", Neighborhood((4, 5, 6), (2, 3, 3), dilation=(1, 1, 2), causal_axes=(0,)), 1, 1, 1, 120,
      120, 16, 16),
     ("halo", Halo((4, 6), block=2, halo=1), 1, 2, 2, 24, 48, 16, 16),
