@@ -15,6 +15,8 @@ _LAZY = {
     "freeswim_pattern": "attention",
     "freeswim_window": "attention",
     "freeswim_attention_scale": "attention",
+    "FREESWIM_BASE_TOKENS": "attention",
+    "FREESWIM_TARGET_TOKENS": "attention",
     "tiny_wan_components": "tiny",
     "tiny_wan_pipeline": "tiny",
 }

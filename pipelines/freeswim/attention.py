@@ -17,11 +17,11 @@ its training resolution with three pieces, all here:
   no full self-attention runs at all (`mode == "reuse"`).
 
 Self-attention in both branches uses the temperature `scale = sqrt(log_{N_base}(N_target) / d_head)`
-(`freeswim_attention_scale`). The reference hard-codes `N_base = 1560` (30 x 52 tokens per frame at 480 x 832,
-Wan2.1's training size) and `N_target = 3120`; here both are the actual token counts per latent frame:
-`N_base = H_b' * W_b'` of the base resolution and `N_target = H' * W'` of the target. At the training size the
-scale reduces to the default `d_head ** -0.5`; pass `attention_scale` to the pipeline to use another value (the
-reference's constant is `freeswim_attention_scale(d_head, 1560, 3120)`).
+(`freeswim_attention_scale`) with the reference's constants `N_base = 1560` (30 x 52 tokens per frame at
+480 x 832, Wan2.1's training size) and `N_target = 3120`, at every resolution (`FREESWIM_BASE_TOKENS`,
+`FREESWIM_TARGET_TOKENS`: about 1.046 / sqrt(d_head)). A resolution-aware variant (the actual tokens per latent
+frame of the base and target resolutions) is `freeswim_attention_scale(d_head, H_b' * W_b', H' * W')`, passed
+to the pipeline as `attention_scale`.
 
 The stock Wan `forward` does not pass per-call kwargs to processors, so the processors share one mutable
 `FreeSwimState` that the pipeline sets before each transformer call.
@@ -42,6 +42,8 @@ __all__ = [
     "freeswim_window",
     "freeswim_pattern",
     "freeswim_attention_scale",
+    "FREESWIM_BASE_TOKENS",
+    "FREESWIM_TARGET_TOKENS",
     "FreeSwimState",
     "FreeSwimSelfAttnProcessor",
     "FreeSwimCrossAttnProcessor",
@@ -72,13 +74,20 @@ def freeswim_pattern(grid: Tuple[int, int, int], base_grid: Tuple[int, int]) -> 
     return kernels.Neighborhood(grid=tuple(grid), window=freeswim_window(grid, base_grid), inward=True)
 
 
-def freeswim_attention_scale(head_dim: int, base_tokens: int, target_tokens: int) -> float:
+FREESWIM_BASE_TOKENS = 1560  # the reference's hard-coded temperature constants (specs: FreeSwim, Temperature)
+FREESWIM_TARGET_TOKENS = 3120
+
+
+def freeswim_attention_scale(head_dim: int, base_tokens: int = FREESWIM_BASE_TOKENS,
+                             target_tokens: int = FREESWIM_TARGET_TOKENS) -> float:
     """`sqrt(log_{base_tokens}(target_tokens) / head_dim)`: FreeSwim's self-attention temperature.
 
     Args:
         head_dim: attention head dimension `d_head`.
-        base_tokens: tokens per latent frame at the training (base) resolution, >= 2.
-        target_tokens: tokens per latent frame at the target resolution, >= base_tokens.
+        base_tokens: tokens per latent frame at the training (base) resolution, >= 2 (default: the reference's
+            1560).
+        target_tokens: tokens per latent frame at the target resolution, >= base_tokens (default: the
+            reference's 3120).
     """
     if head_dim < 1:
         raise ValueError(f"head_dim must be >= 1, got {head_dim}")

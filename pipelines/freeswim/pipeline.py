@@ -318,8 +318,9 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 with window attention only).
             flow_shift: scheduler shift for the target-resolution stage (the reference uses 9.0); None keeps the
                 scheduler's.
-            attention_scale: self-attention logit scale; None means `sqrt(log_{N_base}(N_target) / d_head)` with
-                the base and target tokens per latent frame.
+            attention_scale: self-attention logit scale; None means the reference's temperature
+                `sqrt(log_1560(3120) / d_head)` (`freeswim_attention_scale(d_head)`);
+                `freeswim_attention_scale(d_head, H_b' * W_b', H' * W')` is the resolution-aware variant.
             video: optional base video to upscale instead of stage 1 (frames as `diffusers`' video processor
                 takes them: list of PIL images, arrays or tensors); mode "freeswim" only.
             generator: torch generator(s) for determinism.
@@ -396,8 +397,7 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         for name, expert in self.experts().items():
             scale = attention_scale
             if scale is None:
-                scale = freeswim_attention_scale(expert.config.attention_head_dim, base_grid[0] * base_grid[1],
-                                                 grid[1] * grid[2])
+                scale = freeswim_attention_scale(expert.config.attention_head_dim)
             states[name] = FreeSwimState(pattern=pattern, scale=scale)
         self._freeswim_states = states  # exposed for inspection (call counts per expert)
         self._freeswim_state = states["transformer"]

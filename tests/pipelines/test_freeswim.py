@@ -135,6 +135,8 @@ def test_pattern_and_scale_validate():
         freeswim_attention_scale(64, 100, 10)
     # the reference's constant and the training-resolution identity
     assert freeswim_attention_scale(128, 1560, 3120) == pytest.approx(math.sqrt(math.log(3120, 1560) / 128))
+    assert freeswim_attention_scale(128) == freeswim_attention_scale(128, 1560, 3120)
+    assert 128 ** 0.5 * freeswim_attention_scale(128) == pytest.approx(1.046, abs=5e-4)
     assert freeswim_attention_scale(128, 1560, 1560) == pytest.approx(128 ** -0.5)
 
 
@@ -286,6 +288,9 @@ def test_end_to_end_shapes_and_determinism(pipe):
     other = pipe(**call_kwargs(), generator=gen(2)).frames
     assert torch.equal(out.frames, again)
     assert not torch.allclose(out.frames, other)
+    # the spec's temperature: sqrt(log_1560(3120) / d_head) at every resolution (the reference's constants)
+    head_dim = pipe.transformer.config.attention_head_dim
+    assert pipe._freeswim_state.scale == pytest.approx(math.sqrt(math.log(3120) / math.log(1560) / head_dim))
     # image mode and numpy / PIL outputs; transformer processors are stock again afterwards
     img = pipe(**call_kwargs(num_frames=1, height=48, width=80, base_height=32, base_width=48, output_type="np"),
                generator=gen(0)).frames
