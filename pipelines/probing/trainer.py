@@ -47,7 +47,9 @@ class ProbeSpec:
 
 @dataclass
 class TrainConfig:
-    """Training hyper-parameters shared by every probe of the grid (EP's protocol: LARS, blr 0.1, 90 epochs)."""
+    """Training hyper-parameters shared by every probe of the grid. Defaults suit small offline runs (AdamW, 30
+    epochs); EP's ImageNet protocol (LARS, blr 0.1 at batch 4096, 90 epochs, 10 warm-up) is
+    `configs/probe/imagenet_vitb_ep.yaml`."""
 
     epochs: int = 30
     batch_size: int = 128
@@ -141,6 +143,20 @@ def _unflatten_optimizer(prefix: str, tensors: Dict[str, torch.Tensor], info: Di
     return {"state": state, "param_groups": info["param_groups"]}
 
 
+def _create_optimizer(probe: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """timm's optimizer for the probe. LARS follows MAE's (used by the EP protocol): weight decay and the trust
+    ratio on matrices only, whatever the weight decay (timm's `Lars` adapts only when decay is non-zero unless
+    `always_adapt`); biases, norms and query vectors take plain momentum SGD steps."""
+    if cfg.optimizer.lower() != "lars":
+        return create_optimizer_v2(probe, opt=cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay,
+                                   momentum=cfg.momentum)
+    params = [p for p in probe.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.ndim > 1], weight_decay=cfg.weight_decay, always_adapt=True),
+              dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0, always_adapt=False)]
+    return create_optimizer_v2([g for g in groups if g["params"]], opt="lars", lr=lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+
+
 class _Run:
     def __init__(self, spec: ProbeSpec, slot: int, block: Optional[int], dim: int, num_classes: int,
                  num_prefix_tokens: int, cfg: TrainConfig, steps_per_epoch: int, device: torch.device):
@@ -150,12 +166,12 @@ class _Run:
         self.probe = create_probe(spec.probe, dim, num_classes, num_prefix_tokens=num_prefix_tokens,
                                   **spec.kwargs).to(device)
         self.params = sum(p.numel() for p in self.probe.parameters() if p.requires_grad)
-        self.optimizer = create_optimizer_v2(self.probe, opt=cfg.optimizer, lr=spec.lr,
-                                             weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+        self.optimizer = _create_optimizer(self.probe, cfg, spec.lr)
         total = cfg.epochs * steps_per_epoch
         warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), max(total - 1, 0))
-        self.scheduler = CosineLRScheduler(self.optimizer, t_initial=total, lr_min=cfg.min_lr, warmup_t=warmup,
-                                           warmup_lr_init=spec.lr * 1e-3 if warmup else 0.0, warmup_prefix=False,
+        # MAE/EP schedule: linear warm-up from 0, then a half cosine over the remaining steps
+        self.scheduler = CosineLRScheduler(self.optimizer, t_initial=max(total - warmup, 1), lr_min=cfg.min_lr,
+                                           warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True,
                                            t_in_epochs=False)
         self.history: List[Dict[str, Any]] = []
         self.seconds = 0.0

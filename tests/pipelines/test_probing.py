@@ -565,3 +565,32 @@ def test_shipped_configs_are_valid(path):
     lrs = cfg["train"]["lr"] if isinstance(cfg["train"]["lr"], list) else [cfg["train"]["lr"]]
     specs = _grid(cfg["probes"], lrs, cfg["encoder"]["layers"])
     assert len(specs) >= len(cfg["probes"])
+
+
+def test_lars_adapts_matrices_without_weight_decay_and_schedule_is_maes():
+    """EP's protocol uses MAE's LARS: every matrix step is trust_coeff x lr of its norm (weight decay 0 included);
+    vectors take plain SGD steps. The schedule warms up linearly from 0 and then follows a half cosine."""
+    from pipelines.probing.trainer import _create_optimizer, _Run
+
+    cfg = TrainConfig(optimizer="lars", weight_decay=0.0, momentum=0.9, epochs=10, warmup_epochs=2)
+    run = _Run(ProbeSpec("ep", "ep", 1.6, {"num_queries": 4}), 0, None, 32, 5, 1, cfg, 10, torch.device("cpu"))
+    probe, opt = run.probe, run.optimizer
+    mats = {id(p) for p in probe.parameters() if p.ndim > 1}
+    assert all(g["always_adapt"] == all(id(p) in mats for p in g["params"]) for g in opt.param_groups)
+    before = {n: p.detach().clone() for n, p in probe.named_parameters()}
+    for g in opt.param_groups:
+        g["lr"] = 1.6
+    probe(torch.randn(6, 9, 32)).square().mean().backward()
+    opt.step()
+    for n, p in probe.named_parameters():
+        if p.ndim > 1:
+            assert ((p.detach() - before[n]).norm() / before[n].norm()).item() == pytest.approx(0.0016, rel=1e-3), n
+    lrs = []
+    for step in range(100):
+        run.scheduler.step_update(step)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == 0.0 and lrs[20] == pytest.approx(1.6) and lrs[10] == pytest.approx(0.8)
+    assert all(a >= b for a, b in zip(lrs[20:], lrs[21:]))  # no drop at the end of warm-up, then decreasing
+    assert lrs[60] == pytest.approx(0.8, rel=1e-6)  # half-way through the cosine
+    adam = _create_optimizer(probe, TrainConfig(), 1e-3)
+    assert type(adam).__name__ == "AdamW"

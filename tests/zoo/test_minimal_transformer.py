@@ -132,7 +132,7 @@ def test_attention_goes_through_kernels(monkeypatch):
 def _paper_count(n, depth, heads, mlp, qk, vo, patch, chans, tokens, classes, mlp_ratio=4):
     """Parameters by the paper's accounting: 4N² attention (+ biases), ≈8N² MLP, plus embedding and head."""
     hd = n // heads
-    attn = {"full": 2 * (n * n + n), "collapsed": n * n + n, "symmetric": heads * hd * (hd + 1) // 2}[qk]
+    attn = {"full": 2 * (n * n + n), "collapsed": n * n, "symmetric": heads * hd * (hd + 1) // 2}[qk]  # W_qk: no bias
     attn += 2 * (n * n + n) if vo else 0
     hidden = mlp_ratio * n
     layer = 2 * n + attn + ((2 * n + n * hidden + hidden + hidden * n + n) if mlp else 0)
@@ -214,7 +214,7 @@ def test_matches_explicit_float64_model():
     for blk in model.blocks:
         a = blk.attn
         h = F.layer_norm(tok, (32,), blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
-        q = (h @ a.qk.weight.T + a.qk.bias).view(2, 17, 2, 16).transpose(1, 2)
+        q = (h @ a.qk.weight.T).view(2, 17, 2, 16).transpose(1, 2)  # x W_qk x^T: no bias
         k = h.view(2, 17, 2, 16).transpose(1, 2)
         v = (h @ a.v.weight.T + a.v.bias).view(2, 17, 2, 16).transpose(1, 2)
         o = _softmax_attention(q, k, v, 16 ** -0.5).transpose(1, 2).reshape(2, 17, 32)

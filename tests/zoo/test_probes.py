@@ -371,3 +371,12 @@ def test_probes_run_under_autocast(kind):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = probe(x)
     assert out.shape == (4, 10) and torch.isfinite(out.float()).all()
+
+
+def test_linear_cls_pool_reads_the_cls_token_only():
+    """With register tokens after the CLS token (timm's *_reg4 models), `cls` is token 0, not their mean."""
+    probe = create_probe("linear", 8, 3, num_prefix_tokens=5, pool="cls")
+    x = torch.randn(2, 21, 8)
+    assert torch.equal(probe.pool(x), x[:, 0])
+    assert torch.allclose(create_probe("linear", 8, 3, num_prefix_tokens=5, pool="mean").pool(x), x[:, 5:].mean(1))
+    assert create_probe("linear", 8, 3).pool.num_prefix_tokens == 1  # the default: a ViT's CLS token

@@ -68,8 +68,8 @@ class MinimalAttention(nn.Module):
         if qk == "full":
             self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
             self.k = nn.Linear(dim, dim, bias=qkv_bias, **dd)
-        elif qk == "collapsed":
-            self.qk = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        elif qk == "collapsed":  # logits x_i W_qk x_jᵀ: no bias (a bias b would add b·x_j, a per-key term)
+            self.qk = nn.Linear(dim, dim, bias=False, **dd)
         else:
             n_tril = self.head_dim * (self.head_dim + 1) // 2
             self.qk_tril = nn.Parameter(torch.empty(num_heads, n_tril, **dd))  # free entries of each T

@@ -36,8 +36,8 @@ def _split_tokens(x: torch.Tensor, num_prefix_tokens: int, tokens: str) -> torch
 
 
 class TokenPool(nn.Module):
-    """Parameter-free pooling for linear probing: `cls` (mean of the prefix tokens, i.e. the CLS token when there
-    is one) or `mean` (global average of the patch tokens, MAE's `gap`)."""
+    """Parameter-free pooling for linear probing: `cls` (the first token, the CLS token; register tokens after it
+    are ignored) or `mean` (global average of the patch tokens, MAE's `gap`)."""
 
     def __init__(self, pool: str = "cls", num_prefix_tokens: int = 1):
         super().__init__()
@@ -50,7 +50,7 @@ class TokenPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pool == "cls":
-            return x[:, :self.num_prefix_tokens].mean(1)
+            return x[:, 0]
         return x[:, self.num_prefix_tokens:].mean(1)
 
 
@@ -320,14 +320,15 @@ def list_probes():
     return sorted(PROBES)
 
 
-def create_probe(name: str, dim: int, num_classes: int, num_prefix_tokens: int = 0, **kwargs) -> ProbeHead:
+def create_probe(name: str, dim: int, num_classes: int, num_prefix_tokens: int = 1, **kwargs) -> ProbeHead:
     """Build a probe by name.
 
     Args:
         name: "linear", "aim", "jepa" or "ep" (see `list_probes()`).
         dim: token width D of the encoder.
         num_classes: classifier outputs.
-        num_prefix_tokens: leading prefix (CLS/register) tokens in the encoder's token output.
+        num_prefix_tokens: leading prefix (CLS/register) tokens in the encoder's token output (default 1: a ViT's
+            CLS token; 0 for encoders without one, which then need a pool other than "cls").
         **kwargs: the probe's own arguments (`pool`, `num_heads`, `num_queries`, `d_out`, `tokens`, ...).
     """
     if name not in PROBES:
