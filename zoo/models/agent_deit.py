@@ -213,7 +213,8 @@ def agent_cfg(**kwargs) -> Dict[str, Any]:
     """The pretrained_cfg shared by the Agent Attention families (224 px ImageNet-1k, no downloadable weights)."""
     return {
         "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
-        "crop_pct": 0.9, "interpolation": "bicubic", "fixed_input_size": False,
+        # the reference's eval transform: resize to a 256 x 256 square, centre crop 224 (timm: squash, 0.875)
+        "crop_pct": 0.875, "crop_mode": "squash", "interpolation": "bicubic", "fixed_input_size": False,
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.proj", "classifier": "head",
         "paper_ids": "arXiv:2312.08874",
@@ -233,22 +234,24 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def agent_deit_tiny(pretrained: bool = False, **kwargs) -> AgentDeiT:
-    """Agent-DeiT-T (6.0M, 49 agents in all 12 blocks), arXiv:2312.08874."""
-    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, agent_num=49)
+    """Agent-DeiT-T (6.0M, 49 agents in all 12 blocks), arXiv:2312.08874. Stochastic depth per family and size
+    follows the reference training configs (override with `drop_path_rate=`)."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, drop_path_rate=0.0, agent_num=49)
     return _create_agent_deit("agent_deit_tiny", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def agent_deit_small(pretrained: bool = False, **kwargs) -> AgentDeiT:
     """Agent-DeiT-S (22.7M, 49 agents in all 12 blocks), arXiv:2312.08874."""
-    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, agent_num=49)
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1, agent_num=49)
     return _create_agent_deit("agent_deit_small", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def agent_deit_base(pretrained: bool = False, **kwargs) -> AgentDeiT:
     """Agent-DeiT-B (87.2M, 81 agents in the first 4 of 12 blocks), arXiv:2312.08874."""
-    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, agent_num=81, agent_layers=4)
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, drop_path_rate=0.3, agent_num=81,
+                      agent_layers=4)
     return _create_agent_deit("agent_deit_base", pretrained=pretrained, **dict(model_args, **kwargs))
 
 

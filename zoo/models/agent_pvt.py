@@ -364,28 +364,28 @@ _PVT_ARGS = dict(patch_size=4, embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 
 @register_model
 def agent_pvt_tiny(pretrained: bool = False, **kwargs) -> AgentPvt:
     """Agent-PVT-T (11.6M, depths 2-2-2-2, agents 9-16-49-49), arXiv:2312.08874."""
-    model_args = dict(_PVT_ARGS, depths=(2, 2, 2, 2))
+    model_args = dict(_PVT_ARGS, depths=(2, 2, 2, 2), drop_path_rate=0.1)
     return _create_agent_pvt("agent_pvt_tiny", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def agent_pvt_small(pretrained: bool = False, **kwargs) -> AgentPvt:
     """Agent-PVT-S (20.6M, depths 3-4-6-3, agents 9-16-49-49), arXiv:2312.08874."""
-    model_args = dict(_PVT_ARGS, depths=(3, 4, 6, 3))
+    model_args = dict(_PVT_ARGS, depths=(3, 4, 6, 3), drop_path_rate=0.1)
     return _create_agent_pvt("agent_pvt_small", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def agent_pvt_medium(pretrained: bool = False, **kwargs) -> AgentPvt:
     """Agent-PVT-M (35.9M, depths 3-4-18-3, agents 9-16-49-49), arXiv:2312.08874."""
-    model_args = dict(_PVT_ARGS, depths=(3, 4, 18, 3))
+    model_args = dict(_PVT_ARGS, depths=(3, 4, 18, 3), drop_path_rate=0.3)
     return _create_agent_pvt("agent_pvt_medium", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def agent_pvt_large(pretrained: bool = False, **kwargs) -> AgentPvt:
     """Agent-PVT-L (48.7M, depths 3-8-27-3, agents 9-16-49-49), arXiv:2312.08874."""
-    model_args = dict(_PVT_ARGS, depths=(3, 8, 27, 3))
+    model_args = dict(_PVT_ARGS, depths=(3, 8, 27, 3), drop_path_rate=0.3)
     return _create_agent_pvt("agent_pvt_large", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
