@@ -20,9 +20,11 @@ def _dtype(name, device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def load_pipeline(model, device="cpu", dtype=None, seed=0, offload=False):
+def load_pipeline(model, device="cpu", dtype=None, seed=0, offload=False, vae_tiling=False):
     """`FreeSwimWanPipeline` from a local Wan diffusers folder (VAE kept in float32, as the reference does), or
-    over tiny random components when `model` is None."""
+    over tiny random components when `model` is None. `offload`: False, True / "model" (diffusers' model CPU
+    offload) or "sequential" (sequential CPU offload: the reference's setting for 1080p x 81 frames on 24 GB, with
+    `vae_tiling`)."""
     import torch
     from diffusers import AutoencoderKLWan
 
@@ -36,11 +38,22 @@ def load_pipeline(model, device="cpu", dtype=None, seed=0, offload=False):
             raise ValueError(f"--model must be a local diffusers Wan folder (model_index.json), got {model!r}")
         vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32)
         pipe = FreeSwimWanPipeline.from_pretrained(model, vae=vae, torch_dtype=dtype or torch.bfloat16)
-    if offload:
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+    if offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    elif offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
     return pipe
+
+
+def base_size_for(pipe):
+    """The reference's base resolution for a Wan checkpoint: 720 x 1280 for the 14B models (width 5120),
+    480 x 832 otherwise."""
+    cfg = pipe.transformer.config
+    return (720, 1280) if cfg.num_attention_heads * cfg.attention_head_dim >= 5120 else (480, 832)
 
 
 def save_frames(frames, path, fps=16) -> str:
@@ -97,7 +110,11 @@ def run_generate(args) -> int:
         v if v is not None else d for v, d in zip(
             (args.height, args.width, args.base_height, args.base_width, args.frames, args.steps), defaults))
     t0 = time.perf_counter()
-    pipe = load_pipeline(args.model, device, _dtype(args.dtype, device), seed=args.seed, offload=args.offload)
+    pipe = load_pipeline(args.model, device, _dtype(args.dtype, device), seed=args.seed, offload=args.offload,
+                         vae_tiling=args.vae_tiling)
+    if args.model is not None:  # 14B checkpoints default to their own base resolution
+        base_height = args.base_height or base_size_for(pipe)[0]
+        base_width = args.base_width or base_size_for(pipe)[1]
     pipe.set_progress_bar_config(disable=args.quiet)
     out = pipe(
         prompt=args.prompt, negative_prompt=args.negative_prompt, height=height, width=width,
@@ -156,8 +173,8 @@ def add_parser(sub) -> None:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--height", type=int, default=None, help="target height (default 1088; tiny 64)")
     p.add_argument("--width", type=int, default=None, help="target width (default 1920; tiny 96)")
-    p.add_argument("--base-height", type=int, default=None, help="base height (default 480; tiny 32)")
-    p.add_argument("--base-width", type=int, default=None, help="base width (default 832; tiny 48)")
+    p.add_argument("--base-height", type=int, default=None, help="base height (default 480, 720 for 14B; tiny 32)")
+    p.add_argument("--base-width", type=int, default=None, help="base width (default 832, 1280 for 14B; tiny 48)")
     p.add_argument("--frames", type=int, default=None, help="frames, 4k+1; 1 = image (default 81; tiny 9)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; tiny 6)")
     p.add_argument("--strength", type=float, default=0.7, help="video-to-video strength of the FreeSwim stage")
@@ -170,7 +187,10 @@ def add_parser(sub) -> None:
     p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default 512; tiny 16)")
     p.add_argument("--device", default=None, help="default cuda when available, else cpu")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on cuda")
-    p.add_argument("--offload", action="store_true", help="model CPU offload (diffusers enable_model_cpu_offload)")
+    p.add_argument("--offload", nargs="?", const="model", default=None, choices=["model", "sequential"],
+                   help="CPU offload: model (enable_model_cpu_offload; the default when given without a value) or "
+                        "sequential (enable_sequential_cpu_offload, least memory)")
+    p.add_argument("--vae-tiling", action="store_true", help="decode/encode the video in VAE tiles (less memory)")
     p.add_argument("--fps", type=int, default=16)
     p.add_argument("--out", default="video.mp4", help="output .mp4/.gif, or .png/.jpg with --frames 1")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

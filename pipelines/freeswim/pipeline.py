@@ -12,7 +12,9 @@ Work saved against the reference, with the same result for the kept (window) lat
 duplicated `[window; full]` rows to every pass and discards what the full rows' FFNs compute when their
 self-attention is the window output; here the uncond pass (cache mode) and the cond pass between refresh steps
 run the window rows alone (the full rows would be identical to them), and the scheduler steps the window latent
-only.
+only. The dual path runs on every step of the target stage (the reference stops it after step 40, which its
+defaults, 35 of 50 steps at strength 0.7, never reach). A given `video` is resized to the target bilinearly,
+like stage 1's frames.
 
 `mode="window"` is plain high-resolution text-to-video with window attention only (no base stage, no full
 branch); `num_frames=1` makes images. The transformer is diffusers' `WanTransformer3DModel`, unchanged: the
@@ -35,12 +37,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import (AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanPipeline,
                        WanTransformer3DModel)
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.loaders import WanLoraLoaderMixin
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
@@ -70,6 +75,23 @@ class FreeSwimWanPipelineOutput(BaseOutput):
 
     frames: Any
     base_frames: Optional[torch.Tensor] = None
+
+
+def _frame_size(video) -> Tuple[int, int]:
+    """(height, width) of a video as diffusers' video processor takes it: PIL frames (or a batch of lists of
+    them), arrays `(..., H, W, C)` or tensors `(..., C, H, W)`."""
+    first = video
+    while isinstance(first, (list, tuple)):
+        if not first:
+            raise ValueError("video must not be empty")
+        first = first[0]
+    if isinstance(first, PIL.Image.Image):
+        return first.height, first.width
+    if isinstance(first, np.ndarray):
+        return int(first.shape[-3]), int(first.shape[-2])
+    if isinstance(first, torch.Tensor):
+        return int(first.shape[-2]), int(first.shape[-1])
+    raise TypeError(f"video frames must be PIL images, numpy arrays or torch tensors, got {type(first).__name__}")
 
 
 class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
@@ -244,7 +266,7 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
     def upscale_frames(self, frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Stage 2: `(B, F, 3, h, w)` in [0, 1] -> `(B, 3, F, height, width)` in [-1, 1], bilinear (half-pixel
-        centres, as cv2.INTER_LINEAR, which the reference uses on 8-bit frames)."""
+        centres, as the reference's cv2.INTER_LINEAR on its float [0, 1] frames)."""
         b, f = frames.shape[:2]
         up = F.interpolate(frames.flatten(0, 1).float(), size=(height, width), mode="bilinear", align_corners=False)
         up = up.clamp(0, 1).unflatten(0, (b, f)) * 2 - 1  # (B, F, 3, H, W)
@@ -336,6 +358,8 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         """
         callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
         # 1. Check inputs
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(prompt, negative_prompt, height, width, base_height, base_width, num_frames,
                           num_inference_steps, strength, cache_steps, mode, output_type, video, prompt_embeds,
                           negative_prompt_embeds, callback_on_step_end_tensor_inputs, guidance_scale_2)
@@ -379,8 +403,10 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                     attention_kwargs=attention_kwargs, max_sequence_length=max_sequence_length)
                 base_frames = base.frames  # (B, F, 3, h, w) in [0, 1]
                 video = self.upscale_frames(base_frames, height, width)
-            else:
-                video = self.video_processor.preprocess_video(video, height=height, width=width)
+            else:  # to [0, 1] at its own size, then the same bilinear upscale as stage 1's frames
+                h0, w0 = _frame_size(video)
+                frames = self.video_processor.preprocess_video(video, height=h0, width=w0)  # (B, 3, F, h, w)
+                video = self.upscale_frames((frames.permute(0, 2, 1, 3, 4) + 1) / 2, height, width)
                 if video.shape[0] != batch_size:
                     raise ValueError(f"`video` has batch {video.shape[0]} but the prompts have {batch_size}")
             latents = self.prepare_video_latents(video, scheduler, timesteps[:1], generator, device)

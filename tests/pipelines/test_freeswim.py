@@ -10,8 +10,10 @@ import io
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kernels
 from pipelines.freeswim.attention import (FreeSwimState, freeswim_attention_scale, freeswim_pattern,
@@ -310,6 +312,21 @@ def test_prompt_embeds_and_given_video(pipe):
     frames = [Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()) for _ in range(5)]
     b = pipe(**call_kwargs(video=frames), generator=gen(0))
     assert b.frames.shape == (1, 5, 3, 64, 64) and b.base_frames is None
+    # a given video reaches the VAE bilinearly upscaled (the reference's cv2 resize), whatever its frame type:
+    # PIL frames, a numpy (F, H, W, C) array in [0, 1] and a torch (F, C, H, W) tensor give the same input
+    seen = []
+    real_encode = pipe.vae.encode
+    pipe.vae.encode = lambda x, *a, **k: seen.append(x.detach().clone()) or real_encode(x, *a, **k)
+    try:
+        arr = torch.stack([torch.from_numpy(np.asarray(f)) for f in frames]).float() / 255  # (F, H, W, C)
+        for v in (frames, arr.numpy(), arr.permute(0, 3, 1, 2)):
+            pipe(**call_kwargs(video=v, num_inference_steps=2), generator=gen(0))
+    finally:
+        pipe.vae.encode = real_encode
+    expected = F.interpolate(arr.permute(0, 3, 1, 2), size=(64, 64), mode="bilinear", align_corners=False)
+    expected = (expected.clamp(0, 1) * 2 - 1).permute(1, 0, 2, 3)[None]  # (1, 3, F, 64, 64)
+    for x in seen:
+        torch.testing.assert_close(x.float(), expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -361,6 +378,32 @@ def test_cli_generate(tmp_path):
     assert main(["generate", "--pipeline", "freeswim", "--frames", "5", "--steps", "2", "--height", "64",
                  "--width", "64", "--base-height", "32", "--base-width", "32", "--out", str(out), "--quiet"]) == 0
     assert out.exists() and os.path.getsize(out) > 0
+
+
+def test_cli_generate_from_folder_with_sequential_offload_and_vae_tiling(tmp_path, components, monkeypatch):
+    from pipelines.cli import main
+    from pipelines.freeswim import cli as freeswim_cli
+
+    FreeSwimWanPipeline(**components).save_pretrained(tmp_path / "wan")
+    seen = {}
+    real = freeswim_cli.load_pipeline
+
+    def spy(*a, **k):
+        pipe = real(*a, **k)
+        seen.update(tiling=pipe.vae.use_tiling, offload=k["offload"], base=freeswim_cli.base_size_for(pipe))
+        return pipe
+
+    monkeypatch.setattr(freeswim_cli, "load_pipeline", spy)
+    # accelerate's sequential offload cannot run with the CPU standing in for the accelerator (UMT5 parameters
+    # fail to re-materialise); diffusers owns that function: record the call and stay on the CPU
+    calls = []
+    monkeypatch.setattr(FreeSwimWanPipeline, "enable_sequential_cpu_offload",
+                        lambda self, device=None: calls.append(device) or self.to("cpu"))
+    out = tmp_path / "frame.png"
+    assert main(["generate", "--model", str(tmp_path / "wan"), "--frames", "1", "--steps", "2", "--height", "64",
+                 "--width", "64", "--base-height", "32", "--base-width", "32", "--max-sequence-length", "16",
+                 "--device", "cpu", "--offload", "sequential", "--vae-tiling", "--out", str(out), "--quiet"]) == 0
+    assert out.exists() and seen == dict(tiling=True, offload="sequential", base=(480, 832)) and calls == ["cpu"]
 
 
 # ----------------------------------------------------------------------------- Wan2.2 two experts
