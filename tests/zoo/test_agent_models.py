@@ -300,3 +300,14 @@ def test_reference_checkpoints_load_at_another_size():
     dst.load_state_dict(swin_filter({"model": reference}, dst), strict=True)
     assert dst.layers[0].blocks[0].attn.wa_bias.shape == (1, 1, 1, 24, 4)
     torch.testing.assert_close(dst(x), src(x), rtol=1e-5, atol=1e-5)
+
+
+def test_agent_swin_window_follows_the_input_size():
+    """The reference configs give the window blocks img_size / 32 (7 at 224, 9 at 288, 12 at 384); an explicit
+    window_size wins."""
+    def windows(**kw):
+        m = timm.create_model("agent_swin_tiny", **kw)
+        return {tuple(b.window_size) for b in m.modules() if type(b).__name__ == "SwinTransformerBlock"}
+
+    assert windows() == {(7, 7)} and windows(img_size=288) == {(9, 9)} and windows(img_size=384) == {(12, 12)}
+    assert windows(img_size=384, window_size=8) == {(8, 8)}

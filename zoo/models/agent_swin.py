@@ -120,7 +120,8 @@ class AgentSwinTransformer(SwinTransformer):
         global_pool: 'avg' or '' (timm's Swin head).
         embed_dim: width of the first stage (doubles per stage).
         depths, num_heads: per-stage block counts and heads.
-        window_size: window of the window-attention ('B') blocks.
+        window_size: window of the window-attention ('B') blocks (the registered models default to img_size // 32,
+            the reference's configs: 7 at 224 px, 9 at 288, 12 at 384).
         agent_num: agents per stage, perfect squares (9-16-49-49).
         attn_type: per-stage layout, see `parse_attn_type` ('AAAB', 'AABB', 'AAMB2').
         mlp_ratio: MLP hidden ratio.
@@ -190,6 +191,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: AgentSwinTr
 
 def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (2, 2, 6, 2))))))
+    if kwargs.get("window_size") is None:  # the reference's window blocks: img_size / 32 (7 at 224, 12 at 384)
+        img = kwargs.get("img_size", 224)
+        kwargs["window_size"] = max(1, (min(img) if isinstance(img, (tuple, list)) else img) // 32)
     return build_model_with_cfg(
         AgentSwinTransformer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
@@ -212,7 +216,7 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def agent_swin_tiny(pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
     """Agent-Swin-T (29M, layout AAAB, agents 9-16-49-49), arXiv:2312.08874."""
-    model_args = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7,
+    model_args = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
                       agent_num=(9, 16, 49, 49), attn_type="AAAB", drop_path_rate=0.2)
     return _create_agent_swin("agent_swin_tiny", pretrained=pretrained, **dict(model_args, **kwargs))
 
@@ -220,7 +224,7 @@ def agent_swin_tiny(pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
 @register_model
 def agent_swin_small(pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
     """Agent-Swin-S (50M, layout AABB, agents 9-16-49-49), arXiv:2312.08874."""
-    model_args = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=7,
+    model_args = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
                       agent_num=(9, 16, 49, 49), attn_type="AABB", drop_path_rate=0.3)
     return _create_agent_swin("agent_swin_small", pretrained=pretrained, **dict(model_args, **kwargs))
 
@@ -228,7 +232,7 @@ def agent_swin_small(pretrained: bool = False, **kwargs) -> AgentSwinTransformer
 @register_model
 def agent_swin_base(pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
     """Agent-Swin-B (88M, layout AAMB2: 2 agent blocks in stage 3, agents 9-16-49-49), arXiv:2312.08874."""
-    model_args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=7,
+    model_args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
                       agent_num=(9, 16, 49, 49), attn_type="AAMB2", drop_path_rate=0.5)
     return _create_agent_swin("agent_swin_base", pretrained=pretrained, **dict(model_args, **kwargs))
 
