@@ -318,7 +318,7 @@ def test_prompt_embeds_and_given_video(pipe):
     real_encode = pipe.vae.encode
     pipe.vae.encode = lambda x, *a, **k: seen.append(x.detach().clone()) or real_encode(x, *a, **k)
     try:
-        arr = torch.stack([torch.from_numpy(np.asarray(f)) for f in frames]).float() / 255  # (F, H, W, C)
+        arr = torch.stack([torch.from_numpy(np.array(f)) for f in frames]).float() / 255  # (F, H, W, C)
         for v in (frames, arr.numpy(), arr.permute(0, 3, 1, 2)):
             pipe(**call_kwargs(video=v, num_inference_steps=2), generator=gen(0))
     finally:
