@@ -61,6 +61,10 @@ def check_attention_args(q, k, v, pattern, bias, gate, scale, raise_error: bool 
                 return _fail(f"bias must broadcast to (B, H, Nq, Nk)={target}, got {tuple(bias.shape)}", raise_error)
             if bias.device != q.device:
                 return _fail(f"bias must be on {q.device}, got {bias.device}", raise_error)
+            if not bias.is_floating_point():
+                return _fail(f"bias must be a floating-point tensor of additive logits, got {bias.dtype} (for a "
+                             f"boolean mask pass torch.where(mask, 0.0, float('-inf')) or a pattern)", raise_error,
+                             TypeError)
         elif not hasattr(bias, "materialize"):
             return _fail(f"bias must be a tensor or a factorized bias, got {type(bias).__name__}", raise_error,
                          TypeError)
@@ -74,10 +78,15 @@ def check_attention_args(q, k, v, pattern, bias, gate, scale, raise_error: bool 
     if gate is not None:
         if not isinstance(gate, torch.Tensor):
             return _fail(f"gate must be a tensor, got {type(gate).__name__}", raise_error, TypeError)
-        ok = (gate.shape == (B, Nq, Hq)) or (gate.shape == (B, Nq, Hq, v.shape[3]))
+        ok = gate.shape in ((B, Nq, Hq), (B, Nq, Hq, 1), (B, Nq, Hq, v.shape[3]))
         if not ok:
-            return _fail(f"gate must have shape (B, N, H)={(B, Nq, Hq)} or (B, N, H, Dv)={(B, Nq, Hq, v.shape[3])}, "
-                         f"got {tuple(gate.shape)}", raise_error)
+            return _fail(f"gate must have shape (B, N, H)={(B, Nq, Hq)}, (B, N, H, 1) or "
+                         f"(B, N, H, Dv)={(B, Nq, Hq, v.shape[3])}, got {tuple(gate.shape)}", raise_error)
+        if not gate.is_floating_point():
+            return _fail(f"gate must be a floating-point tensor (pre-sigmoid logits), got {gate.dtype}", raise_error,
+                         TypeError)
+        if gate.device != q.device:
+            return _fail(f"gate must be on {q.device}, got {gate.device}", raise_error)
     if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0):
         return _fail(f"scale must be a positive float or None, got {scale!r}", raise_error, TypeError
                      if not isinstance(scale, (int, float)) else ValueError)

@@ -30,12 +30,13 @@ def attention(
         v: values `(B, Hkv, Nk, Dv)`.
         pattern: which keys each query sees (`Dense`, `Causal`, `Window1d`, `Neighborhood`, `Halo`);
             None means `Dense()`. A query that sees no key gets a zero output and lse = -inf.
-        bias: additive logits, a tensor broadcastable to `(B, H, Nq, Nk)` (differentiable), or a factorized
-            bias object with a `materialize(q, k)` method.
-        gate: sigmoid gate logits on the output, head-wise `(B, Nq, H)` or element-wise `(B, Nq, H, Dv)`
-            (Gated Attention, position G1): `out *= sigmoid(gate)`.
+        bias: additive logits, a floating-point tensor broadcastable to `(B, H, Nq, Nk)` (differentiable; -inf
+            hides a key), or a factorized bias object with a `materialize(q, k)` method.
+        gate: sigmoid gate logits on the output, head-wise `(B, Nq, H)` / `(B, Nq, H, 1)` or element-wise
+            `(B, Nq, H, Dv)` (Gated Attention, position G1): `out *= sigmoid(gate)`.
         scale: logit scale; None means `D ** -0.5`.
-        return_lse: also return the natural-log sum of exp of the logits per row, `(B, H, Nq)` float32.
+        return_lse: also return the natural-log sum of exp of the logits per row, `(B, H, Nq)`, float32
+            (float64 for float64 inputs).
 
     Other Parameters:
         backend: "triton" or "reference"; None picks the first that can run (Triton on CUDA).

@@ -31,14 +31,19 @@ def attention_logits(q, k, pattern=None, bias=None, scale=None):
 
 
 def softmax_rows(logits):
-    """Softmax over keys that gives zeros (not NaN) on rows with no visible key; also returns the lse."""
-    lse = torch.logsumexp(logits, dim=-1)
-    probs = torch.exp(logits - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
-    return probs, lse
+    """Softmax over keys that gives zeros (not NaN) on rows with no visible key, in the forward and the backward
+    (a row of -inf logits, from a pattern or a -inf bias, has lse = -inf and zero probabilities and gradients);
+    also returns the lse."""
+    dead = torch.isneginf(logits).all(dim=-1, keepdim=True)
+    safe = logits.masked_fill(dead, 0.0)
+    lse = torch.logsumexp(safe, dim=-1, keepdim=True)
+    probs = torch.exp(safe - lse).masked_fill(dead, 0.0)
+    return probs, lse.masked_fill(dead, float("-inf"))[..., 0]
 
 
 def apply_gate(out, gate):
-    """out (B, H, N, Dv) times sigmoid(gate), gate (B, N, H) head-wise or (B, N, H, Dv) element-wise."""
+    """out (B, H, N, Dv) times sigmoid(gate), gate (B, N, H) or (B, N, H, 1) head-wise, (B, N, H, Dv)
+    element-wise."""
     if gate is None:
         return out
     g = gate.permute(0, 2, 1)[..., None] if gate.dim() == 3 else gate.permute(0, 2, 1, 3)

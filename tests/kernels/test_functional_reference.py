@@ -1,5 +1,6 @@
 """kernels.attention on the reference path: against an explicit per-row float64 loop, and input validation."""
 import math
+import os
 
 import pytest
 import torch
@@ -93,6 +94,9 @@ BAD = [
     (dict(pattern=kernels.Neighborhood((2, 2), 3)), ValueError, "nq == nk == 4"),
     (dict(bias=torch.randn(3, 5, 5)), ValueError, "bias must broadcast"),
     (dict(gate=torch.randn(1, 5, 3)), ValueError, "gate must have shape"),
+    (dict(bias=torch.ones(5, 5, dtype=torch.bool)), TypeError, "bias must be a floating-point"),
+    (dict(gate=torch.ones(1, 5, 4, dtype=torch.long)), TypeError, "gate must be a floating-point"),
+    (dict(gate=torch.randn(1, 5, 4, device="meta")), ValueError, "gate must be on"),
     (dict(scale=-1.0), ValueError, "scale"),
     (dict(q=[1, 2]), TypeError, "torch.Tensor"),
 ]
@@ -221,3 +225,36 @@ def test_neighborhood_causal_axes_accepts_an_int():
     assert p.causal_axes == (0,) and p == kernels.Neighborhood((4, 5), (3, 3), causal_axes=(0,))
     with pytest.raises(TypeError, match="causal_axes"):
         kernels.Neighborhood((4, 5), (3, 3), causal_axes="x")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_rows_hidden_by_a_minus_inf_bias_have_zero_output_and_finite_gradients(backend):
+    """A -inf bias row (a padding mask) hides every key: output 0, lse -inf, and no NaN in any gradient; the other
+    rows' gradients equal those of the same attention without the hidden row."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("the Triton path needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = torch.float64 if backend == "reference" else torch.float32
+    q, k, v = [torch.randn(1, 2, 6, 16, dtype=dt, device=device, requires_grad=True) for _ in range(3)]
+    bias = torch.randn(1, 2, 6, 6, dtype=dt, device=device)
+    bias[..., 2, :] = float("-inf")
+    bias.requires_grad_()
+    gate = torch.randn(1, 6, 2, 1, dtype=dt, device=device, requires_grad=True)  # head-wise, (B, N, H, 1) form
+    out, lse = kernels.attention(q, k, v, bias=bias, gate=gate, return_lse=True, backend=backend)
+    assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2])) and torch.isneginf(lse[:, :, 2]).all()
+    w = torch.randn_like(out)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v, bias, gate))
+    assert all(torch.isfinite(g).all() for g in grads)
+    keep = [0, 1, 3, 4, 5]  # the same problem without the hidden query row
+    q2 = q.detach()[:, :, keep].requires_grad_()
+    k2, v2 = k.detach().requires_grad_(), v.detach().requires_grad_()
+    out2 = kernels.attention(q2, k2, v2, bias=bias.detach()[:, :, keep], gate=gate.detach()[:, keep, :, 0],
+                             backend="reference")
+    ref = torch.autograd.grad((out2 * w[:, :, keep]).sum(), (q2, k2, v2))
+    tol = 1e-10 if backend == "reference" else 1e-4
+    torch.testing.assert_close(grads[0][:, :, keep], ref[0].to(dt), rtol=tol, atol=tol)
+    torch.testing.assert_close(grads[1], ref[1].to(dt), rtol=tol, atol=tol)
+    torch.testing.assert_close(grads[2], ref[2].to(dt), rtol=tol, atol=tol)
+    assert torch.equal(grads[0][:, :, 2], torch.zeros_like(grads[0][:, :, 2]))
