@@ -12,9 +12,10 @@ self-attention layer is the zoo's `HaloAttention` (over `kernels.attention`):
 * the paper's H0-H7 family, `zoo_halonet_h0` ... `zoo_halonet_h7`: stages of `(3, 3, l3, 3)` halo blocks with
   bottleneck widths (64, 128, 256, 512), block outputs `rb` times wider, values `rv` times wider, an optional
   final 1x1 conv of width `df`, block `b`, halo `h` and resolution from the paper's table (as transcribed by
-  keras_cv_attention_models, "architecture guessed"). Undetermined details follow timm's `halonet_h1`: 7x7 stem
-  and max-pool, ReLU, 8 heads in every stage (keras' reading uses 4 in stage 1). This reading reproduces the
-  paper's parameter counts (5.5M ... 67.4M); `zoo_halonet_h1` is timm's `halonet_h1`, weight-compatible.
+  keras_cv_attention_models, "architecture guessed"), with heads (4, 8, 8, 8) per stage as that table reads.
+  Undetermined details follow timm's `halonet_h1`: 7x7 stem and max-pool, ReLU. This reading gives the paper's
+  parameter counts within 0.1M (5.5M ... 67.4M). `zoo_halonet_h1` is timm's `halonet_h1` (8 heads in every
+  stage), weight-compatible with it.
 
 No weights are distributed; every model is built with random initialisation (a local file may be loaded
 with `zoo.create_model(name, checkpoint_path=...)`).
@@ -74,13 +75,15 @@ class HaloNet(ByobNet):
         return super().forward_intermediates(x, *args, **kwargs)
 
 
-def _halo_family(b: int, h: int, rv: float, rb: float, l3: int, df: int) -> ByoModelCfg:
-    """The paper's HaloNet H-model: 4 stages of halo blocks, bottleneck widths 64..512."""
+def _halo_family(b: int, h: int, rv: float, rb: float, l3: int, df: int, heads=(4, 8, 8, 8)) -> ByoModelCfg:
+    """The paper's HaloNet H-model: 4 stages of halo blocks, bottleneck widths 64..512, `heads` per stage."""
     block = partial(HaloBlock, value_ratio=rv) if rv != 1 else "self_attn"
     stages = []
-    for d, mid, s in zip((3, 3, l3, 3), (64, 128, 256, 512), (1, 2, 2, 2)):
+    for d, mid, s, nh in zip((3, 3, l3, 3), (64, 128, 256, 512), (1, 2, 2, 2), heads):
         # qk width stays the bottleneck width when rv widens the values (timm's default when rv == 1)
-        attn_kwargs = dict(block_size=b, halo_size=h, dim_head=mid // 8) if rv != 1 else None
+        attn_kwargs = dict(block_size=b, halo_size=h, num_heads=nh)
+        if rv != 1:
+            attn_kwargs["dim_head"] = mid // nh
         stages.append(ByoBlockCfg(type=block, d=d, c=int(mid * rb), s=s, gs=0, br=1 / rb,
                                   self_attn_kwargs=attn_kwargs))
     return ByoModelCfg(
@@ -112,7 +115,7 @@ model_cfgs = dict(
     **{name: _zoo_halo_cfg(name) for name in ("halonet26t", "sehalonet33ts", "halonet50ts", "eca_halonext26ts")},
     # the paper's family (b, h, rv, rb, l3, df); H1 is timm's halonet_h1
     halonet_h0=_halo_family(b=8, h=3, rv=1, rb=0.5, l3=7, df=0),
-    halonet_h1=_halo_family(b=8, h=3, rv=1, rb=1, l3=10, df=0),
+    halonet_h1=_halo_family(b=8, h=3, rv=1, rb=1, l3=10, df=0, heads=(8, 8, 8, 8)),  # timm's halonet_h1
     halonet_h2=_halo_family(b=8, h=3, rv=1, rb=1.25, l3=11, df=0),
     halonet_h3=_halo_family(b=10, h=3, rv=1, rb=1.5, l3=12, df=1024),
     halonet_h4=_halo_family(b=12, h=2, rv=1, rb=3, l3=12, df=1280),
@@ -158,12 +161,12 @@ def _cfg(size: int = 256, **kwargs) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    "zoo_halonet26t": _cfg(notes=("architecture of timm halonet26t",)),
+    "zoo_halonet26t": _cfg(crop_pct=0.95, notes=("architecture of timm halonet26t",)),
     "zoo_sehalonet33ts": _cfg(notes=("architecture of timm sehalonet33ts",)),
     "zoo_halonet50ts": _cfg(notes=("architecture of timm halonet50ts",)),
     "zoo_eca_halonext26ts": _cfg(notes=("architecture of timm eca_halonext26ts",)),
     "zoo_halonet_h0": _cfg(256),
-    "zoo_halonet_h1": _cfg(256, notes=("architecture of timm halonet_h1",)),
+    "zoo_halonet_h1": _cfg(256, crop_pct=0.95, notes=("architecture of timm halonet_h1",)),
     "zoo_halonet_h2": _cfg(256),
     "zoo_halonet_h3": _cfg(320),
     "zoo_halonet_h4": _cfg(384),
