@@ -537,9 +537,13 @@ def keys_candidates(nq: int, nk: int, d: int, dv: int, backward: bool = False) -
         if wide:
             return [(64, 8, 2, "res", 4), (32, 4, 2, "res", 4), (64, 4, 2, "res", 4)][:keep]
         return [(64, 4, 2, "res", 4), (128, 8, 2, "res", 4), (64, 8, 2, "res", 4)][:keep]
+    # ptxas (Triton 3.6, d64): 128x64 at 4 warps takes 210 registers a thread, 2 blocks (8 warps) per SM; a 64x256
+    # tile takes 255 and spills at 128 rows; 32-row blocks take 96 (64 keys) / 168 (256 keys): more warps in
+    # flight for this bandwidth-bound loop (kernels/NOTES.md, second session)
     if wide:
-        return [(64, 8, 3, "res", 4), (64, 4, 3, "res", 4), (128, 8, 3, "res", 4)][:keep]
-    return [(128, 4, 3, "res", 4), (64, 4, 3, "res", 4), (128, 8, 3, "res", 8), (128, 4, 3, "flat", 4)][:keep]
+        return [(64, 8, 3, "res", 4), (32, 4, 3, "res", 4), (64, 4, 3, "res", 4), (128, 8, 3, "res", 4)][:keep]
+    return [(128, 4, 3, "res", 4), (32, 4, 3, "res", 4), (64, 4, 3, "res", 4), (64, 8, 3, "res", 8),
+            (128, 8, 3, "res", 8), (128, 4, 3, "flat", 4)][:keep]
 
 
 def queries_candidates(rows: int, d: int = 64, backward: bool = False) -> List[tuple]:
