@@ -1,7 +1,8 @@
 """AOT-compile the grid-pattern and skinny kernels for sm_90 without a GPU (Triton + its bundled ptxas): catches
 compile errors of new kernel paths and configs over the H200's shared memory before device time is spent. Shared
 memory depends on the Triton version: use the device's (PYTHONPATH=<triton 3.6 install>).
-Usage: python scripts/aot_compile_kernels.py"""
+Usage: python scripts/aot_compile_kernels.py [--registers]   (--registers: ptxas register/spill report of the
+general kernels' autotune candidates at head dims 64 and 128)"""
 import sys, time, inspect
 sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
 import triton
@@ -17,7 +18,7 @@ PTR = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "
 FLOATS = {"qk_scale", "sm_scale"}
 
 
-def compile_one(fn, consts, num_warps, num_stages):
+def compile_one(fn, consts, num_warps, num_stages, ptx=False):
     sig = {}
     for name in inspect.signature(fn.fn).parameters:
         if name in consts:
@@ -36,7 +37,46 @@ def compile_one(fn, consts, num_warps, num_stages):
     src = ASTSource(fn, signature=sig, constexprs=consts, attrs=attrs)
     t = time.time()
     c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    if ptx:
+        return c.asm["ptx"]
     return time.time() - t, len(c.asm["cubin"]), c.metadata.shared
+
+
+def ptxas_report(ptx_text):
+    """'registers, spill stores' of a PTX through Triton's bundled ptxas (sm_90a)."""
+    import re
+    import subprocess
+    import tempfile
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = get_ptxas(90)
+    tool = getattr(tool, "path", tool)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx_text)
+    err = subprocess.run([tool, "--gpu-name", "sm_90a", "-v", f.name, "-o", "/dev/null"], capture_output=True,
+                         text=True).stderr
+    regs = re.search(r"Used (\d+) registers", err)
+    spill = re.search(r"(\d+) bytes spill stores", err)
+    return f"{regs.group(1) if regs else '?'} registers, {spill.group(1) if spill else '?'} B spill stores"
+
+
+if "--registers" in sys.argv:
+    from kernels.backends import triton_attention as ta
+
+    ta._interpret = lambda: False
+    for d in (64, 128):
+        base = dict(D=d, DV=d, R=1, BLOCK_D=d, BLOCK_DV=d, BLOCK_R=16, GRID_MODE=False, HAS_DIL=False,
+                    HAS_BIAS=False, HAS_LR=False, DOT_PREC="tf32", MASK_AXES=0, PAIR_MASK=False)
+        for bm, bn, w, st in ta._fwd_candidates(d, d):
+            c = dict(base, BLOCK_M=bm, BLOCK_N=bn, REVERSE=False, HAS_GATE=False)
+            print(f"fwd  d{d} {(bm, bn, w, st)}: {ptxas_report(compile_one(tk._attn_fwd, c, w, st, ptx=True))}",
+                  flush=True)
+        for bm, bn, w, st in ta._bwd_candidates(d, d):
+            c = dict(base, BLOCK_M=bm, BLOCK_N=bn)
+            print(f"dkdv d{d} {(bm, bn, w, st)}: "
+                  f"{ptxas_report(compile_one(tk._attn_bwd_dkdv, dict(c, STORE_DB=False), w, st, ptx=True))}; "
+                  f"dq {ptxas_report(compile_one(tk._attn_bwd_dq, c, w, st, ptx=True))}", flush=True)
+    sys.exit(0)
 
 
 common = dict(D=128, DV=128, R=1, BLOCK_D=128, BLOCK_DV=128, BLOCK_R=16, GRID_MODE=True, HAS_DIL=False,
