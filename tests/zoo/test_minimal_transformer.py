@@ -81,6 +81,25 @@ def test_symmetric_logits_and_output(heads):
     torch.testing.assert_close(mod.qk_matrix(), mod.qk_matrix().transpose(-1, -2))
 
 
+@pytest.mark.parametrize("heads", [1, 2])
+def test_tied_keys_are_the_queries(heads):
+    """The other symmetric form, W_k := W_q: logits (x W_q + b)(x W_q + b)ᵀ, symmetric with a non-negative
+    diagonal, against an explicit per-head softmax; one projection fewer than the full form."""
+    dim = 12
+    mod = MinimalAttention(dim, heads, qk="tied").to(F64).eval()
+    full = MinimalAttention(dim, heads, qk="full")
+    assert sum(p.numel() for p in full.parameters()) - sum(p.numel() for p in mod.parameters()) == dim * dim + dim
+    x = torch.randn(2, 6, dim, dtype=F64)
+    logits = mod.logits(x)
+    torch.testing.assert_close(logits, logits.transpose(-1, -2), atol=1e-12, rtol=0)
+    assert (torch.diagonal(logits, dim1=-2, dim2=-1) >= 0).all()
+    hd = dim // heads
+    q = x @ mod.q.weight.T + mod.q.bias
+    ref = torch.cat([torch.softmax(q[..., h * hd:(h + 1) * hd] @ q[..., h * hd:(h + 1) * hd].transpose(1, 2)
+                                   * hd ** -0.5, -1) @ mod.v(x)[..., h * hd:(h + 1) * hd] for h in range(heads)], -1)
+    torch.testing.assert_close(mod(x), mod.proj(ref), atol=1e-12, rtol=0)
+
+
 def _hull_residual(points: np.ndarray, y: np.ndarray) -> float:
     """Distance-like residual of the best convex combination of `points` (N, D) to `y` (D,)."""
     a = np.vstack([points.T, 1e3 * np.ones((1, len(points)))])  # the heavy row enforces sum(weights) = 1
@@ -88,7 +107,7 @@ def _hull_residual(points: np.ndarray, y: np.ndarray) -> float:
     return res
 
 
-@pytest.mark.parametrize("qk", ["collapsed", "symmetric", "full"])
+@pytest.mark.parametrize("qk", ["collapsed", "symmetric", "full", "tied"])
 def test_no_value_output_is_convex_combination(qk):
     dim, n = 6, 9
     mod = MinimalAttention(dim, 1, qk=qk, value_proj=False).to(F64).eval()

@@ -29,7 +29,7 @@ import kernels
 
 __all__ = ["MinimalAttention"]
 
-_QK_MODES = ("full", "collapsed", "symmetric")
+_QK_MODES = ("full", "collapsed", "symmetric", "tied")
 
 
 class MinimalAttention(nn.Module):
@@ -38,11 +38,12 @@ class MinimalAttention(nn.Module):
     Args:
         dim: token width N.
         num_heads: attention heads; `dim % num_heads == 0`. The paper's collapsed variants use one head.
-        qk: "full" (W_q, W_k), "collapsed" (one W_qk, keys are the inputs) or "symmetric" (W_qk = T Tᵀ per head,
-            T lower triangular).
+        qk: "full" (W_q, W_k), "collapsed" (one W_qk, keys are the inputs), "symmetric" (W_qk = T Tᵀ per head,
+            T lower triangular) or "tied" (the paper's other symmetric form, W_k := W_q: keys are the queries).
         value_proj: keep W_v and W_o; False gives the paper's noWv/Wo form (values are the inputs).
         qkv_bias: bias on the query/key/value projections (the Keras layers of the paper have biases); the
-            symmetric form has none (a bias would break the symmetry).
+            symmetric form has none (a bias would break the symmetry), nor has the collapsed W_qk; the tied form
+            keeps it (q = k, so the logits stay symmetric).
         proj_drop: dropout after the output projection.
         device, dtype: factory kwargs for the parameters.
     """
@@ -68,6 +69,8 @@ class MinimalAttention(nn.Module):
         if qk == "full":
             self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
             self.k = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        elif qk == "tied":  # W_k := W_q
+            self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
         elif qk == "collapsed":  # logits x_i W_qk x_jᵀ: no bias (a bias b would add b·x_j, a per-key term)
             self.qk = nn.Linear(dim, dim, bias=False, **dd)
         else:
@@ -109,6 +112,8 @@ class MinimalAttention(nn.Module):
         xh = self._heads(x)
         if self.qk_mode == "full":
             q, k = self._heads(self.q(x)), self._heads(self.k(x))
+        elif self.qk_mode == "tied":
+            q = k = self._heads(self.q(x))
         elif self.qk_mode == "collapsed":
             q, k = self._heads(self.qk(x)), xh  # W_k = I
         else:

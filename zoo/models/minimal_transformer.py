@@ -75,7 +75,7 @@ class MinimalViT(nn.Module):
         embed_dim: token width N.
         depth: encoder layers (the paper: 6 or 12).
         num_heads: attention heads (the paper's collapsed variants use 1).
-        qk: "full", "collapsed" (Wqk) or "symmetric" (W_qk = T Tᵀ).
+        qk: "full", "collapsed" (Wqk), "symmetric" (W_qk = T Tᵀ) or "tied" (W_k := W_q).
         value_proj: keep W_v and W_o (False: the noWv/Wo variant).
         mlp: keep the MLP in every layer (False: the noMLP variant).
         mlp_ratio: MLP hidden width over `embed_dim` (4: the paper's ≈8N² per layer).
