@@ -151,7 +151,7 @@ def _visible_rows(pattern: Optional[Pattern], nq: int, nk: int, rows: torch.Tens
         return torch.ones(rows.numel(), nk, dtype=torch.bool, device=device)
     axis_masks = getattr(pattern, "axis_masks", None)
     if axis_masks is None:
-        return pattern.mask(nq, nk, device=device).index_select(0, rows)
+        return pattern.mask_rows(rows.to(device), nq, nk)
     masks = axis_masks(device)  # per axis (L_q, L_k); the full mask is their outer AND, row-major
     coords = torch.unravel_index(rows, tuple(m.shape[0] for m in masks))
     visible = masks[0].index_select(0, coords[0])
@@ -318,8 +318,11 @@ class Capture:
         if self.edit is None:
             result = fast()  # the output is exactly the normal path's
         else:
-            info = AttentionCall(frame.name, frame.forward, call, (B, H, Nq, Nk), heads, rows, visible, logits)
-            edited = self.edit(probs, info)
+            # when recording, the edit gets copies: an in-place edit must not change the "before the edit" record
+            keep_logits = self.record and self.logits
+            info = AttentionCall(frame.name, frame.forward, call, (B, H, Nq, Nk), heads, rows, visible,
+                                 logits.clone() if keep_logits else logits)
+            edited = self.edit(probs.clone() if self.record else probs, info)
             if not isinstance(edited, torch.Tensor):
                 raise TypeError(f"edit must return a tensor of probabilities, got {type(edited).__name__} "
                                 f"for {frame.name!r} call {call}")

@@ -38,6 +38,11 @@ class Pattern:
         """Boolean `(nq, nk)` mask, True where query i sees key j."""
         raise NotImplementedError
 
+    def mask_rows(self, rows: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
+        """The mask's `rows` (int64 query indices), `(len(rows), nk)`, on `rows`' device; 1-d patterns build
+        only those rows (capture of a few rows of a long sequence)."""
+        return self.mask(nq, nk, device=rows.device).index_select(0, rows)
+
     def density(self, nq: int, nk: int) -> float:
         """Fraction of the (nq, nk) score matrix that is visible (cached; a constant under torch.compile)."""
         return _density(pattern_key(self), nq, nk)
@@ -102,9 +107,11 @@ class Causal(Pattern):
     """
 
     def mask(self, nq, nk, device=None):
-        i = torch.arange(nq, device=device)[:, None]
-        j = torch.arange(nk, device=device)[None, :]
-        return j <= i + (nk - nq)
+        return self.mask_rows(torch.arange(nq, device=device), nq, nk)
+
+    def mask_rows(self, rows, nq, nk):
+        j = torch.arange(nk, device=rows.device)[None, :]
+        return j <= rows[:, None] + (nk - nq)
 
 
 @dataclass(frozen=True)
@@ -124,8 +131,11 @@ class Window1d(Pattern):
                 raise ValueError(f"Window1d.{name} must be an int >= 0, got {v!r}")
 
     def mask(self, nq, nk, device=None):
-        i = torch.arange(nq, device=device)[:, None] + (nk - nq)
-        j = torch.arange(nk, device=device)[None, :]
+        return self.mask_rows(torch.arange(nq, device=device), nq, nk)
+
+    def mask_rows(self, rows, nq, nk):
+        i = rows[:, None] + (nk - nq)
+        j = torch.arange(nk, device=rows.device)[None, :]
         return (j >= i - self.left) & (j <= i + self.right)
 
 

@@ -540,3 +540,35 @@ def test_bad_attention_probs_arguments():
         kernels.attention_probs(q, q, rows=1.0)
     with pytest.raises(TypeError, match="return_logits"):
         kernels.attention_probs(q, q, return_logits=None)
+
+
+def test_in_place_edit_leaves_the_record_unedited():
+    """An edit may change its input in place; the record still holds the probabilities (and logits) before it."""
+    m = Direct()
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+
+    def inplace(p, info):
+        p[..., 0] = 0
+        info.logits[..., 0] = 0
+        return p / p.sum(-1, keepdim=True)
+
+    with kernels.capture(m, "", edit=inplace, logits=True) as cap:
+        m(q, k, v)
+    rec = cap.records[0]
+    expected = kernels.attention_probs(q, k)
+    torch.testing.assert_close(rec.probs, expected)
+    torch.testing.assert_close(rec.logits, torch.matmul(q, k.transpose(-1, -2)) * 8 ** -0.5)
+    assert (rec.edited[..., 0] == 0).all()
+
+
+def test_capture_builds_only_the_selected_rows_of_a_1d_mask(monkeypatch):
+    """Causal / Window1d masks for a few captured rows are built row-wise (a 50K-token prefill must not build
+    a 50K x 50K mask), and equal the full mask's rows."""
+    for pattern in (kernels.Causal(), kernels.Window1d(3, 1)):
+        rows = torch.tensor([0, 7, 11])
+        full = pattern.mask(12, 15)
+        torch.testing.assert_close(pattern.mask_rows(rows, 12, 15), full[rows])
+    monkeypatch.setattr(kernels.Causal, "mask", lambda *a, **k: (_ for _ in ()).throw(AssertionError("full mask")))
+    q, k, v = (torch.randn(1, 2, 9, 8) for _ in range(3))
+    probs = kernels.attention_probs(q, k, kernels.Causal(), rows=-1)
+    assert probs.shape == (1, 2, 1, 9) and torch.allclose(probs.sum(-1), torch.ones(1, 2, 1))
