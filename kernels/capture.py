@@ -312,7 +312,11 @@ class Capture:
         Nk = k.shape[2]
         site = f"of {frame.name!r} call {call}"
         heads = _resolve_index("heads", self._heads_for(frame.name), H, q.device, f" (query heads {site})")
-        rows = _resolve_index("rows", self.rows, Nq, q.device, f" (query rows {site})")
+        spec = self.rows
+        if callable(spec):  # per call: the function's answer for this call's shape, checked like a fixed spec
+            spec = spec(Nq, Nk)
+            _check_index_spec("rows", spec, allow_slice=True)
+        rows = _resolve_index("rows", spec, Nq, q.device, f" (query rows {site})")
         logits, probs, lse, visible = _explicit(q, k, pattern, bias, scale, heads, rows)
         edited = None
         if self.edit is None:
@@ -421,7 +425,8 @@ def capture(model: nn.Module, modules: Union[str, Sequence[str], type, Tuple[typ
             counts from the end), or a dict from selected module name to one of these (every selected module
             needs an entry; ACT's per-layer head lists).
         rows: query rows (tokens) to capture: None (all), an int (`-1`: the last query), a slice, a sequence of
-            ints or a 1-d integer tensor.
+            ints or a 1-d integer tensor; or a function `rows(nq, nk)` returning one of these per call (the rows
+            after an image span in a prefill and the single row of each decode step).
         calls: which `kernels.attention` calls within one forward of a selected module (counted from 0; a module
             such as agent attention calls it twice): None (all), an int or a sequence of ints.
         logits: also record the masked pre-softmax logits.
@@ -450,7 +455,8 @@ def capture(model: nn.Module, modules: Union[str, Sequence[str], type, Tuple[typ
             _check_index_spec(f"heads[{n!r}]", spec, allow_slice=False)
     else:
         _check_index_spec("heads", heads, allow_slice=False)
-    _check_index_spec("rows", rows, allow_slice=True)
+    if not callable(rows):
+        _check_index_spec("rows", rows, allow_slice=True)
     if calls is not None:
         calls_list = [calls] if _is_int(calls) else calls
         if not isinstance(calls_list, (list, tuple, range)) or not all(_is_int(c) for c in calls_list):

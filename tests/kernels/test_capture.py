@@ -572,3 +572,19 @@ def test_capture_builds_only_the_selected_rows_of_a_1d_mask(monkeypatch):
     q, k, v = (torch.randn(1, 2, 9, 8) for _ in range(3))
     probs = kernels.attention_probs(q, k, kernels.Causal(), rows=-1)
     assert probs.shape == (1, 2, 1, 9) and torch.allclose(probs.sum(-1), torch.ones(1, 2, 1))
+
+
+def test_rows_as_a_function_of_the_call_shape():
+    """VAR's selection: the rows after an image span in the prefill, the single row at each decode step."""
+    m = Direct()
+    img_end = 4
+    picks = lambda nq, nk: slice(img_end, None) if nq > 1 else -1  # noqa: E731
+    q, k, v = (torch.randn(1, 2, 7, 8) for _ in range(3))
+    with kernels.capture(m, "", rows=picks) as cap:
+        m(q, k, v, pattern=kernels.Causal())  # prefill: 7 queries
+        m(q[:, :, -1:], k, v, pattern=kernels.Causal())  # decode: 1 query against the 7 keys
+    assert cap.records[0].rows.tolist() == [4, 5, 6] and cap.records[1].rows.tolist() == [0]
+    torch.testing.assert_close(cap.records[0].probs, kernels.attention_probs(q, k, kernels.Causal(), rows=[4, 5, 6]))
+    with pytest.raises(TypeError, match="rows must be"):
+        with kernels.capture(m, "", rows=lambda nq, nk: "last"):
+            m(q, k, v)
