@@ -319,14 +319,15 @@ class Capture:
         rows = _resolve_index("rows", spec, Nq, q.device, f" (query rows {site})")
         logits, probs, lse, visible = _explicit(q, k, pattern, bias, scale, heads, rows)
         edited = None
-        if self.edit is None:
-            result = fast()  # the output is exactly the normal path's
-        else:
+        if self.edit is not None:
             # when recording, the edit gets copies: an in-place edit must not change the "before the edit" record
             keep_logits = self.record and self.logits
             info = AttentionCall(frame.name, frame.forward, call, (B, H, Nq, Nk), heads, rows, visible,
                                  logits.clone() if keep_logits else logits)
             edited = self.edit(probs.clone() if self.record else probs, info)
+        if edited is None:  # no edit, or a read-only callback: the output is exactly the normal path's
+            result = fast()
+        else:
             if not isinstance(edited, torch.Tensor):
                 raise TypeError(f"edit must return a tensor of probabilities, got {type(edited).__name__} "
                                 f"for {frame.name!r} call {call}")
@@ -432,7 +433,8 @@ def capture(model: nn.Module, modules: Union[str, Sequence[str], type, Tuple[typ
         logits: also record the masked pre-softmax logits.
         edit: `edit(probs, info) -> probs`: receives `probs (B, len(heads), len(rows), Nk)` (float32; float64
             for float64 inputs) and an `AttentionCall`, returns modified probabilities of the same shape and
-            device (rows need not sum to 1); None: read only.
+            device (rows need not sum to 1), or None to leave this call's output as it is (a read-only callback,
+            e.g. retrieval-head scoring at each decode step with `record=False`); `edit=None`: read only.
         record: append records (False: only edit, e.g. through a long generation).
         offload: move recorded tensors to the CPU.
         detach: detach recorded tensors from autograd.

@@ -517,7 +517,7 @@ BAD_CALL = [
     (dict(rows=[12]), ValueError, "rows must index 12 entries"),
     (dict(rows=[3, -9]), ValueError, "rows must not repeat"),
     (dict(rows=slice(5, 2)), ValueError, "rows selects no index"),
-    (dict(edit=lambda p, i: None), TypeError, "edit must return a tensor"),
+    (dict(edit=lambda p, i: p.tolist()), TypeError, "edit must return a tensor"),
     (dict(edit=lambda p, i: p[:, :1]), ValueError, r"edit must return probabilities of shape \(1, 4, 12, 12\)"),
 ]
 
@@ -588,3 +588,17 @@ def test_rows_as_a_function_of_the_call_shape():
     with pytest.raises(TypeError, match="rows must be"):
         with kernels.capture(m, "", rows=lambda nq, nk: "last"):
             m(q, k, v)
+
+
+def test_edit_returning_none_is_a_read_only_callback():
+    """Retrieval-head scoring: look at every call's probabilities without recording or changing the output (the
+    normal backend computes it)."""
+    model = TinyNet()
+    x = torch.randn(1, 12, 16, dtype=F64)
+    expected = model(x)
+    seen = []
+    with kernels.capture(model, ["blocks.1.attn"], rows=-1, record=False,
+                         edit=lambda p, info: seen.append((info.module, p.argmax(-1))) and None) as cap:
+        out = model(x)
+    assert torch.equal(out, expected) and cap.records == [] and len(seen) == 1
+    assert seen[0][0] == "blocks.1.attn" and seen[0][1].shape == (1, 4, 1)
