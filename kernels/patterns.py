@@ -57,7 +57,18 @@ def pattern_key(pattern: Pattern) -> str:
     The Triton custom ops take patterns as this string; `pattern_from_key` rebuilds the object. Computed from the
     fields rather than the object so that it stays a constant under torch.compile even for patterns built inside
     the compiled code (dynamo cannot hand such objects to a constant function)."""
-    return _key_of(type(pattern).__name__, tuple(getattr(pattern, f.name) for f in fields(pattern)))
+    if torch.compiler.is_compiling():
+        return _key_of(type(pattern).__name__, tuple(getattr(pattern, f.name) for f in fields(pattern)))
+    key = _KEYS.get(pattern)  # eager: built once per pattern (every attention call asks)
+    if key is None:
+        if len(_KEYS) >= 4096:
+            _KEYS.clear()
+        key = _KEYS[pattern] = _key_of(type(pattern).__name__, tuple(getattr(pattern, f.name)
+                                                                       for f in fields(pattern)))
+    return key
+
+
+_KEYS = {}
 
 
 @torch.compiler.assume_constant_result
