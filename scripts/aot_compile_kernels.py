@@ -15,16 +15,16 @@ PTR = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "
        "PART_IDX": "*i32", "QLO": "*i32", "QHI": "*i32", "KC": "*i32", "PART_BITS": "*i32", "KB": "*fp32",
        "DO": "*bf16", "DELTA": "*fp32", "DK": "*bf16", "DV_": "*bf16", "DB": "*fp32", "DUK": "*fp32",
        "DQ": "*bf16", "DUQ": "*fp32"}
-FLOATS = {"qk_scale", "sm_scale"}
+FLOATS = {"qk_scale", "sm_scale", "rel_scale"}
 
 
-def compile_one(fn, consts, num_warps, num_stages, ptx=False):
+def compile_one(fn, consts, num_warps, num_stages, ptx=False, ptr=None):
     sig = {}
     for name in inspect.signature(fn.fn).parameters:
         if name in consts:
             sig[name] = "constexpr"
-        elif name in PTR:
-            sig[name] = PTR[name]
+        elif name in (ptr or PTR):
+            sig[name] = (ptr or PTR)[name]
         elif name in FLOATS:
             sig[name] = "fp32"
         else:
@@ -102,14 +102,11 @@ from kernels.backends import triton_attention as ta
 
 SMEM_LIMIT = 232448
 SK_PTR = dict(PTR, DLSE="*fp32", DB="*fp32", DG="*bf16", DRH="*fp32", DRW="*fp32", RH="*bf16", RW="*bf16")
-FLOATS |= {"rel_scale"}
 over = []
 
 
 def compile_skinny(name, fn, consts, warps, stages, ptr_over=()):
-    PTR.clear()
-    PTR.update(SK_PTR, **dict(ptr_over))
-    _, size, shared = compile_one(fn, consts, warps, stages)
+    _, size, shared = compile_one(fn, consts, warps, stages, ptr=dict(SK_PTR, **dict(ptr_over)))
     flag = "OVER" if shared > SMEM_LIMIT else "ok"
     if shared > SMEM_LIMIT:
         over.append((name, consts, warps, stages, shared))
