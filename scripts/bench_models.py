@@ -89,18 +89,19 @@ def profile_step(model, fn, path: str, steps: int = 3) -> dict:
     per layer call); writes the profiler's kernel table to `path`."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    handles, open_ranges = [], []
-    for module in model.modules():
-        if isinstance(module, _attention_layer_types()):
-            def pre(mod, args):
-                rf = record_function("attention_layer")
-                rf.__enter__()
-                open_ranges.append(rf)
+    open_ranges = []
 
-            def post(mod, args, out):
-                open_ranges.pop().__exit__(None, None, None)
+    def pre(mod, args):
+        rf = record_function("attention_layer")
+        rf.__enter__()
+        open_ranges.append(rf)
 
-            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    def post(mod, args, out):
+        open_ranges.pop().__exit__(None, None, None)
+
+    types = _attention_layer_types()
+    layers = [m for m in model.modules() if isinstance(m, types)]
+    handles = [h for m in layers for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()
     sync()
