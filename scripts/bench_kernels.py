@@ -248,6 +248,17 @@ def _qkv(B, H, N, D, dtype=torch.bfloat16):
     return [torch.randn(B, H, N, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
 
 
+def _grid_case(grid, window, H=12, D=128):
+    """One neighbourhood benchmark problem: (pattern, q, k, v, useful forward FLOPs, FlexAttention block mask,
+    seconds to build the mask)."""
+    pattern = kernels.Neighborhood(grid, window)
+    n = math.prod(grid)
+    q, k, v = _qkv(1, H, n, D)
+    t0 = time.time()
+    mask = _flex_grid_mask(pattern, n)
+    return pattern, q, k, v, 4 * H * n * n * D * pattern.density(n, n), mask, time.time() - t0
+
+
 def bench_dense(rows):
     for B, H, N in [(4, 16, 4096), (2, 16, 8192), (1, 16, 16384)]:
         q, k, v = _qkv(B, H, N, 128)
@@ -272,17 +283,9 @@ def bench_causal(rows):
 
 
 def bench_na3d(rows):
-    grid, window, H = (21, 60, 104), (21, 30, 52), 12
-    pattern = kernels.Neighborhood(grid, window)
-    n = math.prod(grid)
-    q, k, v = _qkv(1, H, n, 128)
-    dense_flops = 4 * H * n * n * 128
-    flops = dense_flops * pattern.density(n, n)
+    pattern, q, k, v, flops, mask, mask_s = _grid_case((21, 60, 104), (21, 30, 52))
     ours = lambda: kernels.attention(q, k, v, pattern)  # noqa: E731
     dense = lambda: _sdpa(q, k, v)  # noqa: E731
-    t0 = time.time()
-    mask = _flex_grid_mask(pattern, n)
-    mask_s = time.time() - t0
     flex = lambda: _flex()(q, k, v, block_mask=mask)  # noqa: E731
     with torch.no_grad():
         t_o, t_d, t_f = _time(ours, True), _time(dense, True), _time(flex, True)
@@ -295,12 +298,7 @@ def bench_na3d(rows):
 
 
 def bench_na2d(rows):
-    grid, window, H = (128, 128), (33, 33), 12
-    pattern = kernels.Neighborhood(grid, window)
-    n = math.prod(grid)
-    q, k, v = _qkv(1, H, n, 128)
-    flops = 4 * H * n * n * 128 * pattern.density(n, n)
-    mask = _flex_grid_mask(pattern, n)
+    pattern, q, k, v, flops, mask, _ = _grid_case((128, 128), (33, 33))
     with torch.no_grad():
         t_o = _time(lambda: kernels.attention(q, k, v, pattern))
         t_f = _time(lambda: _flex()(q, k, v, block_mask=mask))
@@ -658,13 +656,8 @@ def bench_grid(rows):
     rows.append(dict(case="grid pair-mask GPU checks", direction="", met="yes" if checks_ok else "no"))
     os.environ["ATTNZOO_AUTOTUNE"] = "fast"
     # 3-d FreeSwim case
-    grid, window, H = (21, 60, 104), (21, 30, 52), 12
-    pattern = kernels.Neighborhood(grid, window)
-    n = math.prod(grid)
-    q, k, v = _qkv(1, H, n, 128)
-    flops = 4 * H * n * n * 128 * pattern.density(n, n)
+    pattern, q, k, v, flops, mask, _ = _grid_case((21, 60, 104), (21, 30, 52))
     dense = lambda: _sdpa(q, k, v)  # noqa: E731
-    mask = _flex_grid_mask(pattern, n)
     with torch.no_grad():
         t_d, t_f = _time(dense, True), _time(lambda: _flex()(q, k, v, block_mask=mask), True)
     t_db = _time(_bwd_fn(dense, q, k, v), True)
@@ -682,12 +675,7 @@ def bench_grid(rows):
              **_grid_pick(pattern, "bwd", ""))
     del q, k, v, mask
     # 2-d case (power-of-two tiles are already the cost model's best there: pair == pairp2)
-    grid, window = (128, 128), (33, 33)
-    pattern = kernels.Neighborhood(grid, window)
-    n = math.prod(grid)
-    q, k, v = _qkv(1, H, n, 128)
-    flops = 4 * H * n * n * 128 * pattern.density(n, n)
-    mask = _flex_grid_mask(pattern, n)
+    pattern, q, k, v, flops, mask, _ = _grid_case((128, 128), (33, 33))
     with torch.no_grad():
         t_f = _time(lambda: _flex()(q, k, v, block_mask=mask))
     for variant in ("old", "pair"):
