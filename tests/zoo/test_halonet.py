@@ -180,12 +180,17 @@ def test_layer_any_size_matches_timm_on_padded_map():
         ref(x)  # timm asserts divisibility; the zoo layer pads
 
 
+def _small_layer(mode, stride):
+    """A randomised 16-channel, 2-head layer with block 4, halo 1, in eval mode."""
+    return _randomize(HaloAttention(16, num_heads=2, block_size=4, halo_size=1, stride=stride,
+                                    rel_pos_mode=mode)).eval()
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_layer_torch_compile_fullgraph(mode, stride):
     """torch.compile traces the layer in one graph (patterns and biases are built inside forward)."""
-    layer = _randomize(HaloAttention(16, num_heads=2, block_size=4, halo_size=1, stride=stride,
-                                     rel_pos_mode=mode)).eval()
+    layer = _small_layer(mode, stride)
     x = torch.randn(2, 16, 12, 10)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(layer, fullgraph=True, backend="aot_eager")(x), layer(x))
@@ -207,8 +212,7 @@ def test_layer_rejects_bad_arguments():
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_every_mode_runs_on_triton(mode, stride):
-    layer = _randomize(HaloAttention(16, num_heads=2, block_size=4, halo_size=1, stride=stride,
-                                     rel_pos_mode=mode)).eval()
+    layer = _small_layer(mode, stride)
     x = torch.randn(1, 16, 9, 7)
     with torch.no_grad():
         expected = layer(x)
