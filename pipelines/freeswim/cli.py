@@ -113,8 +113,8 @@ def run_generate(args) -> int:
     pipe = load_pipeline(args.model, device, _dtype(args.dtype, device), seed=args.seed, offload=args.offload,
                          vae_tiling=args.vae_tiling)
     if args.model is not None:  # 14B checkpoints default to their own base resolution
-        base_height = args.base_height or base_size_for(pipe)[0]
-        base_width = args.base_width or base_size_for(pipe)[1]
+        default_h, default_w = base_size_for(pipe)
+        base_height, base_width = args.base_height or default_h, args.base_width or default_w
     pipe.set_progress_bar_config(disable=args.quiet)
     out = pipe(
         prompt=args.prompt, negative_prompt=args.negative_prompt, height=height, width=width,
