@@ -202,6 +202,24 @@ def _fwd_step(acc, m_i, l_i, q, uq, k_base, v_base, kf_base, b_base, stride_kn, 
 
 
 @triton.jit
+def gate_backward(g_rows, dg_rows, do, prod, delta, offs_dv, stride_gd, stride_dgd, rows, cols, store,
+                  GATE_ELEM: tl.constexpr):
+    """Backward of a sigmoid gate on the output (O is the gated output): returns dO_eff = dO * sigmoid(g) in
+    float32 (what the attention saw) and stores dg = dO * O * (1 - sigmoid(g)) where `store` (per element, or
+    per row from `delta` = rowsum(dO * O) when head-wise). `g_rows` / `dg_rows`: per-row pointers; `prod` =
+    dO * O in float32."""
+    vmask = rows[:, None] & cols[None, :]
+    sg = tl.sigmoid(tl.load(g_rows[:, None] + offs_dv[None, :] * stride_gd, mask=vmask, other=0.0).to(tl.float32))
+    if GATE_ELEM:
+        tl.store(dg_rows[:, None] + offs_dv[None, :] * stride_dgd, (prod * (1.0 - sg)).to(dg_rows.dtype.element_ty),
+                 mask=vmask & store)
+    else:
+        sg_row = tl.sigmoid(tl.load(g_rows, mask=rows, other=0.0).to(tl.float32))
+        tl.store(dg_rows, (delta * (1.0 - sg_row)).to(dg_rows.dtype.element_ty), mask=rows & store)
+    return do.to(tl.float32) * sg
+
+
+@triton.jit
 def online_softmax_update(acc, m_i, l_i, s, v, MAY_BE_INF: tl.constexpr, DOT_PREC: tl.constexpr):
     """One flash-attention step on base-2 logits `s`: new running max, rescaled sum and accumulator.
     MAY_BE_INF: a row may have seen only -inf so far (masks, biases), so the max is guarded."""
@@ -341,19 +359,11 @@ def _bwd_delta(O, DO, DLSE, DELTA, GATE, DOE, DG,
     prod = o.to(tl.float32) * do.to(tl.float32)
     delta = tl.sum(prod, 1)
     if HAS_GATE:
-        g_base = GATE + b * stride_gb + h * stride_gh
-        g = tl.load(g_base + offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd,
-                    mask=rows[:, None] & cols[None, :], other=0.0).to(tl.float32)
-        sg = tl.sigmoid(g)
+        doe = gate_backward(GATE + b * stride_gb + h * stride_gh + offs_m * stride_gn,
+                            DG + b * stride_dgb + h * stride_dgh + offs_m * stride_dgn, do, prod, delta, offs_dv,
+                            stride_gd, stride_dgd, rows, cols, True, GATE_ELEM)
         e_ptrs = DOE + b * stride_eb + h * stride_eh + offs_m[:, None] * stride_en + offs_dv[None, :]
-        tl.store(e_ptrs, (do.to(tl.float32) * sg).to(DOE.dtype.element_ty), mask=rows[:, None] & cols[None, :])
-        dg_base = DG + b * stride_dgb + h * stride_dgh
-        if GATE_ELEM:
-            tl.store(dg_base + offs_m[:, None] * stride_dgn + offs_dv[None, :] * stride_dgd,
-                     (prod * (1.0 - sg)).to(DG.dtype.element_ty), mask=rows[:, None] & cols[None, :])
-        else:
-            sg_row = tl.sigmoid(tl.load(g_base + offs_m * stride_gn, mask=rows, other=0.0).to(tl.float32))
-            tl.store(dg_base + offs_m * stride_dgn, (delta * (1.0 - sg_row)).to(DG.dtype.element_ty), mask=rows)
+        tl.store(e_ptrs, doe.to(DOE.dtype.element_ty), mask=rows[:, None] & cols[None, :])
     if HAS_DLSE:
         delta -= tl.load(DLSE + pid_bh.to(tl.int64) * NQ + offs_m, mask=rows, other=0.0)
     tl.store(DELTA + pid_bh.to(tl.int64) * NQ + offs_m, delta, mask=rows)

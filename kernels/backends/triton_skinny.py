@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import triton_attention as ta
-from .triton_kernels import online_softmax_update
+from .triton_kernels import gate_backward, online_softmax_update
 
 CALLS = collections.Counter()
 _FORCE = {}  # tests: {"keys_mode": "flat" | "resident", "block_m": int, "block_n": int}
@@ -256,20 +256,10 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
         o = _ld(O + b * stride_ob + h * stride_oh, offs_m, stride_on, offs_dv, NQ, DV, BLOCK_DV)
         prod = o.to(tl.float32) * do.to(tl.float32)
         delta = tl.sum(prod, 1)
-        if HAS_GATE:  # O is the gated output: dO_eff = dO·σ(g), dg = dO·O·(1 - σ(g))
-            g_base = GATE + b * stride_gb + h * stride_gh
-            g = tl.load(g_base + offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd,
-                        mask=rows[:, None] & cols[None, :], other=0.0).to(tl.float32)
-            sg = tl.sigmoid(g)
-            doe = (do.to(tl.float32) * sg).to(do.dtype)
-            dg_base = DG + b * stride_dgb + h * stride_dgh
-            if GATE_ELEM:
-                tl.store(dg_base + offs_m[:, None] * stride_dgn + offs_dv[None, :] * stride_dgd,
-                         (prod * (1.0 - sg)).to(DG.dtype.element_ty), mask=rows[:, None] & cols[None, :])
-            else:
-                sg_row = tl.sigmoid(tl.load(g_base + offs_m * stride_gn, mask=rows, other=0.0).to(tl.float32))
-                tl.store(dg_base + offs_m * stride_dgn, (delta * (1.0 - sg_row)).to(DG.dtype.element_ty),
-                         mask=rows)
+        if HAS_GATE:
+            doe = gate_backward(GATE + b * stride_gb + h * stride_gh + offs_m * stride_gn,
+                                DG + b * stride_dgb + h * stride_dgh + offs_m * stride_dgn, do, prod, delta, offs_dv,
+                                stride_gd, stride_dgd, rows, cols, True, GATE_ELEM).to(do.dtype)
         else:
             doe = do
         if HAS_DLSE:
@@ -442,19 +432,10 @@ def _queries_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, DQ, DK, DV_, DB, DG,
                     mask=vmask, other=0.0)
         prod = o.to(tl.float32) * do.to(tl.float32)
         delta = tl.sum(prod, 1)
-        if HAS_GATE:
-            g_rows = GATE + b * stride_gb + h * stride_gh + m * stride_gn
-            g = tl.load(g_rows[:, None] + offs_dv[None, :] * stride_gd, mask=vmask, other=0.0).to(tl.float32)
-            sg = tl.sigmoid(g)
-            doe = (do.to(tl.float32) * sg).to(do.dtype)
-            dg_rows = DG + b * stride_dgb + h * stride_dgh + m * stride_dgn
-            first = pid_s == 0  # one split writes dg
-            if GATE_ELEM:
-                tl.store(dg_rows[:, None] + offs_dv[None, :] * stride_dgd, (prod * (1.0 - sg)).to(DG.dtype.element_ty),
-                         mask=vmask & first)
-            else:
-                sg_row = tl.sigmoid(tl.load(g_rows, mask=rows, other=0.0).to(tl.float32))
-                tl.store(dg_rows, (delta * (1.0 - sg_row)).to(DG.dtype.element_ty), mask=rows & first)
+        if HAS_GATE:  # one split writes dg
+            doe = gate_backward(GATE + b * stride_gb + h * stride_gh + m * stride_gn,
+                                DG + b * stride_dgb + h * stride_dgh + m * stride_dgn, do, prod, delta, offs_dv,
+                                stride_gd, stride_dgd, rows, cols, pid_s == 0, GATE_ELEM).to(do.dtype)
         else:
             doe = do
         lrow = (b * H + h) * NQ + m
