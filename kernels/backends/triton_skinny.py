@@ -66,6 +66,21 @@ def _rel_key_onehots(offs_n, NK, WIN, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
+def _rel_operands(RH, RW, stride_rt, offs_n, offs_d, NT, NK, WIN, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, HAS_REL: tl.constexpr):
+    """The in-kernel rel-pos operands of a program: the two tables `(BLOCK_T, BLOCK_D)` and the keys' one-hot
+    window rows/columns; without HAS_REL, placeholders (`_keys_logits` takes them either way)."""
+    if HAS_REL:
+        offs_t = tl.arange(0, BLOCK_T)
+        rh = _ld(RH, offs_t, stride_rt, offs_d, NT, D, BLOCK_D)
+        rw = _ld(RW, offs_t, stride_rt, offs_d, NT, D, BLOCK_D)
+        kh, kw = _rel_key_onehots(offs_n, NK, WIN, BLOCK_W)
+        return rh, rw, kh.to(rh.dtype), kw.to(rh.dtype)
+    else:
+        return 0.0, 0.0, 0.0, 0.0
+
+
+@triton.jit
 def _rel_query_factors(q, rh, rw, offs_m, QB, WIN, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
                        DOT_PREC: tl.constexpr):
     """(BM, BLOCK_W) twice: u_a[m, c] = q_m · R_a[c - pos_a(m) + WIN - 1] for c < WIN (garbage, finite, above)."""
@@ -153,15 +168,8 @@ def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
         hk0 = ((bh0 % H) // GROUP).to(tl.int64)
         k = _ld(K + b0 * stride_kb + hk0 * stride_kh, offs_n, stride_kn, offs_d, NK, D, BLOCK_D)
         v = _ld(V + b0 * stride_vb + hk0 * stride_vh, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV)
-    if HAS_REL:
-        offs_t = tl.arange(0, BLOCK_T)
-        rh = _ld(RH, offs_t, stride_rt, offs_d, NT, D, BLOCK_D)
-        rw = _ld(RW, offs_t, stride_rt, offs_d, NT, D, BLOCK_D)
-        kh, kw = _rel_key_onehots(offs_n, NK, WIN, BLOCK_W)
-        kh = kh.to(rh.dtype)
-        kw = kw.to(rh.dtype)
-    else:  # unused placeholders (HAS_REL is a constexpr): _keys_logits takes them either way
-        rh, rw, kh, kw = 0.0, 0.0, 0.0, 0.0
+    rh, rw, kh, kw = _rel_operands(RH, RW, stride_rt, offs_n, offs_d, NT, NK, WIN, D, BLOCK_D, BLOCK_T, BLOCK_W,
+                                   HAS_REL)
     for it in range(lo, hi):
         bh = it // NQB
         mb = it % NQB
@@ -227,17 +235,12 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
         v = _ld(V + b0 * stride_vb + (h0 // GROUP) * stride_vh, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    rh, rw, kh, kw = _rel_operands(RH, RW, stride_rt, offs_n, offs_d, NT, NK, WIN, D, BLOCK_D, BLOCK_T, BLOCK_W,
+                                   HAS_REL)
     if HAS_REL:
         offs_t = tl.arange(0, BLOCK_T)
-        rh = _ld(RH, offs_t, stride_rt, offs_d, NT, D, BLOCK_D)
-        rw = _ld(RW, offs_t, stride_rt, offs_d, NT, D, BLOCK_D)
-        kh, kw = _rel_key_onehots(offs_n, NK, WIN, BLOCK_W)
-        kh = kh.to(rh.dtype)
-        kw = kw.to(rh.dtype)
         drh = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
         drw = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-    else:  # unused placeholders (HAS_REL is a constexpr): _keys_logits takes them either way
-        rh, rw, kh, kw = 0.0, 0.0, 0.0, 0.0
     for it in range(lo, hi):
         bh = it // NQB
         mb = it % NQB
