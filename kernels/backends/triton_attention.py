@@ -129,7 +129,8 @@ def _fwd_candidates(d: int, dv: int) -> List[tuple]:
     if bd == 128:
         if _fast_tune():
             return [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
-        return [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 64, 4, 3)]
+        return [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 64, 4, 3),
+                (64, 64, 4, 2), (64, 32, 4, 3)]
     if _fast_tune():
         return [(64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)]
     return [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
@@ -505,16 +506,40 @@ def _tune_key(kind, pattern, q, k, v, feats=()):
     return (kind, type(pattern).__name__, _next_pow2(q.shape[2]), _next_pow2(k.shape[2])) + shape_class
 
 
+_HOST_COVER_CYCLES = 2_000_000  # ~1 ms of GPU clock: longer than the host needs to queue one call
+
+
 def _time_cfg(run, cfg, repeats: int) -> List[float]:
+    """GPU milliseconds of `run(cfg)`, `repeats` times. Each call is queued behind a ~1 ms GPU sleep, so the
+    events bracket the kernels only: without it a call shorter than its host-side launch (~0.1-0.5 ms on the
+    device's CPU) is timed as the launch, and configs of small problems are ranked by noise."""
     ts = []
+    sleep = getattr(torch.cuda, "_sleep", None)
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if sleep is not None:
+            sleep(_HOST_COVER_CYCLES)
         start.record()
         run(cfg)
         end.record()
         end.synchronize()
         ts.append(start.elapsed_time(end))
     return ts
+
+
+def _warm_shard() -> Optional[Tuple[int, int]]:
+    """ATTNZOO_WARM="i/n": this process only compiles the autotune candidates whose index is i mod n and takes
+    one of them untimed, so n processes fill a shared TRITON_CACHE_DIR in parallel before a timed run."""
+    spec = os.environ.get("ATTNZOO_WARM")
+    if not spec:
+        return None
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"ATTNZOO_WARM must be 'i/n' with 0 <= i < n; got {spec!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"ATTNZOO_WARM must be 'i/n' with 0 <= i < n; got {spec!r}")
+    return i, n
 
 
 _LONG_MS = 2.0  # kernels at least this long get a second, longer round for the best few configs
@@ -541,6 +566,20 @@ def _autotune(key, candidates, run) -> tuple:
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
+    shard = _warm_shard()
+    if shard is not None:  # compile this shard's configs, time nothing (scripts/warm_triton_cache.py)
+        picked = None
+        for j, cfg in enumerate(candidates):
+            if j % shard[1] != shard[0]:
+                continue
+            try:
+                run(cfg)
+            except (OutOfResources, CompilationError) as err:
+                logger.debug("warm %s: config %s failed: %s", key, cfg, err)
+                continue
+            picked = picked or cfg
+        _BEST[key] = picked or candidates[0]
+        return _BEST[key]
     if os.environ.get("ATTNZOO_AUTOTUNE", "1") == "0":  # no timing: the first config that fits this GPU
         for cfg in candidates:
             try:
