@@ -139,6 +139,29 @@ def test_random_biases_and_dwc_equal_explicit_composition(grid, feat, prefix, n)
     torch.testing.assert_close(m(x, feat), explicit_agent_attention(m, x, feat), rtol=1e-10, atol=1e-10)
 
 
+def test_inference_bias_cache_follows_parameter_changes():
+    """Under no_grad the interpolated biases are reused per grid; any change of a bias parameter (in place, as an
+    optimizer step or load_state_dict does) or of the grid rebuilds them: outputs stay the explicit ones."""
+    m = _module(16, 2, 4, (5, 6), prefix=1)
+    _randomize(m)
+    x = torch.randn(2, 1 + 7 * 3, 16, dtype=D64)
+    with torch.no_grad():
+        first = m.agent_bias((7, 3))
+        assert all(a is b for a, b in zip(first, m.agent_bias((7, 3))))  # cached
+        torch.testing.assert_close(m(x, (7, 3)), explicit_agent_attention(m, x, (7, 3)), rtol=1e-10, atol=1e-10)
+        for name in ("an_bias", "na_bias", "ah_bias", "wa_bias", "ca_bias"):
+            getattr(m, name).add_(torch.randn_like(getattr(m, name)))
+            torch.testing.assert_close(m(x, (7, 3)), explicit_agent_attention(m, x, (7, 3)), rtol=1e-10,
+                                       atol=1e-10, msg=f"stale cache after changing {name}")
+        m.load_state_dict({k: torch.randn_like(v) for k, v in m.state_dict().items()})
+        torch.testing.assert_close(m(x, (7, 3)), explicit_agent_attention(m, x, (7, 3)), rtol=1e-10, atol=1e-10)
+        y = torch.randn(1, 1 + 4 * 4, 16, dtype=D64)
+        torch.testing.assert_close(m(y, (4, 4)), explicit_agent_attention(m, y, (4, 4)), rtol=1e-10, atol=1e-10)
+    with torch.enable_grad():  # training builds the biases from the parameters every call (autograd graph)
+        b1, _ = m.agent_bias((4, 4))
+        assert b1.requires_grad and b1 is not m.agent_bias((4, 4))[0]
+
+
 def test_rows_of_both_steps_sum_to_one():
     """Constant values V = c: the output is c iff every row of both attention steps sums to one."""
     m = _module(24, 3, 9, (6, 6), prefix=1)

@@ -148,15 +148,35 @@ class AgentAttention(nn.Module):
             if p is not None:
                 trunc_normal_(p, std=0.02)
 
+    def _bias_params(self):
+        return [p for p in (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias,
+                            self.ac_bias, self.ca_bias) if p is not None]
+
     def agent_bias(self, feat_size: Tuple[int, int], kv_size: Optional[Tuple[int, int]] = None):
         """The two dense additive biases for a query grid `feat_size` and a key grid `kv_size` (default: same).
+
+        Without autograd (inference) the result is cached per grid and reused until a bias parameter changes
+        (its storage or its in-place version counter: `load_state_dict`, an optimizer step): the interpolations
+        and sums are ~10 small kernels per layer that only depend on the parameters.
 
         Returns:
             `B1 (1, H, n, P + Hk·Wk)` for agents × keys and `B2 (1, H, P + H·W, n)` for queries × agents,
             P = num_prefix_tokens.
         """
+        kv_size = tuple(kv_size) if kv_size is not None else tuple(feat_size)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._agent_bias(tuple(feat_size), kv_size)
+        key = (tuple(feat_size), kv_size) + tuple((p.data_ptr(), p._version, p.dtype, p.device)
+                                                  for p in self._bias_params())
+        cached = self.__dict__.get("_bias_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self._agent_bias(tuple(feat_size), kv_size))
+            self.__dict__["_bias_cache"] = cached
+        return cached[1]
+
+    def _agent_bias(self, feat_size: Tuple[int, int], kv_size: Tuple[int, int]):
         H, W = feat_size
-        Hk, Wk = kv_size if kv_size is not None else feat_size
+        Hk, Wk = kv_size
         h, n = self.num_heads, self.agent_num
         an = F.interpolate(self.an_bias, size=(Hk, Wk), mode="bilinear", align_corners=False)  # (h, n, Hk, Wk)
         ahw = _resize_axis(self.ah_bias, Hk, 3) + _resize_axis(self.aw_bias, Wk, 4)  # (1, h, n, Hk, Wk)
