@@ -23,6 +23,11 @@ def time_cuda(fn: Callable[[], object], warmup: int = 5, repeats: int = 20, min_
     """
     if not torch.cuda.is_available():
         raise RuntimeError("time_cuda needs a CUDA device; speeds measured on a CPU are not results")
+    if os.environ.get("ATTNZOO_WARM"):  # a compile-only shard (scripts/warm_triton_cache.py): one call, no timing
+        fn()
+        torch.cuda.synchronize()
+        nan = float("nan")
+        return {"median_ms": nan, "min_ms": nan, "max_ms": nan, "n": 0}
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()

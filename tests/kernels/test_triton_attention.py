@@ -410,3 +410,29 @@ def test_untuned_autotune_skips_configs_that_do_not_fit(monkeypatch):
     assert tried == ["big", "small"] and ta._BEST.pop(key) == "small"
     with pytest.raises(RuntimeError, match="no kernel config"):
         ta._autotune(("test-untuned-none",), ["big", "big"], run)
+
+
+def test_warm_shard_compiles_only_its_share_untimed(monkeypatch):
+    """ATTNZOO_WARM=i/n (scripts/warm_triton_cache.py): shard i launches the candidates with index i mod n once
+    (no timing), skips those that do not fit, and keeps the first that launched; a malformed spec is an error."""
+    from triton.runtime.errors import OutOfResources
+
+    from kernels.backends import triton_attention as ta
+
+    monkeypatch.setattr(ta, "_interpret", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    tried = []
+
+    def run(cfg):
+        tried.append(cfg)
+        if cfg == "c1":
+            raise OutOfResources(335872, 232448, "shared memory")
+
+    monkeypatch.setenv("ATTNZOO_WARM", "1/3")
+    key = ("test-warm", os.urandom(4))
+    assert ta._autotune(key, [f"c{i}" for i in range(8)], run) == "c4"
+    assert tried == ["c1", "c4", "c7"] and ta._BEST.pop(key) == "c4"
+    for bad in ("3/3", "x", "1/"):
+        monkeypatch.setenv("ATTNZOO_WARM", bad)
+        with pytest.raises(ValueError, match="ATTNZOO_WARM"):
+            ta._autotune(("test-warm-bad", bad), ["a", "b"], run)
