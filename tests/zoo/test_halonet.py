@@ -79,16 +79,24 @@ LAYER_CASES = [
 ]
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kwargs,shape", LAYER_CASES)
 @torch.no_grad()
-def test_layer_matches_naive_window_loop(kwargs, shape, mode):
+def test_layer_matches_naive_window_loop(kwargs, shape, mode, channels_last):
+    """Also on channels_last input (the layouts are built from the (B, H, W, C) view): the output keeps
+    channels_last strides whenever no border crop or pooling intervenes."""
     layer = _randomize(HaloAttention(**kwargs, rel_pos_mode=mode)).double().eval()
     x = torch.randn(2, *shape, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     out = layer(x)
-    ref = naive_halo(layer, x)
+    ref = naive_halo(layer, x.contiguous())
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    b, s = kwargs["block_size"], kwargs.get("stride", 1)
+    if shape[1] % b == 0 and shape[2] % b == 0 and (s == 1 or (b % s == 0 and not kwargs.get("avg_down"))):
+        assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("mode", MODES)

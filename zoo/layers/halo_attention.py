@@ -206,18 +206,21 @@ class HaloAttention(nn.Module):
         nh, nw = -(-H // b), -(-W // b)  # blocks per axis, the map rounded up to whole blocks
         dqk, dv = self.dim_head_qk, self.dim_head_v
 
-        q = self.q(x)  # (B, heads * dqk, ceil(H / s), ceil(W / s))
-        out_h, out_w = q.shape[-2:]
-        q = F.pad(q, [0, nw * qb - out_w, 0, nh * qb - out_h])
-        q = q.reshape(B, heads, dqk, nh, qb, nw, qb).permute(0, 3, 5, 1, 4, 6, 2)  # (B, nh, nw, heads, qb, qb, dqk)
+        # Layouts are built from the channels-last (B, H, W, C) view of the 1x1-conv outputs: for a channels_last
+        # model each of q, k/v and the output takes one gather copy (timm's NCHW layout code takes two for q and
+        # for the 3x-expanded halo'd k/v); for NCHW input the first reshape copies, as before.
+        q = self.q(x).permute(0, 2, 3, 1)  # (B, ceil(H / s), ceil(W / s), heads * dqk)
+        out_h, out_w = q.shape[1:3]
+        if (nh * qb, nw * qb) != (out_h, out_w):
+            q = F.pad(q, [0, 0, 0, nw * qb - out_w, 0, nh * qb - out_h])
+        q = q.reshape(B, nh, qb, nw, qb, heads, dqk).permute(0, 1, 3, 5, 2, 4, 6)  # (B, nh, nw, heads, qb, qb, dqk)
         q = q.reshape(B * nh * nw, heads, qb, qb, dqk)
 
-        kv = self.kv(x)  # (B, heads * (dqk + dv), H, W)
-        kv = F.pad(kv, [h, h + nw * b - W, h, h + nh * b - H])  # halo + round-up, zeros
-        kv = kv.unfold(2, win, b).unfold(3, win, b)  # (B, C, nh, nw, win, win)
-        kv = kv.reshape(B, heads, dqk + dv, nh, nw, win * win).permute(0, 3, 4, 1, 5, 2)
-        kv = kv.reshape(B * nh * nw, heads, win * win, dqk + dv)
-        k, v = kv.split([dqk, dv], dim=-1)
+        kv = self.kv(x).permute(0, 2, 3, 1)  # (B, H, W, heads * (dqk + dv))
+        kv = F.pad(kv, [0, 0, h, h + nw * b - W, h, h + nh * b - H])  # halo + round-up, zeros
+        kv = kv.unfold(1, win, b).unfold(2, win, b)  # (B, nh, nw, C, win, win), a view
+        kv = kv.permute(0, 1, 2, 4, 5, 3).reshape(B * nh * nw, win * win, heads, dqk + dv)  # the halo gather
+        k, v = kv.transpose(1, 2).split([dqk, dv], dim=-1)  # (B * nblocks, heads, win * win, d), views
 
         rel_scale = self.scale if self.scale_pos_embed else 1.0
         if self.rel_pos_mode == "fold":
@@ -236,6 +239,6 @@ class HaloAttention(nn.Module):
                                     backend=self.backend)
         # out: (B * nblocks, heads, qb * qb, dv)
 
-        out = out.reshape(B, nh, nw, heads, qb, qb, dv).permute(0, 3, 6, 1, 4, 2, 5)  # (B, heads, dv, nh, qb, nw, qb)
-        out = out.reshape(B, heads * dv, nh * qb, nw * qb)[:, :, :out_h, :out_w]
-        return self.pool(out)
+        out = out.reshape(B, nh, nw, heads, qb, qb, dv).permute(0, 1, 4, 2, 5, 3, 6)  # (B, nh, qb, nw, qb, heads, dv)
+        out = out.reshape(B, nh * qb, nw * qb, heads * dv)[:, :out_h, :out_w]
+        return self.pool(out.permute(0, 3, 1, 2))  # (B, heads * dv, H', W') with channels_last strides
