@@ -4,6 +4,7 @@ of the inward window pattern. Heavy imports happen inside the functions, so `zoo
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 # Defaults per case: (height, width, base_height, base_width, frames, steps)
@@ -32,7 +33,7 @@ def load_pipeline(model, device="cpu", dtype=None, seed=0, offload=False, vae_ti
     from .tiny import tiny_wan_components
 
     if model is None:
-        pipe = FreeSwimWanPipeline(**tiny_wan_components(seed=seed))
+        pipe = FreeSwimWanPipeline(**tiny_wan_components(seed=seed, dtype=dtype or torch.float32))
     else:
         if not os.path.isdir(model):
             raise ValueError(f"--model must be a local diffusers Wan folder (model_index.json), got {model!r}")
@@ -110,6 +111,16 @@ def run_generate(args) -> int:
         v if v is not None else d for v, d in zip(
             (args.height, args.width, args.base_height, args.base_width, args.frames, args.steps), defaults))
     t0 = time.perf_counter()
+    try:
+        return _generate(args, device, height, width, base_height, base_width, frames, steps, t0)
+    except ValueError as err:  # bad sizes, frame counts, paths: a usage error, not a traceback
+        print(f"zoo generate: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _generate(args, device, height, width, base_height, base_width, frames, steps, t0) -> int:
+    import torch
+
     pipe = load_pipeline(args.model, device, _dtype(args.dtype, device), seed=args.seed, offload=args.offload,
                          vae_tiling=args.vae_tiling)
     if args.model is not None:  # 14B checkpoints default to their own base resolution

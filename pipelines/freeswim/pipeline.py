@@ -36,6 +36,7 @@ supported.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -75,6 +76,11 @@ class FreeSwimWanPipelineOutput(BaseOutput):
 
     frames: Any
     base_frames: Optional[torch.Tensor] = None
+
+
+def _is_int(value) -> bool:
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def _frame_size(video) -> Tuple[int, int]:
@@ -145,13 +151,16 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         return pipe
 
-    def encode_prompt(self, prompt, negative_prompt=None, do_classifier_free_guidance=True, prompt_embeds=None,
-                      negative_prompt_embeds=None, max_sequence_length=512, device=None):
-        """T5 embeddings `(B, max_sequence_length, text_dim)` through `WanPipeline.encode_prompt`."""
+    def encode_prompt(self, prompt, negative_prompt=None, do_classifier_free_guidance=True, num_videos_per_prompt=1,
+                      prompt_embeds=None, negative_prompt_embeds=None, max_sequence_length=512, device=None,
+                      dtype=None):
+        """T5 embeddings `(B · num_videos_per_prompt, max_sequence_length, text_dim)` through
+        `WanPipeline.encode_prompt` (same arguments, same order)."""
         return self.base_pipeline().encode_prompt(
             prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=do_classifier_free_guidance,
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-            max_sequence_length=max_sequence_length, device=device or self._execution_device)
+            num_videos_per_prompt=num_videos_per_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, max_sequence_length=max_sequence_length,
+            device=device or self._execution_device, dtype=dtype)
 
     @property
     def token_multiple(self) -> int:
@@ -192,7 +201,8 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
     def check_inputs(self, prompt, negative_prompt, height, width, base_height, base_width, num_frames,
                      num_inference_steps, strength, cache_steps, mode, output_type, video, prompt_embeds,
-                     negative_prompt_embeds, callback_on_step_end_tensor_inputs, guidance_scale_2=None):
+                     negative_prompt_embeds, callback_on_step_end_tensor_inputs, guidance_scale_2=None,
+                     num_videos_per_prompt=1, latents=None):
         if self.transformer is None:
             raise ValueError("FreeSwimWanPipeline needs a `transformer` (the high-noise expert), got None")
         ratio = self.config.boundary_ratio
@@ -221,27 +231,27 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         m = self.token_multiple
         for name, value in (("height", height), ("width", width), ("base_height", base_height),
                             ("base_width", base_width)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < m or value % m:
+            if not _is_int(value) or value < m or value % m:
                 raise ValueError(f"`{name}` must be a positive multiple of {m} (VAE x patch), got {value!r}")
         if base_height > height or base_width > width:
             raise ValueError(f"the base resolution must not exceed the target: got base {base_height}x{base_width} "
                              f"for target {height}x{width}")
-        if (base_height // m) * (base_width // m) < 2:
-            raise ValueError(f"the base resolution must have at least 2 tokens per frame (the temperature's "
-                             f"logarithm base), got {base_height}x{base_width}")
         vt = self.vae_scale_factor_temporal
-        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % vt:
+        if not _is_int(num_frames) or num_frames < 1 or (num_frames - 1) % vt:
             raise ValueError(f"`num_frames` must be a positive int with (num_frames - 1) divisible by {vt}, "
                              f"got {num_frames!r}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        if not _is_int(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}")
         if not 0 < strength <= 1:
             raise ValueError(f"`strength` must be in (0, 1], got {strength!r}")
         if mode == "freeswim" and int(num_inference_steps * strength) < 1:
             raise ValueError(f"`num_inference_steps * strength` must be >= 1, got {num_inference_steps} * {strength}")
-        if cache_steps is not None and (not isinstance(cache_steps, int) or isinstance(cache_steps, bool)
-                                        or cache_steps < 1):
+        if cache_steps is not None and (not _is_int(cache_steps) or cache_steps < 1):
             raise ValueError(f"`cache_steps` must be a positive int or None (no cache), got {cache_steps!r}")
+        if not _is_int(num_videos_per_prompt) or num_videos_per_prompt < 1:
+            raise ValueError(f"`num_videos_per_prompt` must be a positive int, got {num_videos_per_prompt!r}")
+        if latents is not None and video is not None:
+            raise ValueError("pass either `latents` (initial noise) or `video` (to upscale), not both")
         if mode == "window" and video is not None:
             raise ValueError("`video` is only used by mode='freeswim' (video-to-video); got a video with "
                              "mode='window'")
@@ -306,7 +316,9 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         flow_shift: Optional[float] = 9.0,
         attention_scale: Optional[float] = None,
         video: Optional[Any] = None,
+        num_videos_per_prompt: int = 1,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        latents: Optional[torch.Tensor] = None,
         prompt_embeds: Optional[torch.Tensor] = None,
         negative_prompt_embeds: Optional[torch.Tensor] = None,
         output_type: str = "np",
@@ -345,7 +357,10 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 `freeswim_attention_scale(d_head, H_b' * W_b', H' * W')` is the resolution-aware variant.
             video: optional base video to upscale instead of stage 1 (frames as `diffusers`' video processor
                 takes them: list of PIL images, arrays or tensors); mode "freeswim" only.
+            num_videos_per_prompt: videos generated per prompt.
             generator: torch generator(s) for determinism.
+            latents: initial Gaussian noise, as `WanPipeline` takes it: at the target resolution in mode
+                "window"; in mode "freeswim" the stage-1 noise at the base resolution (not with `video`).
             output_type: "np", "pil", "pt" or "latent".
             return_dict: return a `FreeSwimWanPipelineOutput` (else a tuple `(frames,)`).
             attention_kwargs: passed to the transformer (e.g. LoRA `scale`).
@@ -362,17 +377,23 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(prompt, negative_prompt, height, width, base_height, base_width, num_frames,
                           num_inference_steps, strength, cache_steps, mode, output_type, video, prompt_embeds,
-                          negative_prompt_embeds, callback_on_step_end_tensor_inputs, guidance_scale_2)
+                          negative_prompt_embeds, callback_on_step_end_tensor_inputs, guidance_scale_2,
+                          num_videos_per_prompt, latents)
+        height, width, base_height, base_width, num_frames = (
+            int(x) for x in (height, width, base_height, base_width, num_frames))
         if guidance_scale_2 is None:
             guidance_scale_2 = guidance_scale
         device = self._execution_device
         do_cfg = guidance_scale > 1.0
         self._guidance_scale = guidance_scale
+        self._attention_kwargs = attention_kwargs
+        self._current_timestep = None
         self._interrupt = False
 
         # 2. Encode the prompt once (diffusers' WanPipeline.encode_prompt), for both stages
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, negative_prompt, do_cfg, prompt_embeds, negative_prompt_embeds, max_sequence_length, device)
+            prompt, negative_prompt, do_cfg, num_videos_per_prompt, prompt_embeds, negative_prompt_embeds,
+            max_sequence_length, device)
         dtype = self.transformer.dtype
         prompt_embeds = prompt_embeds.to(dtype)
         if negative_prompt_embeds is not None:
@@ -398,7 +419,7 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                     prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                     height=base_height, width=base_width, num_frames=num_frames,
                     num_inference_steps=base_num_inference_steps or num_inference_steps,
-                    guidance_scale=guidance_scale, generator=generator, output_type="pt",
+                    guidance_scale=guidance_scale, generator=generator, latents=latents, output_type="pt",
                     guidance_scale_2=guidance_scale_2 if self.config.boundary_ratio is not None else None,
                     attention_kwargs=attention_kwargs, max_sequence_length=max_sequence_length)
                 base_frames = base.frames  # (B, F, 3, h, w) in [0, 1]
@@ -406,14 +427,20 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             else:  # to [0, 1] at its own size, then the same bilinear upscale as stage 1's frames
                 h0, w0 = _frame_size(video)
                 frames = self.video_processor.preprocess_video(video, height=h0, width=w0)  # (B, 3, F, h, w)
+                if frames.shape[2] != num_frames:
+                    raise ValueError(f"`video` has {frames.shape[2]} frames but `num_frames` is {num_frames}: pass "
+                                     f"num_frames={frames.shape[2]} (4k + 1 frames)")
                 video = self.upscale_frames((frames.permute(0, 2, 1, 3, 4) + 1) / 2, height, width)
+                if video.shape[0] * num_videos_per_prompt == batch_size:
+                    video = video.repeat_interleave(num_videos_per_prompt, dim=0)
                 if video.shape[0] != batch_size:
-                    raise ValueError(f"`video` has batch {video.shape[0]} but the prompts have {batch_size}")
+                    raise ValueError(f"`video` has batch {video.shape[0]} but the prompts have "
+                                     f"{batch_size // num_videos_per_prompt}")
             latents = self.prepare_video_latents(video, scheduler, timesteps[:1], generator, device)
         else:
             latents = self.base_pipeline().prepare_latents(
                 batch_size, self.transformer.config.in_channels, height, width, num_frames, torch.float32,
-                device, generator)
+                device, generator, latents)
 
         # 5. FreeSwim attention state for this resolution, one per expert (each keeps its own cross-attention cache)
         grid = self.token_grid(num_frames, height, width)
@@ -432,14 +459,19 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         if self.config.boundary_ratio is not None:
             boundary_timestep = self.config.boundary_ratio * scheduler.config.num_train_timesteps
 
-        def denoise(model, state, x, embeds, branch_mode, store=False, t=None):
-            """One transformer pass; mode "dual" runs [window; full] rows and returns the window rows."""
+        def denoise(model, state, x, embeds, branch_mode, store=False, t=None, name="cond"):
+            """One transformer pass; mode "dual" runs [window; full] rows and returns the window rows. Inside the
+            model's `cache_context` (diffusers' block caches keep per-pass state; the dual pass has twice the
+            rows, so it has its own context)."""
             state.set_mode(branch_mode, store)
             inp = torch.cat([x, x]) if branch_mode == "dual" else x
             ctx = torch.cat([embeds, embeds]) if branch_mode == "dual" else embeds
             ts = t.expand(inp.shape[0], num_tokens) if self.config.expand_timesteps else t.expand(inp.shape[0])
-            out = model(hidden_states=inp.to(dtype), timestep=ts, encoder_hidden_states=ctx,
-                        attention_kwargs=attention_kwargs, return_dict=False)[0]
+            cache_context = getattr(model, "cache_context", None)
+            scope = cache_context(f"{name}_{branch_mode}") if cache_context else contextlib.nullcontext()
+            with scope:
+                out = model(hidden_states=inp.to(dtype), timestep=ts, encoder_hidden_states=ctx,
+                            attention_kwargs=attention_kwargs, return_dict=False)[0]
             return out[: x.shape[0]]
 
         # 6. Denoising loop at the target resolution
@@ -467,9 +499,11 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 else:  # the full branch would equal the window branch: one window pass reusing the cache
                     cond_mode, store, uncond_mode = "reuse", False, "window"
                 since_switch += 1
-                noise_pred = denoise(model, state, latents, prompt_embeds, cond_mode, store, t)
+                self._current_timestep = t
+                noise_pred = denoise(model, state, latents, prompt_embeds, cond_mode, store, t, "cond")
                 if do_cfg:
-                    noise_uncond = denoise(model, state, latents, negative_prompt_embeds, uncond_mode, False, t)
+                    noise_uncond = denoise(model, state, latents, negative_prompt_embeds, uncond_mode, False, t,
+                                           "uncond")
                     noise_pred = noise_uncond + step_guidance * (noise_pred - noise_uncond)
                 latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
@@ -482,6 +516,8 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                     prompt_embeds = outs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = outs.pop("negative_prompt_embeds", negative_prompt_embeds)
                 bar.update()
+
+        self._current_timestep = None
 
         # 7. Decode
         if output_type == "latent":
@@ -506,3 +542,11 @@ class FreeSwimWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     @property
     def num_timesteps(self):
         return self._num_timesteps
+
+    @property
+    def current_timestep(self):
+        return getattr(self, "_current_timestep", None)
+
+    @property
+    def attention_kwargs(self):
+        return getattr(self, "_attention_kwargs", None)

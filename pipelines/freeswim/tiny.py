@@ -62,7 +62,12 @@ def tiny_wan_components(seed: int = 0, num_layers: int = 2, dtype: torch.dtype =
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
                                         num_train_timesteps=1000)
     if dtype != torch.float32:
-        text_encoder, transformer = text_encoder.to(dtype), transformer.to(dtype)
+        text_encoder = text_encoder.to(dtype)
+        keep = set(getattr(transformer, "_keep_in_fp32_modules", None) or ())
+        for name, module in transformer.named_modules():  # Wan keeps some modules in float32 (from_pretrained)
+            if not (keep & set(name.split("."))):
+                for param in module.parameters(recurse=False):
+                    param.data = param.data.to(dtype)
     return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "scheduler": scheduler,
             "transformer": transformer}
 

@@ -325,15 +325,56 @@ def test_prompt_embeds_and_given_video(pipe):
         pipe.vae.encode = real_encode
     expected = F.interpolate(arr.permute(0, 3, 1, 2), size=(64, 64), mode="bilinear", align_corners=False)
     expected = (expected.clamp(0, 1) * 2 - 1).permute(1, 0, 2, 3)[None]  # (1, 3, F, 64, 64)
+    assert len(seen) == 3
     for x in seen:
         torch.testing.assert_close(x.float(), expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="`video` has 5 frames but `num_frames` is 9"):
+        pipe(**call_kwargs(video=frames, num_frames=9))
+
+
+def test_num_videos_per_prompt_latents_and_numpy_sizes(pipe):
+    """WanPipeline's `num_videos_per_prompt` and `latents`; NumPy integers are sizes like ints."""
+    out = pipe(**call_kwargs(num_videos_per_prompt=2, num_inference_steps=2), generator=gen(0)).frames
+    assert out.shape == (2, 5, 3, 64, 64) and not torch.equal(out[0], out[1])
+    noise = torch.randn(1, 16, 2, 8, 8, generator=gen(3))  # target-resolution noise for mode "window"
+    a = pipe(**call_kwargs(mode="window", latents=noise, num_inference_steps=2), generator=gen(0)).frames
+    b = pipe(**call_kwargs(mode="window", latents=noise, num_inference_steps=2), generator=gen(1)).frames
+    torch.testing.assert_close(a, b)  # the given noise, not the generator's, starts the loop
+    c = pipe(**call_kwargs(height=np.int64(64), num_frames=np.int64(5), num_inference_steps=2), generator=gen(0))
+    assert c.frames.shape == (1, 5, 3, 64, 64)
+
+
+def test_spec_smallest_base_and_window_from_base_size(pipe):
+    """A 16x16 base (a 1x1 token grid per frame) runs; the pattern's window follows base_height/width."""
+    out = pipe(**call_kwargs(base_height=16, base_width=16, height=32, width=32, num_frames=9,
+                             num_inference_steps=2), generator=gen(0)).frames
+    assert out.shape == (1, 9, 3, 32, 32)
+    pipe(**call_kwargs(base_height=32, base_width=48, width=96, num_inference_steps=2), generator=gen(0))
+    grid = pipe.token_grid(5, 64, 96)
+    assert pipe._freeswim_state.pattern == freeswim_pattern(grid, pipe.token_grid(5, 32, 48)[1:])
+    assert pipe._freeswim_state.pattern.window == (grid[0], 2 * (2 // 2) + 1, 2 * (3 // 2) + 1)
+
+
+def test_diffusers_block_cache_runs_in_every_stage(components):
+    """diffusers' FirstBlockCache needs each transformer call inside a `cache_context` (as WanPipeline does)."""
+    from diffusers import FirstBlockCacheConfig
+
+    p = FreeSwimWanPipeline(**tiny_wan_components(seed=0))
+    p.set_progress_bar_config(disable=True)
+    p.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    steps = []
+    out = p(**call_kwargs(num_inference_steps=2), generator=gen(0),
+            callback_on_step_end=lambda pipe, i, t, kw: steps.append(pipe.current_timestep) or {}).frames
+    assert out.shape == (1, 5, 3, 64, 64) and len(steps) == 1 and steps[0] is not None
+    assert p.current_timestep is None
 
 
 @pytest.mark.parametrize("bad,match", [
     (dict(height=60), "height"), (dict(base_width=128), "base resolution must not exceed"),
     (dict(num_frames=4), "num_frames"), (dict(strength=0.0), "strength"), (dict(cache_steps=0), "cache_steps"),
     (dict(mode="tiles"), "mode"), (dict(output_type="gif"), "output_type"),
-    (dict(base_height=16, base_width=16), "at least 2 tokens"),
+    (dict(num_videos_per_prompt=0), "num_videos_per_prompt"), (dict(num_frames=5.0), "num_frames"),
+    (dict(latents=torch.zeros(1), video=[]), "either `latents`"),
 ])
 def test_check_inputs(pipe, bad, match):
     with pytest.raises(ValueError, match=match):
@@ -378,6 +419,30 @@ def test_cli_generate(tmp_path):
     assert main(["generate", "--pipeline", "freeswim", "--frames", "5", "--steps", "2", "--height", "64",
                  "--width", "64", "--base-height", "32", "--base-width", "32", "--out", str(out), "--quiet"]) == 0
     assert out.exists() and os.path.getsize(out) > 0
+
+
+def test_cli_generate_usage_errors_and_dtype(tmp_path, capsys, monkeypatch):
+    """Bad sizes and paths end as `zoo generate: error: ...` with exit code 2; --dtype reaches the tiny model."""
+    from pipelines.cli import main
+    from pipelines.freeswim import cli
+
+    base = ["generate", "--pipeline", "freeswim", "--steps", "2", "--height", "64", "--width", "64",
+            "--base-height", "32", "--base-width", "32", "--out", str(tmp_path / "x.mp4"), "--quiet"]
+    for extra, match in ((["--frames", "6"], "num_frames"), (["--frames", "5", "--model", str(tmp_path / "none")],
+                                                              "--model")):
+        assert main(base + extra) == 2
+        assert "zoo generate: error:" in capsys.readouterr().err
+    seen = {}
+    real = cli.load_pipeline
+
+    def spy(*a, **k):
+        pipe = real(*a, **k)
+        seen["dtype"] = pipe.transformer.proj_out.weight.dtype
+        return pipe
+
+    monkeypatch.setattr(cli, "load_pipeline", spy)
+    assert main(base + ["--frames", "1", "--dtype", "bf16", "--device", "cpu"]) == 0
+    assert seen["dtype"] == torch.bfloat16
 
 
 def test_cli_generate_from_folder_with_sequential_offload_and_vae_tiling(tmp_path, components, monkeypatch):
