@@ -94,9 +94,24 @@ def _stack() -> list:
 
 
 def current_frame() -> Optional[_Frame]:
-    """The innermost selected module running in this thread, or None."""
+    """The innermost selected module running in this thread under a capture that is still open, or None (a
+    capture closed from another thread leaves its frames on this thread's stack until the module returns)."""
     stack = getattr(_LOCAL, "stack", None)
-    return stack[-1] if stack else None
+    for frame in reversed(stack or ()):
+        if frame.capture.active:
+            return frame
+    return None
+
+
+def handling_frames() -> List[_Frame]:
+    """For each open capture with a selected module running in this thread, its innermost frame (innermost
+    first): the captures a `kernels.attention` call made now belongs to."""
+    frames, seen = [], set()
+    for frame in reversed(getattr(_LOCAL, "stack", None) or ()):
+        if frame.capture.active and id(frame.capture) not in seen:
+            seen.add(id(frame.capture))
+            frames.append(frame)
+    return frames
 
 
 def active_frame() -> Optional[_Frame]:
@@ -176,7 +191,13 @@ def _select_bias(bias, q, k, heads, rows, dtype):
 
 
 def _explicit(q, k, pattern, bias, scale, heads, rows):
-    """Reference logits and probabilities of the selected heads/rows: (logits, probs, lse, visible), compute dtype."""
+    """Reference logits and probabilities of the selected heads/rows: (logits, probs, lse, visible), in the compute
+    dtype (float32, or float64 for float64 inputs) also under `torch.autocast`."""
+    with torch.autocast(q.device.type, enabled=False):
+        return _explicit_fp32(q, k, pattern, bias, scale, heads, rows)
+
+
+def _explicit_fp32(q, k, pattern, bias, scale, heads, rows):
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     kv_heads = heads // (q.shape[1] // k.shape[1])  # the key/value head each selected query head reads (GQA)
     q_sel = q.index_select(1, heads).index_select(2, rows).to(compute)  # (B, h, r, D)
@@ -336,7 +357,8 @@ class Capture:
                                  f"got shape {tuple(edited.shape)} on {edited.device} for {frame.name!r} call {call}")
             edited = edited.to(probs.dtype)
             v_sel = v.index_select(1, heads // (H // v.shape[1])).to(probs.dtype)  # (B, h, Nk, Dv)
-            out_sel = torch.matmul(edited, v_sel)  # (B, h, r, Dv)
+            with torch.autocast(q.device.type, enabled=False):
+                out_sel = torch.matmul(edited, v_sel)  # (B, h, r, Dv), in the compute dtype
             if gate is not None:
                 out_sel = apply_gate(out_sel, gate.index_select(1, rows).index_select(2, heads))
             whole = heads.numel() == H and rows.numel() == Nq and bool(
@@ -359,9 +381,19 @@ class Capture:
 
 
 def captured_attention(q, k, v, pattern, bias, gate, scale, return_lse, backend):
-    """`kernels.attention` for a call made inside a selected module (inputs already checked)."""
-    frame = active_frame()
-    return frame.capture.run(frame, q, k, v, pattern, bias, gate, scale, return_lse, backend)
+    """`kernels.attention` for a call made inside a selected module (inputs already checked). Several open
+    captures may select modules running now (nested contexts): read-only ones each record the call; an editing
+    capture must be the only one, since which edit applies, and what the others record, would be ambiguous."""
+    frames = handling_frames()
+    if len(frames) > 1 and any(f.capture.edit is not None for f in frames):
+        names = [f"{f.name!r}" + (" (edit)" if f.capture.edit is not None else "") for f in frames]
+        raise RuntimeError(f"kernels.capture: {len(frames)} open captures select modules running this attention "
+                           f"call ({', '.join(names)}) and one of them edits: nest captures only when none edits, "
+                           f"or use one capture with the union of their selections")
+    result = None
+    for frame in frames:
+        result = frame.capture.run(frame, q, k, v, pattern, bias, gate, scale, return_lse, backend)
+    return result
 
 
 def _select_modules(model: nn.Module, modules) -> List[Tuple[str, nn.Module]]:
@@ -413,8 +445,9 @@ def capture(model: nn.Module, modules: Union[str, Sequence[str], type, Tuple[typ
     logits. Works under `torch.no_grad` and with autograd (edits are differentiable; records are detached unless
     `detach=False`).
 
-    A call is handled by the innermost selected module running, and by the most recently opened capture when
-    several select it. Captures run eagerly (use the uncompiled model). With non-reentrant gradient checkpointing,
+    A call is handled by the innermost selected module running. Captures may nest (each records the calls of its
+    own selection) as long as none of the nested ones edits: a call that an editing capture and another open
+    capture both select raises a RuntimeError rather than silently dropping an edit. Captures run eagerly (use the uncompiled model). With non-reentrant gradient checkpointing,
     call backward inside the context so recomputed forwards see the same edits (they also record again).
 
     Args:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -87,7 +88,8 @@ def check_attention_args(q, k, v, pattern, bias, gate, scale, raise_error: bool 
                          TypeError)
         if gate.device != q.device:
             return _fail(f"gate must be on {q.device}, got {gate.device}", raise_error)
-    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0):
-        return _fail(f"scale must be a positive float or None, got {scale!r}", raise_error, TypeError
-                     if not isinstance(scale, (int, float)) else ValueError)
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool) or
+                              not math.isfinite(scale) or scale <= 0):
+        return _fail(f"scale must be a positive finite float or None, got {scale!r}", raise_error, TypeError
+                     if not isinstance(scale, (int, float)) or isinstance(scale, bool) else ValueError)
     return True

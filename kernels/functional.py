@@ -49,6 +49,8 @@ def attention(
     """
     q, k, v = _autocast_inputs(q, k, v)
     check_attention_args(q, k, v, pattern, bias, gate, scale, raise_error=True)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     if pattern is None:
         pattern = Dense()
     if active_frame() is not None:  # inside a module selected by kernels.capture: the analysis path

@@ -227,6 +227,8 @@ class Neighborhood(Pattern):
             raise ValueError(f"Neighborhood.causal_axes must index the grid's {n} axes, got {causal!r}")
         if any(s > w for s, w in zip(stride, window)):
             raise ValueError(f"Neighborhood.stride must be <= window on every axis, got {stride=} {window=}")
+        if not isinstance(self.inward, bool):
+            raise TypeError(f"Neighborhood.inward must be a bool, got {self.inward!r}")
         object.__setattr__(self, "grid", grid)
         object.__setattr__(self, "window", window)
         object.__setattr__(self, "stride", stride)
@@ -301,6 +303,10 @@ class Halo(Pattern):
     def __post_init__(self):
         grid = _as_tuple(self.grid, len(self.grid) if not isinstance(self.grid, int) else 1, "grid")
         object.__setattr__(self, "grid", grid)
+        for name in ("block", "halo", "query_stride"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"Halo.{name} must be an int, got {v!r}")
         if self.block < 1 or self.halo < 0 or self.query_stride < 1:
             raise ValueError(f"Halo needs block >= 1, halo >= 0, query_stride >= 1, got "
                              f"{self.block=} {self.halo=} {self.query_stride=}")

@@ -51,12 +51,14 @@ def apply_gate(out, gate):
 
 
 def attention_reference(q, k, v, pattern=None, bias=None, gate=None, scale=None, return_lse=False):
-    """Explicit softmax attention; computed in float32 for half inputs (float64 stays float64)."""
+    """Explicit softmax attention; computed in float32 for half inputs (float64 stays float64), also under
+    `torch.autocast` (which would otherwise run the matmuls in half precision)."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
-    if isinstance(bias, torch.Tensor):
-        bias = bias.to(compute)
-    probs, lse = softmax_rows(attention_logits(qc, kc, pattern, bias, scale))
-    out = torch.matmul(probs, expand_kv(vc, q.shape[1]))
-    out = apply_gate(out, gate).to(q.dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+        if isinstance(bias, torch.Tensor):
+            bias = bias.to(compute)
+        probs, lse = softmax_rows(attention_logits(qc, kc, pattern, bias, scale))
+        out = torch.matmul(probs, expand_kv(vc, q.shape[1]))
+        out = apply_gate(out, gate).to(q.dtype)
     return (out, lse.float() if compute != torch.float64 else lse) if return_lse else out

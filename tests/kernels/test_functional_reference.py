@@ -98,6 +98,10 @@ BAD = [
     (dict(gate=torch.ones(1, 5, 4, dtype=torch.long)), TypeError, "gate must be a floating-point"),
     (dict(gate=torch.randn(1, 5, 4, device="meta")), ValueError, "gate must be on"),
     (dict(scale=-1.0), ValueError, "scale"),
+    (dict(scale=float("nan")), ValueError, "positive finite"),
+    (dict(scale=float("inf")), ValueError, "positive finite"),
+    (dict(scale=True), TypeError, "scale"),
+    (dict(return_lse="False"), TypeError, "return_lse must be a bool"),
     (dict(q=[1, 2]), TypeError, "torch.Tensor"),
 ]
 
@@ -258,3 +262,15 @@ def test_rows_hidden_by_a_minus_inf_bias_have_zero_output_and_finite_gradients(b
     torch.testing.assert_close(grads[1], ref[1].to(dt), rtol=tol, atol=tol)
     torch.testing.assert_close(grads[2], ref[2].to(dt), rtol=tol, atol=tol)
     assert torch.equal(grads[0][:, :, 2], torch.zeros_like(grads[0][:, :, 2]))
+
+
+@pytest.mark.parametrize("build,exc,msg", [
+    (lambda: kernels.Halo((4, 4), 2.0, 1), TypeError, "Halo.block must be an int"),
+    (lambda: kernels.Halo((4, 4), 2, 1.0), TypeError, "Halo.halo must be an int"),
+    (lambda: kernels.Halo((4, 4), 2, True), TypeError, "Halo.halo must be an int"),
+    (lambda: kernels.Halo((4, 4), 2, 1, query_stride="2"), TypeError, "Halo.query_stride"),
+    (lambda: kernels.Neighborhood((4, 4), 3, inward="no"), TypeError, "inward must be a bool"),
+])
+def test_pattern_fields_are_type_checked(build, exc, msg):
+    with pytest.raises(exc, match=msg):
+        build()
