@@ -1,0 +1,245 @@
+"""Compile the benchmarks' Triton kernels for the H200 on a machine without a GPU, into a cache the device reuses.
+
+    PYTHONPATH=<triton 3.6 install> TRITON_CACHE_DIR=/tmp/triton-cache \\
+        python scripts/prebuild_triton_cache.py --device-libtriton <device wheel's triton/_C/libtriton.so>
+
+Device time went mostly to compiling (kernels/NOTES.md). Triton's cache key hashes its own sources, libtriton,
+the bundled ptxas, the kernel source, the launch specialization (dtypes, 16-byte divisibility of pointers and
+ints) and the options. This script runs the benchmark cases' `kernels.attention` calls on CPU tensors with the
+same shapes, a stand-in CUDA driver (target sm_90) and launches turned into compile-only warm-ups, with every
+autotune candidate compiled (ATTNZOO_WARM=0/1) and `_num_sms` = 132 (the H200's, which sets the split/item
+arguments). `--device-libtriton` swaps the hash of this machine's libtriton for the device's in the cache key
+(the wheels for other Pythons differ only in that binary). The device then finds the kernels compiled if the
+Triton build and the arguments match; any mismatch only costs a normal compile there.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+H200_SMS = 132
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def install_fake_device(device_libtriton=None):
+    """Patch Triton and kernels so launches compile for sm_90 and stop before loading the binary."""
+    import triton
+    import triton.runtime.cache as tcache
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver as drv
+    from triton.runtime.jit import JITFunction
+
+    if device_libtriton:
+        local_lib = os.path.join(os.path.dirname(triton.__file__), "_C", "libtriton.so")
+        key = tcache.triton_key()
+        local_hash, device_hash = _file_sha256(local_lib), _file_sha256(device_libtriton)
+        if local_hash not in key:
+            raise SystemExit("this Triton's cache key does not contain its libtriton hash: unknown Triton layout")
+        device_key = key.replace(local_hash, device_hash)
+        tcache.triton_key = lambda: device_key
+
+    class FakeCudaDriver:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+    drv.set_active(FakeCudaDriver())
+    run = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        return run(self, *args, grid=grid, warmup=True, **kwargs)
+
+    JITFunction.run = compile_only
+    torch.cuda.is_available = lambda: True
+
+    import kernels.functional as kf
+    from kernels.backends import triton_attention as ta
+
+    ta._num_sms = lambda device: H200_SMS
+    kf.choose_backend = lambda *a, **k: ta.attention_triton  # CPU / meta tensors, Triton path
+    kf._autocast_inputs = lambda q, k, v: (q, k, v)  # meta tensors have no autocast; models run in bf16 here
+    os.environ["ATTNZOO_WARM"] = "0/1"
+
+
+def _randn(*shape, grad=False, dtype=torch.bfloat16):
+    return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
+
+
+def _fb(fn, leaves):
+    out = fn()
+    if leaves:
+        torch.autograd.grad(out, leaves, torch.randn_like(out))
+
+
+def _env(**kv):
+    for k, v in kv.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def cases():
+    """name -> callable: the calls of scripts/profile_host.py and scripts/bench_kernels.py (skinny2, relpos,
+    agent, bias, gate, na2d), forward and backward where those benches time both."""
+    import kernels
+    from kernels.backends import triton_attention as ta
+
+    def reset():
+        ta._BEST.clear()
+
+    def profile_host():
+        B, h = 256, 3
+        q, agents = _randn(B, h, 197, 64), _randn(B, h, 49, 64)
+        b1, b2 = torch.randn(1, h, 49, 197), torch.randn(1, h, 197, 49)
+        with torch.no_grad():
+            kernels.attention(agents, q, q, bias=b1)
+            kernels.attention(q, agents, agents, bias=b2)
+            kernels.attention(_randn(8, 8, 49, 64), _randn(8, 8, 4096, 64), _randn(8, 8, 4096, 64))
+            kernels.attention(_randn(8, 8, 16384, 64), _randn(8, 8, 64, 64), _randn(8, 8, 64, 64))
+            d = _randn(2, 16, 4096, 128)
+            kernels.attention(d, d, d)
+            kernels.attention(d, d, d, gate=_randn(2, 4096, 16))
+
+    def skinny2():
+        for nq, nk, with_old in [(16384, 64, True), (16384, 128, False), (16384, 256, False), (49, 4096, True)]:
+            q, k, v = _randn(8, 8, nq, 64, grad=True), _randn(8, 8, nk, 64, grad=True), _randn(8, 8, nk, 64, grad=True)
+            for mode in ("new", "old") if with_old else ("new",):
+                _env(ATTNZOO_SKINNY=mode)
+                _fb(lambda: kernels.attention(q, k, v), [q, k, v])
+            _env(ATTNZOO_SKINNY=None)
+
+    def relpos():
+        hb = kernels.Halo((8, 8), 8, 2)
+        q = _randn(512, 8, 64, 64, grad=True)
+        k, v = _randn(512, 8, 144, 64, grad=True), _randn(512, 8, 144, 64, grad=True)
+        th, tw = _randn(23, 64, grad=True), _randn(23, 64, grad=True)
+        for mode in ("old", "new"):
+            _env(ATTNZOO_SKINNY=mode)
+            _fb(lambda: kernels.attention(q, k, v), [q, k, v])
+        _env(ATTNZOO_SKINNY="new")
+        for mode in ("lowrank", "kernel"):
+            _env(ATTNZOO_RELPOS=mode)
+            _fb(lambda: kernels.attention(q, k, v, bias=kernels.RelPosBias(hb, (th, tw))), [q, k, v, th, tw])
+        _env(ATTNZOO_SKINNY=None, ATTNZOO_RELPOS=None)
+
+    def agent():
+        for N in (197, 4097):
+            for nq, nk in ((49, N), (N, 49)):
+                q, k, v = _randn(256, 3, nq, 64), _randn(256, 3, nk, 64), _randn(256, 3, nk, 64)
+                bias = 0.02 * _randn(1, 3, nq, nk)
+                with torch.no_grad():
+                    for mode in ("new", "old"):
+                        _env(ATTNZOO_SKINNY=mode)
+                        kernels.attention(q, k, v, bias=bias)
+        _env(ATTNZOO_SKINNY=None)
+
+    def bias():
+        for B, H, N, D in [(1, 16, 4096, 128), (2, 16, 4096, 64)]:
+            q, k, v = _randn(B, H, N, D, grad=True), _randn(B, H, N, D, grad=True), _randn(B, H, N, D, grad=True)
+            _fb(lambda: kernels.attention(q, k, v), [q, k, v])
+            b = _randn(H, N, N, grad=True)
+            _fb(lambda: kernels.attention(q, k, v, bias=b), [q, k, v, b])
+            uq, uk = _randn(B, H, N, 16, grad=True), _randn(B, H, N, 16, grad=True)
+            _fb(lambda: kernels.attention(q, k, v, bias=kernels.LowRankBias(uq, uk)), [q, k, v, uq, uk])
+        pattern = kernels.Halo((64, 64), 8, 2)
+        q = _randn(8, 8, 64 * 64, 64, grad=True)
+        k, v = _randn(8, 8, 68 * 68, 64, grad=True), _randn(8, 8, 68 * 68, 64, grad=True)
+        th, tw = _randn(23, 64, grad=True), _randn(23, 64, grad=True)
+        _fb(lambda: kernels.attention(q, k, v, pattern), [q, k, v])
+        _fb(lambda: kernels.attention(q, k, v, pattern, bias=kernels.RelPosBias(pattern, (th, tw))),
+            [q, k, v, th, tw])
+        hb = kernels.Halo((8, 8), 8, 2)
+        q = _randn(512, 8, 64, 64, grad=True)
+        k, v = _randn(512, 8, 144, 64, grad=True), _randn(512, 8, 144, 64, grad=True)
+        _fb(lambda: kernels.attention(q, k, v), [q, k, v])
+        _fb(lambda: kernels.attention(q, k, v, bias=kernels.RelPosBias(hb, (th, tw))), [q, k, v, th, tw])
+
+    def gate():
+        q, k, v = _randn(2, 16, 4096, 128, grad=True), _randn(2, 16, 4096, 128, grad=True), \
+            _randn(2, 16, 4096, 128, grad=True)
+        _fb(lambda: kernels.attention(q, k, v), [q, k, v])
+        for shape in ((2, 4096, 16), (2, 4096, 16, 128)):
+            g = _randn(*shape, grad=True)
+            _fb(lambda: kernels.attention(q, k, v, gate=g), [q, k, v, g])
+
+    def na2d():
+        pattern = kernels.Neighborhood((128, 128), (33, 33))
+        q, k, v = _randn(1, 12, 128 * 128, 128), _randn(1, 12, 128 * 128, 128), _randn(1, 12, 128 * 128, 128)
+        with torch.no_grad():
+            kernels.attention(q, k, v, pattern)
+
+    def halonet():
+        """scripts/bench_models.py's HaloNet cases on meta tensors (shapes and strides only, data_ptr 0 or the
+        view's byte offset: the divisibility the device's 512-byte-aligned allocations give): batch 256, 256 px,
+        bf16, channels_last, inference and a training step."""
+        import timm
+
+        import zoo  # noqa: F401  (registers the models)
+
+        for name in ("zoo_halonet26t", "zoo_halonet50ts"):
+            model = timm.create_model(name).to(device="meta", dtype=torch.bfloat16)
+            model = model.to(memory_format=torch.channels_last)
+            x = torch.empty(256, 3, 256, 256, device="meta", dtype=torch.bfloat16)
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                model.eval()(x)
+            model.train()(x).float().sum().backward()
+
+    out = dict(halonet=halonet, profile_host=profile_host, skinny2=skinny2, relpos=relpos, agent=agent, bias=bias, gate=gate,
+               na2d=na2d)
+    return out, reset
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device-libtriton", default=None,
+                        help="the device's triton/_C/libtriton.so (from the wheel of the device's Python)")
+    parser.add_argument("--only", default=None, help="comma list of cases (default all)")
+    parser.add_argument("--autotune", default="fast,1", help="ATTNZOO_AUTOTUNE modes whose candidates to compile")
+    args = parser.parse_args(argv)
+    if "TRITON_CACHE_DIR" not in os.environ:
+        raise SystemExit("set TRITON_CACHE_DIR to the path the device will use (group files store absolute paths)")
+    import triton
+
+    if triton.__version__ != "3.6.0":
+        print(f"warning: Triton {triton.__version__} here; the device runs 3.6.0 (cache keys will not match)")
+    install_fake_device(args.device_libtriton)
+    table, reset = cases()
+    names = args.only.split(",") if args.only else list(table)
+    for mode in args.autotune.split(","):
+        os.environ["ATTNZOO_AUTOTUNE"] = mode
+        for name in names:
+            reset()
+            t0 = time.time()
+            before = sum(len(fs) for _, _, fs in os.walk(os.environ["TRITON_CACHE_DIR"]))
+            table[name]()
+            after = sum(len(fs) for _, _, fs in os.walk(os.environ["TRITON_CACHE_DIR"]))
+            print(f"[autotune={mode}] {name}: {time.time() - t0:.0f} s, {after - before} new cache files", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
