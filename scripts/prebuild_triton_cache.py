@@ -208,7 +208,29 @@ def cases():
                 model.eval()(x)
             model.train()(x).float().sum().backward()
 
-    out = dict(halonet=halonet, profile_host=profile_host, skinny2=skinny2, relpos=relpos, agent=agent, bias=bias, gate=gate,
+    def agent_models():
+        """The Agent Attention cases of scripts/bench_models.py on meta tensors: bf16 weights, the agent biases
+        kept in float32 (as under autocast, where they are computed from float32 parameters)."""
+        import timm
+
+        import zoo  # noqa: F401
+        from zoo.layers.agent_attention import AgentAttention
+
+        for name, size, train in (("agent_deit_tiny", 224, True), ("agent_deit_tiny", 1024, False),
+                                  ("agent_swin_tiny", 224, False)):
+            kwargs = {} if size == 224 else {"img_size": size}
+            model = timm.create_model(name, **kwargs).to(device="meta", dtype=torch.bfloat16)
+            for module in model.modules():
+                if isinstance(module, AgentAttention):
+                    for param in module._bias_params():
+                        param.data = param.data.float()
+            x = torch.empty(256, 3, size, size, device="meta", dtype=torch.bfloat16)
+            with torch.no_grad():
+                model.eval()(x)
+            if train:
+                model.train()(x).float().sum().backward()
+
+    out = dict(halonet=halonet, agent_models=agent_models, profile_host=profile_host, skinny2=skinny2, relpos=relpos, agent=agent, bias=bias, gate=gate,
                na2d=na2d)
     return out, reset
 
