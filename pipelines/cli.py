@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """The `zoo` command: parse `argv` (default: sys.argv[1:]), run the subcommand, return its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

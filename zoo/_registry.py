@@ -30,10 +30,12 @@ def register_model(fn: Callable) -> Callable:
 
 
 def is_zoo_model(name: str) -> bool:
+    """True when `name` is a model this zoo registered with timm (timm's own models are not)."""
     return name in _ZOO_MODELS
 
 
 def model_family(name: str) -> str:
+    """The family (paper) a zoo model belongs to, e.g. "halonet", "agent"; ValueError for other names."""
     if name not in _ZOO_MODELS:
         raise ValueError(f"unknown zoo model {name!r}; see zoo.list_models()")
     return _ZOO_MODELS[name]

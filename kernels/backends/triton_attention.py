@@ -918,7 +918,7 @@ _RelPosFunction = _eager_twin("_RelPosFunction", _relpos_fwd_impl, _relpos_setup
 @torch.compiler.assume_constant_result
 def _relpos_in_kernel_enabled() -> bool:
     # default "kernel" (H200: forward 1.9x faster than the low-rank lowering, backward 1.2x slower, a step 13%
-    # faster; benchmarks/kernels_ii_r2.json); "lowrank" keeps the torch lowering to low-rank factors
+    # faster; benchmarks/logs/kernels_ii_r2_cut.log); "lowrank" keeps the torch lowering to low-rank factors
     return os.environ.get("ATTNZOO_RELPOS", "kernel") == "kernel"
 
 

@@ -294,6 +294,9 @@ def train_probes(specs: Sequence[ProbeSpec], train_store: FeatureStore, val_stor
     start_epoch, step = 0, 0
     if cfg.resume and os.path.isfile(ckpt_path):
         start_epoch, step = _load_checkpoint(ckpt_path, runs, gen, signature)
+        if start_epoch > cfg.epochs:
+            raise ValueError(f"checkpoint {ckpt_path!r} has already trained {start_epoch} epochs, more than "
+                             f"train.epochs={cfg.epochs}: use a new output_dir (--output-dir) or train.resume=false")
     train_feats = _Features(train_store, used, device, cfg.preload)
     val_feats = _Features(val_store, used, device, cfg.preload)
 

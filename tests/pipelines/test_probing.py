@@ -370,9 +370,11 @@ def test_grid_trains_in_one_pass_and_resumes(tmp_path):
     m2 = train_probes(specs, train, val, cfg_long, str(out), progress=False)
     assert m2["resumed_from_epoch"] == 4 and len(m2["runs"]["ep"]["history"]) == 6
     assert m2["runs"]["ep"]["history"][:4] == m1["runs"]["ep"]["history"]
-    # a different grid refuses the checkpoint
+    # a different grid refuses the checkpoint, and so does a shorter run (it would report the longer one's results)
     with pytest.raises(ValueError, match="different probe grid"):
         train_probes(specs[:1], train, val, cfg, str(out), progress=False)
+    with pytest.raises(ValueError, match="already trained 6 epochs, more than train.epochs=4"):
+        train_probes(specs, train, val, cfg, str(out), progress=False)
     # LARS works too, and so does reading batches from the memmap instead of preloading: same numbers
     runs = [train_probes(specs[:1], train, val, TrainConfig(epochs=2, batch_size=32, optimizer="lars",
                                                             preload=preload), str(tmp_path / f"lars{preload}"),
