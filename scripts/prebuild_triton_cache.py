@@ -230,7 +230,42 @@ def cases():
             if train:
                 model.train()(x).float().sum().backward()
 
-    out = dict(halonet=halonet, agent_models=agent_models, profile_host=profile_host, skinny2=skinny2, relpos=relpos, agent=agent, bias=bias, gate=gate,
+    def freeswim():
+        """scripts/bench_pipelines.py's full case (Wan2.1-1.3B shape, 960x1664x81) on meta tensors: the refresh
+        and cached steps' kernels (window self-attention on the [window; full] batch and alone, cross-attention)."""
+        import importlib.util
+
+        from pipelines.freeswim.attention import (FreeSwimState, freeswim_attention_scale, freeswim_pattern,
+                                                  freeswim_processors)
+
+        spec = importlib.util.spec_from_file_location("_bench_pipelines", os.path.join(ROOT, "scripts",
+                                                                                      "bench_pipelines.py"))
+        bp = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bp)
+        overrides, height, width, frames, base_h, base_w, text_len = bp.SIZES["full"]
+        config = {**bp.WAN_1_3B, **overrides}
+        model = bp.build_transformer(config, "meta", torch.bfloat16)
+        grid = (1 + (frames - 1) // 4, height // 16, width // 16)
+        x = torch.empty(1, 16, grid[0], 2 * grid[1], 2 * grid[2], device="meta", dtype=torch.bfloat16)
+        t = torch.full((1,), 700.0, device="meta")
+        ctx = torch.empty(1, text_len, config["text_dim"], device="meta", dtype=torch.bfloat16)
+        state = FreeSwimState(pattern=freeswim_pattern(grid, (base_h // 16, base_w // 16)),
+                              scale=freeswim_attention_scale(config["attention_head_dim"]))
+
+        def forward(latents):
+            n = latents.shape[0]
+            return model(hidden_states=latents, timestep=t.expand(n), encoder_hidden_states=ctx.expand(n, -1, -1),
+                         return_dict=False)[0]
+
+        with torch.no_grad(), freeswim_processors(model, state):
+            state.set_mode("dual", store_cross=True)
+            forward(torch.cat([x, x]))
+            state.set_mode("window")
+            forward(x)
+            state.set_mode("reuse")
+            forward(x)
+
+    out = dict(freeswim=freeswim, halonet=halonet, agent_models=agent_models, profile_host=profile_host, skinny2=skinny2, relpos=relpos, agent=agent, bias=bias, gate=gate,
                na2d=na2d)
     return out, reset
 
