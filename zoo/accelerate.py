@@ -106,13 +106,17 @@ def accelerate(model: nn.Module) -> Tuple[nn.Module, AccelerateReport]:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     report = AccelerateReport()
     swappable = tuple(_CONVERTERS)
-    for name, module in list(model.named_modules()):
+    converted = {}  # id(old module) -> its replacement: a module registered under several names is one layer
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         convert = _CONVERTERS.get(type(module))
         if convert is None:
-            if isinstance(module, swappable):
+            if isinstance(module, swappable) and id(module) not in converted:
+                converted[id(module)] = None
                 report.skipped.append((name, f"{_qualname(type(module))} subclasses a swappable timm class"))
             continue
-        new = convert(module)
+        new = converted.get(id(module))
+        if new is None:
+            new = converted[id(module)] = convert(module)
         if name:
             model.set_submodule(name, new)
         else:

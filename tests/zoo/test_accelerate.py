@@ -121,3 +121,17 @@ def test_accelerate_bare_layer_subclass_and_logging(caplog):
 def test_accelerate_rejects_non_module():
     with pytest.raises(TypeError, match="model"):
         zoo.accelerate("halonet26t")
+
+
+def test_accelerate_swaps_every_alias_of_a_shared_layer():
+    """One HaloAttn registered under two names (weight sharing) becomes one HaloAttention under both names."""
+    layer = HaloAttn(16, num_heads=2, block_size=4, halo_size=1).eval()
+    model = torch.nn.Sequential(layer, layer).eval()
+    x = torch.randn(1, 16, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    model, report = zoo.accelerate(model)
+    assert isinstance(model[0], HaloAttention) and model[0] is model[1]
+    assert [s.name for s in report.swapped] == ["0", "1"] and not report.skipped
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)

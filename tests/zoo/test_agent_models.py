@@ -311,3 +311,38 @@ def test_agent_swin_window_follows_the_input_size():
 
     assert windows() == {(7, 7)} and windows(img_size=288) == {(9, 9)} and windows(img_size=384) == {(12, 12)}
     assert windows(img_size=384, window_size=8) == {(8, 8)}
+
+
+@pytest.mark.parametrize("name", ["test_agent_deit", "test_agent_pvt", "test_agent_swin"])
+def test_channels_last_conversion_keeps_outputs_and_checkpoint_layout(name):
+    """timm's --channels-last calls model.to(memory_format=channels_last): the reference's 5-d agent biases must
+    not stop it, and keep their (checkpoint-compatible) shapes."""
+    model = timm.create_model(name).eval()
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, *model.pretrained_cfg["input_size"][1:])
+    with torch.no_grad():
+        ref = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        out = model(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+
+
+def test_bias_cache_is_dropped_by_eval_and_moves():
+    """Writes through `param.data` bypass the version counter the inference cache keys on: `eval()` (or any
+    `.to`) drops the cache, so the next forward sees them."""
+    model = timm.create_model("test_agent_deit").eval()
+    x = torch.randn(1, 3, *model.pretrained_cfg["input_size"][1:])
+    attn = next(m for m in model.modules() if isinstance(m, AgentAttention))
+    with torch.no_grad():
+        model(x)
+        attn.ah_bias.data.add_(1.0)
+        stale = model(x)
+        model.eval()
+        fresh = model(x)
+        model.double().float()
+        again = model(x)
+    uncached = model(x)  # grad enabled: built from the parameters
+    torch.testing.assert_close(fresh, uncached.detach())
+    torch.testing.assert_close(again, uncached.detach())
+    assert not torch.allclose(stale, fresh)

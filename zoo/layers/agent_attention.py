@@ -148,6 +148,23 @@ class AgentAttention(nn.Module):
             if p is not None:
                 trunc_normal_(p, std=0.02)
 
+    def _apply(self, fn, recurse=True):
+        """`Module._apply` with the reference's 5-d bias parameters `(1, h, ...)` handed to `fn` as 4-d views:
+        `model.to(memory_format=torch.channels_last)` (timm's --channels-last) converts 4-d tensors and refuses
+        5-d ones. Also drops the inference bias cache (device, dtype or storage may change)."""
+        self.__dict__.pop("_bias_cache", None)
+
+        def apply(t):
+            if t.dim() == 5 and t.shape[0] == 1:
+                return fn(t[0]).unsqueeze(0)
+            return fn(t)
+
+        return super()._apply(apply, recurse)
+
+    def train(self, mode: bool = True):
+        self.__dict__.pop("_bias_cache", None)  # also a way to drop it after writes through `param.data`
+        return super().train(mode)
+
     def _bias_params(self):
         return [p for p in (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias,
                             self.ac_bias, self.ca_bias) if p is not None]
@@ -156,8 +173,10 @@ class AgentAttention(nn.Module):
         """The two dense additive biases for a query grid `feat_size` and a key grid `kv_size` (default: same).
 
         Without autograd (inference) the result is cached per grid and reused until a bias parameter changes
-        (its storage or its in-place version counter: `load_state_dict`, an optimizer step): the interpolations
-        and sums are ~10 small kernels per layer that only depend on the parameters.
+        (its storage or its in-place version counter: `load_state_dict`, an optimizer step, EMA updates), the
+        module moves (`.to`, `.half`) or `train()`/`eval()` is called: the interpolations and sums are ~10 small
+        kernels per layer that only depend on the parameters. Writes through `param.data` bypass the version
+        counter: call `model.eval()` again after them.
 
         Returns:
             `B1 (1, H, n, P + Hk·Wk)` for agents × keys and `B2 (1, H, P + H·W, n)` for queries × agents,
