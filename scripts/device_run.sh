@@ -1,0 +1,57 @@
+#!/bin/bash
+# One device call: set up the lent GPU machine and run benchmark steps under per-step time limits, logging
+# everything to one file under $OUT (the call returns only a few files; logs behind pipes were lost before).
+#
+#   bash scripts/device_run.sh STEP[:SECONDS] ...      (run through the `device` tool; $OUT is its output folder)
+#
+# Steps: host (scripts/profile_host.py --cprofile 25), kernels (bench_kernels: skinny2,relpos,bias,gate,na2d),
+# models (bench_models, all cases, --profile), halonet (bench_models: the HaloNet cases), agent (bench_models:
+# the Agent cases, inference), pipelines (bench_pipelines), checks (bench_kernels' GPU checks only, via
+# --only gate). Default limit per step: 240 s. Set-up: the wheels in .whl/ (sh ../shared/tools/device-wheels.sh)
+# go to /tmp/site; a carried .device-cache.tgz (scripts/prebuild_triton_cache.py) is unpacked to
+# /tmp/triton-cache, and the log says how many kernels each step had to compile (new cache entries).
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/device-out}"
+mkdir -p "$OUT"
+LOG="$OUT/run.log"
+T0=$(date +%s)
+say() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$LOG"; }
+
+if ls .whl/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl >> "$LOG" 2>&1 || say "wheel install failed"
+fi
+export PYTHONPATH="/tmp/site:$PWD" HF_HUB_OFFLINE=1 TRITON_CACHE_DIR=/tmp/triton-cache \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache ATTNZOO_AUTOTUNE="${ATTNZOO_AUTOTUNE:-fast}"
+mkdir -p /tmp/triton-cache
+[ -f .device-cache.tgz ] && tar xzf .device-cache.tgz -C /tmp
+entries() { ls /tmp/triton-cache | wc -l; }
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
+torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" >> "$LOG" 2>&1
+say "set up; $(entries) cached kernels"
+
+run_step() {
+    local name="${1%%:*}" limit="${1#*:}"
+    [ "$limit" = "$1" ] && limit=240
+    local before; before=$(entries)
+    say "step $name (limit $limit s)"
+    case "$name" in
+        host) timeout "$limit" python3 -u scripts/profile_host.py --cprofile 25 ;;
+        kernels) timeout "$limit" python3 -u scripts/bench_kernels.py --skip-check \
+                 --only skinny2,relpos,bias,gate,na2d --name kernels_run --out "$OUT" ;;
+        checks) timeout "$limit" python3 -u scripts/bench_kernels.py --only gate --name kernels_checks --out "$OUT" ;;
+        models) timeout "$limit" python3 -u scripts/bench_models.py --out "$OUT" --profile "$OUT/prof" ;;
+        halonet) timeout "$limit" python3 -u scripts/bench_models.py --out "$OUT" \
+                 --cases halonet50ts halonet26t "accelerate(halonet26t)" ;;
+        agent) timeout "$limit" python3 -u scripts/bench_models.py --out "$OUT" --modes infer \
+               --cases agent_deit_tiny@224 agent_deit_tiny@1024 agent_swin_tiny@224 ;;
+        pipelines) timeout "$limit" python3 -u scripts/bench_pipelines.py --repeats 1 --out-dir "$OUT" ;;
+        *) echo "unknown step $name" ;;
+    esac >> "$LOG" 2>&1
+    say "step $name rc=$? ($(( $(entries) - before )) kernels compiled)"
+}
+
+for step in "$@"; do run_step "$step"; done
+if [ -d "$OUT/prof" ]; then cat "$OUT"/prof/*.txt > "$OUT/profiles.txt" 2>/dev/null; rm -rf "$OUT/prof"; fi
+say "done"
