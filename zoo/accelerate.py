@@ -88,6 +88,20 @@ _CONVERTERS: Dict[Type[nn.Module], Callable[[nn.Module], nn.Module]] = {
 }
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _keep_hooks(old: nn.Module, new: nn.Module) -> nn.Module:
+    """Hand the old layer's hooks to its replacement: the same dict objects, so the handles a user holds still
+    remove them (feature extractors, `kernels.capture`, profilers registered before the swap keep working)."""
+    for attr in _HOOK_DICTS:
+        hooks = getattr(old, attr, None)
+        if hooks:
+            setattr(new, attr, hooks)
+    return new
+
+
 def accelerate(model: nn.Module) -> Tuple[nn.Module, AccelerateReport]:
     """Swap a timm model's attention layers, in place, for the zoo's equivalents over `kernels.attention`.
 
@@ -116,7 +130,7 @@ def accelerate(model: nn.Module) -> Tuple[nn.Module, AccelerateReport]:
             continue
         new = converted.get(id(module))
         if new is None:
-            new = converted[id(module)] = convert(module)
+            new = converted[id(module)] = _keep_hooks(module, convert(module))
         if name:
             model.set_submodule(name, new)
         else:

@@ -135,3 +135,16 @@ def test_accelerate_swaps_every_alias_of_a_shared_layer():
     assert [s.name for s in report.swapped] == ["0", "1"] and not report.skipped
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_accelerate_keeps_hooks_and_their_handles():
+    layer = HaloAttn(16, num_heads=2, block_size=4, halo_size=1).eval()
+    model = torch.nn.Sequential(layer)
+    seen = []
+    handle = layer.register_forward_hook(lambda m, a, out: seen.append(type(m).__name__))
+    model, _ = zoo.accelerate(model)
+    model(torch.randn(1, 16, 8, 8))
+    assert seen == ["HaloAttention"]
+    handle.remove()
+    model(torch.randn(1, 16, 8, 8))
+    assert seen == ["HaloAttention"]
