@@ -15,7 +15,6 @@ Triton build and the arguments match; any mismatch only costs a normal compile t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import time
@@ -25,14 +24,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 H200_SMS = 132
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def install_fake_device(device_libtriton=None):
@@ -46,7 +37,9 @@ def install_fake_device(device_libtriton=None):
     if device_libtriton:
         local_lib = os.path.join(os.path.dirname(triton.__file__), "_C", "libtriton.so")
         key = tcache.triton_key()
-        local_hash, device_hash = _file_sha256(local_lib), _file_sha256(device_libtriton)
+        from zoo.probes.encoders import _file_digest  # sha256 of a file, in chunks
+
+        local_hash, device_hash = _file_digest(local_lib), _file_digest(device_libtriton)
         if local_hash not in key:
             raise SystemExit("this Triton's cache key does not contain its libtriton hash: unknown Triton layout")
         device_key = key.replace(local_hash, device_hash)

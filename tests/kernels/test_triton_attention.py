@@ -388,14 +388,14 @@ def test_eager_call_bypasses_dispatcher(monkeypatch):
     assert calls == [] and _rel(out.double(), attention_reference(q.double(), q.double(), q.double())) < 2e-3
 
 
-def test_untuned_autotune_skips_configs_that_do_not_fit(monkeypatch):
-    """ATTNZOO_AUTOTUNE=0 takes the first candidate that launches (a config over the GPU's shared memory raises
-    OutOfResources at launch), and remembers it."""
+@pytest.fixture
+def fake_gpu_launches(monkeypatch):
+    """The autotuner as on a GPU, with launches replaced: returns (run, tried) where run(cfg) records cfg and
+    raises OutOfResources (over the H200's shared memory) for the configs named "big"."""
     from triton.runtime.errors import OutOfResources
 
     from kernels.backends import triton_attention as ta
 
-    monkeypatch.setenv("ATTNZOO_AUTOTUNE", "0")
     monkeypatch.setattr(ta, "_interpret", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     tried = []
@@ -405,6 +405,16 @@ def test_untuned_autotune_skips_configs_that_do_not_fit(monkeypatch):
         if cfg == "big":
             raise OutOfResources(335872, 232448, "shared memory")
 
+    return run, tried
+
+
+def test_untuned_autotune_skips_configs_that_do_not_fit(monkeypatch, fake_gpu_launches):
+    """ATTNZOO_AUTOTUNE=0 takes the first candidate that launches (a config over the GPU's shared memory raises
+    OutOfResources at launch), and remembers it."""
+    from kernels.backends import triton_attention as ta
+
+    run, tried = fake_gpu_launches
+    monkeypatch.setenv("ATTNZOO_AUTOTUNE", "0")
     key = ("test-untuned", os.urandom(4))
     assert ta._autotune(key, ["big", "small", "other"], run) == "small"
     assert tried == ["big", "small"] and ta._BEST.pop(key) == "small"
@@ -412,26 +422,16 @@ def test_untuned_autotune_skips_configs_that_do_not_fit(monkeypatch):
         ta._autotune(("test-untuned-none",), ["big", "big"], run)
 
 
-def test_warm_shard_compiles_only_its_share_untimed(monkeypatch):
+def test_warm_shard_compiles_only_its_share_untimed(monkeypatch, fake_gpu_launches):
     """ATTNZOO_WARM=i/n (scripts/warm_triton_cache.py): shard i launches the candidates with index i mod n once
     (no timing), skips those that do not fit, and keeps the first that launched; a malformed spec is an error."""
-    from triton.runtime.errors import OutOfResources
-
     from kernels.backends import triton_attention as ta
 
-    monkeypatch.setattr(ta, "_interpret", lambda: False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    tried = []
-
-    def run(cfg):
-        tried.append(cfg)
-        if cfg == "c1":
-            raise OutOfResources(335872, 232448, "shared memory")
-
+    run, tried = fake_gpu_launches
     monkeypatch.setenv("ATTNZOO_WARM", "1/3")
     key = ("test-warm", os.urandom(4))
-    assert ta._autotune(key, [f"c{i}" for i in range(8)], run) == "c4"
-    assert tried == ["c1", "c4", "c7"] and ta._BEST.pop(key) == "c4"
+    assert ta._autotune(key, ["c0", "big", "c2", "c3", "c4", "c5", "c6", "c7"], run) == "c4"
+    assert tried == ["big", "c4", "c7"] and ta._BEST.pop(key) == "c4"
     for bad in ("3/3", "x", "1/"):
         monkeypatch.setenv("ATTNZOO_WARM", bad)
         with pytest.raises(ValueError, match="ATTNZOO_WARM"):
