@@ -46,6 +46,15 @@ def time_cuda(fn: Callable[[], object], warmup: int = 5, repeats: int = 20, min_
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "n": len(times)}
 
 
+def set_env(**values: Optional[str]) -> None:
+    """Set environment flags read per call (ATTNZOO_SKINNY, ATTNZOO_RELPOS, ...); None removes one."""
+    for key, val in values.items():
+        if val is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = val
+
+
 def peak_memory(fn: Callable[[], object]) -> float:
     """Peak CUDA memory in GiB allocated while running `fn()` once."""
     torch.cuda.synchronize()

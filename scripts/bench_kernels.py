@@ -427,21 +427,12 @@ def bench_skinny(rows):
 # ATTNZOO_RELPOS=lowrank) and its anchor in the same run; three or fewer configs per kernel (fast tune).
 
 
-def _paths(**env):
-    """Set the dispatch env flags for the next calls (None removes one)."""
-    for key, val in env.items():
-        if val is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = val
-
-
 def run_checks_round2():
     """bf16/fp16 GPU checks of the new paths (the interpreter cannot run bf16 dots); asserts each path ran."""
     from kernels.backends import triton_skinny as sk
 
     os.environ["ATTNZOO_AUTOTUNE"] = "0"
-    _paths(ATTNZOO_SKINNY="new", ATTNZOO_RELPOS="kernel")
+    bench.set_env(ATTNZOO_SKINNY="new", ATTNZOO_RELPOS="kernel")
     bf, fp = torch.bfloat16, torch.float16
     hb, hs = kernels.Halo((8, 8), 8, 2), kernels.Halo((4, 4), 8, 3, query_stride=2)
     cases = [  # name, pattern, B, H, HKV, NQ, NK, D, DV, dtype, kwargs, kernels that must run
@@ -472,7 +463,7 @@ def run_checks_round2():
             print(f"check {name}: expected kernels {expect}, ran {sorted(ran)} FAIL", flush=True)
             case_ok = False
         ok = ok and case_ok
-    _paths(ATTNZOO_SKINNY=None)
+    bench.set_env(ATTNZOO_SKINNY=None)
     os.environ.pop("ATTNZOO_AUTOTUNE")
     return ok
 
@@ -514,20 +505,20 @@ def bench_skinny2(rows):
             k, v = [torch.randn(B, H, nk, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv"]
             nbytes = 2 * B * H * D * (2 * nq + 2 * nk)
             fn = lambda: kernels.attention(q, k, v)  # noqa: E731
-            _paths(ATTNZOO_SKINNY="new")
+            bench.set_env(ATTNZOO_SKINNY="new")
             tnf, tnb = _fb(fn, [q, k, v])
             tof = tob = None
             if with_old:
-                _paths(ATTNZOO_SKINNY="old")
+                bench.set_env(ATTNZOO_SKINNY="old")
                 tof, tob = _fb(fn, [q, k, v])
-            _paths(ATTNZOO_SKINNY=None)
+            bench.set_env(ATTNZOO_SKINNY=None)
             taf, tab = _fb(lambda: _sdpa_any(q, k, v), [q, k, v])
             _tb_row(rows, case, "fwd", tnf, tof, taf, nbytes, target=">= 2x SDPA and >= 2.5 TB/s")
             # backward bytes: q, k, v, o, dO read; dq, dk, dv written
             _tb_row(rows, case, "bwd", tnb, tob, tab, 2 * B * H * D * (4 * nq + 4 * nk))
 
         _guarded(rows, case, one)
-    _paths(ATTNZOO_SKINNY=None)
+    bench.set_env(ATTNZOO_SKINNY=None)
     os.environ.pop("ATTNZOO_AUTOTUNE")
 
 
@@ -545,16 +536,16 @@ def bench_relpos(rows):
         th, tw = [(0.125 * torch.randn(23, D, device="cuda", dtype=torch.bfloat16)).requires_grad_() for _ in "hw"]
         plain = lambda: kernels.attention(q, k, v)  # noqa: E731
         rel = lambda: kernels.attention(q, k, v, bias=kernels.RelPosBias(hb, (th, tw)))  # noqa: E731
-        _paths(ATTNZOO_SKINNY="old")
+        bench.set_env(ATTNZOO_SKINNY="old")
         t0f, t0b = _fb(plain, [q, k, v])
-        _paths(ATTNZOO_SKINNY="new")
+        bench.set_env(ATTNZOO_SKINNY="new")
         t1f, t1b = _fb(plain, [q, k, v])
-        _paths(ATTNZOO_RELPOS="lowrank")
+        bench.set_env(ATTNZOO_RELPOS="lowrank")
         tlf, tlb = _fb(rel, [q, k, v, th, tw])
-        _paths(ATTNZOO_RELPOS="kernel")
+        bench.set_env(ATTNZOO_RELPOS="kernel")
         tkf, tkb = _fb(rel, [q, k, v, th, tw])
-        _paths(ATTNZOO_RELPOS=None)
-        _paths(ATTNZOO_SKINNY=None)
+        bench.set_env(ATTNZOO_RELPOS=None)
+        bench.set_env(ATTNZOO_SKINNY=None)
         for direction, tk, tl_, t0, t1 in (("fwd", tkf, tlf, t0f, t1f), ("bwd", tkb, tlb, t0b, t1b)):
             base = min(t0, t1)
             row = dict(case=case, direction=direction, ours_ms=tk, lowrank_ms=tl_, nobias_old_ms=t0, nobias_new_ms=t1,
@@ -565,7 +556,7 @@ def bench_relpos(rows):
                   f"new {t1:8.3f} ms  ratio {tk / base:.3f} (low-rank {tl_ / base:.3f})", flush=True)
 
     _guarded(rows, case, one)
-    _paths(ATTNZOO_SKINNY=None, ATTNZOO_RELPOS=None)
+    bench.set_env(ATTNZOO_SKINNY=None, ATTNZOO_RELPOS=None)
     os.environ.pop("ATTNZOO_AUTOTUNE")
 
 
@@ -585,18 +576,18 @@ def bench_agent(rows):
                 bias = 0.02 * torch.randn(1, H, nq, nk, device="cuda", dtype=torch.bfloat16)
                 fn = lambda: kernels.attention(q, k, v, bias=bias)  # noqa: E731
                 with torch.no_grad():
-                    _paths(ATTNZOO_SKINNY="new")
+                    bench.set_env(ATTNZOO_SKINNY="new")
                     t_new = _time(fn)
-                    _paths(ATTNZOO_SKINNY="old")
+                    bench.set_env(ATTNZOO_SKINNY="old")
                     t_old = _time(fn)
-                    _paths(ATTNZOO_SKINNY=None)
+                    bench.set_env(ATTNZOO_SKINNY=None)
                     t_sdpa = _time(lambda: torch.nn.functional.scaled_dot_product_attention(
                         q, k, v, attn_mask=bias.expand(B, H, nq, nk)))
                 nbytes = 2 * B * H * D * (2 * nq + 2 * nk) + bias.numel() * 2
                 _tb_row(rows, case, "fwd", t_new, t_old, t_sdpa, nbytes)
 
             _guarded(rows, case, one)
-    _paths(ATTNZOO_SKINNY=None)
+    bench.set_env(ATTNZOO_SKINNY=None)
     os.environ.pop("ATTNZOO_AUTOTUNE")
 
 

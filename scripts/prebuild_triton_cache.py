@@ -86,19 +86,12 @@ def _fb(fn, leaves):
         torch.autograd.grad(out, leaves, torch.randn_like(out))
 
 
-def _env(**kv):
-    for k, v in kv.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 def cases():
     """name -> callable: the calls of scripts/profile_host.py and scripts/bench_kernels.py (skinny2, relpos,
     agent, bias, gate, na2d), forward and backward where those benches time both."""
     import kernels
     from kernels.backends import triton_attention as ta
+    from pipelines.benchmark import set_env
 
     def reset():
         ta._BEST.clear()
@@ -120,9 +113,9 @@ def cases():
         for nq, nk, with_old in [(16384, 64, True), (16384, 128, False), (16384, 256, False), (49, 4096, True)]:
             q, k, v = _randn(8, 8, nq, 64, grad=True), _randn(8, 8, nk, 64, grad=True), _randn(8, 8, nk, 64, grad=True)
             for mode in ("new", "old") if with_old else ("new",):
-                _env(ATTNZOO_SKINNY=mode)
+                set_env(ATTNZOO_SKINNY=mode)
                 _fb(lambda: kernels.attention(q, k, v), [q, k, v])
-            _env(ATTNZOO_SKINNY=None)
+            set_env(ATTNZOO_SKINNY=None)
 
     def relpos():
         hb = kernels.Halo((8, 8), 8, 2)
@@ -130,13 +123,13 @@ def cases():
         k, v = _randn(512, 8, 144, 64, grad=True), _randn(512, 8, 144, 64, grad=True)
         th, tw = _randn(23, 64, grad=True), _randn(23, 64, grad=True)
         for mode in ("old", "new"):
-            _env(ATTNZOO_SKINNY=mode)
+            set_env(ATTNZOO_SKINNY=mode)
             _fb(lambda: kernels.attention(q, k, v), [q, k, v])
-        _env(ATTNZOO_SKINNY="new")
+        set_env(ATTNZOO_SKINNY="new")
         for mode in ("lowrank", "kernel"):
-            _env(ATTNZOO_RELPOS=mode)
+            set_env(ATTNZOO_RELPOS=mode)
             _fb(lambda: kernels.attention(q, k, v, bias=kernels.RelPosBias(hb, (th, tw))), [q, k, v, th, tw])
-        _env(ATTNZOO_SKINNY=None, ATTNZOO_RELPOS=None)
+        set_env(ATTNZOO_SKINNY=None, ATTNZOO_RELPOS=None)
 
     def agent():
         for N in (197, 4097):
@@ -145,9 +138,9 @@ def cases():
                 bias = 0.02 * _randn(1, 3, nq, nk)
                 with torch.no_grad():
                     for mode in ("new", "old"):
-                        _env(ATTNZOO_SKINNY=mode)
+                        set_env(ATTNZOO_SKINNY=mode)
                         kernels.attention(q, k, v, bias=bias)
-        _env(ATTNZOO_SKINNY=None)
+        set_env(ATTNZOO_SKINNY=None)
 
     def bias():
         for B, H, N, D in [(1, 16, 4096, 128), (2, 16, 4096, 64)]:

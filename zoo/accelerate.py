@@ -121,11 +121,12 @@ def accelerate(model: nn.Module) -> Tuple[nn.Module, AccelerateReport]:
     report = AccelerateReport()
     swappable = tuple(_CONVERTERS)
     converted = {}  # id(old module) -> its replacement: a module registered under several names is one layer
+    skipped = set()
     for name, module in list(model.named_modules(remove_duplicate=False)):
         convert = _CONVERTERS.get(type(module))
         if convert is None:
-            if isinstance(module, swappable) and id(module) not in converted:
-                converted[id(module)] = None
+            if isinstance(module, swappable) and id(module) not in skipped:
+                skipped.add(id(module))
                 report.skipped.append((name, f"{_qualname(type(module))} subclasses a swappable timm class"))
             continue
         new = converted.get(id(module))
