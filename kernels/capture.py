@@ -93,22 +93,23 @@ def _stack() -> list:
     return stack
 
 
+def _open_frames():
+    """This thread's frames of still-open captures, innermost first (a capture closed from another thread leaves
+    its frames on this thread's stack until the module returns)."""
+    return (f for f in reversed(getattr(_LOCAL, "stack", None) or ()) if f.capture.active)
+
+
 def current_frame() -> Optional[_Frame]:
-    """The innermost selected module running in this thread under a capture that is still open, or None (a
-    capture closed from another thread leaves its frames on this thread's stack until the module returns)."""
-    stack = getattr(_LOCAL, "stack", None)
-    for frame in reversed(stack or ()):
-        if frame.capture.active:
-            return frame
-    return None
+    """The innermost selected module running in this thread under an open capture, or None."""
+    return next(_open_frames(), None)
 
 
 def handling_frames() -> List[_Frame]:
     """For each open capture with a selected module running in this thread, its innermost frame (innermost
     first): the captures a `kernels.attention` call made now belongs to."""
     frames, seen = [], set()
-    for frame in reversed(getattr(_LOCAL, "stack", None) or ()):
-        if frame.capture.active and id(frame.capture) not in seen:
+    for frame in _open_frames():
+        if id(frame.capture) not in seen:
             seen.add(id(frame.capture))
             frames.append(frame)
     return frames
