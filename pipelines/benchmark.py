@@ -46,6 +46,52 @@ def time_cuda(fn: Callable[[], object], warmup: int = 5, repeats: int = 20, min_
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "n": len(times)}
 
 
+def time_cuda_graph(fn: Callable[[], object], warmup: int = 3, repeats: int = 20, target_ms: float = 2.0) -> dict:
+    """Median/min/max milliseconds of one `fn()` on the GPU alone: `fn` is captured into a CUDA graph (several
+    calls per graph, about `target_ms` of work) and each replay is timed with CUDA events.
+
+    For kernel benchmarks (the device's METHOD.md: "for many small launches, capture a graph and time its
+    replays"): a call's host-side launch cost drops out, so a kernel shorter than its launch is timed by its
+    GPU work and not by the host's. `fn` must be capturable (no host synchronisation, no CPU-to-GPU copies
+    after the warm-up, which also settles autotuning). Model and pipeline benchmarks keep `time_cuda`: there the
+    host's cost is part of what a user waits for.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("time_cuda_graph needs a CUDA device; speeds measured on a CPU are not results")
+    if os.environ.get("ATTNZOO_WARM"):
+        return time_cuda(fn)
+    stream = torch.cuda.current_stream()
+    if stream == torch.cuda.default_stream():
+        raise RuntimeError("time_cuda_graph: run it under `with torch.cuda.stream(side_stream):` (capture and "
+                           "warm-up need a non-default stream; an autograd backward captures only when its "
+                           "forward ran on that stream too)")
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    per_graph = max(1, min(100, int(target_ms / max(start.elapsed_time(end), 1e-3))))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(per_graph):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for s, e in events:
+        s.record()
+        graph.replay()
+        e.record()
+    torch.cuda.synchronize()
+    times = [s.elapsed_time(e) / per_graph for s, e in events]
+    del graph
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "n": len(times),
+            "calls_per_graph": per_graph}
+
+
 def set_env(**values: Optional[str]) -> None:
     """Set environment flags read per call (ATTNZOO_SKINNY, ATTNZOO_RELPOS, ...); None removes one."""
     for key, val in values.items():

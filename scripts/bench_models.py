@@ -119,6 +119,8 @@ def profile_step(model, fn, path: str, steps: int = 3) -> dict:
     attn_us = max([e.device_time_total for e in events if e.key == "attention_layer"] or [0.0])
     with open(path, "w") as f:
         f.write(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90))
+        f.write("\n\nhost (CPU) side, by self CPU time:\n")
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90))
     return {"gpu_ms_per_step": kernel_us / steps / 1e3, "attention_fwd_ms_per_step": attn_us / steps / 1e3,
             "attention_fwd_share": attn_us / kernel_us if kernel_us else None}
 

@@ -4,9 +4,10 @@
 #
 #   bash scripts/device_run.sh STEP[:SECONDS] ...      (run through the `device` tool; $OUT is its output folder)
 #
-# Steps: host (scripts/profile_host.py --cprofile 25), kernels (bench_kernels: skinny2,relpos,bias,gate,na2d),
+# Steps: host (scripts/profile_host.py --cprofile 25), kernels (bench_kernels: $KERNELS_ONLY, default
+# skinny2,relpos,bias,gate,na2d),
 # models (bench_models, all cases, --profile), halonet (bench_models: the HaloNet cases), agent (bench_models:
-# the Agent cases, inference), pipelines (bench_pipelines), checks (bench_kernels' GPU checks only, via
+# the Agent cases, inference, --profile), pipelines (bench_pipelines), checks (bench_kernels' GPU checks only, via
 # --only gate). Default limit per step: 240 s. Set-up: the wheels in .whl/ (sh ../shared/tools/device-wheels.sh)
 # go to /tmp/site; a carried .device-cache.tgz (scripts/prebuild_triton_cache.py) is unpacked to
 # /tmp/triton-cache, and the log says how many kernels each step had to compile (new cache entries).
@@ -39,12 +40,12 @@ run_step() {
     case "$name" in
         host) timeout "$limit" python3 -u scripts/profile_host.py --cprofile 25 ;;
         kernels) timeout "$limit" python3 -u scripts/bench_kernels.py --skip-check \
-                 --only skinny2,relpos,bias,gate,na2d --name kernels_run --out "$OUT" ;;
+                 --only "${KERNELS_ONLY:-skinny2,relpos,bias,gate,na2d}" --name kernels_run --out "$OUT" ;;
         checks) timeout "$limit" python3 -u scripts/bench_kernels.py --only gate --name kernels_checks --out "$OUT" ;;
         models) timeout "$limit" python3 -u scripts/bench_models.py --out "$OUT" --profile "$OUT/prof" ;;
         halonet) timeout "$limit" python3 -u scripts/bench_models.py --out "$OUT" \
                  --cases halonet50ts halonet26t "accelerate(halonet26t)" ;;
-        agent) timeout "$limit" python3 -u scripts/bench_models.py --out "$OUT" --modes infer \
+        agent) timeout "$limit" python3 -u scripts/bench_models.py --out "$OUT" --modes infer --profile "$OUT/prof" \
                --cases agent_deit_tiny@224 agent_deit_tiny@1024 agent_swin_tiny@224 ;;
         pipelines) timeout "$limit" python3 -u scripts/bench_pipelines.py --repeats 1 --out-dir "$OUT" ;;
         *) echo "unknown step $name" ;;

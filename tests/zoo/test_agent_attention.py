@@ -162,6 +162,24 @@ def test_inference_bias_cache_follows_parameter_changes():
         assert b1.requires_grad and b1 is not m.agent_bias((4, 4))[0]
 
 
+def test_bias_cache_survives_repeated_eval_and_is_dropped_by_a_mode_switch():
+    """Benchmarks call `model.eval()` every step: that must not rebuild the biases; `train().eval()` must, so
+    writes through `param.data` (no version bump) can be picked up."""
+    m = _module(16, 2, 4, (5, 6), prefix=1)
+    _randomize(m)
+    m.eval()
+    with torch.no_grad():
+        first = m.agent_bias((7, 3))
+        m.eval()
+        assert m.agent_bias((7, 3))[0] is first[0]
+        m.an_bias.data.add_(1.0)  # bypasses the version counter: still the old cache
+        assert m.agent_bias((7, 3))[0] is first[0]
+        m.train().eval()
+        fresh = m.agent_bias((7, 3))
+        assert fresh[0] is not first[0]
+        torch.testing.assert_close(fresh[0], m._agent_bias((7, 3), (7, 3))[0], rtol=0, atol=0)
+
+
 def test_rows_of_both_steps_sum_to_one():
     """Constant values V = c: the output is c iff every row of both attention steps sums to one."""
     m = _module(24, 3, 9, (6, 6), prefix=1)

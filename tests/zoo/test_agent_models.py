@@ -328,9 +328,9 @@ def test_channels_last_conversion_keeps_outputs_and_checkpoint_layout(name):
     assert {k: v.shape for k, v in model.state_dict().items()} == shapes
 
 
-def test_bias_cache_is_dropped_by_eval_and_moves():
-    """Writes through `param.data` bypass the version counter the inference cache keys on: `eval()` (or any
-    `.to`) drops the cache, so the next forward sees them."""
+def test_bias_cache_is_dropped_by_mode_switches_and_moves():
+    """Writes through `param.data` bypass the version counter the inference cache keys on: `train().eval()` (or
+    any `.to`) drops the cache, so the next forward sees them."""
     model = timm.create_model("test_agent_deit").eval()
     x = torch.randn(1, 3, *model.pretrained_cfg["input_size"][1:])
     attn = next(m for m in model.modules() if isinstance(m, AgentAttention))
@@ -338,7 +338,7 @@ def test_bias_cache_is_dropped_by_eval_and_moves():
         model(x)
         attn.ah_bias.data.add_(1.0)
         stale = model(x)
-        model.eval()
+        model.train().eval()
         fresh = model(x)
         model.double().float()
         again = model(x)

@@ -162,7 +162,8 @@ class AgentAttention(nn.Module):
         return super()._apply(apply, recurse)
 
     def train(self, mode: bool = True):
-        self.__dict__.pop("_bias_cache", None)  # also a way to drop it after writes through `param.data`
+        if mode or self.training:  # a switch, or training (no cache then): `model.train().eval()` clears it
+            self.__dict__.pop("_bias_cache", None)
         return super().train(mode)
 
     def _bias_params(self):
@@ -174,9 +175,10 @@ class AgentAttention(nn.Module):
 
         Without autograd (inference) the result is cached per grid and reused until a bias parameter changes
         (its storage or its in-place version counter: `load_state_dict`, an optimizer step, EMA updates), the
-        module moves (`.to`, `.half`) or `train()`/`eval()` is called: the interpolations and sums are ~10 small
-        kernels per layer that only depend on the parameters. Writes through `param.data` bypass the version
-        counter: call `model.eval()` again after them.
+        module moves (`.to`, `.half`) or switches between `train()` and `eval()` (an `eval()` on a module in eval
+        mode keeps it: benchmarks call it every step): the interpolations and sums are ~10 small kernels per
+        layer that only depend on the parameters. Writes through `param.data` bypass the version counter: call
+        `model.train().eval()` after them.
 
         Returns:
             `B1 (1, H, n, P + Hk·Wk)` for agents × keys and `B2 (1, H, P + H·W, n)` for queries × agents,
@@ -227,7 +229,8 @@ class AgentAttention(nn.Module):
 
         # agents: the grid queries (channels ordered head-major, as the projection lays them out), pooled to √n×√n
         q_grid = q[:, :, P:].transpose(-1, -2).reshape(B, C, H, W)
-        agents = self.pool(q_grid).reshape(B, h, d, self.agent_num).transpose(-1, -2)  # (B, h, n, d)
+        # (B, h, n, d), made contiguous once here: both attention calls need its last dim dense
+        agents = self.pool(q_grid).reshape(B, h, d, self.agent_num).transpose(-1, -2).contiguous()
 
         bias1, bias2 = self.agent_bias((H, W), kv_size)
         agent_v = kernels.attention(agents, k, v, bias=bias1, backend=self.backend)  # (B, h, n, d)
@@ -238,7 +241,12 @@ class AgentAttention(nn.Module):
         if kv_size != (H, W):
             v_grid = F.interpolate(v_grid, size=(H, W), mode="bilinear", align_corners=False)
         local = self.dwc(v_grid).flatten(2).transpose(1, 2)  # (B, H·W, C)
-        x = torch.cat([x[:, :P], x[:, P:] + local], dim=1) if P else x + local
+        if P:  # add in place on the grid rows (a cat would copy the whole sequence)
+            if h == 1:  # then the reshape above is a view of the kernel's output, which its backward keeps
+                x = x.clone()
+            x[:, P:] += local
+        else:
+            x = x + local
         return self.proj_drop(self.proj(x))
 
     def extra_repr(self) -> str:
