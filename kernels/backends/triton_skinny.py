@@ -28,7 +28,7 @@ per kernel (tests assert that the new paths run).
 from __future__ import annotations
 
 import collections
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -56,55 +56,55 @@ def _ld(base, offs_r, stride_r, offs_c, NR, NC: tl.constexpr, BLOCK_C: tl.conste
 
 
 @triton.jit
-def _rel_key_onehots(offs_n, NK, WIN, BLOCK_W: tl.constexpr):
-    """(BLOCK_W, BLOCK_N) one-hots of each key's window row (n // WIN) and column (n % WIN)."""
-    c = tl.arange(0, BLOCK_W)
-    ok = (offs_n < NK)[None, :]
-    kh = ((offs_n // WIN)[None, :] == c[:, None]) & ok
-    kw = ((offs_n % WIN)[None, :] == c[:, None]) & ok
-    return kh, kw
-
-
-@triton.jit
-def _rel_operands(RH, RW, stride_rt, offs_n, offs_d, NT, NK, WIN, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, HAS_REL: tl.constexpr):
-    """The in-kernel rel-pos operands of a program: the two tables `(BLOCK_T, BLOCK_D)` and the keys' one-hot
-    window rows/columns; without HAS_REL, placeholders (`_keys_logits` takes them either way)."""
+def _rel_tables(RH, RW, stride_rt, offs_d, NT, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                HAS_REL: tl.constexpr):
+    """The in-kernel rel-pos tables `(BLOCK_T, BLOCK_D)` of a program; without HAS_REL, placeholders."""
     if HAS_REL:
         offs_t = tl.arange(0, BLOCK_T)
-        rh = _ld(RH, offs_t, stride_rt, offs_d, NT, D, BLOCK_D)
-        rw = _ld(RW, offs_t, stride_rt, offs_d, NT, D, BLOCK_D)
-        kh, kw = _rel_key_onehots(offs_n, NK, WIN, BLOCK_W)
-        return rh, rw, kh.to(rh.dtype), kw.to(rh.dtype)
+        return _ld(RH, offs_t, stride_rt, offs_d, NT, D, BLOCK_D), _ld(RW, offs_t, stride_rt, offs_d, NT, D, BLOCK_D)
     else:
-        return 0.0, 0.0, 0.0, 0.0
+        return 0.0, 0.0
 
 
 @triton.jit
 def _rel_query_factors(q, rh, rw, offs_m, QB, WIN, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
-                       DOT_PREC: tl.constexpr):
-    """(BM, BLOCK_W) twice: u_a[m, c] = q_m · R_a[c - pos_a(m) + WIN - 1] for c < WIN (garbage, finite, above)."""
-    th = tl.dot(q, tl.trans(rh), input_precision=DOT_PREC)  # (BM, BLOCK_T) fp32
-    tw = tl.dot(q, tl.trans(rw), input_precision=DOT_PREC)
-    c = tl.arange(0, BLOCK_W)
-    sh = WIN - 1 - offs_m // QB  # shift of the row axis (qy)
-    sw = WIN - 1 - offs_m % QB  # shift of the column axis (qx)
-    ih = tl.minimum(tl.maximum(c[None, :] + sh[:, None], 0), BLOCK_T - 1)
-    iw = tl.minimum(tl.maximum(c[None, :] + sw[:, None], 0), BLOCK_T - 1)
-    return tl.gather(th, ih, 1), tl.gather(tw, iw, 1)
+                       HAS_REL: tl.constexpr, DOT_PREC: tl.constexpr):
+    """(BM, BLOCK_W) twice, in q's dtype: u_a[m, c] = q_m · R_a[c - pos_a(m) + WIN - 1] for c < WIN (garbage,
+    finite, above); one per query block, shared by its key chunks. Without HAS_REL, placeholders."""
+    if HAS_REL:
+        th = tl.dot(q, tl.trans(rh), input_precision=DOT_PREC)  # (BM, BLOCK_T) fp32
+        tw = tl.dot(q, tl.trans(rw), input_precision=DOT_PREC)
+        c = tl.arange(0, BLOCK_W)
+        sh = WIN - 1 - offs_m // QB  # shift of the row axis (qy)
+        sw = WIN - 1 - offs_m % QB  # shift of the column axis (qx)
+        ih = tl.minimum(tl.maximum(c[None, :] + sh[:, None], 0), BLOCK_T - 1)
+        iw = tl.minimum(tl.maximum(c[None, :] + sw[:, None], 0), BLOCK_T - 1)
+        return tl.gather(th, ih, 1).to(q.dtype), tl.gather(tw, iw, 1).to(q.dtype)
+    else:
+        return 0.0, 0.0
 
 
 @triton.jit
-def _keys_logits(q, k, kh, kw, rh, rw, rel_scale, qk_scale, b_base, offs_m, offs_n, rows, col_ok, stride_bm,
-                 stride_bn, QB: tl.constexpr, WIN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
-                 HAS_REL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Base-2 logits of one query block against the resident keys: q·kᵀ, the in-kernel rel-pos term, the bias
-    (shared by the forward and the backward of the few-keys kernel)."""
+def _rel_key_onehots(offs_n, NK, WIN, dtype: tl.constexpr, BLOCK_W: tl.constexpr, HAS_REL: tl.constexpr):
+    """(BLOCK_W, BLOCK_N) one-hots of each key's window row (n // WIN) and column (n % WIN), in `dtype`."""
+    if HAS_REL:
+        c = tl.arange(0, BLOCK_W)
+        ok = (offs_n < NK)[None, :]
+        kh = ((offs_n // WIN)[None, :] == c[:, None]) & ok
+        kw = ((offs_n % WIN)[None, :] == c[:, None]) & ok
+        return kh.to(dtype), kw.to(dtype)
+    else:
+        return 0.0, 0.0
+
+
+@triton.jit
+def _keys_logits(q, k, uh, uw, kh, kw, rel_scale, qk_scale, b_base, offs_m, offs_n, rows, col_ok, stride_bm,
+                 stride_bn, HAS_REL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Base-2 logits of one query block against one chunk of keys: q·kᵀ, the in-kernel rel-pos term (query
+    factors u, key one-hots), the bias (shared by the forward and the backward of the few-keys kernel)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if HAS_REL:
-        uh, uw = _rel_query_factors(q, rh, rw, offs_m, QB, WIN, BLOCK_T, BLOCK_W, DOT_PREC)
-        rel = tl.dot(uh.to(q.dtype), kh, input_precision=DOT_PREC) + tl.dot(uw.to(q.dtype), kw,
-                                                                              input_precision=DOT_PREC)
+        rel = tl.dot(uh, kh, input_precision=DOT_PREC) + tl.dot(uw, kw, input_precision=DOT_PREC)
         s += rel * (rel_scale * 1.4426950408889634)
     if HAS_BIAS:
         b_ptrs = b_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
@@ -154,47 +154,55 @@ def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
               stride_gb, stride_gh, stride_gn, stride_gd, stride_rt,
               BH, H, GROUP, NQ, NK, NQB, ITEMS, CHUNKS, NT, QB, WIN, qk_scale, rel_scale,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
-              RESIDENT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_REL: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              KEY_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
+              BLOCK_W: tl.constexpr, RESIDENT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr,
+              HAS_REL: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Few keys: the keys of a (b, h) in KEY_CHUNKS chunks of BLOCK_N (one chunk: K/V kept in registers across a
+    RESIDENT program's query blocks; several: a flash loop with an online softmax, for key counts whose
+    power-of-two tile would be mostly padding or too large for the registers)."""
     pid = tl.program_id(0)
     bh0, lo, hi = _item_range(pid, BH, NQB, ITEMS, CHUNKS, RESIDENT)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    col_ok = offs_n < NK
-    if RESIDENT:
+    cols = offs_dv < DV
+    if RESIDENT:  # the host sets RESIDENT only with KEY_CHUNKS == 1
         b0 = (bh0 // H).to(tl.int64)
         hk0 = ((bh0 % H) // GROUP).to(tl.int64)
-        k = _ld(K + b0 * stride_kb + hk0 * stride_kh, offs_n, stride_kn, offs_d, NK, D, BLOCK_D)
-        v = _ld(V + b0 * stride_vb + hk0 * stride_vh, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV)
-    rh, rw, kh, kw = _rel_operands(RH, RW, stride_rt, offs_n, offs_d, NT, NK, WIN, D, BLOCK_D, BLOCK_T, BLOCK_W,
-                                   HAS_REL)
+        k_res = _ld(K + b0 * stride_kb + hk0 * stride_kh, offs_n, stride_kn, offs_d, NK, D, BLOCK_D)
+        v_res = _ld(V + b0 * stride_vb + hk0 * stride_vh, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV)
+    rh, rw = _rel_tables(RH, RW, stride_rt, offs_d, NT, D, BLOCK_D, BLOCK_T, HAS_REL)
     for it in range(lo, hi):
         bh = it // NQB
         mb = it % NQB
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
-        if not RESIDENT:
-            hk = h // GROUP
-            k = _ld(K + b * stride_kb + hk * stride_kh, offs_n, stride_kn, offs_d, NK, D, BLOCK_D)
-            v = _ld(V + b * stride_vb + hk * stride_vh, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV)
+        hk = h // GROUP
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = offs_m < NQ
         q = _ld(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, NQ, D, BLOCK_D)
-        s = _keys_logits(q, k, kh, kw, rh, rw, rel_scale, qk_scale, BIAS + b * stride_bb + h * stride_bh, offs_m,
-                         offs_n, rows, col_ok, stride_bm, stride_bn, QB, WIN, BLOCK_T, BLOCK_W, HAS_REL, HAS_BIAS,
-                         DOT_PREC)
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_i = tl.max(s, 1)
+        uh, uw = _rel_query_factors(q, rh, rw, offs_m, QB, WIN, BLOCK_T, BLOCK_W, HAS_REL, DOT_PREC)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        for c in range(0, KEY_CHUNKS):
+            offs_nc = c * BLOCK_N + offs_n
+            col_ok = offs_nc < NK
+            if RESIDENT:
+                k = k_res
+                v = v_res
+            else:
+                k = _ld(K + b * stride_kb + hk * stride_kh, offs_nc, stride_kn, offs_d, NK, D, BLOCK_D)
+                v = _ld(V + b * stride_vb + hk * stride_vh, offs_nc, stride_vn, offs_dv, NK, DV, BLOCK_DV)
+            kh, kw = _rel_key_onehots(offs_nc, NK, WIN, Q.dtype.element_ty, BLOCK_W, HAS_REL)
+            s = _keys_logits(q, k, uh, uw, kh, kw, rel_scale, qk_scale, BIAS + b * stride_bb + h * stride_bh,
+                             offs_m, offs_nc, rows, col_ok, stride_bm, stride_bn, HAS_REL, HAS_BIAS, DOT_PREC)
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+            acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, v, True, DOT_PREC)
         m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
-        p = tl.math.exp2(s - m_use[:, None])
-        l_i = tl.sum(p, 1)
         seen = l_i > 0.0
-        acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
         lse = tl.where(seen, (m_use + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        cols = offs_dv < DV
         if HAS_GATE:
             g_ptrs = GATE + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd
             g = tl.load(g_ptrs, mask=rows[:, None] & cols[None, :], other=0.0).to(tl.float32)
@@ -218,25 +226,27 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
               stride_dvs, stride_dvb, stride_dvh, stride_dvn, stride_rt,
               BH, H, GROUP, NQ, NK, NQB, ITEMS, CHUNKS, NT, QB, WIN, qk_scale, sm_scale, rel_scale,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
-              RESIDENT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DB: tl.constexpr, HAS_GATE: tl.constexpr,
-              GATE_ELEM: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_REL: tl.constexpr, DOT_PREC: tl.constexpr):
+              KEY_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
+              BLOCK_W: tl.constexpr, RESIDENT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DB: tl.constexpr,
+              HAS_GATE: tl.constexpr, GATE_ELEM: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_REL: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """Few-keys backward, one fused kernel. RESIDENT (one key chunk): dK/dV of a (b, h) accumulate over the
+    program's query blocks. Otherwise every (b, h) has one query block (the host's rule), and each key chunk's
+    dK/dV are final when written."""
     pid = tl.program_id(0)
     bh0, lo, hi = _item_range(pid, BH, NQB, ITEMS, CHUNKS, RESIDENT)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    col_ok = offs_n < NK
     cols = offs_dv < DV
     if RESIDENT:
         b0 = (bh0 // H).to(tl.int64)
         h0 = (bh0 % H).to(tl.int64)
-        k = _ld(K + b0 * stride_kb + (h0 // GROUP) * stride_kh, offs_n, stride_kn, offs_d, NK, D, BLOCK_D)
-        v = _ld(V + b0 * stride_vb + (h0 // GROUP) * stride_vh, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV)
+        k_res = _ld(K + b0 * stride_kb + (h0 // GROUP) * stride_kh, offs_n, stride_kn, offs_d, NK, D, BLOCK_D)
+        v_res = _ld(V + b0 * stride_vb + (h0 // GROUP) * stride_vh, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    rh, rw, kh, kw = _rel_operands(RH, RW, stride_rt, offs_n, offs_d, NT, NK, WIN, D, BLOCK_D, BLOCK_T, BLOCK_W,
-                                   HAS_REL)
+    rh, rw = _rel_tables(RH, RW, stride_rt, offs_d, NT, D, BLOCK_D, BLOCK_T, HAS_REL)
     if HAS_REL:
         offs_t = tl.arange(0, BLOCK_T)
         drh = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
@@ -246,12 +256,7 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
         mb = it % NQB
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
-        if not RESIDENT:
-            hk = h // GROUP
-            k = _ld(K + b * stride_kb + hk * stride_kh, offs_n, stride_kn, offs_d, NK, D, BLOCK_D)
-            v = _ld(V + b * stride_vb + hk * stride_vh, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV)
-            dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-            dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+        hk = h // GROUP
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = offs_m < NQ
         q = _ld(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, NQ, D, BLOCK_D)
@@ -269,17 +274,49 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
             delta -= tl.load(DLSE + bh.to(tl.int64) * NQ + offs_m, mask=rows, other=0.0)
         lse = tl.load(LSE + bh.to(tl.int64) * NQ + offs_m, mask=rows, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        s = _keys_logits(q, k, kh, kw, rh, rw, rel_scale, qk_scale, BIAS + b * stride_bb + h * stride_bh, offs_m,
-                         offs_n, rows, col_ok, stride_bm, stride_bn, QB, WIN, BLOCK_T, BLOCK_W, HAS_REL, HAS_BIAS,
-                         DOT_PREC)
-        p = tl.math.exp2(s - lse2[:, None])
-        p = tl.where(col_ok[None, :], p, 0.0)
-        dp = tl.dot(doe, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        ds_lp = ds.to(q.dtype)
-        dq = tl.dot(ds_lp, k, input_precision=DOT_PREC) * sm_scale
+        uh, uw = _rel_query_factors(q, rh, rw, offs_m, QB, WIN, BLOCK_T, BLOCK_W, HAS_REL, DOT_PREC)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         if HAS_REL:
-            dth, dtw = _rel_table_grads(ds_lp, kh, kw, offs_m, QB, WIN, rel_scale, BLOCK_T, BLOCK_W, DOT_PREC)
+            dth = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
+            dtw = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
+        for c in range(0, KEY_CHUNKS):
+            offs_nc = c * BLOCK_N + offs_n
+            col_ok = offs_nc < NK
+            if RESIDENT:
+                k = k_res
+                v = v_res
+            else:
+                k = _ld(K + b * stride_kb + hk * stride_kh, offs_nc, stride_kn, offs_d, NK, D, BLOCK_D)
+                v = _ld(V + b * stride_vb + hk * stride_vh, offs_nc, stride_vn, offs_dv, NK, DV, BLOCK_DV)
+            kh, kw = _rel_key_onehots(offs_nc, NK, WIN, Q.dtype.element_ty, BLOCK_W, HAS_REL)
+            s = _keys_logits(q, k, uh, uw, kh, kw, rel_scale, qk_scale, BIAS + b * stride_bb + h * stride_bh,
+                             offs_m, offs_nc, rows, col_ok, stride_bm, stride_bn, HAS_REL, HAS_BIAS, DOT_PREC)
+            p = tl.math.exp2(s - lse2[:, None])
+            p = tl.where(col_ok[None, :], p, 0.0)
+            dp = tl.dot(doe, tl.trans(v), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            ds_lp = ds.to(q.dtype)
+            dq += tl.dot(ds_lp, k, input_precision=DOT_PREC)
+            if HAS_REL:
+                dth_c, dtw_c = _rel_table_grads(ds_lp, kh, kw, offs_m, QB, WIN, rel_scale, BLOCK_T, BLOCK_W,
+                                                DOT_PREC)
+                dth += dth_c
+                dtw += dtw_c
+            dv_c = tl.dot(tl.trans(p.to(doe.dtype)), doe, input_precision=DOT_PREC)
+            dk_c = tl.dot(tl.trans(ds_lp), q, input_precision=DOT_PREC)
+            if STORE_DB:
+                tl.store(DB + b * stride_dbb + h * stride_dbh + offs_m[:, None] * stride_dbm +
+                         offs_nc[None, :] * stride_dbn, ds, mask=rows[:, None] & col_ok[None, :])
+            if RESIDENT:
+                dk += dk_c
+                dv += dv_c
+            else:
+                tl.store(DK + b * stride_dkb + h * stride_dkh + offs_nc[:, None] * stride_dkn + offs_d[None, :],
+                         (dk_c * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d < D)[None, :])
+                tl.store(DV_ + b * stride_dvb + h * stride_dvh + offs_nc[:, None] * stride_dvn + offs_dv[None, :],
+                         dv_c.to(DV_.dtype.element_ty), mask=col_ok[:, None] & cols[None, :])
+        dq = dq * sm_scale
+        if HAS_REL:
             dth_lp = dth.to(q.dtype)
             dtw_lp = dtw.to(q.dtype)
             dq += tl.dot(dth_lp, rh, input_precision=DOT_PREC) + tl.dot(dtw_lp, rw, input_precision=DOT_PREC)
@@ -287,18 +324,9 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
             drw += tl.dot(tl.trans(dtw_lp), q, input_precision=DOT_PREC)
         tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
                  dq.to(DQ.dtype.element_ty), mask=rows[:, None] & (offs_d < D)[None, :])
-        dv += tl.dot(tl.trans(p.to(doe.dtype)), doe, input_precision=DOT_PREC)
-        dk += tl.dot(tl.trans(ds_lp), q, input_precision=DOT_PREC)
-        if STORE_DB:
-            tl.store(DB + b * stride_dbb + h * stride_dbh + offs_m[:, None] * stride_dbm + offs_n[None, :] * stride_dbn,
-                     ds, mask=rows[:, None] & col_ok[None, :])
-        if not RESIDENT:
-            tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-                     (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d < D)[None, :])
-            tl.store(DV_ + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :],
-                     dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & cols[None, :])
     if RESIDENT:
         split = (pid % CHUNKS).to(tl.int64)
+        col_ok = offs_n < NK
         tl.store(DK + split * stride_dks + b0 * stride_dkb + h0 * stride_dkh + offs_n[:, None] * stride_dkn +
                  offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
                  mask=col_ok[:, None] & (offs_d < D)[None, :])
@@ -493,6 +521,15 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _key_tiles(nk: int, cfg: tuple) -> Tuple[int, int]:
+    """(BLOCK_N, KEY_CHUNKS) of a few-keys config: its 6th field is the key chunk (0 or absent: all keys in one
+    power-of-two tile)."""
+    full = max(16, _next_pow2(nk))
+    bn = cfg[5] if len(cfg) > 5 and cfg[5] else full
+    bn = min(bn, full)
+    return bn, _cdiv(nk, bn)
+
+
 def max_keys(d: int, dv: int) -> int:
     """Largest Nk the few-keys kernels keep in one tile (K/V tiles and, backward, fp32 dK/dV of BLOCK_N x head dim
     per program): 256 at head dims <= 64, 64 at <= 128."""
@@ -502,35 +539,49 @@ def max_keys(d: int, dv: int) -> int:
 
 
 def keys_candidates(nq: int, nk: int, d: int, dv: int, backward: bool = False) -> List[tuple]:
-    """(BLOCK_M, warps, stages, mode, waves) for the few-keys kernels; mode "res" | "flat"."""
+    """(BLOCK_M, warps, stages, mode, waves[, key chunk]) for the few-keys kernels; mode "res" | "flat"; a key
+    chunk of 64 loops over the keys in 64-key tiles (online softmax) instead of one power-of-two tile."""
     bm_cap = _next_pow2(max(nq, 16))
     if ta._interpret():
         bm = _FORCE.get("block_m", 16)
         mode = _FORCE.get("keys_mode", "res" if nq > bm else "flat")
-        return [(bm, 4, 1, mode, 4)]
-    keep = 2 if ta._fast_tune() else None  # ATTNZOO_AUTOTUNE=fast: the first two
+        return [(bm, 4, 1, mode, 4, _FORCE.get("key_chunk", 0))]
+    fast = ta._fast_tune()
+    chunked = _next_pow2(nk) >= 128  # a 64-key loop beats one (BM, 128 | 256) tile: padding, registers
     wide = _next_pow2(nk) >= 256  # 256-key tiles: smaller query blocks / more warps for the (BM, 256) logits
     if nq <= 128:  # one query block per (b, h): many small problems (blocked layouts, agents)
         bm = max(16, bm_cap)
         # K/V of the next item are prefetched through shared memory: 3 stages of a (256, 64) K/V pair with the
         # in-kernel rel-pos operands exceed the 227 KB of an H200 block (scripts/aot_compile_kernels.py)
         if backward:
-            return [(bm, 4, 2, "flat", 4), (bm, 4, 1, "flat", 4), (bm, 8, 1, "flat", 8)][:keep]
-        return [(bm, 4, 2, "flat", 4), (bm, 8, 2, "flat", 4), (bm, 4, 1, "flat", 8)][:keep]
-    if backward:
+            one = [(bm, 4, 2, "flat", 4), (bm, 4, 1, "flat", 4), (bm, 8, 1, "flat", 8)]
+            loop = [(bm, 4, 2, "flat", 4, 64), (bm, 4, 2, "flat", 64, 64), (bm, 8, 2, "flat", 4, 64)]
+        else:
+            one = [(bm, 4, 2, "flat", 4), (bm, 8, 2, "flat", 4), (bm, 4, 1, "flat", 8)]
+            loop = [(bm, 4, 2, "flat", 4, 64), (bm, 4, 2, "flat", 64, 64), (bm, 8, 2, "flat", 4, 64)]
+        if not chunked:
+            return one[:2] if fast else one
+        return loop[:2] + one[:1] if fast else loop + one
+    if backward:  # several query blocks per (b, h): one key tile (dK/dV accumulate in registers)
         if wide:
-            return [(64, 8, 2, "res", 4), (32, 4, 2, "res", 4), (64, 4, 2, "res", 4)][:keep]
-        return [(64, 4, 2, "res", 4), (128, 8, 2, "res", 4), (64, 8, 2, "res", 4)][:keep]
+            cands = [(64, 8, 2, "res", 4), (32, 4, 2, "res", 4), (64, 4, 2, "res", 4)]
+        else:
+            cands = [(64, 4, 2, "res", 4), (128, 8, 2, "res", 4), (64, 8, 2, "res", 4)]
+        return cands[:2] if fast else cands
     # ptxas (Triton 3.6, d64): 128x64 at 4 warps takes 210 registers a thread, 2 blocks (8 warps) per SM; a 64x256
     # tile takes 255 and spills at 128 rows; 32-row blocks take 96 (64 keys) / 168 (256 keys): more warps in
     # flight for this bandwidth-bound loop (kernels/NOTES.md, second session)
-    if wide:
-        return [(64, 8, 3, "res", 4), (32, 4, 3, "res", 4), (64, 4, 3, "res", 4), (128, 8, 3, "res", 4)][:keep]
+    if chunked:  # one query block per program looping over 64-key tiles (a flash loop), then the one-tile kinds
+        loop = [(128, 4, 3, "flat", 64, 64), (64, 4, 3, "flat", 64, 64)]
+        one = [(64, 8, 3, "res", 4), (32, 4, 3, "res", 4), (64, 4, 3, "res", 4), (128, 8, 3, "res", 4)] if wide \
+            else [(128, 4, 3, "res", 4), (64, 4, 2, "flat", 64), (32, 4, 3, "res", 4)]
+        return loop[:1] + one[:2] if fast else loop + one
     # "flat" with 64 waves = one query block per program (as flash kernels launch): nothing to pipeline, but no
     # serial loop either; the third session measured the looping "res" configs at 1.0 TB/s vs SDPA's 2.0
-    return [(128, 4, 3, "res", 4), (64, 4, 2, "flat", 64), (32, 4, 3, "res", 4), (64, 4, 3, "res", 4),
-            (64, 8, 3, "res", 8), (128, 8, 3, "res", 8), (128, 4, 3, "flat", 4), (128, 4, 2, "flat", 64),
-            (32, 4, 2, "flat", 64)][:keep]
+    cands = [(128, 4, 3, "res", 4), (64, 4, 2, "flat", 64), (32, 4, 3, "res", 4), (64, 4, 3, "res", 4),
+             (64, 8, 3, "res", 8), (128, 8, 3, "res", 8), (128, 4, 3, "flat", 4), (128, 4, 2, "flat", 64),
+             (32, 4, 2, "flat", 64)]
+    return cands[:2] if fast else cands
 
 
 def queries_candidates(rows: int, d: int = 64, backward: bool = False) -> List[tuple]:
@@ -594,7 +645,10 @@ def keys_forward(q, k, v, bias, gate, scale, cfg, rel: Optional[Rel] = None):
     q, k, v = ta._lastdim_contiguous(q), ta._lastdim_contiguous(k), ta._lastdim_contiguous(v)
     B, H, NQ, D = q.shape
     HKV, NK, DV = k.shape[1], k.shape[2], v.shape[-1]
-    BM, warps, stages, mode, waves = cfg
+    BM, warps, stages, mode, waves = cfg[:5]
+    BN, key_chunks = _key_tiles(NK, cfg)
+    if key_chunks > 1:
+        mode = "flat"  # K/V stay in registers across query blocks only as one tile
     nqb = _cdiv(NQ, BM)
     nprog, items, chunks = _keys_grid(B * H, nqb, q.device, mode, waves, False)
     out = ta._new(B, H, NQ, DV, like=q)
@@ -602,7 +656,7 @@ def keys_forward(q, k, v, bias, gate, scale, cfg, rel: Optional[Rel] = None):
     g4, sg = _gate_views(gate)
     bias = None if bias is None else ta._Problem(ta.Dense(), NQ, NK, BM, 16, q.device).bias_in(bias, NQ, NK)
     sb = ta._bstrides(bias)
-    CALLS["keys_fwd_" + mode + ("_rel" if rel is not None else "")] += 1
+    CALLS["keys_fwd_" + mode + ("_chunked" if key_chunks > 1 else "") + ("_rel" if rel is not None else "")] += 1
     _keys_fwd[(nprog,)](
         q, k, v, out, lse, bias if bias is not None else q, g4 if g4 is not None else q,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2),
@@ -612,7 +666,7 @@ def keys_forward(q, k, v, bias, gate, scale, cfg, rel: Optional[Rel] = None):
         stride_bb=sb[0], stride_bh=sb[1], stride_bm=sb[2], stride_bn=sb[3],
         stride_gb=sg[0], stride_gh=sg[1], stride_gn=sg[2], stride_gd=sg[3],
         BH=B * H, H=H, GROUP=H // HKV, NQ=NQ, NK=NK, NQB=nqb, ITEMS=items, CHUNKS=chunks,
-        qk_scale=scale * 1.4426950408889634, D=D, DV=DV, BLOCK_M=BM, BLOCK_N=max(16, _next_pow2(NK)),
+        qk_scale=scale * 1.4426950408889634, D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN, KEY_CHUNKS=key_chunks,
         BLOCK_D=ta._block_d(D), BLOCK_DV=ta._block_d(DV), RESIDENT=mode == "res", HAS_BIAS=bias is not None,
         HAS_GATE=gate is not None, DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages,
         **_rel_kw(rel, q))
@@ -627,10 +681,14 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
     B, H, NQ, D = q.shape
     HKV, NK, DV = k.shape[1], k.shape[2], v.shape[-1]
     GROUP = H // HKV
-    BM, warps, stages, mode, waves = cfg
+    BM, warps, stages, mode, waves = cfg[:5]
+    BN, key_chunks = _key_tiles(NK, cfg)
     nqb = _cdiv(NQ, BM)
     if nqb > 1:
-        mode = "res"  # dK/dV accumulate over the query blocks of one (b, h) in one program
+        mode = "res"  # dK/dV accumulate over the query blocks of one (b, h) in one program: one key tile
+        BN, key_chunks = _key_tiles(NK, ())
+    elif key_chunks > 1:
+        mode = "flat"
     nprog, items, chunks = _keys_grid(B * H, nqb, q.device, mode, waves, True)
     f32 = torch.float32
     lse = lse.contiguous()
@@ -652,7 +710,7 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
     if rel is not None:
         drel = (torch.empty(nprog, rel.nt, D, device=q.device, dtype=f32),
                 torch.empty(nprog, rel.nt, D, device=q.device, dtype=f32))
-    CALLS["keys_bwd_" + mode + ("_rel" if rel is not None else "")] += 1
+    CALLS["keys_bwd_" + mode + ("_chunked" if key_chunks > 1 else "") + ("_rel" if rel is not None else "")] += 1
     _keys_bwd[(nprog,)](
         q, k, v, out, do, lse, dlse if dlse is not None else lse, bias_k if bias_k is not None else q,
         g4 if g4 is not None else q, DQ=dq, DK=dk, DV_=dv, DB=db if db is not None else lse,
@@ -671,7 +729,7 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
         stride_dvs=dv.stride(0), stride_dvb=dv.stride(1), stride_dvh=dv.stride(2), stride_dvn=dv.stride(3),
         BH=B * H, H=H, GROUP=GROUP, NQ=NQ, NK=NK, NQB=nqb, ITEMS=items, CHUNKS=chunks,
         qk_scale=scale * 1.4426950408889634, sm_scale=scale, D=D, DV=DV, BLOCK_M=BM,
-        BLOCK_N=max(16, _next_pow2(NK)), BLOCK_D=ta._block_d(D), BLOCK_DV=ta._block_d(DV),
+        BLOCK_N=BN, KEY_CHUNKS=key_chunks, BLOCK_D=ta._block_d(D), BLOCK_DV=ta._block_d(DV),
         RESIDENT=mode == "res", HAS_BIAS=bias_k is not None, STORE_DB=store_db, HAS_GATE=gate is not None,
         GATE_ELEM=gate is not None and g4.shape[-1] > 1, HAS_DLSE=dlse is not None,
         DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages, **_rel_kw(rel, q))

@@ -127,6 +127,22 @@ def test_few_keys_flat_forward_many_blocks_gqa(force):
            expect=("keys_fwd_flat", "keys_bwd_res"))
 
 
+def test_few_keys_chunked_keys_bias_gate_gqa(force):
+    # 45 keys in 16-key chunks (3 chunks, the last partial): the online-softmax loop, forward and backward (one
+    # query block per (b, h)), with a dense bias, an element-wise gate, GQA and the lse gradient
+    force["key_chunk"] = 16
+    _check(2, 4, 2, 13, 45, 16, 32, torch.float16, bias_fn=_dense_bias((1, 4, 13, 45)), gate_shape=(2, 13, 4, 32),
+           lse_grad=True, expect=("keys_fwd_flat_chunked", "keys_bwd_flat_chunked"))
+
+
+def test_few_keys_chunked_forward_several_query_blocks(force):
+    # several query blocks per (b, h): the forward loops over key chunks per block, the backward falls back to
+    # one resident key tile (dK/dV accumulate over the blocks)
+    force["key_chunk"] = 16
+    _check(1, 2, 2, 40, 33, 16, 16, torch.float32, bias_fn=_dense_bias((1, 1, 40, 33), torch.float32),
+           expect=("keys_fwd_flat_chunked", "keys_bwd_res"))
+
+
 def test_few_keys_fully_masked_row():
     # a -inf bias on every key of query row 5: zero output, lse = -inf, no gradient from that row; the other rows
     # must match the float64 reference of the problem without row 5
@@ -211,6 +227,19 @@ def test_relpos_blocked_strided_gqa_gate_and_pattern():
     # the single-block Halo pattern itself (every pair visible) takes the same path
     _check(1, 2, 2, 4, 36, 16, 16, torch.float16, bias_fn=_rel_pos(hb, 16), pattern=hb,
            expect=("keys_fwd_flat_rel", "keys_bwd_flat_rel"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_relpos_blocked_chunked_keys(dtype, force):
+    # HaloNet's blocked layout with the keys in 16-key chunks: 36 keys = 3 chunks (the last partial), the
+    # rel-pos one-hots per chunk and the table gradients summed over them; strided queries and a gate too
+    force["key_chunk"] = 16
+    hb = Halo((4, 4), block=4, halo=1)
+    _check(3, 2, 2, 16, 36, 16, 16, dtype, bias_fn=_rel_pos(hb, 16), lse_grad=dtype == torch.float32,
+           expect=("keys_fwd_flat_chunked_rel", "keys_bwd_flat_chunked_rel"))
+    hs = Halo((2, 2), block=4, halo=1, query_stride=2)
+    _check(2, 4, 2, 4, 36, 16, 32, dtype, bias_fn=_rel_pos(hs, 16), gate_shape=(2, 4, 4),
+           expect=("keys_fwd_flat_chunked_rel", "keys_bwd_flat_chunked_rel"))
 
 
 def test_relpos_resident_several_query_blocks():
