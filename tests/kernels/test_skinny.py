@@ -121,6 +121,12 @@ def test_few_keys_flat_single_block_keypad_bias():
            expect=("keys_fwd_flat", "keys_bwd_flat"))
 
 
+def test_few_keys_full_bias_gradient_in_its_dtype():
+    # a bias with the full batch and heads: dS goes out in float16 directly (no float32 buffer, no reduction)
+    _check(2, 2, 2, 20, 24, 16, 16, torch.float16, bias_fn=_dense_bias((2, 2, 20, 24)),
+           expect=("keys_fwd_res", "keys_bwd_res"))
+
+
 def test_few_keys_flat_forward_many_blocks_gqa(force):
     force["keys_mode"] = "flat"  # forward FLAT over several query blocks per (b, h); the backward goes RESIDENT
     _check(2, 4, 1, 35, 17, 16, 16, torch.float16, bias_fn=_dense_bias((4, 35, 17), torch.float32),

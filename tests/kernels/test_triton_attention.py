@@ -191,6 +191,8 @@ def _rel_pos(pattern, d):
 
 BIAS_CASES = [  # (id, pattern, B, H, HKV, NQ, NK, D, DV, bias_fn)
     ("dense-bias-1hqk", Dense(), 2, 2, 1, 37, 45, 32, 32, _dense_bias((1, 2, 37, 45))),
+    # full batch and heads: dS is written in the bias's dtype (no reduction)
+    ("causal-bias-full", Causal(), 2, 2, 2, 37, 45, 32, 32, _dense_bias((2, 2, 37, 45))),
     ("causal-bias-2d", Causal(), 1, 2, 2, 29, 50, 32, 32, _dense_bias((29, 50))),
     ("window1d-bias-keypad", Window1d(6, 2), 2, 2, 2, 41, 41, 16, 16, _dense_bias((2, 1, 1, 41))),
     ("dense-bias-expanded-fp32", Dense(), 2, 2, 2, 33, 20, 16, 16,
