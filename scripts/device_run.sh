@@ -5,7 +5,7 @@
 #   bash scripts/device_run.sh STEP[:SECONDS] ...      (run through the `device` tool; $OUT is its output folder)
 #
 # Steps: host (scripts/profile_host.py --cprofile 25), kernels (bench_kernels: $KERNELS_ONLY, default
-# skinny2,relpos,bias,gate,na2d),
+# skinny2,relpos,bias,gate,na2d; KERNELS_CHECK=1 runs the GPU checks first),
 # models (bench_models, all cases, --profile), halonet (bench_models: the HaloNet cases), agent (bench_models:
 # the Agent cases, inference, --profile), pipelines (bench_pipelines), checks (bench_kernels' GPU checks only, via
 # --only gate). Default limit per step: 240 s. Set-up: the wheels in .whl/ (sh ../shared/tools/device-wheels.sh)
@@ -39,7 +39,7 @@ run_step() {
     say "step $name (limit $limit s)"
     case "$name" in
         host) timeout "$limit" python3 -u scripts/profile_host.py --cprofile 25 ;;
-        kernels) timeout "$limit" python3 -u scripts/bench_kernels.py --skip-check \
+        kernels) timeout "$limit" python3 -u scripts/bench_kernels.py $([ -n "${KERNELS_CHECK:-}" ] || echo --skip-check) \
                  --only "${KERNELS_ONLY:-skinny2,relpos,bias,gate,na2d}" --name kernels_run --out "$OUT" ;;
         checks) timeout "$limit" python3 -u scripts/bench_kernels.py --only gate --name kernels_checks --out "$OUT" ;;
         models) timeout "$limit" python3 -u scripts/bench_models.py --out "$OUT" --profile "$OUT/prof" ;;
