@@ -440,10 +440,12 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
     # dK/dV (+ dS for the bias, + dU_k): one program per key block, query blocks split when keys are few
     store_db = need_db and ex.bias is not None
     db = None
+    # dS in the bias's dtype: a float32 buffer and its cast pass were the largest costs of a bias backward; over
+    # broadcast dims `_reduce_to`'s sum accumulates in float32 inside torch, as autograd of `s + bias` would
     if store_db:  # unvisited (masked) tiles keep a zero gradient; dense patterns write every element
         db = (_new if isinstance(prob.pattern, Dense) else
               lambda *s, like, dtype: torch.zeros(s, device=like.device, dtype=dtype))(
-            B, H, NQ, NK, like=qp, dtype=bias_grad_dtype(ex.bias, B, H))
+            B, H, NQ, NK, like=qp, dtype=ex.bias.dtype)
     S, per = (1, max(nqb, 1)) if prob.grid else _splits(nkb * B * HKV, nqb, qp.device, min_blocks=4)
     if S == 1:
         dk, dv = _new(B, HKV, NK, D, like=qp), _new(B, HKV, NK, DV, like=qp)
@@ -491,13 +493,6 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
         dq = dq.sum(0).to(qp.dtype)
         duq = None if duq is None else duq.sum(0)
     return dq, dk, dv, db, duq, duk, dg
-
-
-def bias_grad_dtype(bias4: torch.Tensor, B: int, H: int) -> torch.dtype:
-    """dtype of the kernels' dS buffer for a dense bias: the bias's own when it has the full batch and heads (no
-    reduction follows: saves a float32 buffer and a cast pass, the largest costs of a bias backward), float32
-    when dS is summed over broadcast dims afterwards."""
-    return bias4.dtype if bias4.shape[0] == B and bias4.shape[1] == H else torch.float32
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -704,7 +704,7 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
     bias_k = None if bias is None else ta._Problem(ta.Dense(), NQ, NK, BM, 16, q.device).bias_in(bias, NQ, NK)
     sb = ta._bstrides(bias_k)
     store_db = need_db and bias is not None
-    db = ta._new(B, H, NQ, NK, like=q, dtype=ta.bias_grad_dtype(bias_k, B, H)) if store_db else None
+    db = ta._new(B, H, NQ, NK, like=q, dtype=bias_k.dtype) if store_db else None
     sdb = ta._bstrides(db)
     drel = None
     if rel is not None:
@@ -815,7 +815,7 @@ def queries_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_d
     bias_k = None if bias is None else ta._Problem(ta.Dense(), NQ, NK, BM, BN, q.device).bias_in(bias, NQ, NK)
     sb = ta._bstrides(bias_k)
     store_db = need_db and bias is not None
-    db = ta._new(B, H, NQ, NK, like=q, dtype=ta.bias_grad_dtype(bias_k, B, H)) if store_db else None
+    db = ta._new(B, H, NQ, NK, like=q, dtype=bias_k.dtype) if store_db else None
     sdb = ta._bstrides(db)
     CALLS["queries_bwd"] += 1
     _queries_bwd[(S, B * HKV)](
