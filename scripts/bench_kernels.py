@@ -6,7 +6,9 @@ Usage: python scripts/bench_kernels.py [--out benchmarks] [--name kernels] [--sk
 Every row is measured with its anchor in the same run (torch SDPA with the flash backend, FlexAttention compiled
 with a block mask of the same pattern, or our own kernel without the fused term: no bias, no gate); bf16.
 Writes `<out>/<name>.json` and prints a markdown table for BENCHMARKS.md. The issue-4 rows (bias, gate, skinny)
-tune over three configs per kernel (ATTNZOO_AUTOTUNE=fast) to bound compile time.
+tune over three configs per kernel (ATTNZOO_AUTOTUNE=fast) to bound compile time; ATTNZOO_BENCH_AUTOTUNE=1 tunes
+them over the full lists. Times are GPU time per call from CUDA-graph replays (ATTNZOO_BENCH_TIMER=eager: eager
+back-to-back calls, host launch cost included where it exceeds the kernel).
 """
 from __future__ import annotations
 
@@ -349,7 +351,7 @@ def _fb(fn, leaves, heavy=False):
 
 
 def bench_bias(rows):
-    os.environ["ATTNZOO_AUTOTUNE"] = "fast"
+    os.environ["ATTNZOO_AUTOTUNE"] = os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast")
     bw = 3.4e12
     for B, H, N, D in [(1, 16, 4096, 128), (2, 16, 4096, 64)]:
         q, k, v = _qkv(B, H, N, D)
@@ -395,7 +397,7 @@ def bench_bias(rows):
 
 
 def bench_gate(rows):
-    os.environ["ATTNZOO_AUTOTUNE"] = "fast"
+    os.environ["ATTNZOO_AUTOTUNE"] = os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast")
     B, H, N, D = 2, 16, 4096, 128
     q, k, v = _qkv(B, H, N, D)
     t0f, t0b = _fb(lambda: kernels.attention(q, k, v), [q, k, v])
@@ -412,7 +414,7 @@ def _sdpa_any(q, k, v):
 
 
 def bench_skinny(rows):
-    os.environ["ATTNZOO_AUTOTUNE"] = "fast"
+    os.environ["ATTNZOO_AUTOTUNE"] = os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast")
     B, H, D, NL = 8, 8, 64, 16384
     for nq, nk in [(NL, 64), (NL, 128), (NL, 256), (64, NL), (256, NL)]:
         q = torch.randn(B, H, nq, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -509,7 +511,7 @@ def _tb_row(rows, case, direction, t_new, t_old, t_sdpa, nbytes, target=None, **
 def bench_skinny2(rows):
     """Skinny dense problems, new kernels vs the old path vs SDPA: Nq=16384 with Nk in {64, 128, 256} (old path
     only at Nk=64, measured before), and the reverse Nq=49 agents against 4096 keys per image."""
-    os.environ["ATTNZOO_AUTOTUNE"] = "fast"
+    os.environ["ATTNZOO_AUTOTUNE"] = os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast")
     B, H, D = 8, 8, 64
     for nq, nk, with_old in [(16384, 64, True), (16384, 128, False), (16384, 256, False), (49, 4096, True)]:
         case = f"skinny2 nq{nq} nk{nk} B{B} H{H} d{D}"
@@ -539,7 +541,7 @@ def bench_skinny2(rows):
 def bench_relpos(rows):
     """HaloNet's blocked layout (B*64 blocks, 8 heads, 8x8 queries, 12x12 keys, d64): in-kernel rel-pos vs the
     low-rank lowering vs no bias (new and old kernels); target: in-kernel <= 1.15x the faster no-bias time."""
-    os.environ["ATTNZOO_AUTOTUNE"] = "fast"
+    os.environ["ATTNZOO_AUTOTUNE"] = os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast")
     case = "relpos halo blocked (512,8,64,144) d64"
 
     def one():
@@ -577,7 +579,7 @@ def bench_relpos(rows):
 def bench_agent(rows):
     """agent_deit_tiny's two attention steps (batch 256, 3 heads, d64, 49 agents, dense biases) at 224 px (197
     tokens) and 1024 px (4097 tokens), inference: new vs old kernels vs SDPA with the same bias."""
-    os.environ["ATTNZOO_AUTOTUNE"] = "fast"
+    os.environ["ATTNZOO_AUTOTUNE"] = os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast")
     B, H, D, n = 256, 3, 64, 49
     for px, N in ((224, 197), (1024, 4097)):
         for step in ("agents x tokens", "tokens x agents"):
@@ -659,7 +661,7 @@ def _grid_pick(pattern, kind, block_arg):
 def bench_grid(rows):
     checks_ok = run_checks_grid()
     rows.append(dict(case="grid pair-mask GPU checks", direction="", met="yes" if checks_ok else "no"))
-    os.environ["ATTNZOO_AUTOTUNE"] = "fast"
+    os.environ["ATTNZOO_AUTOTUNE"] = os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast")
     # 3-d FreeSwim case
     pattern, q, k, v, flops, mask, _ = _grid_case((21, 60, 104), (21, 30, 52))
     dense = lambda: _sdpa(q, k, v)  # noqa: E731
@@ -738,6 +740,9 @@ def main():
 
     for key, cfg in triton_attention._BEST.items():
         print("autotuned", key[:2], key[2:], "->", cfg)
+        tried = sorted(triton_attention._TIMINGS.get(key, {}).items(), key=lambda kv: kv[1])
+        if len(tried) > 1:
+            print("    tried (ms):", ", ".join(f"{c}: {t:.4f}" for c, t in tried[:8]))
     print(f"gpu checks {'passed' if checks_ok else 'FAILED'}; wrote {path}")
 
 

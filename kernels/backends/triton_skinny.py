@@ -555,10 +555,11 @@ def keys_candidates(nq: int, nk: int, d: int, dv: int, backward: bool = False) -
         # in-kernel rel-pos operands exceed the 227 KB of an H200 block (scripts/aot_compile_kernels.py)
         if backward:
             one = [(bm, 4, 2, "flat", 4), (bm, 4, 1, "flat", 4), (bm, 8, 1, "flat", 8)]
-            loop = [(bm, 4, 2, "flat", 4, 64), (bm, 4, 2, "flat", 64, 64), (bm, 8, 2, "flat", 4, 64)]
         else:
             one = [(bm, 4, 2, "flat", 4), (bm, 8, 2, "flat", 4), (bm, 4, 1, "flat", 8)]
-            loop = [(bm, 4, 2, "flat", 4, 64), (bm, 4, 2, "flat", 64, 64), (bm, 8, 2, "flat", 4, 64)]
+        loop = [(bm, 4, 2, "flat", 4, 64), (bm, 4, 2, "flat", 64, 64), (bm, 8, 2, "flat", 4, 64),
+                (bm, 4, 2, "flat", 4, 32), (bm, 4, 3, "flat", 4, 64), (bm, 4, 2, "flat", 16, 64),
+                (bm, 8, 2, "flat", 16, 128)]
         if not chunked:
             return one[:2] if fast else one
         return loop[:2] + one[:1] if fast else loop + one
@@ -572,7 +573,8 @@ def keys_candidates(nq: int, nk: int, d: int, dv: int, backward: bool = False) -
     # tile takes 255 and spills at 128 rows; 32-row blocks take 96 (64 keys) / 168 (256 keys): more warps in
     # flight for this bandwidth-bound loop (kernels/NOTES.md, second session)
     if chunked:  # one query block per program looping over 64-key tiles (a flash loop), then the one-tile kinds
-        loop = [(128, 4, 3, "flat", 64, 64), (64, 4, 3, "flat", 64, 64)]
+        loop = [(128, 4, 3, "flat", 64, 64), (64, 4, 3, "flat", 64, 64), (128, 8, 3, "flat", 64, 64),
+                (128, 8, 3, "flat", 64, 128), (128, 4, 2, "flat", 8, 64)]
         one = [(64, 8, 3, "res", 4), (32, 4, 3, "res", 4), (64, 4, 3, "res", 4), (128, 8, 3, "res", 4)] if wide \
             else [(128, 4, 3, "res", 4), (64, 4, 2, "flat", 64), (32, 4, 3, "res", 4)]
         return loop[:1] + one[:2] if fast else loop + one
@@ -580,7 +582,8 @@ def keys_candidates(nq: int, nk: int, d: int, dv: int, backward: bool = False) -
     # serial loop either; the third session measured the looping "res" configs at 1.0 TB/s vs SDPA's 2.0
     cands = [(128, 4, 3, "res", 4), (64, 4, 2, "flat", 64), (32, 4, 3, "res", 4), (64, 4, 3, "res", 4),
              (64, 8, 3, "res", 8), (128, 8, 3, "res", 8), (128, 4, 3, "flat", 4), (128, 4, 2, "flat", 64),
-             (32, 4, 2, "flat", 64)]
+             (32, 4, 2, "flat", 64), (256, 8, 3, "res", 4), (128, 8, 4, "res", 4), (128, 4, 4, "res", 2),
+             (64, 4, 4, "res", 8), (128, 4, 3, "res", 2)]
     return cands[:2] if fast else cands
 
 
