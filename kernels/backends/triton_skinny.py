@@ -572,15 +572,18 @@ def keys_candidates(nq: int, nk: int, d: int, dv: int, backward: bool = False) -
     # ptxas (Triton 3.6, d64): 128x64 at 4 warps takes 210 registers a thread, 2 blocks (8 warps) per SM; a 64x256
     # tile takes 255 and spills at 128 rows; 32-row blocks take 96 (64 keys) / 168 (256 keys): more warps in
     # flight for this bandwidth-bound loop (kernels/NOTES.md, second session)
-    if chunked:  # one query block per program looping over 64-key tiles (a flash loop), then the one-tile kinds
-        loop = [(128, 4, 3, "flat", 64, 64), (64, 4, 3, "flat", 64, 64), (128, 8, 3, "flat", 64, 64),
+    # Measured (fourth session, H200, d64, Nq 16384, CUDA-graph timing, full lists): 64 keys (64, 4, 3, res, 4)
+    # 0.094 ms = 2.9 TB/s; 128 keys (128, 4, 3, res, 4) 0.144 ms; 256 keys (64, 4, 3, res, 4) 0.216 ms. The
+    # 64-key-chunk loops ran 10-25% behind the one-tile configs here (they win on the small blocked layouts).
+    if chunked:
+        one = [(64, 4, 3, "res", 4), (128, 8, 3, "res", 4), (64, 8, 3, "res", 4), (32, 4, 3, "res", 4)] if wide \
+            else [(128, 4, 3, "res", 4), (64, 4, 3, "res", 4), (64, 4, 2, "flat", 64), (32, 4, 3, "res", 4)]
+        loop = [(64, 4, 3, "flat", 64, 64), (128, 4, 3, "flat", 64, 64), (128, 8, 3, "flat", 64, 64),
                 (128, 8, 3, "flat", 64, 128), (128, 4, 2, "flat", 8, 64)]
-        one = [(64, 8, 3, "res", 4), (32, 4, 3, "res", 4), (64, 4, 3, "res", 4), (128, 8, 3, "res", 4)] if wide \
-            else [(128, 4, 3, "res", 4), (64, 4, 2, "flat", 64), (32, 4, 3, "res", 4)]
-        return loop[:1] + one[:2] if fast else loop + one
+        return one[:2] + loop[:1] if fast else one + loop
     # "flat" with 64 waves = one query block per program (as flash kernels launch): nothing to pipeline, but no
     # serial loop either; the third session measured the looping "res" configs at 1.0 TB/s vs SDPA's 2.0
-    cands = [(128, 4, 3, "res", 4), (64, 4, 2, "flat", 64), (32, 4, 3, "res", 4), (64, 4, 3, "res", 4),
+    cands = [(64, 4, 3, "res", 4), (128, 4, 3, "res", 4), (64, 4, 2, "flat", 64), (32, 4, 3, "res", 4),
              (64, 8, 3, "res", 8), (128, 8, 3, "res", 8), (128, 4, 3, "flat", 4), (128, 4, 2, "flat", 64),
              (32, 4, 2, "flat", 64), (256, 8, 3, "res", 4), (128, 8, 4, "res", 4), (128, 4, 4, "res", 2),
              (64, 4, 4, "res", 8), (128, 4, 3, "res", 2)]
