@@ -383,6 +383,7 @@ def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg):
         D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_block_d(D), BLOCK_DV=_block_d(DV),
         GRID_MODE=prob.grid, MASK_AXES=prob.mask_axes, HAS_DIL=prob.has_dil,
         REVERSE=isinstance(prob.pattern, Causal), HAS_GATE=fuse_gate, DOT_PREC=_dot_prec(qp.dtype),
+        GATE_ELEM=not fuse_gate or ex.gate.shape[-1] > 1,
         num_warps=warps, num_stages=stages, **prob.pair_args(False), **kw)
     if S == 1:
         return out, lse

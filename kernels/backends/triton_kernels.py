@@ -22,8 +22,9 @@ Optional terms (constexpr flags, absent ones cost nothing):
   `STORE_DB` writes dS (the logit gradient, natural units) per (b, h) from the dK/dV kernel.
 * `HAS_LR`: low-rank logits `U_q · U_kᵀ` (FlashBias), a second small dot per tile; gradients dU_k (dK/dV kernel,
   per query head) and dU_q (dQ kernel).
-* `HAS_GATE`: `out *= sigmoid(g)` in the forward epilogue (g per row or per element, stride 0 on the head-wise
-  column axis); the backward's delta kernel turns dO into dO·sigmoid(g) and writes dg.
+* `HAS_GATE`: `out *= sigmoid(g)` in the forward epilogue (g per element, or with GATE_ELEM=False one per row,
+  loaded before the key loop so its latency hides behind it); the backward's delta kernel turns dO into
+  dO·sigmoid(g) and writes dg.
 * splits (1-d patterns only): a third program axis cuts the key blocks (forward, dQ) or query blocks (dK/dV)
   into chunks, so skinny problems (few query or few key blocks) still fill the GPU; partial results go to a
   float32 buffer with a per-split stride and are combined in torch.
@@ -247,7 +248,8 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
               D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, GRID_MODE: tl.constexpr,
               MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr,
-              HAS_LR: tl.constexpr, HAS_GATE: tl.constexpr, DOT_PREC: tl.constexpr, PART_BITS=None, KB=None,
+              HAS_LR: tl.constexpr, HAS_GATE: tl.constexpr, DOT_PREC: tl.constexpr, GATE_ELEM: tl.constexpr = True,
+              PART_BITS=None, KB=None,
               PAIR_MASK: tl.constexpr = False):
     pid_m = tl.program_id(0)
     if REVERSE:  # heavy (late, causal) query blocks first
@@ -272,6 +274,10 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
     if HAS_LR:
         uq = _load_rows(QF + b * stride_qfb + h * stride_qfh, offs_m, stride_qfn, offs_r, NQ, R, BLOCK_R,
                         not GRID_MODE)
+
+    if HAS_GATE and not GATE_ELEM:  # a head-wise gate is one value a row: load it now, its latency hidden
+        g_row = tl.load(GATE + b * stride_gb + h * stride_gh + offs_m * stride_gn, mask=offs_m < NQ,
+                        other=0.0).to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -324,9 +330,12 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
     rows = offs_m < NQ
     cols = offs_dv < DV
     if HAS_GATE:
-        g_ptrs = GATE + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd
-        g = tl.load(g_ptrs, mask=rows[:, None] & cols[None, :], other=0.0).to(tl.float32)
-        out = out * tl.sigmoid(g)
+        if GATE_ELEM:
+            g_ptrs = GATE + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd
+            g = tl.load(g_ptrs, mask=rows[:, None] & cols[None, :], other=0.0).to(tl.float32)
+            out = out * tl.sigmoid(g)
+        else:
+            out = out * tl.sigmoid(g_row)[:, None]
     o_ptrs = o_base + offs_m[:, None] * stride_on + offs_dv[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=rows[:, None] & cols[None, :])
     tl.store(LSE + pid_s.to(tl.int64) * stride_ls + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=rows)
