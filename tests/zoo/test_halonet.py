@@ -171,7 +171,12 @@ def test_layer_bf16_close_to_timm_float64(mode):
     expected = ref(x)
     out = layer.bfloat16()(x.bfloat16())
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.double(), expected, rtol=4e-2, atol=2e-2 * expected.abs().max().item())
+    # bf16 operands through three stages (1x1 convs, logits with relative terms, attention): judged by the
+    # relative norm error (900 seeded runs here: <= 8.6e-3; a wrong layer gives ~1) and by the largest element
+    # error against the output's scale (<= 0.020 there); an element-wise rtol/atol pair flaked on single elements
+    err = out.double() - expected
+    assert (err.norm() / expected.norm()).item() < 2e-2
+    assert (err.abs().max() / expected.abs().max()).item() < 5e-2
 
 
 def test_layer_any_size_matches_timm_on_padded_map():
