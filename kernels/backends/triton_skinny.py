@@ -113,6 +113,28 @@ def _keys_logits(q, k, uh, uw, kh, kw, rel_scale, qk_scale, b_base, offs_m, offs
 
 
 @triton.jit
+def _key_chunk(c, q, k_res, v_res, uh, uw, rel_scale, qk_scale, K, V, b_base, b, hk, offs_n, offs_d, offs_dv, offs_m,
+               rows, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_bm, stride_bn, NK, WIN,
+               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr, BLOCK_W: tl.constexpr, RESIDENT: tl.constexpr, HAS_REL: tl.constexpr,
+               HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Key chunk `c` of one query block (shared by the forward and the backward): its keys' positions and
+    validity, K and V (the resident tile, or loaded), the rel-pos key one-hots and the base-2 logits."""
+    offs_nc = c * BLOCK_N + offs_n
+    col_ok = offs_nc < NK
+    if RESIDENT:
+        k = k_res
+        v = v_res
+    else:
+        k = _ld(K + b * stride_kb + hk * stride_kh, offs_nc, stride_kn, offs_d, NK, D, BLOCK_D)
+        v = _ld(V + b * stride_vb + hk * stride_vh, offs_nc, stride_vn, offs_dv, NK, DV, BLOCK_DV)
+    kh, kw = _rel_key_onehots(offs_nc, NK, WIN, q.dtype, BLOCK_W, HAS_REL)
+    s = _keys_logits(q, k, uh, uw, kh, kw, rel_scale, qk_scale, b_base, offs_m, offs_nc, rows, col_ok, stride_bm,
+                     stride_bn, HAS_REL, HAS_BIAS, DOT_PREC)
+    return offs_nc, col_ok, k, v, kh, kw, s
+
+
+@triton.jit
 def _rel_table_grads(ds_lp, kh, kw, offs_m, QB, WIN, rel_scale, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
                      DOT_PREC: tl.constexpr):
     """dT_a (BM, BLOCK_T) fp32 from dS: dU_a = rel_scale · dS · onehot_a, then the inverse shift."""
@@ -171,6 +193,9 @@ def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
         hk0 = ((bh0 % H) // GROUP).to(tl.int64)
         k_res = _ld(K + b0 * stride_kb + hk0 * stride_kh, offs_n, stride_kn, offs_d, NK, D, BLOCK_D)
         v_res = _ld(V + b0 * stride_vb + hk0 * stride_vh, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV)
+    else:
+        k_res = 0.0
+        v_res = 0.0
     rh, rw = _rel_tables(RH, RW, stride_rt, offs_d, NT, D, BLOCK_D, BLOCK_T, HAS_REL)
     for it in range(lo, hi):
         bh = it // NQB
@@ -186,17 +211,11 @@ def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         for c in range(0, KEY_CHUNKS):
-            offs_nc = c * BLOCK_N + offs_n
-            col_ok = offs_nc < NK
-            if RESIDENT:
-                k = k_res
-                v = v_res
-            else:
-                k = _ld(K + b * stride_kb + hk * stride_kh, offs_nc, stride_kn, offs_d, NK, D, BLOCK_D)
-                v = _ld(V + b * stride_vb + hk * stride_vh, offs_nc, stride_vn, offs_dv, NK, DV, BLOCK_DV)
-            kh, kw = _rel_key_onehots(offs_nc, NK, WIN, Q.dtype.element_ty, BLOCK_W, HAS_REL)
-            s = _keys_logits(q, k, uh, uw, kh, kw, rel_scale, qk_scale, BIAS + b * stride_bb + h * stride_bh,
-                             offs_m, offs_nc, rows, col_ok, stride_bm, stride_bn, HAS_REL, HAS_BIAS, DOT_PREC)
+            offs_nc, col_ok, k, v, kh, kw, s = _key_chunk(
+                c, q, k_res, v_res, uh, uw, rel_scale, qk_scale, K, V, BIAS + b * stride_bb + h * stride_bh, b, hk,
+                offs_n, offs_d, offs_dv, offs_m, rows, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                stride_vn, stride_bm, stride_bn, NK, WIN, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, RESIDENT,
+                HAS_REL, HAS_BIAS, DOT_PREC)
             s = tl.where(col_ok[None, :], s, float("-inf"))
             acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, v, True, DOT_PREC)
         m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
@@ -246,6 +265,9 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
         v_res = _ld(V + b0 * stride_vb + (h0 // GROUP) * stride_vh, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    else:
+        k_res = 0.0
+        v_res = 0.0
     rh, rw = _rel_tables(RH, RW, stride_rt, offs_d, NT, D, BLOCK_D, BLOCK_T, HAS_REL)
     if HAS_REL:
         offs_t = tl.arange(0, BLOCK_T)
@@ -280,17 +302,11 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
             dth = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
             dtw = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
         for c in range(0, KEY_CHUNKS):
-            offs_nc = c * BLOCK_N + offs_n
-            col_ok = offs_nc < NK
-            if RESIDENT:
-                k = k_res
-                v = v_res
-            else:
-                k = _ld(K + b * stride_kb + hk * stride_kh, offs_nc, stride_kn, offs_d, NK, D, BLOCK_D)
-                v = _ld(V + b * stride_vb + hk * stride_vh, offs_nc, stride_vn, offs_dv, NK, DV, BLOCK_DV)
-            kh, kw = _rel_key_onehots(offs_nc, NK, WIN, Q.dtype.element_ty, BLOCK_W, HAS_REL)
-            s = _keys_logits(q, k, uh, uw, kh, kw, rel_scale, qk_scale, BIAS + b * stride_bb + h * stride_bh,
-                             offs_m, offs_nc, rows, col_ok, stride_bm, stride_bn, HAS_REL, HAS_BIAS, DOT_PREC)
+            offs_nc, col_ok, k, v, kh, kw, s = _key_chunk(
+                c, q, k_res, v_res, uh, uw, rel_scale, qk_scale, K, V, BIAS + b * stride_bb + h * stride_bh, b, hk,
+                offs_n, offs_d, offs_dv, offs_m, rows, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                stride_vn, stride_bm, stride_bn, NK, WIN, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, RESIDENT,
+                HAS_REL, HAS_BIAS, DOT_PREC)
             p = tl.math.exp2(s - lse2[:, None])
             p = tl.where(col_ok[None, :], p, 0.0)
             dp = tl.dot(doe, tl.trans(v), input_precision=DOT_PREC)
