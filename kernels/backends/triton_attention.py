@@ -441,12 +441,10 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
     # dK/dV (+ dS for the bias, + dU_k): one program per key block, query blocks split when keys are few
     store_db = need_db and ex.bias is not None
     db = None
-    # dS in the bias's dtype: a float32 buffer and its cast pass were the largest costs of a bias backward; over
-    # broadcast dims `_reduce_to`'s sum accumulates in float32 inside torch, as autograd of `s + bias` would
     if store_db:  # unvisited (masked) tiles keep a zero gradient; dense patterns write every element
         db = (_new if isinstance(prob.pattern, Dense) else
               lambda *s, like, dtype: torch.zeros(s, device=like.device, dtype=dtype))(
-            B, H, NQ, NK, like=qp, dtype=ex.bias.dtype)
+            B, H, NQ, NK, like=qp, dtype=ds_dtype(ex.bias, (B, H, NQ, NK)))
     S, per = (1, max(nqb, 1)) if prob.grid else _splits(nkb * B * HKV, nqb, qp.device, min_blocks=4)
     if S == 1:
         dk, dv = _new(B, HKV, NK, D, like=qp), _new(B, HKV, NK, DV, like=qp)
@@ -494,6 +492,16 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
         dq = dq.sum(0).to(qp.dtype)
         duq = None if duq is None else duq.sum(0)
     return dq, dk, dv, db, duq, duk, dg
+
+
+def ds_dtype(bias4: torch.Tensor, full: Tuple[int, int, int, int]) -> torch.dtype:
+    """dtype of the kernels' dS buffer for a dense bias `bias4` of a `full` (B, H, Nq, Nk) problem: the bias's own
+    (a float32 buffer and its cast pass were the largest costs of a bias backward; a sum over broadcast dims,
+    `_reduce_to`, accumulates in float32 inside torch), except float16 summed over broadcast dims: its per-element
+    values would leave float16's range (subnormals below 6e-5) before the sum; float32 then."""
+    if bias4.dtype == torch.float16 and tuple(bias4.shape) != tuple(full):
+        return torch.float32
+    return bias4.dtype
 
 
 def triton_cdiv(a: int, b: int) -> int:

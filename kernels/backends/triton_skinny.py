@@ -38,7 +38,7 @@ from . import triton_attention as ta
 from .triton_kernels import gate_backward, online_softmax_update
 
 CALLS = collections.Counter()
-_FORCE = {}  # tests: {"keys_mode": "flat" | "resident", "block_m": int, "block_n": int}
+_FORCE = {}  # interpreter tests: {"keys_mode": "flat" | "res", "block_m": int, "key_chunk": int, "block_n": int}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -696,8 +696,8 @@ def keys_forward(q, k, v, bias, gate, scale, cfg, rel: Optional[Rel] = None):
 
 
 def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, rel: Optional[Rel] = None):
-    """Few-keys backward; returns (dq, dk, dv, db (B, H, NQ, NK) fp32 | None, dg (B, H, N, 1 | DV) | None,
-    (drh, drw) | None)."""
+    """Few-keys backward; returns (dq, dk, dv, db (B, H, NQ, NK) in `ta.ds_dtype` | None, dg (B, H, N, 1 | DV) |
+    None, (drh, drw) | None)."""
     q, k, v = ta._lastdim_contiguous(q), ta._lastdim_contiguous(k), ta._lastdim_contiguous(v)
     do, out = ta._lastdim_contiguous(do), ta._lastdim_contiguous(out)
     B, H, NQ, D = q.shape
@@ -726,7 +726,7 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
     bias_k = None if bias is None else ta._Problem(ta.Dense(), NQ, NK, BM, 16, q.device).bias_in(bias, NQ, NK)
     sb = ta._bstrides(bias_k)
     store_db = need_db and bias is not None
-    db = ta._new(B, H, NQ, NK, like=q, dtype=bias_k.dtype) if store_db else None
+    db = ta._new(B, H, NQ, NK, like=q, dtype=ta.ds_dtype(bias_k, (B, H, NQ, NK))) if store_db else None
     sdb = ta._bstrides(db)
     drel = None
     if rel is not None:
@@ -837,7 +837,7 @@ def queries_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_d
     bias_k = None if bias is None else ta._Problem(ta.Dense(), NQ, NK, BM, BN, q.device).bias_in(bias, NQ, NK)
     sb = ta._bstrides(bias_k)
     store_db = need_db and bias is not None
-    db = ta._new(B, H, NQ, NK, like=q, dtype=bias_k.dtype) if store_db else None
+    db = ta._new(B, H, NQ, NK, like=q, dtype=ta.ds_dtype(bias_k, (B, H, NQ, NK))) if store_db else None
     sdb = ta._bstrides(db)
     CALLS["queries_bwd"] += 1
     _queries_bwd[(S, B * HKV)](
