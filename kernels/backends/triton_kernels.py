@@ -129,17 +129,17 @@ def _load_rows(base, offs_r, stride_r, offs_c, NR, NC: tl.constexpr, BLOCK_C: tl
 @triton.jit
 def _bias_tile(b_base, offs_m, offs_n, stride_bm, stride_bn, NQ, NK, GRID_MODE: tl.constexpr, TRANS: tl.constexpr):
     """Dense bias tile in base-2 logits, (BM, BN) or (BN, BM) when TRANS. 1-d mode masks rows/columns past the
-    end; grid mode runs on padded buffers. (A first version clamped the indices with tl.minimum and measured
-    3.9-4.9x the no-bias forward on an H200; suspected, not verified: the clamp hides the offsets' contiguity and
-    the loads lose vectorisation. This masked form is not yet measured on a GPU.)"""
+    end; grid mode runs on padded buffers. Row offsets are int64: Nq * Nk reaches 2^31 at N = 46341. (A first
+    version clamped the indices with tl.minimum: 3.9-4.9x the no-bias forward on an H200; this masked form
+    measured 1.34-1.42x, fourth session.)"""
     if TRANS:
-        ptrs = b_base + offs_n[:, None] * stride_bn + offs_m[None, :] * stride_bm
+        ptrs = b_base + offs_n[:, None] * stride_bn + offs_m[None, :].to(tl.int64) * stride_bm
         if GRID_MODE:
             x = tl.load(ptrs)
         else:
             x = tl.load(ptrs, mask=(offs_n < NK)[:, None] & (offs_m < NQ)[None, :], other=0.0)
     else:
-        ptrs = b_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
+        ptrs = b_base + offs_m[:, None].to(tl.int64) * stride_bm + offs_n[None, :] * stride_bn
         if GRID_MODE:
             x = tl.load(ptrs)
         else:
@@ -419,7 +419,7 @@ def _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_
     if HAS_LR:
         duk += tl.dot(ds_t.to(uq.dtype), uq, input_precision=DOT_PREC)
     if STORE_DB:
-        db_ptrs = db_base + offs_n[:, None] * stride_dbn + offs_m[None, :] * stride_dbm
+        db_ptrs = db_base + offs_n[:, None] * stride_dbn + offs_m[None, :].to(tl.int64) * stride_dbm
         if GRID_MODE:
             tl.store(db_ptrs, ds_t)
         else:
