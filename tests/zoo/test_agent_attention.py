@@ -180,6 +180,22 @@ def test_bias_cache_survives_repeated_eval_and_is_dropped_by_a_mode_switch():
         torch.testing.assert_close(fresh[0], m._agent_bias((7, 3), (7, 3))[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("heads", [1, 2])
+def test_prefix_gradients_match_the_explicit_composition(heads):
+    """Training with a class token: the local term is added in place on the grid rows; with one head the
+    attention output's reshape is a view of the op's output, which must not be written (its backward keeps it)."""
+    m = _module(8 * heads, heads, 4, (5, 6), prefix=1).train()
+    _randomize(m)
+    x = torch.randn(2, 1 + 4 * 3, 8 * heads, dtype=D64, requires_grad=True)
+    out = m(x, (4, 3))
+    ref = explicit_agent_attention(m, x, (4, 3))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, x, g)  # the explicit composition detaches the parameters: x's gradient
+    (want,) = torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
 def test_rows_of_both_steps_sum_to_one():
     """Constant values V = c: the output is c iff every row of both attention steps sums to one."""
     m = _module(24, 3, 9, (6, 6), prefix=1)

@@ -234,16 +234,16 @@ class AgentAttention(nn.Module):
 
         bias1, bias2 = self.agent_bias((H, W), kv_size)
         agent_v = kernels.attention(agents, k, v, bias=bias1, backend=self.backend)  # (B, h, n, d)
-        x = kernels.attention(q, agents, agent_v, bias=bias2, backend=self.backend)  # (B, h, N, d)
-        x = x.transpose(1, 2).reshape(B, N, C)
+        out = kernels.attention(q, agents, agent_v, bias=bias2, backend=self.backend)  # (B, h, N, d)
+        x = out.transpose(1, 2).reshape(B, N, C)
 
         v_grid = v[:, :, P:].transpose(-1, -2).reshape(B, C, *kv_size)
         if kv_size != (H, W):
             v_grid = F.interpolate(v_grid, size=(H, W), mode="bilinear", align_corners=False)
         local = self.dwc(v_grid).flatten(2).transpose(1, 2)  # (B, H·W, C)
         if P:  # add in place on the grid rows (a cat would copy the whole sequence)
-            if h == 1:  # then the reshape above is a view of the kernel's output, which its backward keeps
-                x = x.clone()
+            if x.data_ptr() == out.data_ptr():  # the reshape was a view (one head): the Triton op's backward
+                x = x.clone()  # keeps `out`, so it must not be written
             x[:, P:] += local
         else:
             x = x + local
