@@ -182,8 +182,9 @@ def test_bias_cache_survives_repeated_eval_and_is_dropped_by_a_mode_switch():
 
 @pytest.mark.parametrize("heads", [1, 2])
 def test_prefix_gradients_match_the_explicit_composition(heads):
-    """Training with a class token: the local term is added in place on the grid rows; with one head the
-    attention output's reshape is a view of the op's output, which must not be written (its backward keeps it)."""
+    """Training with a class token: the local term is added in place on the grid rows (with one head the
+    reshaped attention output is a view of the op's output and is cloned first: the Triton op's backward keeps
+    it); the input gradient equals the explicit composition's."""
     m = _module(8 * heads, heads, 4, (5, 6), prefix=1).train()
     _randomize(m)
     x = torch.randn(2, 1 + 4 * 3, 8 * heads, dtype=D64, requires_grad=True)
