@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -157,12 +158,24 @@ def _create_optimizer(probe: torch.nn.Module, cfg: TrainConfig, lr: float) -> to
                                weight_decay=cfg.weight_decay)
 
 
+def _batch_bounds(n: int, batch_size: int) -> List[tuple]:
+    """(start, stop) of each training batch of an epoch: `batch_size` rows each, the remainder last, except that a
+    remainder of one row joins the batch before it (BatchNorm cannot normalise a batch of one)."""
+    bounds = [(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
 class _Run:
     def __init__(self, spec: ProbeSpec, slot: int, block: Optional[int], dim: int, num_classes: int,
                  num_prefix_tokens: int, cfg: TrainConfig, steps_per_epoch: int, device: torch.device):
         self.spec = spec
         self.slot = slot  # which of the loaded layers' tensors feeds this probe
         self.block = block
+        # each probe's initial weights come from its own seed (the run's seed and its name), so a probe trains the
+        # same whichever other probes share the grid and in whatever order
+        torch.manual_seed(cfg.seed + zlib.crc32(spec.name.encode()))
         self.probe = create_probe(spec.probe, dim, num_classes, num_prefix_tokens=num_prefix_tokens,
                                   **spec.kwargs).to(device)
         self.params = sum(p.numel() for p in self.probe.parameters() if p.requires_grad)
@@ -280,7 +293,10 @@ def train_probes(specs: Sequence[ProbeSpec], train_store: FeatureStore, val_stor
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(train_store)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    if n < 2:
+        raise ValueError(f"training needs at least 2 samples (the probes' BatchNorm), got {n}")
+    batches = _batch_bounds(n, cfg.batch_size)
+    steps_per_epoch = len(batches)
     runs = [_Run(s, used.index(pos), train_store.layer_block(s.layer), int(train_store.arrays[pos].shape[-1]),
                  train_store.num_classes, train_store.num_prefix_tokens, cfg, steps_per_epoch, device)
             for s, pos in zip(specs, positions)]
@@ -308,8 +324,8 @@ def train_probes(specs: Sequence[ProbeSpec], train_store: FeatureStore, val_stor
         for run in runs:
             run.probe.train()
             run.loss_sum, run.loss_count = 0.0, 0
-        for lo in range(0, n, cfg.batch_size):
-            idx = perm[lo:lo + cfg.batch_size]
+        for lo, hi in batches:
+            idx = perm[lo:hi]
             xs, y = train_feats.batch(idx, views[idx])  # loaded once, used by every probe
             for run in runs:
                 t0 = time.perf_counter()

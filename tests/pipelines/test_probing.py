@@ -384,6 +384,22 @@ def test_grid_trains_in_one_pass_and_resumes(tmp_path):
     assert losses[0] == pytest.approx(losses[1])
 
 
+def test_grid_trains_with_a_remainder_of_one_and_probe_init_ignores_grid_order(tmp_path):
+    """129 rows at batch 32: the single leftover row joins the last batch (BatchNorm cannot normalise one row);
+    a probe's initial weights depend on the seed and its name only, not on the probes before it in the grid."""
+    from pipelines.probing import trainer
+
+    assert trainer._batch_bounds(129, 32) == [(0, 32), (32, 64), (64, 96), (96, 129)]
+    assert trainer._batch_bounds(130, 32)[-1] == (128, 130) and trainer._batch_bounds(1, 32) == [(0, 1)]
+    train, val = _blob_store(tmp_path, 129, 0, "train"), _blob_store(tmp_path, 64, 1, "val")
+    cfg = TrainConfig(epochs=1, batch_size=32, optimizer="adamw")
+    ep = ProbeSpec("ep", "ep", 1e-2, {"num_queries": 4})
+    aim = ProbeSpec("aim", "aim", 1e-2, {"num_heads": 2})
+    alone = train_probes([ep], train, val, cfg, str(tmp_path / "a"), progress=False)["runs"]["ep"]
+    second = train_probes([aim, ep], train, val, cfg, str(tmp_path / "b"), progress=False)["runs"]["ep"]
+    assert len(alone["history"]) == 1 and alone["history"] == second["history"]
+
+
 def test_grid_layers_axis_reads_each_batch_once(tmp_path, monkeypatch):
     from pipelines.probing import trainer
 

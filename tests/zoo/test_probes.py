@@ -5,6 +5,7 @@ import open_clip
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from zoo.probes import (
@@ -380,3 +381,37 @@ def test_linear_cls_pool_reads_the_cls_token_only():
     assert torch.equal(probe.pool(x), x[:, 0])
     assert torch.allclose(create_probe("linear", 8, 3, num_prefix_tokens=5, pool="mean").pool(x), x[:, 5:].mean(1))
     assert create_probe("linear", 8, 3).pool.num_prefix_tokens == 1  # the default: a ViT's CLS token
+
+
+def test_create_probe_keeps_each_probes_own_prefix_default():
+    """The paper's input is patch tokens (B, N, D): `create_probe("ep" | "aim" | "jepa", D, C)` reads every token
+    (no prefix dropped; EP is then invariant to the token order), as the classes do; linear keeps its CLS token."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 9, 16)
+    perm = torch.randperm(9)
+    for name, kw in (("ep", {"num_queries": 4}), ("aim", {"num_heads": 2}), ("jepa", {"num_heads": 2})):
+        probe = create_probe(name, 16, 5, **kw).eval()
+        assert probe.num_prefix_tokens == 0, name
+        torch.testing.assert_close(probe(x), probe(x[:, perm]), rtol=1e-5, atol=1e-6, msg=name)
+    assert create_probe("linear", 16, 5).num_prefix_tokens == 1
+    assert create_probe("ep", 16, 5, num_prefix_tokens=1, num_queries=4).num_prefix_tokens == 1
+
+
+def test_linear_gap_is_the_patch_mean_and_bad_tokens_are_named():
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 16)
+    gap, mean = create_probe("linear", 16, 3, pool="gap").eval(), create_probe("linear", 16, 3, pool="mean").eval()
+    gap.load_state_dict(mean.state_dict())
+    torch.testing.assert_close(gap(x), mean(x))
+    torch.testing.assert_close(gap.forward_features(x), F.batch_norm(x[:, 1:].mean(1), torch.zeros(16),
+                                                                     torch.ones(16), eps=1e-6))
+    ep = create_probe("ep", 16, 3, num_queries=4).eval()
+    for bad, match in ((torch.randn(4, 7, 8), "width D=16"), (torch.randn(4, 16), "floating-point \\(B, N, D\\)"),
+                       (torch.randint(0, 3, (4, 7, 16)), "floating-point")):
+        with pytest.raises(ValueError, match=match):
+            ep(bad)
+    with pytest.raises(ValueError, match="patch tokens"):
+        mean(torch.randn(4, 1, 16))  # only the CLS token: the mean has nothing to average
+    for kw in ({"num_queries": True}, {"num_queries": 2.0}, {"d_out": 0}):
+        with pytest.raises(ValueError, match="positive int"):
+            create_probe("ep", 16, 3, **kw)

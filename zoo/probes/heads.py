@@ -31,6 +31,13 @@ __all__ = [
 _TOKENS = ("patch", "all")
 
 
+def _check_ints(**values) -> None:
+    """Each argument must be a positive int (not a bool or a float): they size parameters."""
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
 def _split_tokens(x: torch.Tensor, num_prefix_tokens: int, tokens: str) -> torch.Tensor:
     return x[:, num_prefix_tokens:] if tokens == "patch" else x
 
@@ -41,8 +48,9 @@ class TokenPool(nn.Module):
 
     def __init__(self, pool: str = "cls", num_prefix_tokens: int = 1):
         super().__init__()
+        pool = "mean" if pool == "gap" else pool  # the EP paper's and MAE's name for the patch-token mean
         if pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+            raise ValueError(f"pool must be 'cls', 'mean' or 'gap', got {pool!r}")
         if pool == "cls" and num_prefix_tokens < 1:
             raise ValueError(f"pool='cls' needs a prefix (CLS) token, got num_prefix_tokens={num_prefix_tokens}")
         self.pool = pool
@@ -51,6 +59,9 @@ class TokenPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pool == "cls":
             return x[:, 0]
+        if x.shape[1] <= self.num_prefix_tokens:
+            raise ValueError(f"pool='mean' needs patch tokens after the {self.num_prefix_tokens} prefix token(s), got "
+                             f"{x.shape[1]} tokens")
         return x[:, self.num_prefix_tokens:].mean(1)
 
 
@@ -59,10 +70,9 @@ class _MultiHeadQueryPool(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, num_queries: int):
         super().__init__()
+        _check_ints(dim=dim, num_heads=num_heads, num_queries=num_queries)
         if dim % num_heads:
             raise ValueError(f"dim must be divisible by num_heads, got dim={dim} num_heads={num_heads}")
-        if num_queries < 1:
-            raise ValueError(f"num_queries must be >= 1, got {num_queries}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.num_queries = num_queries
@@ -158,7 +168,8 @@ class EfficientProbingPool(nn.Module):
     def __init__(self, dim: int, num_queries: int = 32, d_out: int = 1, qkv_bias: bool = False,
                  device=None, dtype=None):
         super().__init__()
-        if d_out < 1 or dim % d_out:
+        _check_ints(dim=dim, num_queries=num_queries, d_out=d_out)
+        if dim % d_out:
             raise ValueError(f"d_out must be a positive divisor of dim, got dim={dim} d_out={d_out}")
         if num_queries < 1 or (dim // d_out) % num_queries:
             raise ValueError(f"num_queries must divide dim // d_out = {dim // d_out}, got num_queries={num_queries}")
@@ -197,8 +208,9 @@ class ProbeHead(nn.Module):
     """
 
     def __init__(self, pool: nn.Module, out_dim: int, num_classes: int, num_prefix_tokens: int = 0,
-                 tokens: str = "patch", device=None, dtype=None):
+                 tokens: str = "patch", device=None, dtype=None, in_dim: Optional[int] = None):
         super().__init__()
+        self.in_dim = in_dim
         if tokens not in _TOKENS:
             raise ValueError(f"tokens must be one of {_TOKENS}, got {tokens!r}")
         if not isinstance(num_classes, int) or num_classes < 1:
@@ -214,8 +226,20 @@ class ProbeHead(nn.Module):
         self.norm = nn.BatchNorm1d(out_dim, affine=False, eps=1e-6, **dd)
         self.fc = nn.Linear(out_dim, num_classes, **dd)
 
+    def _check_tokens(self, x) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
+            raise ValueError(f"tokens must be a floating-point (B, N, D) tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+                             f"{' ' + str(x.dtype) if isinstance(x, torch.Tensor) else ''}")
+        if self.in_dim is not None and x.shape[-1] != self.in_dim:
+            raise ValueError(f"tokens must have width D={self.in_dim} (the probe's dim), got {tuple(x.shape)}")
+        if self.tokens == "patch" and x.shape[1] <= self.num_prefix_tokens:
+            raise ValueError(f"tokens='patch' needs tokens after the {self.num_prefix_tokens} prefix token(s), got "
+                             f"{x.shape[1]}")
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled, normalised features `(B, F)` from tokens `(B, N, D)`."""
+        self._check_tokens(x)
         return self.norm(self.pool(_split_tokens(x, self.num_prefix_tokens, self.tokens)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,7 +265,7 @@ class LinearProbe(ProbeHead):
     def __init__(self, dim: int, num_classes: int, pool: str = "cls", num_prefix_tokens: int = 1,
                  device=None, dtype=None):
         super().__init__(TokenPool(pool, num_prefix_tokens), dim, num_classes, num_prefix_tokens=0, tokens="all",
-                         device=device, dtype=dtype)
+                         device=device, dtype=dtype, in_dim=dim)
         self.num_prefix_tokens = num_prefix_tokens
 
 
@@ -261,7 +285,7 @@ class AttentiveProbe(ProbeHead):
                  qkv_bias: bool = False, num_prefix_tokens: int = 0, tokens: str = "patch", device=None,
                  dtype=None):
         pool = AttentionPool(dim, num_heads, num_queries, qkv_bias, device=device, dtype=dtype)
-        super().__init__(pool, dim, num_classes, num_prefix_tokens, tokens, device=device, dtype=dtype)
+        super().__init__(pool, dim, num_classes, num_prefix_tokens, tokens, device=device, dtype=dtype, in_dim=dim)
 
 
 class CrossAttentionProbe(ProbeHead):
@@ -282,7 +306,7 @@ class CrossAttentionProbe(ProbeHead):
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, num_prefix_tokens: int = 0, tokens: str = "patch",
                  device=None, dtype=None):
         pool = CrossAttentionPool(dim, num_heads, num_queries, mlp_ratio, qkv_bias, device=device, dtype=dtype)
-        super().__init__(pool, dim, num_classes, num_prefix_tokens, tokens, device=device, dtype=dtype)
+        super().__init__(pool, dim, num_classes, num_prefix_tokens, tokens, device=device, dtype=dtype, in_dim=dim)
 
 
 class EfficientProbe(ProbeHead):
@@ -304,7 +328,8 @@ class EfficientProbe(ProbeHead):
     def __init__(self, dim: int, num_classes: int, num_queries: int = 32, d_out: int = 1,
                  num_prefix_tokens: int = 0, tokens: str = "patch", device=None, dtype=None):
         pool = EfficientProbingPool(dim, num_queries, d_out, device=device, dtype=dtype)
-        super().__init__(pool, pool.out_dim, num_classes, num_prefix_tokens, tokens, device=device, dtype=dtype)
+        super().__init__(pool, pool.out_dim, num_classes, num_prefix_tokens, tokens, device=device, dtype=dtype,
+                         in_dim=dim)
 
 
 PROBES: Dict[str, Type[ProbeHead]] = {
@@ -320,19 +345,23 @@ def list_probes():
     return sorted(PROBES)
 
 
-def create_probe(name: str, dim: int, num_classes: int, num_prefix_tokens: int = 1, **kwargs) -> ProbeHead:
+def create_probe(name: str, dim: int, num_classes: int, num_prefix_tokens: Optional[int] = None,
+                 **kwargs) -> ProbeHead:
     """Build a probe by name.
 
     Args:
         name: "linear", "aim", "jepa" or "ep" (see `list_probes()`).
         dim: token width D of the encoder.
         num_classes: classifier outputs.
-        num_prefix_tokens: leading prefix (CLS/register) tokens in the encoder's token output (default 1: a ViT's
-            CLS token; 0 for encoders without one, which then need a pool other than "cls").
+        num_prefix_tokens: leading prefix (CLS/register) tokens in the encoder's token output; None keeps the
+            probe's own default (the attentive probes and EP: 0, every token is a patch token, as the paper's
+            `(B, N, D)` input; linear: 1, the CLS token its default `pool="cls"` reads).
         **kwargs: the probe's own arguments (`pool`, `num_heads`, `num_queries`, `d_out`, `tokens`, ...).
     """
     if name not in PROBES:
         raise ValueError(f"probe name must be one of {list_probes()}, got {name!r}")
     if not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim must be a positive int, got {dim!r}")
-    return PROBES[name](dim, num_classes, num_prefix_tokens=num_prefix_tokens, **kwargs)
+    if num_prefix_tokens is not None:
+        kwargs["num_prefix_tokens"] = num_prefix_tokens
+    return PROBES[name](dim, num_classes, **kwargs)
