@@ -242,3 +242,16 @@ def test_matches_explicit_float64_model():
         tok = tok + blk.mlp.fc2(F.gelu(blk.mlp.fc1(h)))
     tok = F.layer_norm(tok, (32,), model.norm.weight, model.norm.bias, model.norm.eps)
     torch.testing.assert_close(model(x), model.head(tok[:, 0]), atol=1e-10, rtol=0)
+
+
+def test_symmetric_model_built_on_meta_then_loaded_matches():
+    """Built on the meta device, materialised with `to_empty` and filled by `load_state_dict` (how large models
+    are loaded): the symmetric form must not depend on a buffer that loading leaves uninitialised."""
+    ref = timm.create_model("minimal_vit_nomlp_sym_nowvwo_mnist").eval()
+    with torch.device("meta"):
+        model = timm.create_model("minimal_vit_nomlp_sym_nowvwo_mnist")
+    model = model.to_empty(device="cpu").eval()
+    model.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)

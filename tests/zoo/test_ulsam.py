@@ -161,3 +161,16 @@ def test_tiny_model_and_validation():
         model(torch.randn(1, 3, 8, 32))
     with pytest.raises(ValueError, match="ulsam_stages"):
         UlsamMobileNet(ulsam_stages=(7,))
+
+
+def test_global_pool_empty_keeps_the_feature_map_as_timm():
+    """`num_classes=0, global_pool=""` returns the unpooled map (B, C, H, W), as timm's own MobileNets do."""
+    x = torch.randn(1, 3, 64, 64)
+    ref = timm.create_model("mobilenetv1_100", num_classes=0, global_pool="").eval()
+    model = timm.create_model("ulsam_mobilenetv1", num_classes=0, global_pool="").eval()
+    with torch.no_grad():
+        assert model(x).shape == ref(x).shape == (1, 1024, 2, 2)
+        model.reset_classifier(0, "avg")
+        assert model(x).shape == (1, 1024)
+        model.reset_classifier(0, "")
+        assert model(x).shape == (1, 1024, 2, 2)

@@ -76,8 +76,6 @@ class MinimalAttention(nn.Module):
         else:
             n_tril = self.head_dim * (self.head_dim + 1) // 2
             self.qk_tril = nn.Parameter(torch.empty(num_heads, n_tril, **dd))  # free entries of each T
-            rows, cols = torch.tril_indices(self.head_dim, self.head_dim)
-            self.register_buffer("_tril_flat", rows * self.head_dim + cols, persistent=False)
         if value_proj:
             self.v = nn.Linear(dim, dim, bias=qkv_bias, **dd)
             self.proj = nn.Linear(dim, dim, **dd)
@@ -95,8 +93,17 @@ class MinimalAttention(nn.Module):
             raise ValueError(f"tril_factor() needs qk='symmetric', this module has qk={self.qk_mode!r}")
         hd = self.head_dim
         t = self.qk_tril.new_zeros(self.num_heads, hd * hd)
-        t = t.index_copy(1, self._tril_flat, self.qk_tril)
+        t = t.index_copy(1, self._tril_index(t.device), self.qk_tril)
         return t.view(self.num_heads, hd, hd)
+
+    def _tril_index(self, device: torch.device) -> torch.Tensor:
+        """Flat positions of the lower triangle, per device. Not a buffer: a model built on the meta device and
+        filled by `load_state_dict` would keep a non-persistent buffer's garbage."""
+        cache = self.__dict__.setdefault("_tril_cache", {})
+        if device not in cache:
+            rows, cols = torch.tril_indices(self.head_dim, self.head_dim, device=device)
+            cache[device] = rows * self.head_dim + cols
+        return cache[device]
 
     def qk_matrix(self) -> torch.Tensor:
         """The per-head similarity matrix W_qk `(H, hd, hd)` of the symmetric form (T Tᵀ)."""

@@ -136,7 +136,7 @@ class UlsamMobileNet(nn.Module):
         else:
             self.conv_head = nn.Identity()
         self.num_features = self.head_hidden_size = chs
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.head_drop = nn.Dropout(drop_rate)
         self.classifier = (nn.Linear(chs * self.global_pool.feat_mult(), num_classes, **dd) if num_classes > 0
                            else nn.Identity())
@@ -170,7 +170,7 @@ class UlsamMobileNet(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         w = self.stem.conv.weight
         self.classifier = (nn.Linear(self.num_features * self.global_pool.feat_mult(), num_classes,
                                      device=w.device, dtype=w.dtype) if num_classes > 0 else nn.Identity())
