@@ -9,7 +9,7 @@
 # models (bench_models, all cases, --profile), halonet (bench_models: the HaloNet cases), agent (bench_models:
 # the Agent cases, inference, --profile), pipelines (bench_pipelines), checks (bench_kernels' GPU checks only, via
 # --only gate). Default limit per step: 240 s. Set-up: the wheels in .whl/ (sh ../shared/tools/device-wheels.sh)
-# go to /tmp/site; a carried .device-cache.tgz (scripts/prebuild_triton_cache.py) is unpacked to
+# go to /tmp/site; a carried .device-cache.tar.xz (scripts/prebuild_triton_cache.py) is unpacked to
 # /tmp/triton-cache, and the log says how many kernels each step had to compile (new cache entries).
 set -u
 cd "$(dirname "$0")/.."
@@ -26,7 +26,9 @@ fi
 export PYTHONPATH="/tmp/site:$PWD" HF_HUB_OFFLINE=1 TRITON_CACHE_DIR=/tmp/triton-cache \
     TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache ATTNZOO_AUTOTUNE="${ATTNZOO_AUTOTUNE:-fast}"
 mkdir -p /tmp/triton-cache
-[ -f .device-cache.tgz ] && tar xzf .device-cache.tgz -C /tmp
+for cache in .device-cache.tar.xz .device-cache.tgz; do  # the first present; tar detects the compression
+    [ -f "$cache" ] && tar xf "$cache" -C /tmp && break
+done
 entries() { ls /tmp/triton-cache | wc -l; }
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" >> "$LOG" 2>&1
