@@ -242,8 +242,10 @@ class AgentAttention(nn.Module):
             v_grid = F.interpolate(v_grid, size=(H, W), mode="bilinear", align_corners=False)
         local = self.dwc(v_grid).flatten(2).transpose(1, 2)  # (B, H·W, C)
         if P:  # add in place on the grid rows (a cat would copy the whole sequence)
-            if x.data_ptr() == out.data_ptr():  # the reshape was a view (one head): the Triton op's backward
-                x = x.clone()  # keeps `out`, so it must not be written
+            # the reshape is a view of `out` with one head (or a non-contiguous `out`); the Triton op's backward
+            # keeps `out`, so it must not be written (a static test: torch.compile cannot compare data pointers)
+            if h == 1 or not out.is_contiguous():
+                x = x.clone()
             x[:, P:] += local
         else:
             x = x + local
