@@ -121,9 +121,8 @@ for d in (32, 64, 128):
             continue
         for backward in (False, True):
             for cfg in sk.keys_candidates(nq, nk, d, d, backward):
-                bm, warps, stages, mode = cfg[:4]
-                bn, key_chunks = sk._key_tiles(nk, cfg if not (backward and nq > bm) else ())
-                mode = "flat" if key_chunks > 1 else mode
+                bm, warps, stages = cfg[:3]
+                mode, bn, key_chunks = sk.key_plan(nq, nk, cfg, backward)
                 for rel in ((False, True) if nq == 64 and nk == 144 else (False,)):
                     c = dict(D=d, DV=d, BLOCK_M=bm, BLOCK_N=bn, KEY_CHUNKS=key_chunks, BLOCK_D=bd, BLOCK_DV=bd,
                              BLOCK_T=32, BLOCK_W=16, RESIDENT=mode == "res", HAS_BIAS=not rel, HAS_GATE=True,

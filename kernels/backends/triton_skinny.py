@@ -546,6 +546,17 @@ def _key_tiles(nk: int, cfg: tuple) -> Tuple[int, int]:
     return bn, _cdiv(nk, bn)
 
 
+def key_plan(nq: int, nk: int, cfg: tuple, backward: bool) -> Tuple[str, int, int]:
+    """(mode, BLOCK_N, KEY_CHUNKS) a few-keys config runs with. K/V stay in registers across query blocks
+    ("res") only as one key tile, so a chunked config runs "flat"; the backward with several query blocks per
+    (b, h) accumulates dK/dV over them in one program, so it takes one key tile and "res"."""
+    mode = cfg[3]
+    bn, key_chunks = _key_tiles(nk, cfg)
+    if backward and _cdiv(nq, cfg[0]) > 1:
+        return "res", *_key_tiles(nk, ())
+    return ("flat" if key_chunks > 1 else mode), bn, key_chunks
+
+
 def max_keys(d: int, dv: int) -> int:
     """Largest Nk the few-keys kernels keep in one tile (K/V tiles and, backward, fp32 dK/dV of BLOCK_N x head dim
     per program): 256 at head dims <= 64, 64 at <= 128."""
@@ -667,10 +678,8 @@ def keys_forward(q, k, v, bias, gate, scale, cfg, rel: Optional[Rel] = None):
     q, k, v = ta._lastdim_contiguous(q), ta._lastdim_contiguous(k), ta._lastdim_contiguous(v)
     B, H, NQ, D = q.shape
     HKV, NK, DV = k.shape[1], k.shape[2], v.shape[-1]
-    BM, warps, stages, mode, waves = cfg[:5]
-    BN, key_chunks = _key_tiles(NK, cfg)
-    if key_chunks > 1:
-        mode = "flat"  # K/V stay in registers across query blocks only as one tile
+    BM, warps, stages, _, waves = cfg[:5]
+    mode, BN, key_chunks = key_plan(NQ, NK, cfg, False)
     nqb = _cdiv(NQ, BM)
     nprog, items, chunks = _keys_grid(B * H, nqb, q.device, mode, waves, False)
     out = ta._new(B, H, NQ, DV, like=q)
@@ -703,14 +712,9 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
     B, H, NQ, D = q.shape
     HKV, NK, DV = k.shape[1], k.shape[2], v.shape[-1]
     GROUP = H // HKV
-    BM, warps, stages, mode, waves = cfg[:5]
-    BN, key_chunks = _key_tiles(NK, cfg)
+    BM, warps, stages, _, waves = cfg[:5]
+    mode, BN, key_chunks = key_plan(NQ, NK, cfg, True)
     nqb = _cdiv(NQ, BM)
-    if nqb > 1:
-        mode = "res"  # dK/dV accumulate over the query blocks of one (b, h) in one program: one key tile
-        BN, key_chunks = _key_tiles(NK, ())
-    elif key_chunks > 1:
-        mode = "flat"
     nprog, items, chunks = _keys_grid(B * H, nqb, q.device, mode, waves, True)
     f32 = torch.float32
     lse = lse.contiguous()
