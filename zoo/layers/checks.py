@@ -27,3 +27,11 @@ def check_image_input(x, in_chans: int, fixed_size: Optional[Sequence[int]] = No
     if x.shape[0] < 1 or min(x.shape[-2:]) < min_size:
         raise ValueError(f"x must be a non-empty batch of images of at least {min_size}x{min_size} pixels, "
                          f"got x.shape={tuple(x.shape)}")
+
+
+def check_positive_ints(owner: str = "", **values) -> None:
+    """Raise unless every value is a positive int (bools and floats refused: these size parameters); the
+    message names the argument, after `owner` (e.g. "HaloAttention: ")."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}{name} must be a positive int, got {value!r}")

@@ -37,6 +37,8 @@ from torch import nn
 
 import kernels
 
+from .checks import check_positive_ints
+
 __all__ = ["HaloAttention", "HaloRelPosEmbed", "halo_rel_pos_bias", "halo_rel_pos_factors", "halo_rel_index"]
 
 
@@ -154,10 +156,7 @@ class HaloAttention(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         dim_out = dim_out or dim
-        for name, value in (("dim", dim), ("dim_out", dim_out), ("num_heads", num_heads),
-                            ("block_size", block_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"HaloAttention: {name} must be a positive int, got {value!r}")
+        check_positive_ints("HaloAttention: ", dim=dim, dim_out=dim_out, num_heads=num_heads, block_size=block_size)
         if not isinstance(halo_size, int) or halo_size < 0:
             raise ValueError(f"HaloAttention: halo_size must be an int >= 0, got {halo_size!r}")
         if dim_out % num_heads:

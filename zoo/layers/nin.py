@@ -16,6 +16,8 @@ import torch
 from timm.layers import DropPath, Mlp
 from torch import nn
 
+from .checks import check_positive_ints
+
 __all__ = ["MixerBlock", "MixerGatingUnit", "NiNBlock"]
 
 
@@ -87,9 +89,7 @@ class NiNBlock(nn.Module):
     def __init__(self, dim: int, num_tokens: int, ffn_dim: int, act_layer=nn.GELU, drop: float = 0.0,
                  drop_path: float = 0.0, device=None, dtype=None):
         super().__init__()
-        for name, val in (("dim", dim), ("num_tokens", num_tokens), ("ffn_dim", ffn_dim)):
-            if not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        check_positive_ints(dim=dim, num_tokens=num_tokens, ffn_dim=ffn_dim)
         dd = dict(device=device, dtype=dtype)
         self.norm = nn.LayerNorm(dim, **dd)  # shared by both branches, as in the reference
         self.mgu = MixerGatingUnit(dim, num_tokens, ffn_dim, ffn_dim, act_layer, drop, **dd)

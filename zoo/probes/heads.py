@@ -21,6 +21,7 @@ from timm.layers import Mlp, trunc_normal_
 from torch import nn
 
 import kernels
+from ..layers.checks import check_positive_ints
 
 __all__ = [
     "ProbeHead", "LinearProbe", "AttentiveProbe", "CrossAttentionProbe", "EfficientProbe",
@@ -29,13 +30,6 @@ __all__ = [
 ]
 
 _TOKENS = ("patch", "all")
-
-
-def _check_ints(**values) -> None:
-    """Each argument must be a positive int (not a bool or a float): they size parameters."""
-    for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
 def _split_tokens(x: torch.Tensor, num_prefix_tokens: int, tokens: str) -> torch.Tensor:
@@ -70,7 +64,7 @@ class _MultiHeadQueryPool(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, num_queries: int):
         super().__init__()
-        _check_ints(dim=dim, num_heads=num_heads, num_queries=num_queries)
+        check_positive_ints(dim=dim, num_heads=num_heads, num_queries=num_queries)
         if dim % num_heads:
             raise ValueError(f"dim must be divisible by num_heads, got dim={dim} num_heads={num_heads}")
         self.num_heads = num_heads
@@ -168,7 +162,7 @@ class EfficientProbingPool(nn.Module):
     def __init__(self, dim: int, num_queries: int = 32, d_out: int = 1, qkv_bias: bool = False,
                  device=None, dtype=None):
         super().__init__()
-        _check_ints(dim=dim, num_queries=num_queries, d_out=d_out)
+        check_positive_ints(dim=dim, num_queries=num_queries, d_out=d_out)
         if dim % d_out:
             raise ValueError(f"d_out must be a positive divisor of dim, got dim={dim} d_out={d_out}")
         if num_queries < 1 or (dim // d_out) % num_queries:
