@@ -177,19 +177,17 @@ def run_checks():
 
 def _time(fn, heavy=False):
     """GPU milliseconds of one call: replays of a CUDA graph (host launch costs drop out, as the device's
-    METHOD.md asks for small launches); ATTNZOO_BENCH_TIMER=eager times back-to-back eager calls instead."""
-    if os.environ.get("ATTNZOO_BENCH_TIMER", "graph") == "eager":
-        if heavy:
-            return bench.time_cuda(fn, warmup=2, repeats=5, min_ms=0.0)["median_ms"]
-        return bench.time_cuda(fn, warmup=3, repeats=15, min_ms=100.0)["median_ms"]
-    try:
-        if heavy:
-            return bench.time_cuda_graph(fn, warmup=2, repeats=5, target_ms=0.0)["median_ms"]
-        return bench.time_cuda_graph(fn, warmup=3, repeats=15)["median_ms"]
-    except RuntimeError as err:  # not capturable: say so and time eagerly
-        print(f"  (CUDA graph capture failed, timed eagerly: {str(err).splitlines()[0][:200]})", flush=True)
-        torch.cuda.synchronize()
-        return bench.time_cuda(fn, warmup=1, repeats=5 if heavy else 15, min_ms=0.0 if heavy else 100.0)["median_ms"]
+    METHOD.md asks for small launches); ATTNZOO_BENCH_TIMER=eager, or a call that cannot be captured, times
+    back-to-back eager calls instead. `heavy`: a few repeats only (calls of ~100 ms)."""
+    repeats = 5 if heavy else 15
+    if os.environ.get("ATTNZOO_BENCH_TIMER", "graph") != "eager":
+        try:
+            return bench.time_cuda_graph(fn, warmup=2 if heavy else 3, repeats=repeats,
+                                         target_ms=0.0 if heavy else 2.0)["median_ms"]
+        except RuntimeError as err:
+            print(f"  (CUDA graph capture failed, timed eagerly: {str(err).splitlines()[0][:200]})", flush=True)
+            torch.cuda.synchronize()
+    return bench.time_cuda(fn, warmup=2 if heavy else 3, repeats=repeats, min_ms=0.0 if heavy else 100.0)["median_ms"]
 
 
 def _sdpa(q, k, v, causal=False):
