@@ -131,6 +131,15 @@ class GridLayout:
         coords[:, np.any(coords >= np.asarray(self.grid)[:, None], axis=0) | dead] = -BIG
         return coords
 
+    def rows(self) -> np.ndarray:
+        """`(N_padded,)` int64 row-major token index of each permuted position; -1 on padding and dead slots:
+        what `permute` gathers, for kernels that read the unpermuted tensor through it."""
+        coords = self.coords()
+        valid = np.all(coords >= 0, axis=0)
+        out = np.full(coords.shape[1], -1, dtype=np.int64)
+        out[valid] = np.ravel_multi_index(tuple(coords[:, valid]), self.grid)
+        return out
+
 
 def axis_tile_status(lo: np.ndarray, hi: np.ndarray, dilation: int, q_tile: int, k_len: int,
                      k_tile: int, real_full: bool = False) -> np.ndarray:
@@ -195,6 +204,8 @@ class TileMap:
     bwd_bits: Optional[torch.Tensor] = None  # same, order of bwd's part_idx
     kbias: Optional[torch.Tensor] = None  # (Nk_padded,) float32: 0 on real keys, -inf on padding/dead slots
     partial_axes_hist: Tuple[int, ...] = ()  # partial pairs by number of masked axes (pair mode)
+    q_rows: Optional[torch.Tensor] = None  # (Nq_padded,) int32 token per permuted query position, -1 on padding
+    k_rows: Optional[torch.Tensor] = None  # (Nk_padded,) int32 token per permuted key position, -1 on padding
 
     @property
     def computed_fraction(self) -> float:
@@ -289,7 +300,8 @@ def grid_tile_map(pattern, q_tile: Tuple[int, ...], k_tile: Tuple[int, ...], dev
     fwd = (*_csr(status, FULL, device), *_csr(status, PARTIAL, device))
     bwd = (*_csr(status.T, FULL, device), *_csr(status.T, PARTIAL, device))
     return TileMap(q_layout, k_layout, tuple(d for _, _, d in wins), t32(qlo), t32(qhi), t32(kc), fwd, bwd,
-                   int((status == FULL).sum()), int((status == PARTIAL).sum()), mask_axes, **extra)
+                   int((status == FULL).sum()), int((status == PARTIAL).sum()), mask_axes,
+                   q_rows=t32(q_layout.rows()), k_rows=t32(k_layout.rows()), **extra)
 
 
 def _pow2_splits(total: int, n: int) -> List[Tuple[int, ...]]:

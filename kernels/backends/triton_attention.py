@@ -204,12 +204,16 @@ class _Problem:
                 q_tile, k_tile = tiles.choose_tile_shapes(pattern, block_m, block_n, partial_cost)
                 self.map = tiles.grid_tile_map(pattern, q_tile, k_tile, str(device))
             self.nq, self.nk = self.map.q_layout.num_padded, self.map.k_layout.num_padded
+            # the forward reads q/k/v and writes o/lse in token order through the tiles' row tables (no
+            # permuted copies); the backward and the optional inputs still run on permuted copies
+            self.gather = not (self.map.q_layout.is_identity and self.map.k_layout.is_identity)
             self.off = self.left = self.right = 0
             self.dil = tuple(self.map.dilation) + (1,) * (3 - len(self.map.dilation))
             self.mask_axes = self.map.mask_axes
             self.has_dil = any(d > 1 for d in self.map.dilation)
         else:
             self.map = None
+            self.gather = False
             self.nq, self.nk = nq, nk
             self.off, self.left, self.right = _window_params(pattern, nq, nk)
             self.dil, self.mask_axes, self.has_dil = (1, 1, 1), 0, False
@@ -251,6 +255,12 @@ class _Problem:
             dummy = _dummy_int(self.device)
             return dummy, dummy, dummy
         return self.map.qlo, self.map.qhi, self.map.kc
+
+    def gather_args(self, nq: int) -> dict:
+        """Forward kernel arguments that read unpermuted q/k/v (`nq` query tokens) through the row tables."""
+        if not self.gather:
+            return dict(GATHER=False)
+        return dict(QROW=self.map.q_rows, KROW=self.map.k_rows, NQO=nq, GATHER=True)
 
     def pair_args(self, backward: bool) -> dict:
         """Kernel arguments of the pair mode (per-pair bits in partial-list order, key bias)."""
@@ -352,12 +362,15 @@ def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg):
 
     B, H, NQ, D = qp.shape
     HKV, NK, DV = kp.shape[1], kp.shape[2], vp.shape[-1]
+    NQO = NQ  # rows of o/lse: the tokens, or the permuted positions without gather
+    if prob.gather:  # unpermuted q/k/v: the kernel walks the permuted positions
+        NQ, NK = prob.nq, prob.nk
     BM, BN, warps, stages = cfg[:4]
     nqb, nkb = triton_cdiv(NQ, BM), triton_cdiv(NK, BN)
     S, per = (1, max(nkb, 1)) if prob.grid else _splits(nqb * B * H, nkb, qp.device)
     if S == 1:
-        out = _new(B, H, NQ, DV, like=qp)
-        lse = _new(B, H, NQ, like=qp, dtype=torch.float32)
+        out = _new(B, H, NQO, DV, like=qp)
+        lse = _new(B, H, NQO, like=qp, dtype=torch.float32)
         so, sl = 0, 0
     else:  # partial results per split, combined below
         out = _new(S, B, H, NQ, DV, like=qp, dtype=torch.float32)
@@ -384,7 +397,7 @@ def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg):
         GRID_MODE=prob.grid, MASK_AXES=prob.mask_axes, HAS_DIL=prob.has_dil,
         REVERSE=isinstance(prob.pattern, Causal), HAS_GATE=fuse_gate, DOT_PREC=_dot_prec(qp.dtype),
         GATE_ELEM=not fuse_gate or ex.gate.shape[-1] > 1,
-        num_warps=warps, num_stages=stages, **prob.pair_args(False), **kw)
+        num_warps=warps, num_stages=stages, **prob.pair_args(False), **prob.gather_args(NQO), **kw)
     if S == 1:
         return out, lse
     # combine the splits: weights exp(lse_s - lse); rows without any key stay zero with lse = -inf
@@ -711,7 +724,10 @@ def _forward(q, k, v, bias, qf, kf, gate, pattern, scale):
         ck = (cfg[:2], cfg[4:]) if prob.grid else None
         ins = cache.get(ck)
         if ins is None:
-            ins = (prob.q_in(q), prob.k_in(k), prob.k_in(v))
+            if prob.gather:
+                ins = (_lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v))
+            else:
+                ins = (prob.q_in(q), prob.k_in(k), prob.k_in(v))
             ins = ins + (_Extras(prob, ins[0], bias, qf, kf, gate, nq, nk),)
             cache[ck] = ins
         return prob, _launch_fwd(*ins, prob, scale, cfg)
@@ -722,6 +738,8 @@ def _forward(q, k, v, bias, qf, kf, gate, pattern, scale):
                         _skinny_candidates(_fwd_candidates(q.shape[-1], v.shape[-1]), nk), False, sk_feat, q, k, v)),
                     run)
     prob, (out, lse) = run(cfg)
+    if prob.gather:
+        return out, lse
     return prob.q_out(out), prob.q_out(lse[..., None])[..., 0]
 
 

@@ -181,11 +181,16 @@ def _fwd_step(acc, m_i, l_i, q, uq, k_base, v_base, kf_base, b_base, stride_kn, 
               D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr,
               MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
-              DOT_PREC: tl.constexpr, bits=0, KB=None, PAIR_MASK: tl.constexpr = False):
+              DOT_PREC: tl.constexpr, bits=0, KB=None, PAIR_MASK: tl.constexpr = False, KROW=None,
+              GATHER: tl.constexpr = False):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     check = MASKED and not GRID_MODE  # 1-d partial blocks may run past NK
-    k = _load_rows(k_base, offs_n, stride_kn, offs_d, NK, D, BLOCK_D, check)
-    v = _load_rows(v_base, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV, check)
+    if GATHER:  # k/v unpermuted: this tile's rows through the slot -> token table (padding reads row 0, masked)
+        k_rows = tl.maximum(tl.load(KROW + offs_n), 0)
+    else:
+        k_rows = offs_n
+    k = _load_rows(k_base, k_rows, stride_kn, offs_d, NK, D, BLOCK_D, check)
+    v = _load_rows(v_base, k_rows, stride_vn, offs_dv, NK, DV, BLOCK_DV, check)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if HAS_LR:
         uk = _load_rows(kf_base, offs_n, stride_kfn, offs_r, NK, R, BLOCK_R, check)
@@ -250,7 +255,7 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
               MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr,
               HAS_LR: tl.constexpr, HAS_GATE: tl.constexpr, DOT_PREC: tl.constexpr, GATE_ELEM: tl.constexpr = True,
               PART_BITS=None, KB=None,
-              PAIR_MASK: tl.constexpr = False):
+              PAIR_MASK: tl.constexpr = False, QROW=None, KROW=None, NQO=0, GATHER: tl.constexpr = False):
     pid_m = tl.program_id(0)
     if REVERSE:  # heavy (late, causal) query blocks first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -269,7 +274,13 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_r = tl.arange(0, BLOCK_R)
-    q = _load_rows(q_base, offs_m, stride_qn, offs_d, NQ, D, BLOCK_D, not GRID_MODE)
+    if GATHER:  # grid patterns on unpermuted q/k/v/o: slot -> token tables (-1: padding, not stored)
+        q_tok = tl.load(QROW + offs_m)
+        q_rows = tl.maximum(q_tok, 0)
+    else:
+        q_tok = offs_m
+        q_rows = offs_m
+    q = _load_rows(q_base, q_rows, stride_qn, offs_d, NQ, D, BLOCK_D, not GRID_MODE)
     uq = q
     if HAS_LR:
         uq = _load_rows(QF + b * stride_qfb + h * stride_qfh, offs_m, stride_qfn, offs_r, NQ, R, BLOCK_R,
@@ -289,7 +300,7 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
                                       stride_kfn, stride_bm, stride_bn, start_n, offs_m, offs_d, offs_dv, offs_r,
                                       qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
                                       D, DV, R, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, False, GRID_MODE, MASK_AXES,
-                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC)
+                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC, 0, KB, False, KROW, GATHER)
         for it in range(tl.load(PART_PTR + pid_m), tl.load(PART_PTR + pid_m + 1)):
             start_n = tl.load(PART_IDX + it) * BLOCK_N
             bits = 0
@@ -299,7 +310,7 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
                                       stride_kfn, stride_bm, stride_bn, start_n, offs_m, offs_d, offs_dv, offs_r,
                                       qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
                                       D, DV, R, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES,
-                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC, bits, KB, PAIR_MASK)
+                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC, bits, KB, PAIR_MASK, KROW, GATHER)
     else:
         nb_lo, nb_hi, f_lo, f_hi = _ranges_q(pid_m, NQ, NK, OFF, LEFT, RIGHT, BLOCK_M, BLOCK_N)
         a, e = _chunk(f_lo, f_hi, pid_s, SPLIT_BLOCKS)
@@ -336,9 +347,14 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
             out = out * tl.sigmoid(g)
         else:
             out = out * tl.sigmoid(g_row)[:, None]
-    o_ptrs = o_base + offs_m[:, None] * stride_on + offs_dv[None, :]
+    if GATHER:
+        rows = q_tok >= 0
+        lse_base = LSE + pid_bh.to(tl.int64) * NQO
+    else:
+        lse_base = LSE + pid_s.to(tl.int64) * stride_ls + pid_bh.to(tl.int64) * NQ
+    o_ptrs = o_base + q_rows[:, None] * stride_on + offs_dv[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=rows[:, None] & cols[None, :])
-    tl.store(LSE + pid_s.to(tl.int64) * stride_ls + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=rows)
+    tl.store(lse_base + q_rows, lse, mask=rows)
 
 
 # ----------------------------------------------------------------------------------------------------------

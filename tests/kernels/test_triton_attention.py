@@ -438,3 +438,28 @@ def test_warm_shard_compiles_only_its_share_untimed(monkeypatch, fake_gpu_launch
         monkeypatch.setenv("ATTNZOO_WARM", bad)
         with pytest.raises(ValueError, match="ATTNZOO_WARM"):
             ta._autotune(("test-warm-bad", bad), ["a", "b"], run)
+
+
+@pytest.mark.parametrize("variant", ["pair", "old"])
+def test_grid_forward_reads_tokens_in_place(variant, monkeypatch):
+    """The grid forward reads q/k/v and writes o/lse in token order through the tiles' row tables: strided
+    (B, N, H, D) views, a padded grid with dead slots, GQA; no permuted copy of q/k/v is made."""
+    from kernels import tiles
+
+    monkeypatch.setenv("ATTNZOO_GRID_VARIANTS", variant)
+    pattern = Neighborhood((5, 7), (3, 5))
+    xq = torch.randn(2, 35, 4, 16, device=DEVICE, dtype=torch.float16)
+    xkv = torch.randn(2, 35, 2, 2, 16, device=DEVICE, dtype=torch.float16)
+    q, k, v = xq.transpose(1, 2), xkv[:, :, 0].transpose(1, 2), xkv[:, :, 1].transpose(1, 2)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    permuted = []
+    real_permute = tiles.GridLayout.permute
+    monkeypatch.setattr(tiles.GridLayout, "permute",
+                        lambda self, x: permuted.append(tuple(x.shape)) or real_permute(self, x))
+    with torch.no_grad():
+        out, lse = kernels.attention(q, k, v, pattern, return_lse=True, backend="triton")
+    assert permuted == []
+    ro, rl = attention_reference(q.double(), k.double(), v.double(), pattern, return_lse=True)
+    assert out.shape == (2, 4, 35, 16) and lse.shape == (2, 4, 35)
+    assert _rel(out, ro) < TOL[torch.float16]
+    assert (lse.double() - rl).abs().max() < LSE_TOL[torch.float16]
