@@ -47,6 +47,20 @@ def _rel(a, b):
     return ((a.double() - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
+_AUTOTUNE_STACK = []
+
+
+def _set_autotune(mode: str) -> None:
+    """ATTNZOO_AUTOTUNE for one check or bench; `_restore_autotune` puts back the caller's value (a run under
+    ATTNZOO_AUTOTUNE=fast stays fast after the checks)."""
+    _AUTOTUNE_STACK.append(os.environ.get("ATTNZOO_AUTOTUNE"))
+    os.environ["ATTNZOO_AUTOTUNE"] = mode
+
+
+def _restore_autotune() -> None:
+    bench.set_env(ATTNZOO_AUTOTUNE=_AUTOTUNE_STACK.pop())
+
+
 def check_case(name, pattern, B, H, HKV, NQ, NK, D, DV, dtype):
     dev = "cuda"
     q = torch.randn(B, H, NQ, D, device=dev, dtype=dtype, requires_grad=True)
@@ -116,7 +130,7 @@ def _rel_pos(pattern, d, scale=0.25):
 
 
 def run_checks_ii():
-    os.environ["ATTNZOO_AUTOTUNE"] = "0"
+    _set_autotune("0")
     bf, fp = torch.bfloat16, torch.float16
     halo = kernels.Halo((16, 16), 8, 2)
     cases = [
@@ -145,14 +159,15 @@ def run_checks_ii():
          dict(kv_expand=True)),
     ]
     ok = all([check_extra(*c[:10], **c[10]) for c in cases])
-    os.environ.pop("ATTNZOO_AUTOTUNE")
+    _restore_autotune()
     return ok
 
 
-def run_checks():
-    os.environ["ATTNZOO_AUTOTUNE"] = "0"
+def core_check_cases():
+    """bench_kernels' issue-3 GPU checks: (name, pattern, B, H, HKV, NQ, NK, D, DV, dtype), untuned (first
+    config); scripts/prebuild_triton_cache.py compiles the same calls."""
     N = kernels.Neighborhood
-    cases = [
+    return [
         ("dense gqa 4/2 d128 n1000", kernels.Dense(), 2, 4, 2, 1000, 1000, 128, 128, torch.bfloat16),
         ("causal d64 nq1000 nk1111", kernels.Causal(), 1, 4, 4, 1000, 1111, 64, 64, torch.bfloat16),
         ("window1d(100,50) d96 n777", kernels.Window1d(100, 50), 1, 3, 1, 777, 777, 96, 96, torch.bfloat16),
@@ -166,8 +181,13 @@ def run_checks():
         ("dense d72 fp16 n300", kernels.Dense(), 1, 2, 1, 300, 301, 72, 72, torch.float16),
         ("window1d fp32 d32", kernels.Window1d(20, 0), 1, 2, 2, 200, 200, 32, 32, torch.float32),
     ]
+
+
+def run_checks():
+    _set_autotune("0")
+    cases = core_check_cases()
     ok = all([check_case(*c) for c in cases])
-    os.environ.pop("ATTNZOO_AUTOTUNE")
+    _restore_autotune()
     return ok
 
 
@@ -349,7 +369,7 @@ def _fb(fn, leaves, heavy=False):
 
 
 def bench_bias(rows):
-    os.environ["ATTNZOO_AUTOTUNE"] = os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast")
+    _set_autotune(os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast"))
     bw = 3.4e12
     for B, H, N, D in [(1, 16, 4096, 128), (2, 16, 4096, 64)]:
         q, k, v = _qkv(B, H, N, D)
@@ -391,11 +411,11 @@ def bench_bias(rows):
     case = "relpos halo blocked (512,8,64,144) d64"
     _rel_row(rows, case, "fwd", trf, "ours, no bias", t0f, 1.15)
     _rel_row(rows, case, "bwd", trb, "ours, no bias", t0b, 1.15)
-    os.environ.pop("ATTNZOO_AUTOTUNE")
+    _restore_autotune()
 
 
 def bench_gate(rows):
-    os.environ["ATTNZOO_AUTOTUNE"] = os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast")
+    _set_autotune(os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast"))
     B, H, N, D = 2, 16, 4096, 128
     q, k, v = _qkv(B, H, N, D)
     t0f, t0b = _fb(lambda: kernels.attention(q, k, v), [q, k, v])
@@ -404,7 +424,7 @@ def bench_gate(rows):
         tgf, tgb = _fb(lambda: kernels.attention(q, k, v, gate=g), [q, k, v, g])
         _rel_row(rows, f"gate {kind} B{B} H{H} N{N} d{D}", "fwd", tgf, "ours, no gate", t0f, 1.03)
         _rel_row(rows, f"gate {kind} B{B} H{H} N{N} d{D}", "bwd", tgb, "ours, no gate", t0b, 1.05)
-    os.environ.pop("ATTNZOO_AUTOTUNE")
+    _restore_autotune()
 
 
 def _sdpa_any(q, k, v):
@@ -412,7 +432,7 @@ def _sdpa_any(q, k, v):
 
 
 def bench_skinny(rows):
-    os.environ["ATTNZOO_AUTOTUNE"] = os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast")
+    _set_autotune(os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast"))
     B, H, D, NL = 8, 8, 64, 16384
     for nq, nk in [(NL, 64), (NL, 128), (NL, 256), (64, NL), (256, NL)]:
         q = torch.randn(B, H, nq, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -429,7 +449,7 @@ def bench_skinny(rows):
             rows.append(row)
             print(f"{case:42s} {direction} ours {t_o:8.3f} ms ({row['ours_tb_s']:.2f} TB/s)  SDPA {t_a:8.3f} ms "
                   f"({row['anchor_tb_s']:.2f} TB/s)  x{t_a / t_o:.2f}", flush=True)
-    os.environ.pop("ATTNZOO_AUTOTUNE")
+    _restore_autotune()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -442,7 +462,7 @@ def run_checks_round2():
     """bf16/fp16 GPU checks of the new paths (the interpreter cannot run bf16 dots); asserts each path ran."""
     from kernels.backends import triton_skinny as sk
 
-    os.environ["ATTNZOO_AUTOTUNE"] = "0"
+    _set_autotune("0")
     bench.set_env(ATTNZOO_SKINNY="new", ATTNZOO_RELPOS="kernel")
     bf, fp = torch.bfloat16, torch.float16
     hb, hs = kernels.Halo((8, 8), 8, 2), kernels.Halo((4, 4), 8, 3, query_stride=2)
@@ -477,7 +497,7 @@ def run_checks_round2():
             case_ok = False
         ok = ok and case_ok
     bench.set_env(ATTNZOO_SKINNY=None)
-    os.environ.pop("ATTNZOO_AUTOTUNE")
+    _restore_autotune()
     return ok
 
 
@@ -508,7 +528,7 @@ def _tb_row(rows, case, direction, t_new, t_old, t_sdpa, nbytes, target=None, **
 def bench_skinny2(rows):
     """Skinny dense problems, new kernels vs the old path vs SDPA: Nq=16384 with Nk in {64, 128, 256} (old path
     only at Nk=64, measured before), and the reverse Nq=49 agents against 4096 keys per image."""
-    os.environ["ATTNZOO_AUTOTUNE"] = os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast")
+    _set_autotune(os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast"))
     B, H, D = 8, 8, 64
     for nq, nk, with_old in [(16384, 64, True), (16384, 128, False), (16384, 256, False), (49, 4096, True)]:
         case = f"skinny2 nq{nq} nk{nk} B{B} H{H} d{D}"
@@ -532,13 +552,13 @@ def bench_skinny2(rows):
 
         _guarded(rows, case, one)
     bench.set_env(ATTNZOO_SKINNY=None)
-    os.environ.pop("ATTNZOO_AUTOTUNE")
+    _restore_autotune()
 
 
 def bench_relpos(rows):
     """HaloNet's blocked layout (B*64 blocks, 8 heads, 8x8 queries, 12x12 keys, d64): in-kernel rel-pos vs the
     low-rank lowering vs no bias (new and old kernels); target: in-kernel <= 1.15x the faster no-bias time."""
-    os.environ["ATTNZOO_AUTOTUNE"] = os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast")
+    _set_autotune(os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast"))
     case = "relpos halo blocked (512,8,64,144) d64"
 
     def one():
@@ -570,13 +590,13 @@ def bench_relpos(rows):
 
     _guarded(rows, case, one)
     bench.set_env(ATTNZOO_SKINNY=None, ATTNZOO_RELPOS=None)
-    os.environ.pop("ATTNZOO_AUTOTUNE")
+    _restore_autotune()
 
 
 def bench_agent(rows):
     """agent_deit_tiny's two attention steps (batch 256, 3 heads, d64, 49 agents, dense biases) at 224 px (197
     tokens) and 1024 px (4097 tokens), inference: new vs old kernels vs SDPA with the same bias."""
-    os.environ["ATTNZOO_AUTOTUNE"] = os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast")
+    _set_autotune(os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast"))
     B, H, D, n = 256, 3, 64, 49
     for px, N in ((224, 197), (1024, 4097)):
         for step in ("agents x tokens", "tokens x agents"):
@@ -601,7 +621,7 @@ def bench_agent(rows):
 
             _guarded(rows, case, one)
     bench.set_env(ATTNZOO_SKINNY=None)
-    os.environ.pop("ATTNZOO_AUTOTUNE")
+    _restore_autotune()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -625,14 +645,14 @@ def run_checks_grid():
         ("freeswim-shaped (21,12,16) w(21,6,8) d128", N((21, 12, 16), (21, 6, 8)), 1, 2, 2, 4032, 4032, 128, 128,
          torch.bfloat16),
     ]
-    os.environ["ATTNZOO_AUTOTUNE"] = "0"
+    _set_autotune("0")
     ok = True
     for variant in ("pair", "pairp2"):
         os.environ["ATTNZOO_GRID_VARIANTS"] = variant
         for c in (cases if variant == "pair" else cases[-1:]):
             ok &= check_case(f"{c[0]} [{variant}]", *c[1:])
     os.environ.pop("ATTNZOO_GRID_VARIANTS")
-    os.environ.pop("ATTNZOO_AUTOTUNE")
+    _restore_autotune()
     return ok
 
 
@@ -658,7 +678,7 @@ def _grid_pick(pattern, kind, block_arg):
 def bench_grid(rows):
     checks_ok = run_checks_grid()
     rows.append(dict(case="grid pair-mask GPU checks", direction="", met="yes" if checks_ok else "no"))
-    os.environ["ATTNZOO_AUTOTUNE"] = os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast")
+    _set_autotune(os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast"))
     # 3-d FreeSwim case
     pattern, q, k, v, flops, mask, _ = _grid_case((21, 60, 104), (21, 30, 52))
     dense = lambda: _sdpa(q, k, v)  # noqa: E731
@@ -689,7 +709,7 @@ def bench_grid(rows):
         _row(rows, f"na2d grid(128,128) win(33,33) H12 [{variant}]", "fwd", t_o, "FlexAttention", t_f, flops, 3.0,
              **_grid_pick(pattern, "fwd", ""))
     os.environ.pop("ATTNZOO_GRID_VARIANTS")
-    os.environ.pop("ATTNZOO_AUTOTUNE")
+    _restore_autotune()
     from kernels.backends import triton_attention as ta
 
     for key, timings in ta._TIMINGS.items():  # every config's best time: old vs new per block config

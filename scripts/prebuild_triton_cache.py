@@ -88,7 +88,8 @@ def _fb(fn, leaves):
 
 def cases():
     """name -> callable: the calls of scripts/profile_host.py and scripts/bench_kernels.py (skinny2, relpos,
-    agent, bias, gate, na2d), forward and backward where those benches time both."""
+    agent, bias, gate, na2d, core = the issue-3 rows), the models and the pipeline, forward and backward where
+    those benches time both."""
     import kernels
     from kernels.backends import triton_attention as ta
     from pipelines.benchmark import set_env
@@ -171,6 +172,40 @@ def cases():
             g = _randn(*shape, grad=True)
             _fb(lambda: kernels.attention(q, k, v, gate=g), [q, k, v, g])
 
+    def core():
+        """bench_kernels' issue-3 rows: dense and causal (forward, dense backward), 1-d window, the 3-d window."""
+        for B, N in [(4, 4096), (2, 8192), (1, 16384)]:
+            q, k, v = (_randn(B, 16, N, 128, grad=True) for _ in range(3))
+            _fb(lambda: kernels.attention(q, k, v), [q, k, v])
+            with torch.no_grad():
+                if N != 8192:
+                    kernels.attention(q, k, v, kernels.Causal())
+        q = _randn(2, 16, 16384, 128)
+        with torch.no_grad():
+            kernels.attention(q, q, q, kernels.Window1d(1024, 1023))
+        n = 21 * 60 * 104
+        q, k, v = (_randn(1, 12, n, 128, grad=True) for _ in range(3))
+        _fb(lambda: kernels.attention(q, k, v, kernels.Neighborhood((21, 60, 104), (21, 30, 52))), [q, k, v])
+
+    def checks():
+        """bench_kernels' issue-3 GPU checks (KERNELS_CHECK=1): each case's first config, forward and backward,
+        with lse (the checks time nothing, so ATTNZOO_AUTOTUNE=0 there: no candidate list to warm)."""
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("_bench_kernels", os.path.join(ROOT, "scripts",
+                                                                                    "bench_kernels.py"))
+        bk = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bk)
+        warm, tune = os.environ.pop("ATTNZOO_WARM"), os.environ["ATTNZOO_AUTOTUNE"]
+        os.environ["ATTNZOO_AUTOTUNE"] = "0"
+        try:
+            for _, pattern, B, H, HKV, NQ, NK, D, DV, dtype in bk.core_check_cases():
+                q, k = _randn(B, H, NQ, D, grad=True, dtype=dtype), _randn(B, HKV, NK, D, grad=True, dtype=dtype)
+                v = _randn(B, HKV, NK, DV, grad=True, dtype=dtype)
+                _fb(lambda: kernels.attention(q, k, v, pattern, backend="triton", return_lse=True)[0], [q, k, v])
+        finally:
+            os.environ["ATTNZOO_WARM"], os.environ["ATTNZOO_AUTOTUNE"] = warm, tune
+
     def na2d():
         pattern = kernels.Neighborhood((128, 128), (33, 33))
         q, k, v = _randn(1, 12, 128 * 128, 128), _randn(1, 12, 128 * 128, 128), _randn(1, 12, 128 * 128, 128)
@@ -251,8 +286,9 @@ def cases():
             state.set_mode("reuse")
             forward(x)
 
-    out = dict(freeswim=freeswim, halonet=halonet, agent_models=agent_models, profile_host=profile_host, skinny2=skinny2, relpos=relpos, agent=agent, bias=bias, gate=gate,
-               na2d=na2d)
+    out = dict(freeswim=freeswim, halonet=halonet, agent_models=agent_models, profile_host=profile_host,
+               skinny2=skinny2, relpos=relpos, agent=agent, bias=bias, gate=gate, na2d=na2d, core=core,
+               checks=checks)
     return out, reset
 
 
