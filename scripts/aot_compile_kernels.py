@@ -14,13 +14,17 @@ PTR = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "
        "BIAS": "*bf16", "GATE": "*bf16", "FULL_PTR": "*i32", "FULL_IDX": "*i32", "PART_PTR": "*i32",
        "PART_IDX": "*i32", "QLO": "*i32", "QHI": "*i32", "KC": "*i32", "PART_BITS": "*i32", "KB": "*fp32",
        "DO": "*bf16", "DELTA": "*fp32", "DK": "*bf16", "DV_": "*bf16", "DB": "*fp32", "DUK": "*fp32",
-       "DQ": "*bf16", "DUQ": "*fp32"}
+       "DQ": "*bf16", "DUQ": "*fp32", "QROW": "*i32", "KROW": "*i32"}
 FLOATS = {"qk_scale", "sm_scale", "rel_scale"}
 
 
 def compile_one(fn, consts, num_warps, num_stages, ptx=False, ptr=None):
     sig = {}
-    for name in inspect.signature(fn.fn).parameters:
+    params = inspect.signature(fn.fn).parameters
+    # constexpr flags with a default (e.g. GATHER) keep it unless the caller sets them
+    consts = {**{n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty
+                 and "constexpr" in str(p.annotation)}, **consts}
+    for name in params:
         if name in consts:
             sig[name] = "constexpr"
         elif name in (ptr or PTR):
