@@ -92,6 +92,11 @@ def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _bias_lastdim(bias4: torch.Tensor) -> torch.Tensor:
+    """A dense bias as the kernels read it: keys contiguous unless broadcast over them."""
+    return bias4 if bias4.stride(-1) == 1 or bias4.shape[-1] == 1 else bias4.contiguous()
+
+
 def _bstrides(t: Optional[torch.Tensor], n: int = 4) -> Tuple[int, ...]:
     """Strides of a 4-d (or `n`-d) tensor with 0 on size-1 (broadcast) dims; zeros for an absent tensor."""
     if t is None:
@@ -204,8 +209,8 @@ class _Problem:
                 q_tile, k_tile = tiles.choose_tile_shapes(pattern, block_m, block_n, partial_cost)
                 self.map = tiles.grid_tile_map(pattern, q_tile, k_tile, str(device))
             self.nq, self.nk = self.map.q_layout.num_padded, self.map.k_layout.num_padded
-            # the forward reads q/k/v and writes o/lse in token order through the tiles' row tables (no
-            # permuted copies); the backward and the optional inputs still run on permuted copies
+            # the forward reads its inputs and writes o/lse in token order through the tiles' row tables (no
+            # permuted copies); the backward still runs on permuted copies
             self.gather = not (self.map.q_layout.is_identity and self.map.k_layout.is_identity)
             self.off = self.left = self.right = 0
             self.dil = tuple(self.map.dilation) + (1,) * (3 - len(self.map.dilation))
@@ -233,7 +238,7 @@ class _Problem:
     def bias_in(self, bias4, nq, nk):
         """Dense bias (b, h, Nq, Nk) (b, h may be 1) in kernel order: grid patterns permute both axes."""
         if not self.grid:
-            return bias4 if bias4.stride(-1) == 1 or bias4.shape[-1] == 1 else bias4.contiguous()
+            return _bias_lastdim(bias4)
         x = bias4.expand(bias4.shape[0], bias4.shape[1], nq, nk)
         x = self.map.q_layout.permute(x).transpose(-1, -2)
         return self.map.k_layout.permute(x).transpose(-1, -2).contiguous()
@@ -336,11 +341,18 @@ def _gate4(gate: torch.Tensor) -> torch.Tensor:
 class _Extras:
     """Optional kernel inputs (bias, low-rank factors, gate) in kernel order, with pointer/stride arguments."""
 
-    def __init__(self, prob: _Problem, qp, bias, qf, kf, gate, nq, nk):
-        self.bias = None if bias is None else prob.bias_in(bias, nq, nk)
-        self.qf = None if qf is None else prob.q_in(qf)
-        self.kf = None if kf is None else prob.k_in(kf)
-        self.gate = None if gate is None else prob.q_in(_gate4(gate))
+    def __init__(self, prob: _Problem, qp, bias, qf, kf, gate, nq, nk, in_place: bool = False):
+        """`in_place`: the kernel reads them in token order through the row tables (the grid forward)."""
+        if in_place:
+            self.bias = None if bias is None else _bias_lastdim(bias)
+            self.qf = None if qf is None else _lastdim_contiguous(qf)
+            self.kf = None if kf is None else _lastdim_contiguous(kf)
+            self.gate = None if gate is None else _gate4(gate)
+        else:
+            self.bias = None if bias is None else prob.bias_in(bias, nq, nk)
+            self.qf = None if qf is None else prob.q_in(qf)
+            self.kf = None if kf is None else prob.k_in(kf)
+            self.gate = None if gate is None else prob.q_in(_gate4(gate))
         self.rank = 0 if qf is None else qf.shape[-1]
         self.dummy = qp
 
@@ -728,7 +740,7 @@ def _forward(q, k, v, bias, qf, kf, gate, pattern, scale):
                 ins = (_lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v))
             else:
                 ins = (prob.q_in(q), prob.k_in(k), prob.k_in(v))
-            ins = ins + (_Extras(prob, ins[0], bias, qf, kf, gate, nq, nk),)
+            ins = ins + (_Extras(prob, ins[0], bias, qf, kf, gate, nq, nk, in_place=prob.gather),)
             cache[ck] = ins
         return prob, _launch_fwd(*ins, prob, scale, cfg)
 

@@ -182,21 +182,23 @@ def _fwd_step(acc, m_i, l_i, q, uq, k_base, v_base, kf_base, b_base, stride_kn, 
               BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr,
               MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
               DOT_PREC: tl.constexpr, bits=0, KB=None, PAIR_MASK: tl.constexpr = False, KROW=None,
-              GATHER: tl.constexpr = False):
+              GATHER: tl.constexpr = False, q_rows=None):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     check = MASKED and not GRID_MODE  # 1-d partial blocks may run past NK
-    if GATHER:  # k/v unpermuted: this tile's rows through the slot -> token table (padding reads row 0, masked)
+    if GATHER:  # inputs unpermuted: this tile's rows through the slot -> token table (padding reads row 0, masked)
         k_rows = tl.maximum(tl.load(KROW + offs_n), 0)
+        bias_rows = q_rows
     else:
         k_rows = offs_n
+        bias_rows = offs_m
     k = _load_rows(k_base, k_rows, stride_kn, offs_d, NK, D, BLOCK_D, check)
     v = _load_rows(v_base, k_rows, stride_vn, offs_dv, NK, DV, BLOCK_DV, check)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if HAS_LR:
-        uk = _load_rows(kf_base, offs_n, stride_kfn, offs_r, NK, R, BLOCK_R, check)
+        uk = _load_rows(kf_base, k_rows, stride_kfn, offs_r, NK, R, BLOCK_R, check)
         s += tl.dot(uq, tl.trans(uk), input_precision=DOT_PREC) * 1.4426950408889634
     if HAS_BIAS:
-        s += _bias_tile(b_base, offs_m, offs_n, stride_bm, stride_bn, NQ, NK, GRID_MODE, False)
+        s += _bias_tile(b_base, bias_rows, k_rows, stride_bm, stride_bn, NQ, NK, GRID_MODE, False)
     if MASKED and PAIR_MASK:
         s = _pair_mask(s, bits, offs_m, offs_n, QLO, QHI, KC, KB, NQP, NKP, DIL0, DIL1, DIL2, MASK_AXES, HAS_DIL,
                        False)
@@ -274,7 +276,7 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_r = tl.arange(0, BLOCK_R)
-    if GATHER:  # grid patterns on unpermuted q/k/v/o: slot -> token tables (-1: padding, not stored)
+    if GATHER:  # grid patterns on unpermuted inputs and o/lse: slot -> token tables (-1: padding, not stored)
         q_tok = tl.load(QROW + offs_m)
         q_rows = tl.maximum(q_tok, 0)
     else:
@@ -283,11 +285,11 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
     q = _load_rows(q_base, q_rows, stride_qn, offs_d, NQ, D, BLOCK_D, not GRID_MODE)
     uq = q
     if HAS_LR:
-        uq = _load_rows(QF + b * stride_qfb + h * stride_qfh, offs_m, stride_qfn, offs_r, NQ, R, BLOCK_R,
+        uq = _load_rows(QF + b * stride_qfb + h * stride_qfh, q_rows, stride_qfn, offs_r, NQ, R, BLOCK_R,
                         not GRID_MODE)
 
     if HAS_GATE and not GATE_ELEM:  # a head-wise gate is one value a row: load it now, its latency hidden
-        g_row = tl.load(GATE + b * stride_gb + h * stride_gh + offs_m * stride_gn, mask=offs_m < NQ,
+        g_row = tl.load(GATE + b * stride_gb + h * stride_gh + q_rows * stride_gn, mask=offs_m < NQ,
                         other=0.0).to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -300,7 +302,7 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
                                       stride_kfn, stride_bm, stride_bn, start_n, offs_m, offs_d, offs_dv, offs_r,
                                       qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
                                       D, DV, R, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, False, GRID_MODE, MASK_AXES,
-                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC, 0, KB, False, KROW, GATHER)
+                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC, 0, KB, False, KROW, GATHER, q_rows)
         for it in range(tl.load(PART_PTR + pid_m), tl.load(PART_PTR + pid_m + 1)):
             start_n = tl.load(PART_IDX + it) * BLOCK_N
             bits = 0
@@ -310,7 +312,8 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
                                       stride_kfn, stride_bm, stride_bn, start_n, offs_m, offs_d, offs_dv, offs_r,
                                       qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
                                       D, DV, R, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES,
-                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC, bits, KB, PAIR_MASK, KROW, GATHER)
+                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC, bits, KB, PAIR_MASK, KROW, GATHER,
+                                      q_rows)
     else:
         nb_lo, nb_hi, f_lo, f_hi = _ranges_q(pid_m, NQ, NK, OFF, LEFT, RIGHT, BLOCK_M, BLOCK_N)
         a, e = _chunk(f_lo, f_hi, pid_s, SPLIT_BLOCKS)
@@ -342,7 +345,7 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
     cols = offs_dv < DV
     if HAS_GATE:
         if GATE_ELEM:
-            g_ptrs = GATE + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd
+            g_ptrs = GATE + b * stride_gb + h * stride_gh + q_rows[:, None] * stride_gn + offs_dv[None, :] * stride_gd
             g = tl.load(g_ptrs, mask=rows[:, None] & cols[None, :], other=0.0).to(tl.float32)
             out = out * tl.sigmoid(g)
         else:

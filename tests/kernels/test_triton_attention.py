@@ -463,3 +463,23 @@ def test_grid_forward_reads_tokens_in_place(variant, monkeypatch):
     assert out.shape == (2, 4, 35, 16) and lse.shape == (2, 4, 35)
     assert _rel(out, ro) < TOL[torch.float16]
     assert (lse.double() - rl).abs().max() < LSE_TOL[torch.float16]
+
+
+IN_PLACE_GRID = Neighborhood((5, 7), (3, 5))  # padded tiles and dead slots at the interpreter's blocks
+IN_PLACE_EXTRAS = [  # (id, kwargs of _check): every optional input the grid forward reads through the row tables
+    ("gate-element", dict(gate_shape=(2, 35, 4, 16))),
+    ("gate-head", dict(gate_shape=(2, 35, 4))),
+    ("bias-per-head", dict(bias_fn=_dense_bias((1, 4, 35, 35)))),
+    ("bias-key-row", dict(bias_fn=_dense_bias((2, 1, 1, 35)))),
+    ("low-rank", dict(bias_fn=_low_rank((2, 1, 35, 3), (1, 4, 35, 3)))),
+    ("rel-pos", dict(bias_fn=_rel_pos(IN_PLACE_GRID, 16))),
+]
+
+
+@pytest.mark.parametrize("variant", ["pair", "old"])
+@pytest.mark.parametrize("extra", IN_PLACE_EXTRAS, ids=[e[0] for e in IN_PLACE_EXTRAS])
+def test_grid_forward_extras_in_token_order(extra, variant, monkeypatch):
+    """Gate, dense bias (broadcast or per head), low-rank factors and rel-pos on a padded grid with GQA: the
+    forward reads them in token order, the backward from permuted copies; both against float64."""
+    monkeypatch.setenv("ATTNZOO_GRID_VARIANTS", variant)
+    _check(IN_PLACE_GRID, 2, 4, 2, 35, 35, 16, 16, torch.float16, **extra[1])
