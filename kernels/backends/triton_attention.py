@@ -191,7 +191,8 @@ def _splits(programs: int, blocks: int, device, min_blocks: int = 2) -> Tuple[in
 class _Problem:
     """One attention problem laid out for the kernels (grid patterns permuted into tiles)."""
 
-    def __init__(self, pattern, nq: int, nk: int, block_m: int, block_n: int, device, partial_cost=1.25):
+    def __init__(self, pattern, nq: int, nk: int, block_m: int, block_n: int, device, partial_cost=1.25,
+                 in_place: bool = False):
         self.pattern, self.device = pattern, device
         self.grid = _is_grid(pattern)
         self.block_m, self.block_n = block_m, block_n
@@ -209,9 +210,9 @@ class _Problem:
                 q_tile, k_tile = tiles.choose_tile_shapes(pattern, block_m, block_n, partial_cost)
                 self.map = tiles.grid_tile_map(pattern, q_tile, k_tile, str(device))
             self.nq, self.nk = self.map.q_layout.num_padded, self.map.k_layout.num_padded
-            # the forward reads its inputs and writes o/lse in token order through the tiles' row tables (no
-            # permuted copies); the backward still runs on permuted copies
-            self.gather = not (self.map.q_layout.is_identity and self.map.k_layout.is_identity)
+            # in_place (forward configs only): the kernel reads its inputs and writes o/lse in token order
+            # through the tiles' row tables instead of permuted copies (`_grid_input_modes`)
+            self.gather = in_place and not (self.map.q_layout.is_identity and self.map.k_layout.is_identity)
             self.off = self.left = self.right = 0
             self.dil = tuple(self.map.dilation) + (1,) * (3 - len(self.map.dilation))
             self.mask_axes = self.map.mask_axes
@@ -303,9 +304,24 @@ def _grid_variants() -> Tuple[str, ...]:
     return names
 
 
-def _with_tile_costs(pattern, candidates):
+def _grid_input_modes() -> Tuple[bool, ...]:
+    """How the grid forward reads q/k/v (and bias, factors, gate) and writes o/lse (env ATTNZOO_GRID_INPUTS):
+    "auto" (default) tunes both, "in-place" = in token order through the tiles' row tables, "permuted" = from
+    copies permuted into tile order. On the H200 in place ran the 2-d 128x128 / 33x33 call at 0.53 ms vs 0.77 with
+    the copies, and the 3-d FreeSwim window at 93 ms vs 82 (its gathered key rows are slower to stream than
+    the copies are to make); benchmarks/logs/device_r10_probe_na2d.log, kernels/NOTES.md. In place is the
+    untuned default. The backward always runs on permuted copies."""
+    modes = {"auto": (True, False), "in-place": (True,), "permuted": (False,)}
+    name = os.environ.get("ATTNZOO_GRID_INPUTS", "auto")
+    if name not in modes:
+        raise ValueError(f"ATTNZOO_GRID_INPUTS must be one of {sorted(modes)}; got {name!r}")
+    return modes[name]
+
+
+def _with_tile_costs(pattern, candidates, backward: bool = False):
     """Grid patterns also tune the tile shapes / mask mode: each block config with each variant of
-    `_grid_variants()` (the old path's variants are its partial-pair weights 1.25 and 2)."""
+    `_grid_variants()` (the old path's variants are its partial-pair weights 1.25 and 2), and in the forward
+    each input mode of `_grid_input_modes()`."""
     if not _is_grid(pattern):
         return candidates
     extra = []
@@ -314,7 +330,9 @@ def _with_tile_costs(pattern, candidates):
             extra += [2.0] if (_fast_tune() or len(candidates) == 1) else [1.25, 2.0]
         else:
             extra.append(v)
-    return [c + (pc,) for c in candidates for pc in extra]
+    if backward:
+        return [c + (pc,) for c in candidates for pc in extra]
+    return [c + (pc, in_place) for c in candidates for pc in extra for in_place in _grid_input_modes()]
 
 
 def _poison() -> bool:
@@ -536,7 +554,7 @@ def triton_cdiv(a: int, b: int) -> int:
 def _tune_key(kind, pattern, q, k, v, feats=()):
     shape_class = (q.shape[-1], v.shape[-1], q.dtype, q.shape[1] // k.shape[1] > 1) + tuple(feats)
     if _is_grid(pattern):
-        return (kind, pattern, _grid_variants()) + shape_class
+        return (kind, pattern, _grid_variants(), _grid_input_modes() if kind == "fwd" else ()) + shape_class
     if isinstance(pattern, Window1d):
         return (kind, pattern) + shape_class
     return (kind, type(pattern).__name__, _next_pow2(q.shape[2]), _next_pow2(k.shape[2])) + shape_class
@@ -727,32 +745,29 @@ def _skinny_run(cfg, backward, q, k, v, bias, gate, scale, do=None, out=None, ls
 
 def _forward(q, k, v, bias, qf, kf, gate, pattern, scale):
     nq, nk = q.shape[2], k.shape[2]
-    cache = {}
 
     def run(cfg):
+        """(out, lse) in token order; a grid config's permuted copies are part of its call (and of its time when
+        tuned: in-place and permuted inputs compete)."""
         if cfg[0] == "skinny":  # kernels.backends.triton_skinny: few keys / few queries
-            return _skinny_run(cfg, False, q, k, v, bias, gate, scale)
+            return _skinny_run(cfg, False, q, k, v, bias, gate, scale)[1]
         prob = _problem(pattern, nq, nk, cfg, q.device)
-        ck = (cfg[:2], cfg[4:]) if prob.grid else None
-        ins = cache.get(ck)
-        if ins is None:
-            if prob.gather:
-                ins = (_lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v))
-            else:
-                ins = (prob.q_in(q), prob.k_in(k), prob.k_in(v))
-            ins = ins + (_Extras(prob, ins[0], bias, qf, kf, gate, nq, nk, in_place=prob.gather),)
-            cache[ck] = ins
-        return prob, _launch_fwd(*ins, prob, scale, cfg)
+        if prob.gather:
+            ins = (_lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v))
+        else:
+            ins = (prob.q_in(q), prob.k_in(k), prob.k_in(v))
+        out, lse = _launch_fwd(*ins, _Extras(prob, ins[0], bias, qf, kf, gate, nq, nk, in_place=prob.gather), prob,
+                               scale, cfg)
+        if prob.gather or not prob.grid:
+            return out, lse
+        return prob.q_out(out), prob.q_out(lse[..., None])[..., 0]
 
     sk_feat = _skinny_feat(pattern, q, k, v, qf)
     cfg = _autotune(_tune_key("fwd", pattern, q, k, v, _feats(bias, qf, gate) + sk_feat),
                     lambda: _with_tile_costs(pattern, _with_skinny(
                         _skinny_candidates(_fwd_candidates(q.shape[-1], v.shape[-1]), nk), False, sk_feat, q, k, v)),
                     run)
-    prob, (out, lse) = run(cfg)
-    if prob.gather:
-        return out, lse
-    return prob.q_out(out), prob.q_out(lse[..., None])[..., 0]
+    return run(cfg)
 
 
 def _reduce_to(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -786,7 +801,8 @@ def _backward(do, q, k, v, out, lse, dlse, bias, qf, kf, gate, pattern, scale, n
     feats = _feats(bias, qf, gate) + (need_db,) + sk_feat
     cfg = _autotune(_tune_key("bwd", pattern, q, k, v, feats),
                     lambda: _with_tile_costs(pattern, _with_skinny(
-                        _skinny_candidates(_bwd_candidates(q.shape[-1], v.shape[-1]), nk), True, sk_feat, q, k, v)),
+                        _skinny_candidates(_bwd_candidates(q.shape[-1], v.shape[-1]), nk), True, sk_feat, q, k, v),
+                        backward=True),
                     run)
     prob, (dq, dk, dv, db, duq, duk, dg) = run(cfg)
     dq, dk, dv = prob.q_out(dq), prob.k_out(dk), prob.k_out(dv)

@@ -348,7 +348,7 @@ def test_grid_variant_env(monkeypatch):
     from kernels.backends.triton_attention import _grid_variants, _with_tile_costs
 
     monkeypatch.setenv("ATTNZOO_GRID_VARIANTS", "pair,old")
-    cands = _with_tile_costs(Neighborhood((5, 6), (3, 3)), [(64, 64, 4, 3), (128, 64, 4, 3)])
+    cands = _with_tile_costs(Neighborhood((5, 6), (3, 3)), [(64, 64, 4, 3), (128, 64, 4, 3)], backward=True)
     assert cands[0] == (64, 64, 4, 3, "pair") and (128, 64, 4, 3, 1.25) in cands and len(cands) == 6
     assert _with_tile_costs(Dense(), [(64, 64, 4, 3)]) == [(64, 64, 4, 3)]
     monkeypatch.setenv("ATTNZOO_GRID_VARIANTS", "new")
@@ -440,13 +440,16 @@ def test_warm_shard_compiles_only_its_share_untimed(monkeypatch, fake_gpu_launch
             ta._autotune(("test-warm-bad", bad), ["a", "b"], run)
 
 
+@pytest.mark.parametrize("inputs", ["in-place", "permuted"])
 @pytest.mark.parametrize("variant", ["pair", "old"])
-def test_grid_forward_reads_tokens_in_place(variant, monkeypatch):
-    """The grid forward reads q/k/v and writes o/lse in token order through the tiles' row tables: strided
-    (B, N, H, D) views, a padded grid with dead slots, GQA; no permuted copy of q/k/v is made."""
+def test_grid_forward_reads_tokens_in_place(variant, inputs, monkeypatch):
+    """In place, the grid forward reads q/k/v and writes o/lse in token order through the tiles' row tables
+    (no permuted copy); permuted, from copies in tile order. Strided (B, N, H, D) views, a padded grid with dead
+    slots, GQA."""
     from kernels import tiles
 
     monkeypatch.setenv("ATTNZOO_GRID_VARIANTS", variant)
+    monkeypatch.setenv("ATTNZOO_GRID_INPUTS", inputs)
     pattern = Neighborhood((5, 7), (3, 5))
     xq = torch.randn(2, 35, 4, 16, device=DEVICE, dtype=torch.float16)
     xkv = torch.randn(2, 35, 2, 2, 16, device=DEVICE, dtype=torch.float16)
@@ -458,7 +461,7 @@ def test_grid_forward_reads_tokens_in_place(variant, monkeypatch):
                         lambda self, x: permuted.append(tuple(x.shape)) or real_permute(self, x))
     with torch.no_grad():
         out, lse = kernels.attention(q, k, v, pattern, return_lse=True, backend="triton")
-    assert permuted == []
+    assert (permuted == []) == (inputs == "in-place")
     ro, rl = attention_reference(q.double(), k.double(), v.double(), pattern, return_lse=True)
     assert out.shape == (2, 4, 35, 16) and lse.shape == (2, 4, 35)
     assert _rel(out, ro) < TOL[torch.float16]
@@ -476,10 +479,27 @@ IN_PLACE_EXTRAS = [  # (id, kwargs of _check): every optional input the grid for
 ]
 
 
+@pytest.mark.parametrize("inputs", ["in-place", "permuted"])
 @pytest.mark.parametrize("variant", ["pair", "old"])
 @pytest.mark.parametrize("extra", IN_PLACE_EXTRAS, ids=[e[0] for e in IN_PLACE_EXTRAS])
-def test_grid_forward_extras_in_token_order(extra, variant, monkeypatch):
-    """Gate, dense bias (broadcast or per head), low-rank factors and rel-pos on a padded grid with GQA: the
-    forward reads them in token order, the backward from permuted copies; both against float64."""
+def test_grid_forward_extras_in_token_order(extra, variant, inputs, monkeypatch):
+    """Gate, dense bias (broadcast or per head), low-rank factors and rel-pos on a padded grid with GQA, read in
+    token order or from permuted copies by the forward (the backward always permutes); against float64."""
     monkeypatch.setenv("ATTNZOO_GRID_VARIANTS", variant)
+    monkeypatch.setenv("ATTNZOO_GRID_INPUTS", inputs)
     _check(IN_PLACE_GRID, 2, 4, 2, 35, 35, 16, 16, torch.float16, **extra[1])
+
+
+def test_grid_input_modes_are_forward_candidates(monkeypatch):
+    """Both input modes are forward candidates (in place first: the untuned default); the backward's are not
+    doubled; a bad ATTNZOO_GRID_INPUTS is refused by name."""
+    from kernels.backends import triton_attention as ta
+
+    cands = [(64, 64, 4, 3)]
+    monkeypatch.setenv("ATTNZOO_GRID_VARIANTS", "pair")
+    assert ta._with_tile_costs(IN_PLACE_GRID, cands) == [(64, 64, 4, 3, "pair", True), (64, 64, 4, 3, "pair", False)]
+    assert ta._with_tile_costs(IN_PLACE_GRID, cands, backward=True) == [(64, 64, 4, 3, "pair")]
+    assert ta._with_tile_costs(Dense(), cands) == cands
+    monkeypatch.setenv("ATTNZOO_GRID_INPUTS", "copies")
+    with pytest.raises(ValueError, match="ATTNZOO_GRID_INPUTS"):
+        ta._with_tile_costs(IN_PLACE_GRID, cands)
