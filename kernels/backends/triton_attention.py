@@ -88,8 +88,18 @@ def _block_d(d: int) -> int:
     return max(16, _next_pow2(d))
 
 
+_ROW_OFFSET_LIMIT = 2 ** 31  # the kernels index rows in int32 (row x row stride + column; (b, h) bases are int64)
+
+
+def _rows_fit_int32(x: torch.Tensor) -> bool:
+    """Every row offset of a (..., N, C) tensor within one (b, h) slice fits the kernels' int32 row arithmetic."""
+    return (x.shape[-2] - 1) * x.stride(-2) + x.shape[-1] <= _ROW_OFFSET_LIMIT
+
+
 def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+    """A row-indexed kernel input: columns contiguous, and rows in int32 reach (a strided view of a large tensor,
+    e.g. a packed qkv projection with N x 3HD >= 2^31, is copied)."""
+    return x if x.stride(-1) == 1 and _rows_fit_int32(x) else x.contiguous()
 
 
 def _bias_lastdim(bias4: torch.Tensor) -> torch.Tensor:
@@ -365,7 +375,7 @@ class _Extras:
             self.bias = None if bias is None else _bias_lastdim(bias)
             self.qf = None if qf is None else _lastdim_contiguous(qf)
             self.kf = None if kf is None else _lastdim_contiguous(kf)
-            self.gate = None if gate is None else _gate4(gate)
+            self.gate = None if gate is None else _lastdim_contiguous(_gate4(gate))
         else:
             self.bias = None if bias is None else prob.bias_in(bias, nq, nk)
             self.qf = None if qf is None else prob.q_in(qf)
@@ -743,27 +753,15 @@ def _skinny_run(cfg, backward, q, k, v, bias, gate, scale, do=None, out=None, ls
 # forward / backward on the original (B, H, N, D) layout
 
 
-_ROW_OFFSET_LIMIT = 2 ** 31  # the in-place grid forward indexes rows in int32 (row x row stride + column)
-
-
-def _rows_fit_in_place(*tensors) -> bool:
-    """True when every row offset of these (B, H, N, C) tensors (None skipped) fits the in-place kernel's int32
-    row arithmetic. Strided views of large tensors (e.g. packed qkv projections) may not; their permuted copies
-    are contiguous, and the (b, h) offsets are int64 in both modes."""
-    return all(t is None or (t.shape[2] - 1) * t.stride(2) + t.shape[3] < _ROW_OFFSET_LIMIT for t in tensors)
-
-
 def _forward(q, k, v, bias, qf, kf, gate, pattern, scale):
     nq, nk = q.shape[2], k.shape[2]
-    in_place_ok = (_rows_fit_in_place(q, k, v, qf, kf, None if gate is None else _gate4(gate))
-                   and nq * v.shape[-1] < _ROW_OFFSET_LIMIT)  # o, written in token order
 
     def run(cfg):
         """(out, lse) in token order; a grid config's permuted copies are part of its call (and of its time when
         tuned: in-place and permuted inputs compete)."""
         if cfg[0] == "skinny":  # kernels.backends.triton_skinny: few keys / few queries
             return _skinny_run(cfg, False, q, k, v, bias, gate, scale)[1]
-        prob = _problem(pattern, nq, nk, cfg if in_place_ok else cfg[:5], q.device)
+        prob = _problem(pattern, nq, nk, cfg, q.device)
         if prob.gather:
             ins = (_lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v))
         else:

@@ -505,24 +505,20 @@ def test_grid_input_modes_are_forward_candidates(monkeypatch):
         ta._with_tile_costs(IN_PLACE_GRID, cands)
 
 
-def test_grid_forward_falls_back_to_copies_past_int32_rows(monkeypatch):
-    """Row offsets past the in-place kernel's int32 arithmetic (strided views of large tensors) take the permuted
-    copies, whatever the tuned config says; here the limit is lowered so a small strided view crosses it."""
-    from kernels import tiles
+def test_inputs_past_int32_rows_are_copied(monkeypatch):
+    """The kernels index rows in int32: a strided view whose row offsets pass 2^31 (a packed qkv projection of a
+    long sequence) is copied before launch, on the 1-d, grid (in place or permuted) and skinny paths alike. The
+    limit is lowered here so a small strided view crosses it."""
     from kernels.backends import triton_attention as ta
 
-    monkeypatch.setenv("ATTNZOO_GRID_INPUTS", "in-place")
     x = torch.randn(1, 35, 3, 2, 16, device=DEVICE, dtype=torch.float16)
     q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))  # row stride 3 * 2 * 16 = 96
-    assert ta._rows_fit_in_place(q, k, v)
-    monkeypatch.setattr(ta, "_ROW_OFFSET_LIMIT", 34 * 96 + 16)  # the last row's end: one past the limit
-    assert not ta._rows_fit_in_place(q, k, v) and ta._rows_fit_in_place(q.contiguous())
-    permuted = []
-    real_permute = tiles.GridLayout.permute
-    monkeypatch.setattr(tiles.GridLayout, "permute",
-                        lambda self, t: permuted.append(tuple(t.shape)) or real_permute(self, t))
-    with torch.no_grad():
-        out = kernels.attention(q, k, v, IN_PLACE_GRID, backend="triton")
-    assert len(permuted) == 3  # q, k, v copied
-    ref = attention_reference(q.double(), k.double(), v.double(), IN_PLACE_GRID)
-    assert _rel(out, ref) < TOL[torch.float16]
+    assert ta._lastdim_contiguous(q) is q
+    monkeypatch.setattr(ta, "_ROW_OFFSET_LIMIT", 34 * 96 + 16 - 1)  # the last row ends one past the limit
+    assert not ta._rows_fit_int32(q) and ta._rows_fit_int32(q.contiguous())
+    assert ta._lastdim_contiguous(q).is_contiguous()
+    for pattern, inputs in [(IN_PLACE_GRID, "in-place"), (IN_PLACE_GRID, "permuted"), (Causal(), "in-place")]:
+        monkeypatch.setenv("ATTNZOO_GRID_INPUTS", inputs)
+        out = kernels.attention(q, k, v, pattern, backend="triton")
+        ref = attention_reference(q.double(), k.double(), v.double(), pattern)
+        assert _rel(out, ref) < TOL[torch.float16]
