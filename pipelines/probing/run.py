@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import yaml
 
-from zoo.probes import create_encoder, list_probes
+from zoo.probes import create_encoder, create_probe, list_probes
 
 from .cache import TEMPORAL_POOLS, extract_features
 from .data import ArrayDataset, ImageFolderDataset, VideoFolderDataset, build_transform, digits_dataset, \
@@ -266,6 +266,12 @@ def run_probe(config: Dict[str, Any]) -> Dict[str, Any]:
             if encoder.resolve_layers([spec.layer])[0] not in blocks:
                 raise ValueError(f"probe {spec.name!r}: layer {spec.layer} is not among encoder.layers {layers}")
     train_ds, val_ds = _datasets(cfg["data"], seed)
+    for spec in specs:  # fail before extraction: each probe's arguments, checked by building it (no memory)
+        try:
+            create_probe(spec.probe, encoder.embed_dim, len(train_ds.classes),
+                         num_prefix_tokens=encoder.num_prefix_tokens, device="meta", **spec.kwargs)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"probe {spec.name!r}: {err}") from err
 
     # 2. cached features (train: `train_views` augmented views when augmenting; val: the eval transform)
     c = cfg["cache"]

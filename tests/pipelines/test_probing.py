@@ -544,6 +544,10 @@ def test_layers_lr_probe_grid_end_to_end_one_extraction(tmp_path, monkeypatch):
     for bad in bad_configs:
         with pytest.raises(ValueError, match="layer"):
             run_probe(merge_config(config, bad))
+    bad_probes = ({"type": "aim", "num_heads": 5}, {"type": "ep", "num_queries": 0}, {"type": "linear", "bogus": 1})
+    for bad in bad_probes:  # a fresh cache dir: nothing to reuse, so only an early check avoids an extraction
+        with pytest.raises(ValueError, match="probe"):
+            run_probe(merge_config(config, {"probes": [bad], "cache": {"dir": str(tmp_path / "fresh")}}))
     assert calls["forward_intermediates"] == 3  # bad configs fail before any extraction
 
 

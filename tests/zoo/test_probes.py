@@ -155,6 +155,23 @@ def test_attention_rows_sum_to_one_and_match_output(name, kwargs):
         torch.testing.assert_close(probe.pool(x[:, 1:]), ref, rtol=1e-10, atol=1e-10)
 
 
+def test_aim_attention_map_in_train_mode_changes_no_state():
+    """Reading AIM's map in train mode uses the batch's statistics (as its forward does) and leaves the
+    BatchNorm's running statistics and counter as they were."""
+    probe = create_probe("aim", 32, 5, num_heads=4, num_queries=2).double().train()
+    x = torch.randn(3, 15, 32, dtype=torch.float64) * 3 + 1
+    before = {k: v.clone() for k, v in probe.state_dict().items()}
+    attn = probe.attention_map(x)
+    for key, value in probe.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
+    pool = probe.pool
+    xn = (x - x.mean((0, 1))) / torch.sqrt(x.var((0, 1), unbiased=False) + pool.norm.eps)  # batch statistics
+    q = pool.query.reshape(1, 2, 4, 8).permute(0, 2, 1, 3)
+    k = pool.k(xn).reshape(3, 15, 4, 8).transpose(1, 2)
+    ref = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
+    torch.testing.assert_close(attn, ref, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("name,kwargs", ATTENTIVE + [("linear", dict(pool="mean"))])
 def test_token_permutation_invariance(name, kwargs):
     probe = _randomize(create_probe(name, 32, 5, num_prefix_tokens=1, **kwargs).double()).eval()

@@ -73,8 +73,9 @@ class _MultiHeadQueryPool(nn.Module):
         self.backend: Optional[str] = None
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention probabilities `(B, H, M, N)`, computed explicitly."""
-        q, k, _ = self._qkv(x)
+        """Attention probabilities `(B, H, M, N)`, computed explicitly. Reading them changes no state (in train
+        mode a BatchNorm normalizes with the batch's statistics without updating its running ones)."""
+        q, k, _ = self._qkv(x, update_stats=False)
         return torch.softmax(q @ k.transpose(-1, -2) * self.head_dim ** -0.5, dim=-1)
 
 
@@ -91,9 +92,14 @@ class AttentionPool(_MultiHeadQueryPool):
         self.v = nn.Linear(dim, dim, bias=qkv_bias, **dd)
         self.query = nn.Parameter(torch.randn(1, num_queries, dim, **dd) * 0.02)
 
-    def _qkv(self, x):
+    def _qkv(self, x, update_stats: bool = True):
         B, N, C = x.shape
-        x = self.norm(x.transpose(1, 2)).transpose(1, 2)
+        x = x.transpose(1, 2)
+        if self.training and not update_stats:  # batch statistics, as forward uses; running ones untouched
+            x = nn.functional.batch_norm(x, None, None, training=True, eps=self.norm.eps)
+        else:
+            x = self.norm(x)
+        x = x.transpose(1, 2)
         q = self.query.reshape(1, self.num_queries, self.num_heads, self.head_dim).permute(0, 2, 1, 3)
         q = q.expand(B, -1, -1, -1)  # (B, H, M, hd)
         k = self.k(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, hd)
@@ -132,7 +138,7 @@ class CrossAttentionPool(_MultiHeadQueryPool):
             self.proj.weight.div_(math.sqrt(2.0))
             self.mlp.fc2.weight.div_(math.sqrt(2.0))
 
-    def _qkv(self, x):
+    def _qkv(self, x, update_stats: bool = True):  # no running statistics here
         B, N, C = x.shape
         x = self.norm1(x)
         q = self.q(self.query).reshape(1, self.num_queries, self.num_heads, self.head_dim).transpose(1, 2)
