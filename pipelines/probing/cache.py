@@ -2,7 +2,7 @@
 transform, views and layers; reused by every probe; extraction resumes where an interruption left it.
 
 A store is a folder `<cache_dir>/<key>/` holding
-    features.npy  (S, V, N, D) float16, a numpy memmap: S samples, V views, N tokens of width D, of the
+    features.npy  (S, V, N, D) float16 (or float32), a numpy memmap: S samples, V views, N tokens of width D, of the
                   encoder's final output; or, when layers were chosen, one file per block b:
     features_block<b>.npy  (S, V, N_b, D_b), all written by the same pass of the encoder
     labels.npy    (S,) int64
@@ -54,7 +54,7 @@ def _feature_files(blocks: Optional[Sequence[int]]) -> List[str]:
 
 @dataclass
 class FeatureStore:
-    """A finished feature store; `features` `(S, V, N, D)` float16 and `labels` `(S,)` are memmaps.
+    """A finished feature store; `features` `(S, V, N, D)` float16 (or float32) and `labels` `(S,)` are memmaps.
 
     A store of chosen layers holds one array per layer (`layer_features(layer)`); `features` is the first one.
     """
@@ -141,7 +141,7 @@ def extract_features(encoder, dataset, transform, transform_description: Dict[st
                      views: int = 1, seed: int = 0, temporal_pool: str = "mean", batch_size: int = 64,
                      num_workers: int = 0, device: Optional[str] = None, progress: bool = True,
                      desc: str = "features", layers: Optional[Sequence[int]] = None,
-                     norm_layers: bool = False) -> FeatureStore:
+                     norm_layers: bool = False, dtype: str = "float16") -> FeatureStore:
     """Extract (or reuse, or resume) the encoder's tokens for every view of every sample of `dataset`.
 
     Args:
@@ -159,6 +159,8 @@ def extract_features(encoder, dataset, transform, transform_description: Dict[st
         layers: block indices (negative: from the end) whose tokens to store, all from one pass of the encoder
             (`encoder.forward_layers`); None stores the final output (`encoder(images)`).
         norm_layers: apply the encoder's final norm to the chosen layers' tokens.
+        dtype: "float16" (half the bytes) or "float32" (for encoders whose tokens reach past float16's 65504:
+            a float16 store refuses them rather than caching inf).
 
     Returns:
         The finished `FeatureStore`.
@@ -169,6 +171,8 @@ def extract_features(encoder, dataset, transform, transform_description: Dict[st
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if layers is None and norm_layers:
         raise ValueError("norm_layers=True needs layers (it normalises the chosen blocks' tokens)")
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
     blocks = None if layers is None else encoder.resolve_layers(layers)
     is_video = getattr(dataset, "kind", "") == "video_folder"
     description = {
@@ -179,7 +183,7 @@ def extract_features(encoder, dataset, transform, transform_description: Dict[st
         "views": views,
         "seed": seed if transform_description.get("is_training") else None,
         "temporal_pool": temporal_pool if is_video else None,
-        "dtype": "float16",
+        "dtype": dtype,
     }
     if blocks is not None:  # only then: the final-output stores keep the keys they always had
         description.update(layers=list(blocks), norm_layers=bool(norm_layers))
@@ -238,9 +242,15 @@ def extract_features(encoder, dataset, transform, transform_description: Dict[st
                           for t in encode(x.flatten(0, 1))]  # per frame (B·T, N, D) -> per clip
             else:
                 tokens = encode(x)  # [(B, N, D)]
-        outs = [t.float().cpu().numpy().astype(np.float16) for t in tokens]
+        outs = [t.float().cpu().numpy() for t in tokens]
+        if dtype == "float16":
+            peak = max(float(np.abs(o[np.isfinite(o)]).max(initial=0.0)) for o in outs)
+            if peak > np.finfo(np.float16).max:
+                raise ValueError(f"the encoder's tokens reach {peak:.4g}, past float16's 65504: extract with "
+                                 f"dtype='float32' (cache.dtype: float32 in a probing config)")
+            outs = [o.astype(np.float16) for o in outs]
         if feats is None:  # the token shapes are known after the first batch
-            feats = [np.lib.format.open_memmap(fp, mode="w+", dtype=np.float16,
+            feats = [np.lib.format.open_memmap(fp, mode="w+", dtype=dtype,
                                                shape=(len(dataset), views, *out.shape[1:]))
                      for fp, out in zip(feat_paths, outs)]
             num_prefix = p * (dataset.num_frames if is_video and temporal_pool == "concat" else 1)

@@ -24,7 +24,7 @@ Config (YAML; every key optional except `encoder.name` and `data.kind`; see conf
       temporal_pool: mean                    # videos: mean | concat per-frame tokens over time
       images: null                           # arrays: (N, H, W[, C]) uint8 or [0, 1] floats, and labels (N,)
       labels: null
-    cache: {dir: null, batch_size: 64, num_workers: 0, train_views: 1, augment: false}
+    cache: {dir: null, batch_size: 64, num_workers: 0, train_views: 1, augment: false, dtype: float16}
     probes:                                  # the grid: every probe × every lr × every layer
       - {type: linear, pool: cls}
       - {type: ep, num_queries: 32, d_out: 1}  # an entry may narrow the axes: lr: [...], layers: [...]
@@ -72,7 +72,8 @@ DEFAULT_CONFIG: Dict[str, Any] = {
                 "norm_layers": False},
     "data": {"kind": None, "root": None, "train_split": None, "val_split": None, "val_fraction": 0.25,
              "num_frames": 8, "temporal_pool": "mean", "images": None, "labels": None},
-    "cache": {"dir": None, "batch_size": 64, "num_workers": 0, "train_views": 1, "augment": False},
+    "cache": {"dir": None, "batch_size": 64, "num_workers": 0, "train_views": 1, "augment": False,
+              "dtype": "float16"},
     "probes": [{"type": "linear", "pool": "cls"}, {"type": "ep"}],
     "train": {"epochs": 30, "batch_size": 128, "optimizer": "adamw", "lr": [1e-3], "blr": None,
               "weight_decay": 0.0, "momentum": 0.9, "warmup_epochs": 1.0, "min_lr": 0.0, "eval_every": 1,
@@ -290,7 +291,7 @@ def run_probe(config: Dict[str, Any]) -> Dict[str, Any]:
         extract_device = "cuda" if torch.cuda.is_available() else "cpu"
     common = dict(temporal_pool=cfg["data"]["temporal_pool"], batch_size=c["batch_size"],
                   num_workers=c["num_workers"], device=extract_device, progress=progress, layers=layers,
-                  norm_layers=bool(enc["norm_layers"]))
+                  norm_layers=bool(enc["norm_layers"]), dtype=c["dtype"])
     t0 = time.perf_counter()
     train_store = extract_features(encoder, train_ds, train_tf, train_desc, cache_dir, views=c["train_views"],
                                    seed=seed, desc="train features", **common)

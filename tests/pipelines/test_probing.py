@@ -176,6 +176,28 @@ def test_array_dataset_validation():
 # ---------------------------------------------------------------------------------------------------------- cache
 
 
+def test_float16_store_refuses_tokens_past_its_range(tmp_path, encoder):
+    """Tokens past float16's 65504 are refused by a float16 store (not cached as inf); a float32 store keeps them
+    exactly, under its own key."""
+    ds = ArrayDataset(np.random.randint(0, 255, (6, 12, 12, 3), dtype=np.uint8), np.arange(6) % 2)
+    tf, desc = build_transform(encoder.data_config)
+    inner = encoder.model.forward_features
+    encoder.model.forward_features = lambda x: inner(x) * 1e5
+    try:
+        with pytest.raises(ValueError, match="float32"):
+            extract_features(encoder, ds, tf, desc, tmp_path, batch_size=4, progress=False)
+        store = extract_features(encoder, ds, tf, desc, tmp_path, batch_size=4, progress=False, dtype="float32")
+        assert store.features.dtype == np.float32 and np.isfinite(np.array(store.features)).all()
+        x = torch.stack([ViewDataset(ds, tf)[i][0] for i in range(6)])
+        with torch.no_grad():
+            ref = inner(x) * 1e5
+        torch.testing.assert_close(torch.from_numpy(np.array(store.features[:, 0])), ref, rtol=1e-5, atol=1e-2)
+        with pytest.raises(ValueError, match="dtype"):
+            extract_features(encoder, ds, tf, desc, tmp_path, progress=False, dtype="bfloat16")
+    finally:
+        encoder.model.forward_features = inner
+
+
 def test_cache_written_once_reused_and_keyed(tmp_path, encoder):
     ds = ArrayDataset(np.random.randint(0, 255, (10, 12, 12, 3), dtype=np.uint8), np.arange(10) % 3)
     tf, desc = build_transform(encoder.data_config)
