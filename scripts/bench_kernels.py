@@ -82,9 +82,10 @@ def check_case(name, pattern, B, H, HKV, NQ, NK, D, DV, dtype):
     return ok
 
 
-def check_extra(name, pattern, B, H, HKV, NQ, NK, D, DV, dtype, bias_fn=None, gate_shape=None, kv_expand=False):
-    """Bias / gate / skinny / expanded-k/v features vs float64: out and every gradient (bias leaves too)."""
-    dev = "cuda"
+def check_extra(name, pattern, B, H, HKV, NQ, NK, D, DV, dtype, bias_fn=None, gate_shape=None, kv_expand=False,
+                dev="cuda"):
+    """Bias / gate / skinny / expanded-k/v features vs float64: out and every gradient (bias leaves too).
+    `dev`: "cuda"; scripts/prebuild_triton_cache.py runs the same calls on CPU tensors to compile them."""
 
     def mk(*shape, dt=dtype):
         return torch.randn(*shape, device=dev, dtype=dt, requires_grad=True)
@@ -129,11 +130,12 @@ def _rel_pos(pattern, d, scale=0.25):
     return fn
 
 
-def run_checks_ii():
-    _set_autotune("0")
+def extra_check_cases():
+    """The issue-4 GPU checks (bias, low-rank, rel-pos, gate, skinny): (name, pattern, B, H, HKV, NQ, NK, D, DV,
+    dtype, check_extra kwargs), untuned."""
     bf, fp = torch.bfloat16, torch.float16
     halo = kernels.Halo((16, 16), 8, 2)
-    cases = [
+    return [
         ("dense bias (1,H,N,N) d128 n1000", kernels.Dense(), 2, 4, 2, 1000, 1000, 128, 128, bf,
          dict(bias_fn=_dense_bias((1, 4, 1000, 1000)))),
         ("causal bias fp32-under-bf16 (N,N) d64", kernels.Causal(), 1, 4, 4, 777, 800, 64, 64, bf,
@@ -158,6 +160,11 @@ def run_checks_ii():
         ("expanded k/v (probe) nq16 nk3000 d64", kernels.Dense(), 4, 8, 1, 16, 3000, 64, 64, bf,
          dict(kv_expand=True)),
     ]
+
+
+def run_checks_ii():
+    _set_autotune("0")
+    cases = extra_check_cases()
     ok = all([check_extra(*c[:10], **c[10]) for c in cases])
     _restore_autotune()
     return ok
@@ -458,15 +465,15 @@ def bench_skinny(rows):
 # ATTNZOO_RELPOS=lowrank) and its anchor in the same run; three or fewer configs per kernel (fast tune).
 
 
-def run_checks_round2():
-    """bf16/fp16 GPU checks of the new paths (the interpreter cannot run bf16 dots); asserts each path ran."""
-    from kernels.backends import triton_skinny as sk
+ROUND2_ENV = dict(ATTNZOO_SKINNY="new", ATTNZOO_RELPOS="kernel")  # the paths the round-2 checks must take
 
-    _set_autotune("0")
-    bench.set_env(ATTNZOO_SKINNY="new", ATTNZOO_RELPOS="kernel")
+
+def round2_check_cases():
+    """The skinny and in-kernel rel-pos GPU checks (under ROUND2_ENV): (name, pattern, B, H, HKV, NQ, NK, D, DV,
+    dtype, check_extra kwargs, kernels that must run)."""
     bf, fp = torch.bfloat16, torch.float16
     hb, hs = kernels.Halo((8, 8), 8, 2), kernels.Halo((4, 4), 8, 3, query_stride=2)
-    cases = [  # name, pattern, B, H, HKV, NQ, NK, D, DV, dtype, kwargs, kernels that must run
+    return [  # name, pattern, B, H, HKV, NQ, NK, D, DV, dtype, kwargs, kernels that must run
         ("skinny keys res nq3000 nk64 bias+gate d64", None, 2, 8, 8, 3000, 64, 64, 64, bf,
          dict(bias_fn=_dense_bias((1, 8, 3000, 64)), gate_shape=(2, 3000, 8)), ("keys_fwd_res", "keys_bwd_res")),
         ("skinny keys gqa nq2000 nk200 d64", None, 2, 8, 2, 2000, 200, 64, 64, fp, {}, ("keys_fwd_res", "keys_bwd_res")),
@@ -487,6 +494,15 @@ def run_checks_round2():
         ("relpos blocked stride2 (16,196) d32 fp16", None, 64, 4, 4, 16, 196, 32, 32, fp,
          dict(bias_fn=_rel_pos(hs, 32)), ("keys_fwd_flat_chunked_rel", "keys_bwd_flat_chunked_rel")),
     ]
+
+
+def run_checks_round2():
+    """bf16/fp16 GPU checks of the new paths (the interpreter cannot run bf16 dots); asserts each path ran."""
+    from kernels.backends import triton_skinny as sk
+
+    _set_autotune("0")
+    bench.set_env(**ROUND2_ENV)
+    cases = round2_check_cases()
     ok = True
     for name, pattern, B, H, HKV, NQ, NK, D, DV, dt, kw, expect in cases:
         before = dict(sk.CALLS)
