@@ -234,28 +234,33 @@ class _Problem:
             self.off, self.left, self.right = _window_params(pattern, nq, nk)
             self.dil, self.mask_axes, self.has_dil = (1, 1, 1), 0, False
 
+    @property
+    def permuted(self) -> bool:
+        """The kernels take copies in tile order (grid patterns, unless the forward reads tokens in place)."""
+        return self.grid and not self.gather
+
     def q_in(self, x):
-        return _lastdim_contiguous(self.map.q_layout.permute(x)) if self.grid else _lastdim_contiguous(x)
+        return _lastdim_contiguous(self.map.q_layout.permute(x) if self.permuted else x)
 
     def k_in(self, x):
-        return _lastdim_contiguous(self.map.k_layout.permute(x)) if self.grid else _lastdim_contiguous(x)
+        return _lastdim_contiguous(self.map.k_layout.permute(x) if self.permuted else x)
 
     def q_out(self, x):
-        return self.map.q_layout.unpermute(x) if self.grid else x
+        return self.map.q_layout.unpermute(x) if self.permuted else x
 
     def k_out(self, x):
-        return self.map.k_layout.unpermute(x) if self.grid else x
+        return self.map.k_layout.unpermute(x) if self.permuted else x
 
     def bias_in(self, bias4, nq, nk):
-        """Dense bias (b, h, Nq, Nk) (b, h may be 1) in kernel order: grid patterns permute both axes."""
-        if not self.grid:
+        """Dense bias (b, h, Nq, Nk) (b, h may be 1) in kernel order: permuted grid problems permute both axes."""
+        if not self.permuted:
             return _bias_lastdim(bias4)
         x = bias4.expand(bias4.shape[0], bias4.shape[1], nq, nk)
         x = self.map.q_layout.permute(x).transpose(-1, -2)
         return self.map.k_layout.permute(x).transpose(-1, -2).contiguous()
 
     def bias_out(self, db):
-        if not self.grid:
+        if not self.permuted:
             return db
         x = self.map.q_layout.unpermute(db).transpose(-1, -2)
         return self.map.k_layout.unpermute(x).transpose(-1, -2)
@@ -369,18 +374,11 @@ def _gate4(gate: torch.Tensor) -> torch.Tensor:
 class _Extras:
     """Optional kernel inputs (bias, low-rank factors, gate) in kernel order, with pointer/stride arguments."""
 
-    def __init__(self, prob: _Problem, qp, bias, qf, kf, gate, nq, nk, in_place: bool = False):
-        """`in_place`: the kernel reads them in token order through the row tables (the grid forward)."""
-        if in_place:
-            self.bias = None if bias is None else _bias_lastdim(bias)
-            self.qf = None if qf is None else _lastdim_contiguous(qf)
-            self.kf = None if kf is None else _lastdim_contiguous(kf)
-            self.gate = None if gate is None else _lastdim_contiguous(_gate4(gate))
-        else:
-            self.bias = None if bias is None else prob.bias_in(bias, nq, nk)
-            self.qf = None if qf is None else prob.q_in(qf)
-            self.kf = None if kf is None else prob.k_in(kf)
-            self.gate = None if gate is None else prob.q_in(_gate4(gate))
+    def __init__(self, prob: _Problem, qp, bias, qf, kf, gate, nq, nk):
+        self.bias = None if bias is None else prob.bias_in(bias, nq, nk)
+        self.qf = None if qf is None else prob.q_in(qf)
+        self.kf = None if kf is None else prob.k_in(kf)
+        self.gate = None if gate is None else prob.q_in(_gate4(gate))
         self.rank = 0 if qf is None else qf.shape[-1]
         self.dummy = qp
 
@@ -400,11 +398,9 @@ class _Extras:
 def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg):
     from . import triton_kernels as tk
 
-    B, H, NQ, D = qp.shape
-    HKV, NK, DV = kp.shape[1], kp.shape[2], vp.shape[-1]
-    NQO = NQ  # rows of o/lse: the tokens, or the permuted positions without gather
-    if prob.gather:  # unpermuted q/k/v: the kernel walks the permuted positions
-        NQ, NK = prob.nq, prob.nk
+    B, H, NQO, D = qp.shape  # NQO: rows of q and o/lse (tokens in place, else the positions the kernel walks)
+    HKV, DV = kp.shape[1], vp.shape[-1]
+    NQ, NK = prob.nq, prob.nk  # positions the kernel walks (permuted, padded for grid patterns)
     BM, BN, warps, stages = cfg[:4]
     nqb, nkb = triton_cdiv(NQ, BM), triton_cdiv(NK, BN)
     S, per = (1, max(nkb, 1)) if prob.grid else _splits(nqb * B * H, nkb, qp.device)
@@ -762,14 +758,8 @@ def _forward(q, k, v, bias, qf, kf, gate, pattern, scale):
         if cfg[0] == "skinny":  # kernels.backends.triton_skinny: few keys / few queries
             return _skinny_run(cfg, False, q, k, v, bias, gate, scale)[1]
         prob = _problem(pattern, nq, nk, cfg, q.device)
-        if prob.gather:
-            ins = (_lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v))
-        else:
-            ins = (prob.q_in(q), prob.k_in(k), prob.k_in(v))
-        out, lse = _launch_fwd(*ins, _Extras(prob, ins[0], bias, qf, kf, gate, nq, nk, in_place=prob.gather), prob,
-                               scale, cfg)
-        if prob.gather or not prob.grid:
-            return out, lse
+        ins = (prob.q_in(q), prob.k_in(k), prob.k_in(v))
+        out, lse = _launch_fwd(*ins, _Extras(prob, ins[0], bias, qf, kf, gate, nq, nk), prob, scale, cfg)
         return prob.q_out(out), prob.q_out(lse[..., None])[..., 0]
 
     sk_feat = _skinny_feat(pattern, q, k, v, qf)

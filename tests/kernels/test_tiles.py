@@ -210,3 +210,17 @@ def test_benchmark_case_predictions():
     masked_axes_old = 2 * w2["partial"]
     masked_axes_new = sum(i * c for i, c in enumerate(w2["by_axes"]))
     assert masked_axes_new < 0.7 * masked_axes_old
+
+
+@pytest.mark.parametrize("grid,tile,slot", [((5, 7), (2, 4), 10), ((21, 6, 5), (21, 3, 1), 64), ((9,), (4,), 0),
+                                            ((4, 6), (4, 6), 0)])
+def test_layout_rows_are_what_permute_gathers(grid, tile, slot):
+    """`rows()` (the in-place kernels' slot -> token table) names, for every permuted position, the token that
+    `permute` puts there, and -1 exactly where `permute` pads (grid padding, dead slots)."""
+    layout = GridLayout(grid, tile, slot)
+    n = math.prod(grid)
+    tokens = torch.arange(1, n + 1, dtype=torch.float64).reshape(1, 1, n, 1)  # 0 marks padding after permute
+    permuted = layout.permute(tokens)[0, 0, :, 0].numpy()
+    rows = layout.rows()
+    assert rows.shape == (layout.num_padded,)
+    np.testing.assert_array_equal(np.where(rows >= 0, rows + 1, 0), permuted)
