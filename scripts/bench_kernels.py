@@ -61,8 +61,9 @@ def _restore_autotune() -> None:
     bench.set_env(ATTNZOO_AUTOTUNE=_AUTOTUNE_STACK.pop())
 
 
-def check_case(name, pattern, B, H, HKV, NQ, NK, D, DV, dtype):
-    dev = "cuda"
+def check_case(name, pattern, B, H, HKV, NQ, NK, D, DV, dtype, dev="cuda"):
+    """Forward (with lse) and backward vs float64. `dev`: "cuda"; scripts/prebuild_triton_cache.py runs the same
+    calls on CPU tensors to compile them."""
     q = torch.randn(B, H, NQ, D, device=dev, dtype=dtype, requires_grad=True)
     k = torch.randn(B, HKV, NK, D, device=dev, dtype=dtype, requires_grad=True)
     v = torch.randn(B, HKV, NK, DV, device=dev, dtype=dtype, requires_grad=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import os
 import sys
@@ -76,6 +77,14 @@ def install_fake_device(device_libtriton=None):
     kf.choose_backend = lambda *a, **k: ta.attention_triton  # CPU / meta tensors, Triton path
     kf._autocast_inputs = lambda q, k, v: (q, k, v)  # meta tensors have no autocast; models run in bf16 here
     os.environ["ATTNZOO_WARM"] = "0/1"
+
+
+def _script(name: str):
+    """Another script of this folder as a module (the benches whose calls the cases replay)."""
+    spec = importlib.util.spec_from_file_location(f"_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _randn(*shape, grad=False, dtype=torch.bfloat16):
@@ -194,20 +203,13 @@ def cases():
         each case's first config, forward and backward (the checks time nothing, so ATTNZOO_AUTOTUNE=0 there: no
         candidate list to warm). The issue-4 ones run `check_extra` on CPU tensors: its float64 comparison of
         the compile-only outputs is meaningless here and its printout is dropped."""
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("_bench_kernels", os.path.join(ROOT, "scripts",
-                                                                                    "bench_kernels.py"))
-        bk = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bk)
+        bk = _script("bench_kernels")
         warm, tune = os.environ.pop("ATTNZOO_WARM"), os.environ["ATTNZOO_AUTOTUNE"]
         os.environ["ATTNZOO_AUTOTUNE"] = "0"
         try:
-            for _, pattern, B, H, HKV, NQ, NK, D, DV, dtype in bk.core_check_cases():
-                q, k = _randn(B, H, NQ, D, grad=True, dtype=dtype), _randn(B, HKV, NK, D, grad=True, dtype=dtype)
-                v = _randn(B, HKV, NK, DV, grad=True, dtype=dtype)
-                _fb(lambda: kernels.attention(q, k, v, pattern, backend="triton", return_lse=True)[0], [q, k, v])
             with contextlib.redirect_stdout(io.StringIO()):
+                for case in bk.core_check_cases():
+                    bk.check_case(*case, dev="cpu")
                 for case in bk.extra_check_cases():
                     bk.check_extra(*case[:10], **case[10], dev="cpu")
                 set_env(**bk.ROUND2_ENV)
@@ -265,15 +267,10 @@ def cases():
     def freeswim():
         """scripts/bench_pipelines.py's full case (Wan2.1-1.3B shape, 960x1664x81) on meta tensors: the refresh
         and cached steps' kernels (window self-attention on the [window; full] batch and alone, cross-attention)."""
-        import importlib.util
-
         from pipelines.freeswim.attention import (FreeSwimState, freeswim_attention_scale, freeswim_pattern,
                                                   freeswim_processors)
 
-        spec = importlib.util.spec_from_file_location("_bench_pipelines", os.path.join(ROOT, "scripts",
-                                                                                      "bench_pipelines.py"))
-        bp = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bp)
+        bp = _script("bench_pipelines")
         overrides, height, width, frames, base_h, base_w, text_len = bp.SIZES["full"]
         config = {**bp.WAN_1_3B, **overrides}
         model = bp.build_transformer(config, "meta", torch.bfloat16)
