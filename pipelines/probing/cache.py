@@ -137,6 +137,11 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def stored_prefix_tokens(encoder, layers: bool) -> int:
+    """Prefix (CLS/register) tokens per image in a store: the final output's, or the blocks' when `layers`."""
+    return int(encoder.num_prefix_tokens if not layers else encoder.layer_prefix_tokens)
+
+
 def extract_features(encoder, dataset, transform, transform_description: Dict[str, Any], cache_dir: str, *,
                      views: int = 1, seed: int = 0, temporal_pool: str = "mean", batch_size: int = 64,
                      num_workers: int = 0, device: Optional[str] = None, progress: bool = True,
@@ -226,7 +231,7 @@ def extract_features(encoder, dataset, transform, transform_description: Dict[st
     batches = [list(range(c * batch_size, min(total, (c + 1) * batch_size))) for c in pending]
     loader = DataLoader(views_ds, batch_sampler=batches, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
-    p = int(encoder.num_prefix_tokens if blocks is None else encoder.layer_prefix_tokens)
+    p = stored_prefix_tokens(encoder, blocks is not None)
 
     def encode(images):  # one tensor (B, N_l, D_l) per stored layer
         return [encoder(images)] if blocks is None else encoder.forward_layers(images, blocks, norm=norm_layers)

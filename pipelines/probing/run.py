@@ -54,7 +54,7 @@ import yaml
 
 from zoo.probes import create_encoder, create_probe, list_probes
 
-from .cache import TEMPORAL_POOLS, extract_features
+from .cache import TEMPORAL_POOLS, extract_features, stored_prefix_tokens
 from .data import ArrayDataset, ImageFolderDataset, VideoFolderDataset, build_transform, digits_dataset, \
     stratified_split
 from .trainer import ProbeSpec, TrainConfig, results_table, save_curves, train_probes
@@ -270,7 +270,8 @@ def run_probe(config: Dict[str, Any]) -> Dict[str, Any]:
     for spec in specs:  # fail before extraction: each probe's arguments, checked by building it (no memory)
         try:
             create_probe(spec.probe, encoder.embed_dim, len(train_ds.classes),
-                         num_prefix_tokens=encoder.num_prefix_tokens, device="meta", **spec.kwargs)
+                         num_prefix_tokens=stored_prefix_tokens(encoder, layers is not None), device="meta",
+                         **spec.kwargs)
         except (TypeError, ValueError) as err:
             raise ValueError(f"probe {spec.name!r}: {err}") from err
 
