@@ -14,7 +14,7 @@ PTR = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "
        "BIAS": "*bf16", "GATE": "*bf16", "FULL_PTR": "*i32", "FULL_IDX": "*i32", "PART_PTR": "*i32",
        "PART_IDX": "*i32", "QLO": "*i32", "QHI": "*i32", "KC": "*i32", "PART_BITS": "*i32", "KB": "*fp32",
        "DO": "*bf16", "DELTA": "*fp32", "DK": "*bf16", "DV_": "*bf16", "DB": "*fp32", "DUK": "*fp32",
-       "DQ": "*bf16", "DUQ": "*fp32", "QROW": "*i32", "KROW": "*i32"}
+       "DQ": "*bf16", "DUQ": "*fp32", "QROW": "*i32", "KROW": "*i32", "RH": "*bf16", "RW": "*bf16"}
 FLOATS = {"qk_scale", "sm_scale", "rel_scale"}
 
 

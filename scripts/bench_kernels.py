@@ -497,23 +497,46 @@ def round2_check_cases():
     ]
 
 
+REL_GENERAL_ENV = dict(ATTNZOO_SKINNY="old", ATTNZOO_RELPOS="kernel")  # the general kernels' in-kernel rel-pos
+
+
+def rel_general_check_cases():
+    """GPU checks of the general kernels' in-kernel rel-pos (`REL`, under REL_GENERAL_ENV), in
+    `round2_check_cases`' format: HaloNet 26t/50ts's blocked layout, strided queries, head dim 128 with an
+    element-wise gate and GQA, and halonet_h1's 14 x 14 window."""
+    bf, fp = torch.bfloat16, torch.float16
+    hb, hs, h3 = kernels.Halo((8, 8), 8, 2), kernels.Halo((4, 4), 8, 3, query_stride=2), kernels.Halo((8, 8), 8, 3)
+    expect = ("general_fwd_rel", "general_bwd_rel")
+    return [
+        ("relpos general (64,144) d64", None, 64, 8, 8, 64, 144, 64, 64, bf, dict(bias_fn=_rel_pos(hb, 64)), expect),
+        ("relpos general stride2 (16,196) d32 fp16", None, 64, 4, 4, 16, 196, 32, 32, fp,
+         dict(bias_fn=_rel_pos(hs, 32)), expect),
+        ("relpos general gqa d128 elem gate (64,144)", None, 16, 4, 2, 64, 144, 128, 128, bf,
+         dict(bias_fn=_rel_pos(hb, 128), gate_shape=(16, 64, 4, 128)), expect),
+        ("relpos general win14 (64,196) d64 fp16", None, 32, 4, 4, 64, 196, 64, 64, fp,
+         dict(bias_fn=_rel_pos(h3, 64)), expect),
+        ("relpos general H5 qb7 win18 (49,324) d64 dv160", None, 16, 4, 4, 49, 324, 64, 160, bf,
+         dict(bias_fn=_rel_pos(kernels.Halo((7, 7), 14, 2, query_stride=2), 64)), expect),
+    ]
+
+
 def run_checks_round2():
     """bf16/fp16 GPU checks of the new paths (the interpreter cannot run bf16 dots); asserts each path ran."""
     from kernels.backends import triton_skinny as sk
 
     _set_autotune("0")
-    bench.set_env(**ROUND2_ENV)
-    cases = round2_check_cases()
     ok = True
-    for name, pattern, B, H, HKV, NQ, NK, D, DV, dt, kw, expect in cases:
-        before = dict(sk.CALLS)
-        case_ok = check_extra(name, pattern, B, H, HKV, NQ, NK, D, DV, dt, **kw)
-        ran = {key for key, n in sk.CALLS.items() if n > before.get(key, 0)}
-        if not set(expect) <= ran:
-            print(f"check {name}: expected kernels {expect}, ran {sorted(ran)} FAIL", flush=True)
-            case_ok = False
-        ok = ok and case_ok
-    bench.set_env(ATTNZOO_SKINNY=None)
+    for env, cases in ((ROUND2_ENV, round2_check_cases()), (REL_GENERAL_ENV, rel_general_check_cases())):
+        bench.set_env(**env)
+        for name, pattern, B, H, HKV, NQ, NK, D, DV, dt, kw, expect in cases:
+            before = dict(sk.CALLS)
+            case_ok = check_extra(name, pattern, B, H, HKV, NQ, NK, D, DV, dt, **kw)
+            ran = {key for key, n in sk.CALLS.items() if n > before.get(key, 0)}
+            if not set(expect) <= ran:
+                print(f"check {name}: expected kernels {expect}, ran {sorted(ran)} FAIL", flush=True)
+                case_ok = False
+            ok = ok and case_ok
+    bench.set_env(ATTNZOO_SKINNY=None, ATTNZOO_RELPOS=None)
     _restore_autotune()
     return ok
 
@@ -573,8 +596,9 @@ def bench_skinny2(rows):
 
 
 def bench_relpos(rows):
-    """HaloNet's blocked layout (B*64 blocks, 8 heads, 8x8 queries, 12x12 keys, d64): in-kernel rel-pos vs the
-    low-rank lowering vs no bias (new and old kernels); target: in-kernel <= 1.15x the faster no-bias time."""
+    """HaloNet's blocked layout (B*64 blocks, 8 heads, 8x8 queries, 12x12 keys, d64): the in-kernel rel-pos as the
+    op tunes it (general `REL` and few-keys kernels), each of the two alone, and the low-rank lowering, against no
+    bias (general and few-keys kernels); target: in-kernel <= 1.15x the faster no-bias time."""
     _set_autotune(os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast"))
     case = "relpos halo blocked (512,8,64,144) d64"
 
@@ -586,26 +610,57 @@ def bench_relpos(rows):
         th, tw = [(0.125 * torch.randn(23, D, device="cuda", dtype=torch.bfloat16)).requires_grad_() for _ in "hw"]
         plain = lambda: kernels.attention(q, k, v)  # noqa: E731
         rel = lambda: kernels.attention(q, k, v, bias=kernels.RelPosBias(hb, (th, tw)))  # noqa: E731
-        bench.set_env(ATTNZOO_SKINNY="old")
-        t0f, t0b = _fb(plain, [q, k, v])
-        bench.set_env(ATTNZOO_SKINNY="new")
-        t1f, t1b = _fb(plain, [q, k, v])
-        bench.set_env(ATTNZOO_RELPOS="lowrank")
-        tlf, tlb = _fb(rel, [q, k, v, th, tw])
-        bench.set_env(ATTNZOO_RELPOS="kernel")
-        tkf, tkb = _fb(rel, [q, k, v, th, tw])
-        bench.set_env(ATTNZOO_RELPOS=None)
-        bench.set_env(ATTNZOO_SKINNY=None)
-        for direction, tk, tl_, t0, t1 in (("fwd", tkf, tlf, t0f, t1f), ("bwd", tkb, tlb, t0b, t1b)):
-            base = min(t0, t1)
-            row = dict(case=case, direction=direction, ours_ms=tk, lowrank_ms=tl_, nobias_old_ms=t0, nobias_new_ms=t1,
-                       ratio=tk / base, lowrank_ratio=tl_ / base, target="<= 1.15x no-bias",
-                       met="yes" if tk <= 1.15 * base else "no")
+        t = {}
+        runs = (("nobias_general", "old", None, plain), ("nobias_few_keys", "new", None, plain),
+                ("rel_general", "old", "kernel", rel), ("rel_few_keys", "new", "kernel", rel),
+                ("rel_lowrank", None, "lowrank", rel), ("rel_tuned", None, "kernel", rel))
+        for name, skinny, relpos, fn in runs:
+            bench.set_env(ATTNZOO_SKINNY=skinny, ATTNZOO_RELPOS=relpos)
+            t[name] = _fb(fn, [q, k, v] + ([th, tw] if fn is rel else []))
+        bench.set_env(ATTNZOO_SKINNY=None, ATTNZOO_RELPOS=None)
+        # the general backward's tables gradient: one GEMM over the stored dT (B, H, Nq, 2 (2 win - 1))
+        dt = torch.randn(512, 8, 64, 46, device="cuda", dtype=torch.bfloat16)
+        t_dr = _time(lambda: torch.einsum("bhnt,bhnd->td", dt, q.detach()))
+        qd = q.detach()
+        t_dr_chunks = _time(lambda: torch.bmm(dt.view(256, -1, 46).transpose(1, 2), qd.view(256, -1, 64)).sum(0))
+        print(f"tables-grad GEMM: einsum {t_dr:.4f} ms, 256 chunks (bmm + sum) {t_dr_chunks:.4f} ms", flush=True)
+        for i, direction in enumerate(("fwd", "bwd")):
+            base = min(t["nobias_general"][i], t["nobias_few_keys"][i])
+            tk = t["rel_tuned"][i]
+            extra = dict(tables_grad_gemm_ms=t_dr, tables_grad_bmm_ms=t_dr_chunks) if direction == "bwd" else {}
+            row = dict(case=case, direction=direction, ours_ms=tk, **{f"{n}_ms": v[i] for n, v in t.items()}, **extra,
+                       ratio=tk / base, target="<= 1.15x no-bias", met="yes" if tk <= 1.15 * base else "no")
             rows.append(row)
-            print(f"{case:44s} {direction} in-kernel {tk:8.3f} ms  low-rank {tl_:8.3f} ms  no-bias old {t0:8.3f} "
-                  f"new {t1:8.3f} ms  ratio {tk / base:.3f} (low-rank {tl_ / base:.3f})", flush=True)
+            print(f"{case:44s} {direction} in-kernel {tk:8.3f} ms (general {t['rel_general'][i]:.3f}, few-keys "
+                  f"{t['rel_few_keys'][i]:.3f}, low-rank {t['rel_lowrank'][i]:.3f}); no bias {base:8.3f} ms "
+                  f"(general {t['nobias_general'][i]:.3f}); ratio {tk / base:.3f}"
+                  + (f"; tables-grad GEMM {t_dr:.3f} ms" if extra else ""), flush=True)
 
     _guarded(rows, case, one)
+    case_h5 = "relpos halo blocked H5 (256,8,196,324) d64 dv160"
+
+    def h5():
+        """HaloNet H5's last-stage geometry (14 x 14 blocks, 18 x 18 windows, value width 160): past the few-keys
+        kernels' limits, so before the general kernels' REL path it ran the torch lowering (now ATTNZOO_RELPOS=
+        lowrank)."""
+        hb = kernels.Halo((14, 14), 14, 2)
+        q = torch.randn(256, 8, 196, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(256, 8, 324, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(256, 8, 324, 160, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        th, tw = [(0.125 * torch.randn(35, 64, device="cuda", dtype=torch.bfloat16)).requires_grad_() for _ in "hw"]
+        rel = lambda: kernels.attention(q, k, v, bias=kernels.RelPosBias(hb, (th, tw)))  # noqa: E731
+        t0 = _fb(lambda: kernels.attention(q, k, v), [q, k, v])
+        tk = _fb(rel, [q, k, v, th, tw])
+        bench.set_env(ATTNZOO_RELPOS="lowrank")
+        tl_ = _fb(rel, [q, k, v, th, tw])
+        bench.set_env(ATTNZOO_RELPOS=None)
+        for i, direction in enumerate(("fwd", "bwd")):
+            rows.append(dict(case=case_h5, direction=direction, ours_ms=tk[i], rel_lowrank_ms=tl_[i],
+                             nobias_general_ms=t0[i], ratio=tk[i] / t0[i], speedup_vs_lowrank=tl_[i] / tk[i]))
+            print(f"{case_h5:44s} {direction} in-kernel {tk[i]:8.3f} ms  low-rank lowering {tl_[i]:8.3f} ms  "
+                  f"no bias {t0[i]:8.3f} ms  ratio {tk[i] / t0[i]:.3f}  vs lowering x{tl_[i] / tk[i]:.2f}", flush=True)
+
+    _guarded(rows, case_h5, h5)
     bench.set_env(ATTNZOO_SKINNY=None, ATTNZOO_RELPOS=None)
     _restore_autotune()
 

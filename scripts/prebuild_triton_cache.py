@@ -137,11 +137,19 @@ def cases():
         for mode in ("old", "new"):
             set_env(ATTNZOO_SKINNY=mode)
             _fb(lambda: kernels.attention(q, k, v), [q, k, v])
-        set_env(ATTNZOO_SKINNY="new")
-        for mode in ("lowrank", "kernel"):
-            set_env(ATTNZOO_RELPOS=mode)
+        for skinny, mode in (("old", "kernel"), ("new", "kernel"), (None, "lowrank"), (None, "kernel")):
+            set_env(ATTNZOO_SKINNY=skinny, ATTNZOO_RELPOS=mode)
             _fb(lambda: kernels.attention(q, k, v, bias=kernels.RelPosBias(hb, (th, tw))), [q, k, v, th, tw])
         set_env(ATTNZOO_SKINNY=None, ATTNZOO_RELPOS=None)
+        h5 = kernels.Halo((14, 14), 14, 2)  # bench_relpos' H5 case
+        q, k, v = _randn(256, 8, 196, 64, grad=True), _randn(256, 8, 324, 64, grad=True), _randn(256, 8, 324, 160,
+                                                                                                  grad=True)
+        th, tw = _randn(35, 64, grad=True), _randn(35, 64, grad=True)
+        _fb(lambda: kernels.attention(q, k, v), [q, k, v])
+        for mode in ("kernel", "lowrank"):
+            set_env(ATTNZOO_RELPOS=mode)
+            _fb(lambda: kernels.attention(q, k, v, bias=kernels.RelPosBias(h5, (th, tw))), [q, k, v, th, tw])
+        set_env(ATTNZOO_RELPOS=None)
 
     def agent():
         for N in (197, 4097):
@@ -212,10 +220,12 @@ def cases():
                     bk.check_case(*case, dev="cpu")
                 for case in bk.extra_check_cases():
                     bk.check_extra(*case[:10], **case[10], dev="cpu")
-                set_env(**bk.ROUND2_ENV)
-                for case in bk.round2_check_cases():
-                    bk.check_extra(*case[:10], **case[10], dev="cpu")
-                set_env(**{name: None for name in bk.ROUND2_ENV})
+                for env, cases in ((bk.ROUND2_ENV, bk.round2_check_cases()),
+                                   (bk.REL_GENERAL_ENV, bk.rel_general_check_cases())):
+                    set_env(**env)
+                    for case in cases:
+                        bk.check_extra(*case[:10], **case[10], dev="cpu")
+                    set_env(**{name: None for name in env})
         finally:
             os.environ["ATTNZOO_WARM"], os.environ["ATTNZOO_AUTOTUNE"] = warm, tune
 

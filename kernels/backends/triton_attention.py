@@ -16,8 +16,9 @@ written per (b, h) by the backward and summed over broadcast dims in torch), low
 (forward epilogue; the backward's delta kernel produces dO·sigmoid(g) and dg). Skinny 1-d problems (few query
 blocks, or few key blocks) split the long axis over a third program axis and combine the parts in torch.
 Dense skinny problems (Nk <= 256, or H/Hkv · Nq <= 256) also have the kernels of `triton_skinny` (autotune
-candidates, `ATTNZOO_SKINNY`), which also computes HaloNet's blocked relative-position bias in-kernel
-(`attnzoo::relpos_fwd/bwd`, `ATTNZOO_RELPOS`).
+candidates, `ATTNZOO_SKINNY`). HaloNet's relative-position bias on its blocked layout is computed in-kernel
+(`attnzoo::relpos_fwd/bwd`, `ATTNZOO_RELPOS`): by the general kernels (`REL`: factors built from q and the tables,
+no factor tensor in memory) and, for few keys, the few-keys kernels, tuned against each other.
 """
 from __future__ import annotations
 
@@ -372,14 +373,18 @@ def _gate4(gate: torch.Tensor) -> torch.Tensor:
 
 
 class _Extras:
-    """Optional kernel inputs (bias, low-rank factors, gate) in kernel order, with pointer/stride arguments."""
+    """Optional kernel inputs (bias, low-rank factors, gate, in-kernel rel-pos tables `rel`: a
+    `triton_skinny.Rel`, 1-d problems only) in kernel order, with pointer/stride arguments."""
 
-    def __init__(self, prob: _Problem, qp, bias, qf, kf, gate, nq, nk):
+    def __init__(self, prob: _Problem, qp, bias, qf, kf, gate, nq, nk, rel=None):
         self.bias = None if bias is None else prob.bias_in(bias, nq, nk)
         self.qf = None if qf is None else prob.q_in(qf)
         self.kf = None if kf is None else prob.k_in(kf)
         self.gate = None if gate is None else prob.q_in(_gate4(gate))
-        self.rank = 0 if qf is None else qf.shape[-1]
+        self.rel = rel
+        # the factors' width: under `rel` the in-kernel factors' (2 BLOCK_W); the dQ kernel then writes dT, the
+        # tables' logit gradient, instead of dU_q (`_launch_bwd`)
+        self.rank = 2 * rel.block_w if rel is not None else (0 if qf is None else qf.shape[-1])
         self.dummy = qp
 
     def ptr(self, name):
@@ -392,7 +397,25 @@ class _Extras:
         return dict(stride_qfb=sqf[0], stride_qfh=sqf[1], stride_qfn=sqf[2],
                     stride_kfb=skf[0], stride_kfh=skf[1], stride_kfn=skf[2],
                     stride_bb=sb[0], stride_bh=sb[1], stride_bm=sb[2], stride_bn=sb[3],
-                    R=max(r, 1), BLOCK_R=_block_d(max(r, 1)), HAS_BIAS=self.bias is not None, HAS_LR=r > 0), sg
+                    R=max(r, 1), BLOCK_R=_block_d(max(r, 1)), HAS_BIAS=self.bias is not None, HAS_LR=r > 0,
+                    LR_CHAIN=self.lr_chain(), **self.rel_kw()), sg
+
+    def lr_chain(self) -> bool:
+        """The kernels' LR_CHAIN (the low-rank dot accumulates into q·kᵀ, the query factor pre-scaled by 1 / scale):
+        not in float16 (the pre-scaled factor could overflow); for loaded factors only at head dims <= 64 (H200,
+        rank 16: d64 forward 1.12x -> 1.09x and backward 1.26x -> 1.18x the no-bias time; d128 backward 1.14x ->
+        1.21x, forward unchanged; the in-kernel rel-pos forward 1.68x -> 1.45x)."""
+        if not self.rank or self.dummy.dtype == torch.float16:
+            return False
+        return self.rel is not None or _block_d(self.dummy.shape[-1]) <= 64
+
+    def rel_kw(self) -> dict:
+        rel = self.rel
+        if rel is None:
+            return dict(RH=self.dummy, RW=self.dummy, stride_rt=0, QB=1, WIN=1, rel_scale=0.0, BLOCK_T=16,
+                        BLOCK_W=16, REL=False)
+        return dict(RH=rel.rh, RW=rel.rw, stride_rt=rel.rh.stride(0), QB=rel.qb, WIN=rel.win,
+                    rel_scale=float(rel.scale), BLOCK_T=rel.block_t, BLOCK_W=rel.block_w, REL=True)
 
 
 def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg):
@@ -495,12 +518,13 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
               lambda *s, like, dtype: torch.zeros(s, device=like.device, dtype=dtype))(
             B, H, NQ, NK, like=qp, dtype=ds_dtype(ex.bias, (B, H, NQ, NK)))
     S, per = (1, max(nqb, 1)) if prob.grid else _splits(nkb * B * HKV, nqb, qp.device, min_blocks=4)
+    r_k = 0 if ex.rel is not None else r  # the rel-pos key factor is a constant: no dU_k
     if S == 1:
         dk, dv = _new(B, HKV, NK, D, like=qp), _new(B, HKV, NK, DV, like=qp)
-        duk = _new(B, H, NK, max(r, 1), like=qp, dtype=f32) if r else None
+        duk = _new(B, H, NK, r_k, like=qp, dtype=f32) if r_k else None
     else:
         dk, dv = _new(S, B, HKV, NK, D, like=qp, dtype=f32), _new(S, B, HKV, NK, DV, like=qp, dtype=f32)
-        duk = _new(S, B, H, NK, max(r, 1), like=qp, dtype=f32) if r else None
+        duk = _new(S, B, H, NK, r_k, like=qp, dtype=f32) if r_k else None
     dk0, dv0 = (dk, dv) if S == 1 else (dk[0], dv[0])
     duk0 = None if duk is None else (duk if S == 1 else duk[0])
     sdb, sduk = _bstrides(db), _bstrides(duk0)
@@ -519,14 +543,16 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
         dk, dv = dk.sum(0).to(qp.dtype), dv.sum(0).to(qp.dtype)
         duk = None if duk is None else duk.sum(0)
 
-    # dQ (+ dU_q): one program per query block, key blocks split when queries are few
+    # dQ (+ dU_q, or the rel-pos tables' logit gradient dT, (2 win - 1) columns per table): one program per
+    # query block, key blocks split when queries are few
     S, per = (1, max(nkb, 1)) if prob.grid else _splits(nqb * B * H, nkb, qp.device, min_blocks=4)
+    r_q, dt_q = (2 * (2 * ex.rel.win - 1), qp.dtype) if ex.rel is not None else (r, f32)
     if S == 1:
         dq = _new(B, H, NQ, D, like=qp)
-        duq = _new(B, H, NQ, max(r, 1), like=qp, dtype=f32) if r else None
+        duq = _new(B, H, NQ, r_q, like=qp, dtype=dt_q) if r else None
     else:
         dq = _new(S, B, H, NQ, D, like=qp, dtype=f32)
-        duq = _new(S, B, H, NQ, max(r, 1), like=qp, dtype=f32) if r else None
+        duq = _new(S, B, H, NQ, r_q, like=qp, dtype=f32) if r else None
     dq0 = dq if S == 1 else dq[0]
     duq0 = None if duq is None else (duq if S == 1 else duq[0])
     sduq = _bstrides(duq0)
@@ -813,10 +839,13 @@ def _backward(do, q, k, v, out, lse, dlse, bias, qf, kf, gate, pattern, scale, n
         dqf = _reduce_to(prob.q_out(duq), qf)
         dkf = _reduce_to(prob.k_out(duk), kf)
     if dg is not None:
-        dg = prob.q_out(dg)  # (B, H, N, 1 | Dv)
-        dgate = dg[..., 0].permute(0, 2, 1) if gate.dim() == 3 else dg.permute(0, 2, 1, 3)
-        dgate = dgate.to(gate.dtype)
+        dgate = _gate_grad(prob.q_out(dg), gate)
     return dq, dk, dv, dbias, dqf, dkf, dgate
+
+
+def _gate_grad(dg: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """The kernels' gate gradient (B, H, N, 1 | Dv) in the gate's layout (B, N, H[, Dv]) and dtype."""
+    return (dg[..., 0].permute(0, 2, 1) if gate.dim() == 3 else dg.permute(0, 2, 1, 3)).to(gate.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -911,8 +940,68 @@ _AttentionFunction = _eager_twin("_AttentionFunction", _attention_fwd_impl, _set
                                  _attention_bwd_impl)
 
 
-# HaloNet's relative-position bias on the blocked layout, computed inside the few-keys kernel
-# (kernels.backends.triton_skinny; ATTNZOO_RELPOS=lowrank keeps the torch lowering to low-rank factors)
+# HaloNet's relative-position bias on the blocked layout, computed inside the kernels: the general ones (`REL`)
+# and, for few keys, the few-keys kernels of `triton_skinny` (autotune candidates of one key, as `ATTNZOO_SKINNY`
+# says); ATTNZOO_RELPOS=lowrank keeps the torch lowering to low-rank factors
+
+
+def _relpos_candidates(q, k, v, backward: bool) -> List[tuple]:
+    base = (_bwd_candidates if backward else _fwd_candidates)(q.shape[-1], v.shape[-1])
+    sk_feat = _skinny_feat(Dense(), q, k, v, None)
+    if sk_feat and sk_feat[0] != "keys":  # the few-queries kernels have no rel-pos term
+        sk_feat = ()
+    return _with_skinny(_skinny_candidates(base, k.shape[2]), backward, sk_feat, q, k, v)
+
+
+def _relpos_tune_key(kind, q, k, v, rel, gate) -> tuple:
+    return (kind, rel.qb, rel.win, q.shape[-1], v.shape[-1], q.dtype, q.shape[1] != k.shape[1], gate is not None,
+            _next_pow2(q.shape[0] * q.shape[1]), _skinny_mode())
+
+
+def _relpos_run_fwd(q, k, v, rel, gate, scale):
+    """(out, lse) of attention with the in-kernel rel-pos logits of `rel` (a `triton_skinny.Rel`)."""
+    from . import triton_skinny as sk
+
+    nq, nk = q.shape[2], k.shape[2]
+
+    def run(cfg):
+        if cfg[0] == "skinny":
+            return sk.keys_forward(q, k, v, None, gate, scale, cfg[2], rel)
+        sk.CALLS["general_fwd_rel"] += 1
+        prob = _problem(Dense(), nq, nk, cfg, q.device)
+        qp = prob.q_in(q)
+        return _launch_fwd(qp, prob.k_in(k), prob.k_in(v), _Extras(prob, qp, None, None, None, gate, nq, nk, rel),
+                           prob, scale, cfg)
+
+    return run(_autotune(_relpos_tune_key("relpos_fwd", q, k, v, rel, gate),
+                         lambda: _relpos_candidates(q, k, v, False), run))
+
+
+def _relpos_run_bwd(do, q, k, v, out, lse, dlse, rel, gate, scale):
+    """(dq, dk, dv, d R_h, d R_w, dgate | None) of `_relpos_run_fwd`."""
+    from . import triton_skinny as sk
+
+    nq, nk = q.shape[2], k.shape[2]
+
+    def run(cfg):
+        if cfg[0] == "skinny":
+            dq, dk, dv, _, dg, (drh, drw) = sk.keys_backward(do, q, k, v, out, lse, dlse, None, gate, scale, cfg[2],
+                                                             False, rel)
+            return dq, dk, dv, drh, drw, dg
+        sk.CALLS["general_bwd_rel"] += 1
+        prob = _problem(Dense(), nq, nk, cfg, q.device)
+        qp = prob.q_in(q)
+        ex = _Extras(prob, qp, None, None, None, gate, nq, nk, rel)
+        dq, dk, dv, _, dt, _, dg = _launch_bwd(prob.q_in(do), qp, prob.k_in(k), prob.k_in(v), prob.q_in(out),
+                                               lse.contiguous(), None if dlse is None else dlse.float().contiguous(),
+                                               ex, prob, scale, cfg, False, True)
+        dr = torch.einsum("bhnt,bhnd->td", dt.to(q.dtype), q)  # the tables' gradient, R_h's rows then R_w's
+        return dq, dk, dv, dr[:rel.nt].clone(), dr[rel.nt:].clone(), dg  # a custom op's outputs must not alias
+
+    cfg = _autotune(_relpos_tune_key("relpos_bwd", q, k, v, rel, gate), lambda: _relpos_candidates(q, k, v, True),
+                    run)
+    dq, dk, dv, drh, drw, dg = run(cfg)
+    return dq, dk, dv, drh.to(rel.rh.dtype), drw.to(rel.rw.dtype), None if dg is None else _gate_grad(dg, gate)
 
 
 def _relpos_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rh: torch.Tensor, rw: torch.Tensor,
@@ -920,7 +1009,7 @@ def _relpos_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rh: torc
                    scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     from . import triton_skinny as sk
 
-    out, lse = sk.relpos_forward(q, k, v, rh, rw, gate, qb, win, rel_scale, scale)
+    out, lse = _relpos_run_fwd(q, k, v, sk.Rel(rh, rw, qb, win, rel_scale), gate, scale)
     return out.contiguous(), lse.contiguous()
 
 
@@ -939,7 +1028,7 @@ def _relpos_bwd_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    scale: float) -> List[torch.Tensor]:
     from . import triton_skinny as sk
 
-    grads = sk.relpos_backward(do, q, k, v, out, lse, dlse, rh, rw, gate, qb, win, rel_scale, scale)
+    grads = _relpos_run_bwd(do, q, k, v, out, lse, dlse, sk.Rel(rh, rw, qb, win, rel_scale), gate, scale)
     return [g.contiguous() if g is not None else q.new_empty(0) for g in grads]
 
 
@@ -974,14 +1063,16 @@ _RelPosFunction = _eager_twin("_RelPosFunction", _relpos_fwd_impl, _relpos_setup
 
 @torch.compiler.assume_constant_result
 def _relpos_in_kernel_enabled() -> bool:
-    # default "kernel" (H200: forward 1.9x faster than the low-rank lowering, backward 1.2x slower, a step 13%
-    # faster; benchmarks/logs/kernels_ii_r2_cut.log); "lowrank" keeps the torch lowering to low-rank factors
+    # default "kernel" (H200, few-keys kernel: forward 1.9x faster than the low-rank lowering, backward 1.2x
+    # slower, a step 13% faster; benchmarks/logs/kernels_ii_r2_cut.log; the general kernels' REL path is tuned
+    # against it); "lowrank" keeps the torch lowering to low-rank factors
     return os.environ.get("ATTNZOO_RELPOS", "kernel") == "kernel"
 
 
 def _relpos_args(bias, pattern, q, k, v):
-    """(qb, win) when `bias` is a RelPosBias the few-keys kernel computes in-kernel: HaloNet's blocked layout (a
-    2-d single-block Halo, q = the qb x qb block, k = the win x win window, every pair visible); else None."""
+    """(qb, win) when `bias` is a RelPosBias the kernels compute in-kernel: HaloNet's blocked layout (a 2-d
+    single-block Halo, q = the qb x qb block, k = the win x win window, every pair visible), win <= 32 (the
+    factors' rank 2 next_pow2(win) <= 64); else None."""
     if not isinstance(bias, RelPosBias) or not _relpos_in_kernel_enabled():
         return None
     p = bias.pattern
@@ -990,9 +1081,7 @@ def _relpos_args(bias, pattern, q, k, v):
     if not (isinstance(pattern, Dense) or pattern == p):
         return None
     qb, win = p.query_block, p.window
-    bd = max(_block_d(q.shape[-1]), _block_d(v.shape[-1]))
-    max_keys = 256 if bd <= 64 else (64 if bd <= 128 else 0)
-    if q.shape[2] != qb * qb or k.shape[2] != win * win or win * win > max_keys:
+    if q.shape[2] != qb * qb or k.shape[2] != win * win or win > 32:
         return None
     return qb, win
 

@@ -22,6 +22,12 @@ Optional terms (constexpr flags, absent ones cost nothing):
   `STORE_DB` writes dS (the logit gradient, natural units) per (b, h) from the dK/dV kernel.
 * `HAS_LR`: low-rank logits `U_q · U_kᵀ` (FlashBias), a second small dot per tile; gradients dU_k (dK/dV kernel,
   per query head) and dU_q (dQ kernel).
+* `REL` (with `HAS_LR`, 1-d patterns): HaloNet's relative-position logits on the blocked layout (queries one
+  QB x QB block, keys its WIN x WIN window, both row-major) as exact low-rank factors built in-kernel: the query
+  factor from `q · RTᵀ` (one small dot against both per-axis tables) shifted per row to the key classes
+  (`tl.gather`), the key factor a one-hot from iota. No factor tensor travels through memory. Backward: the dK/dV
+  kernel rebuilds both factors; the dQ kernel shifts dU back to dT (the tables' logit gradient), adds dT · RT to
+  dq and writes dT per row (the tables' gradient dTᵀ · q is one GEMM in torch).
 * `HAS_GATE`: `out *= sigmoid(g)` in the forward epilogue (g per element, or with GATE_ELEM=False one per row,
   loaded before the key loop so its latency hides behind it); the backward's delta kernel turns dO into
   dO·sigmoid(g) and writes dg.
@@ -170,6 +176,77 @@ def _ranges_q(pid_m, NQ, NK, OFF, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: t
     return nb_lo, nb_hi, f_lo, f_hi
 
 
+@triton.jit
+def _rel_tables(RH, RW, stride_rt, WIN: tl.constexpr, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_T: tl.constexpr):
+    """REL: the (2 BLOCK_T, BLOCK_D) tile RT of both (2 WIN - 1, D) tables, R_h on rows [0, BLOCK_T) and R_w on
+    [BLOCK_T, 2 BLOCK_T), zero-padded."""
+    r = tl.arange(0, 2 * BLOCK_T)
+    second = r >= BLOCK_T
+    t = tl.where(second, r - BLOCK_T, r)
+    offs = t[:, None] * stride_rt + offs_d[None, :]
+    ptrs = tl.where(second[:, None], RW + offs, RH + offs)
+    return tl.load(ptrs, mask=(t < 2 * WIN - 1)[:, None] & (offs_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _rel_query_factor(q, rt, offs_m, QB: tl.constexpr, WIN: tl.constexpr, rel_scale, BLOCK_T: tl.constexpr,
+                      BLOCK_W: tl.constexpr,
+                      DOT_PREC: tl.constexpr):
+    """REL: (BM, 2 BLOCK_W) query factor in q's dtype, u[m, c] = rel_scale · q_m · R_h[c - qy(m) + WIN - 1] for the
+    row classes c < BLOCK_W, then the same with R_w and qx(m) for the column classes (qy, qx: the query's
+    position in its QB x QB block). Classes >= WIN hold finite values the key factor never selects."""
+    t = tl.dot(q, tl.trans(rt), input_precision=DOT_PREC)  # (BM, 2 BLOCK_T) fp32
+    c = tl.arange(0, 2 * BLOCK_W)[None, :]
+    col = c >= BLOCK_W
+    pos = tl.where(col, (offs_m % QB)[:, None], (offs_m // QB)[:, None])
+    idx = tl.minimum(tl.maximum(tl.where(col, c - BLOCK_W, c) + WIN - 1 - pos, 0), BLOCK_T - 1)
+    return (tl.gather(t, idx + tl.where(col, BLOCK_T, 0), 1) * rel_scale).to(q.dtype)
+
+
+@triton.jit
+def _rel_key_factor(offs_n, NK, WIN: tl.constexpr, dtype: tl.constexpr, BLOCK_W: tl.constexpr):
+    """REL: (BN, 2 BLOCK_W) one-hots of key n's window row n // WIN, then of its column n % WIN; zero past NK."""
+    c = tl.arange(0, 2 * BLOCK_W)[None, :]
+    cls = tl.where(c >= BLOCK_W, (offs_n % WIN)[:, None] + BLOCK_W, (offs_n // WIN)[:, None])
+    return ((cls == c) & (offs_n < NK)[:, None]).to(dtype)
+
+
+@triton.jit
+def _rel_table_logit_grad(duq, offs_m, QB: tl.constexpr, WIN: tl.constexpr, rel_scale, BLOCK_T: tl.constexpr,
+                          BLOCK_W: tl.constexpr):
+    """REL: dT (BM, 2 BLOCK_T) fp32, the gradient of the table logits `q · RTᵀ` from the query factor's gradient
+    `duq` (BM, 2 BLOCK_W): the inverse of `_rel_query_factor`'s shift (only classes < WIN carry a gradient)."""
+    t = tl.arange(0, 2 * BLOCK_T)[None, :]
+    col = t >= BLOCK_T
+    pos = tl.where(col, (offs_m % QB)[:, None], (offs_m // QB)[:, None])
+    c = tl.where(col, t - BLOCK_T, t) - (WIN - 1) + pos
+    idx = tl.minimum(tl.maximum(c, 0), BLOCK_W - 1) + tl.where(col, BLOCK_W, 0)
+    return tl.where((c >= 0) & (c < WIN), tl.gather(duq, idx, 1), 0.0) * rel_scale
+
+
+@triton.jit
+def _logits_lr(a, b, ua, ub, qk_scale, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Base-2 logits `a · bᵀ` plus low-rank `ua · ubᵀ`. LR_CHAIN: ua comes pre-scaled by 1 / scale and the second
+    dot accumulates into the first (one accumulator, one scale; two separate dots and a sum cost the blocked
+    HaloNet forward +55% for +25% MMA work, H200). Off for float16, where ua / scale could overflow."""
+    if LR_CHAIN:
+        s = tl.dot(ua, tl.trans(ub), acc=tl.dot(a, tl.trans(b), input_precision=DOT_PREC),
+                   input_precision=DOT_PREC) * qk_scale
+    else:
+        s = tl.dot(a, tl.trans(b), input_precision=DOT_PREC) * qk_scale
+        s += tl.dot(ua, tl.trans(ub), input_precision=DOT_PREC) * 1.4426950408889634
+    return s
+
+
+@triton.jit
+def _lr_chain_factor(u, inv_scale, LR_CHAIN: tl.constexpr):
+    """A loaded query factor as `_logits_lr` takes it: times 1 / scale under LR_CHAIN."""
+    if LR_CHAIN:
+        u = (u.to(tl.float32) * inv_scale).to(u.dtype)
+    return u
+
+
 # ----------------------------------------------------------------------------------------------------------
 # forward
 
@@ -182,7 +259,8 @@ def _fwd_step(acc, m_i, l_i, q, uq, k_base, v_base, kf_base, b_base, stride_kn, 
               BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr,
               MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
               DOT_PREC: tl.constexpr, bits=0, KB=None, PAIR_MASK: tl.constexpr = False, KROW=None,
-              GATHER: tl.constexpr = False, q_rows=None):
+              GATHER: tl.constexpr = False, q_rows=None, WIN: tl.constexpr = 1, BLOCK_W: tl.constexpr = 16,
+              REL: tl.constexpr = False, LR_CHAIN: tl.constexpr = False):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     check = MASKED and not GRID_MODE  # 1-d partial blocks may run past NK
     if GATHER:  # inputs unpermuted: this tile's rows through the slot -> token table (padding reads row 0, masked)
@@ -193,10 +271,14 @@ def _fwd_step(acc, m_i, l_i, q, uq, k_base, v_base, kf_base, b_base, stride_kn, 
         bias_rows = offs_m
     k = _load_rows(k_base, k_rows, stride_kn, offs_d, NK, D, BLOCK_D, check)
     v = _load_rows(v_base, k_rows, stride_vn, offs_dv, NK, DV, BLOCK_DV, check)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if HAS_LR:
-        uk = _load_rows(kf_base, k_rows, stride_kfn, offs_r, NK, R, BLOCK_R, check)
-        s += tl.dot(uq, tl.trans(uk), input_precision=DOT_PREC) * 1.4426950408889634
+        if REL:
+            uk = _rel_key_factor(offs_n, NK, WIN, q.dtype, BLOCK_W)
+        else:
+            uk = _load_rows(kf_base, k_rows, stride_kfn, offs_r, NK, R, BLOCK_R, check)
+        s = _logits_lr(q, k, uq, uk, qk_scale, LR_CHAIN, DOT_PREC)
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if HAS_BIAS:
         s += _bias_tile(b_base, bias_rows, k_rows, stride_bm, stride_bn, NQ, NK, GRID_MODE, False)
     if MASKED and PAIR_MASK:
@@ -257,7 +339,10 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
               MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr,
               HAS_LR: tl.constexpr, HAS_GATE: tl.constexpr, DOT_PREC: tl.constexpr, GATE_ELEM: tl.constexpr = True,
               PART_BITS=None, KB=None,
-              PAIR_MASK: tl.constexpr = False, QROW=None, KROW=None, NQO=0, GATHER: tl.constexpr = False):
+              PAIR_MASK: tl.constexpr = False, QROW=None, KROW=None, NQO=0, GATHER: tl.constexpr = False,
+              RH=None, RW=None, stride_rt=0, QB: tl.constexpr = 1, WIN: tl.constexpr = 1, rel_scale=0.0,
+              BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16, REL: tl.constexpr = False,
+              LR_CHAIN: tl.constexpr = False):
     pid_m = tl.program_id(0)
     if REVERSE:  # heavy (late, causal) query blocks first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -284,9 +369,13 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
         q_rows = offs_m
     q = _load_rows(q_base, q_rows, stride_qn, offs_d, NQ, D, BLOCK_D, not GRID_MODE)
     uq = q
-    if HAS_LR:
-        uq = _load_rows(QF + b * stride_qfb + h * stride_qfh, q_rows, stride_qfn, offs_r, NQ, R, BLOCK_R,
-                        not GRID_MODE)
+    inv_scale = 1.4426950408889634 / qk_scale
+    if REL:
+        uq = _rel_query_factor(q, _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T), offs_m, QB, WIN,
+                               rel_scale * inv_scale if LR_CHAIN else rel_scale, BLOCK_T, BLOCK_W, DOT_PREC)
+    elif HAS_LR:
+        uq = _lr_chain_factor(_load_rows(QF + b * stride_qfb + h * stride_qfh, q_rows, stride_qfn, offs_r, NQ, R,
+                                         BLOCK_R, not GRID_MODE), inv_scale, LR_CHAIN)
 
     if HAS_GATE and not GATE_ELEM:  # a head-wise gate is one value a row: load it now, its latency hidden
         g_row = tl.load(GATE + b * stride_gb + h * stride_gh + q_rows * stride_gn, mask=offs_m < NQ,
@@ -302,7 +391,8 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
                                       stride_kfn, stride_bm, stride_bn, start_n, offs_m, offs_d, offs_dv, offs_r,
                                       qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
                                       D, DV, R, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, False, GRID_MODE, MASK_AXES,
-                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC, 0, KB, False, KROW, GATHER, q_rows)
+                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC, 0, KB, False, KROW, GATHER, q_rows,
+                                      LR_CHAIN=LR_CHAIN)
         for it in range(tl.load(PART_PTR + pid_m), tl.load(PART_PTR + pid_m + 1)):
             start_n = tl.load(PART_IDX + it) * BLOCK_N
             bits = 0
@@ -313,7 +403,7 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
                                       qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
                                       D, DV, R, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES,
                                       HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC, bits, KB, PAIR_MASK, KROW, GATHER,
-                                      q_rows)
+                                      q_rows, LR_CHAIN=LR_CHAIN)
     else:
         nb_lo, nb_hi, f_lo, f_hi = _ranges_q(pid_m, NQ, NK, OFF, LEFT, RIGHT, BLOCK_M, BLOCK_N)
         a, e = _chunk(f_lo, f_hi, pid_s, SPLIT_BLOCKS)
@@ -322,21 +412,24 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
                                       stride_kfn, stride_bm, stride_bn, nb * BLOCK_N, offs_m, offs_d, offs_dv, offs_r,
                                       qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
                                       D, DV, R, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, False, GRID_MODE, MASK_AXES,
-                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC)
+                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC, WIN=WIN, BLOCK_W=BLOCK_W, REL=REL,
+                                      LR_CHAIN=LR_CHAIN)
         a, e = _chunk(nb_lo, f_lo, pid_s, SPLIT_BLOCKS)
         for nb in range(a, e):
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, uq, k_base, v_base, kf_base, b_base, stride_kn, stride_vn,
                                       stride_kfn, stride_bm, stride_bn, nb * BLOCK_N, offs_m, offs_d, offs_dv, offs_r,
                                       qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
                                       D, DV, R, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES,
-                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC)
+                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC, WIN=WIN, BLOCK_W=BLOCK_W, REL=REL,
+                                      LR_CHAIN=LR_CHAIN)
         a, e = _chunk(f_hi, nb_hi, pid_s, SPLIT_BLOCKS)
         for nb in range(a, e):
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, uq, k_base, v_base, kf_base, b_base, stride_kn, stride_vn,
                                       stride_kfn, stride_bm, stride_bn, nb * BLOCK_N, offs_m, offs_d, offs_dv, offs_r,
                                       qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
                                       D, DV, R, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES,
-                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC)
+                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC, WIN=WIN, BLOCK_W=BLOCK_W, REL=REL,
+                                      LR_CHAIN=LR_CHAIN)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -404,7 +497,10 @@ def _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_
                D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr,
                MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
-               STORE_DB: tl.constexpr, DOT_PREC: tl.constexpr, bits=0, KB=None, PAIR_MASK: tl.constexpr = False):
+               STORE_DB: tl.constexpr, DOT_PREC: tl.constexpr, bits=0, KB=None, PAIR_MASK: tl.constexpr = False,
+               RH=None, RW=None, stride_rt=0, QB: tl.constexpr = 1, WIN: tl.constexpr = 1, rel_scale=0.0,
+               BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16, REL: tl.constexpr = False,
+               LR_CHAIN: tl.constexpr = False):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     check = MASKED and not GRID_MODE
     q = _load_rows(q_base, offs_m, stride_qn, offs_d, NQ, D, BLOCK_D, check)
@@ -416,11 +512,19 @@ def _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_
         lse2 = tl.load(lse_base + offs_m)
         delta = tl.load(delta_base + offs_m)
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 1.4426950408889634)
-    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BN, BM)
     uq = q
     if HAS_LR:
-        uq = _load_rows(qf_base, offs_m, stride_qfn, offs_r, NQ, R, BLOCK_R, check)
-        s_t += tl.dot(uk, tl.trans(uq), input_precision=DOT_PREC) * 1.4426950408889634
+        inv_scale = 1.4426950408889634 / qk_scale
+        if REL:
+            uq = _rel_query_factor(q, _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T), offs_m, QB,
+                                   WIN, rel_scale * inv_scale if LR_CHAIN else rel_scale, BLOCK_T, BLOCK_W, DOT_PREC)
+            uq_s = uq
+        else:
+            uq = _load_rows(qf_base, offs_m, stride_qfn, offs_r, NQ, R, BLOCK_R, check)
+            uq_s = _lr_chain_factor(uq, inv_scale, LR_CHAIN)
+        s_t = _logits_lr(k, q, uk, uq_s, qk_scale, LR_CHAIN, DOT_PREC)  # (BN, BM)
+    else:
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BN, BM)
     if HAS_BIAS:
         s_t += _bias_tile(b_base, offs_m, offs_n, stride_bm, stride_bn, NQ, NK, GRID_MODE, True)
     if MASKED and PAIR_MASK:
@@ -435,7 +539,7 @@ def _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     ds_t = p_t * (dp_t - delta[None, :])
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
-    if HAS_LR:
+    if HAS_LR and not REL:  # the rel-pos key factor is a constant one-hot
         duk += tl.dot(ds_t.to(uq.dtype), uq, input_precision=DOT_PREC)
     if STORE_DB:
         db_ptrs = db_base + offs_n[:, None] * stride_dbn + offs_m[None, :].to(tl.int64) * stride_dbm
@@ -460,7 +564,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, GRID_MODE: tl.constexpr,
                    MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
                    STORE_DB: tl.constexpr, DOT_PREC: tl.constexpr, PART_BITS=None, KB=None,
-                   PAIR_MASK: tl.constexpr = False):
+                   PAIR_MASK: tl.constexpr = False, RH=None, RW=None, stride_rt=0, QB: tl.constexpr = 1,
+                   WIN: tl.constexpr = 1, rel_scale=0.0, BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16,
+                   REL: tl.constexpr = False, LR_CHAIN: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -509,7 +615,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
         delta_base = DELTA + bh * NQ
         uk = k
         duk = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
-        if HAS_LR:
+        if REL:
+            uk = _rel_key_factor(offs_n, NK, WIN, k.dtype, BLOCK_W)
+        elif HAS_LR:
             uk = _load_rows(KF + b * stride_kfb + h * stride_kfh, offs_n, stride_kfn, offs_r, NK, R, BLOCK_R,
                             not GRID_MODE)
         if GRID_MODE:
@@ -520,7 +628,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
                                          stride_dbm, stride_dbn, start_m, offs_n, offs_d, offs_dv, offs_r, qk_scale,
                                          NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R, BLOCK_M,
                                          BLOCK_D, BLOCK_DV, BLOCK_R, False, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
-                                         HAS_LR, STORE_DB, DOT_PREC)
+                                         HAS_LR, STORE_DB, DOT_PREC, LR_CHAIN=LR_CHAIN)
             for it in range(p_s, p_e):
                 start_m = tl.load(PART_IDX + it) * BLOCK_M
                 bits = 0
@@ -531,7 +639,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
                                          stride_dbm, stride_dbn, start_m, offs_n, offs_d, offs_dv, offs_r, qk_scale,
                                          NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R, BLOCK_M,
                                          BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
-                                         HAS_LR, STORE_DB, DOT_PREC, bits, KB, PAIR_MASK)
+                                         HAS_LR, STORE_DB, DOT_PREC, bits, KB, PAIR_MASK, LR_CHAIN=LR_CHAIN)
         else:
             for mb in range(fa, fe):
                 dk, dv, duk = _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_base,
@@ -539,22 +647,28 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
                                          stride_dbm, stride_dbn, mb * BLOCK_M, offs_n, offs_d, offs_dv, offs_r,
                                          qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
                                          BLOCK_M, BLOCK_D, BLOCK_DV, BLOCK_R, False, GRID_MODE, MASK_AXES, HAS_DIL,
-                                         HAS_BIAS, HAS_LR, STORE_DB, DOT_PREC)
+                                         HAS_BIAS, HAS_LR, STORE_DB, DOT_PREC, RH=RH, RW=RW, stride_rt=stride_rt,
+                                         QB=QB, WIN=WIN, rel_scale=rel_scale, BLOCK_T=BLOCK_T, BLOCK_W=BLOCK_W,
+                                         REL=REL, LR_CHAIN=LR_CHAIN)
             for mb in range(pa, pe):
                 dk, dv, duk = _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_base,
                                          b_base, db_base, stride_qn, stride_dn, stride_qfn, stride_bm, stride_bn,
                                          stride_dbm, stride_dbn, mb * BLOCK_M, offs_n, offs_d, offs_dv, offs_r,
                                          qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
                                          BLOCK_M, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES, HAS_DIL,
-                                         HAS_BIAS, HAS_LR, STORE_DB, DOT_PREC)
+                                         HAS_BIAS, HAS_LR, STORE_DB, DOT_PREC, RH=RH, RW=RW, stride_rt=stride_rt,
+                                         QB=QB, WIN=WIN, rel_scale=rel_scale, BLOCK_T=BLOCK_T, BLOCK_W=BLOCK_W,
+                                         REL=REL, LR_CHAIN=LR_CHAIN)
             for mb in range(qa, qe):
                 dk, dv, duk = _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_base,
                                          b_base, db_base, stride_qn, stride_dn, stride_qfn, stride_bm, stride_bn,
                                          stride_dbm, stride_dbn, mb * BLOCK_M, offs_n, offs_d, offs_dv, offs_r,
                                          qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
                                          BLOCK_M, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES, HAS_DIL,
-                                         HAS_BIAS, HAS_LR, STORE_DB, DOT_PREC)
-        if HAS_LR:
+                                         HAS_BIAS, HAS_LR, STORE_DB, DOT_PREC, RH=RH, RW=RW, stride_rt=stride_rt,
+                                         QB=QB, WIN=WIN, rel_scale=rel_scale, BLOCK_T=BLOCK_T, BLOCK_W=BLOCK_W,
+                                         REL=REL, LR_CHAIN=LR_CHAIN)
+        if HAS_LR and not REL:
             duk_ptrs = DUK + pid_s.to(tl.int64) * stride_duks + b * stride_dukb + h * stride_dukh + \
                 offs_n[:, None] * stride_dukn + offs_r[None, :]
             tl.store(duk_ptrs, duk.to(DUK.dtype.element_ty), mask=rows[:, None] & (offs_r < R)[None, :])
@@ -574,16 +688,21 @@ def _dq_step(dq, duq, q, uq, do, lse2, delta, k_base, v_base, kf_base, b_base, s
              D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
              BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr,
              MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
-             DOT_PREC: tl.constexpr, bits=0, KB=None, PAIR_MASK: tl.constexpr = False):
+             DOT_PREC: tl.constexpr, bits=0, KB=None, PAIR_MASK: tl.constexpr = False, WIN: tl.constexpr = 1,
+             BLOCK_W: tl.constexpr = 16, REL: tl.constexpr = False, LR_CHAIN: tl.constexpr = False):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     check = MASKED and not GRID_MODE
     k = _load_rows(k_base, offs_n, stride_kn, offs_d, NK, D, BLOCK_D, check)
     v = _load_rows(v_base, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV, check)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     uk = k
     if HAS_LR:
-        uk = _load_rows(kf_base, offs_n, stride_kfn, offs_r, NK, R, BLOCK_R, check)
-        s += tl.dot(uq, tl.trans(uk), input_precision=DOT_PREC) * 1.4426950408889634
+        if REL:
+            uk = _rel_key_factor(offs_n, NK, WIN, k.dtype, BLOCK_W)
+        else:
+            uk = _load_rows(kf_base, offs_n, stride_kfn, offs_r, NK, R, BLOCK_R, check)
+        s = _logits_lr(q, k, uq, uk, qk_scale, LR_CHAIN, DOT_PREC)
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if HAS_BIAS:
         s += _bias_tile(b_base, offs_m, offs_n, stride_bm, stride_bn, NQ, NK, GRID_MODE, False)
     if MASKED and PAIR_MASK:
@@ -615,7 +734,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
                  D: tl.constexpr, DV: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, GRID_MODE: tl.constexpr,
                  MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
-                 DOT_PREC: tl.constexpr, PART_BITS=None, KB=None, PAIR_MASK: tl.constexpr = False):
+                 DOT_PREC: tl.constexpr, PART_BITS=None, KB=None, PAIR_MASK: tl.constexpr = False, RH=None,
+                 RW=None, stride_rt=0, QB: tl.constexpr = 1, WIN: tl.constexpr = 1, rel_scale=0.0,
+                 BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16, REL: tl.constexpr = False,
+                 LR_CHAIN: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -633,9 +755,13 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
     rows = offs_m < NQ
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, NQ, D, BLOCK_D, True)
     do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, stride_dn, offs_dv, NQ, DV, BLOCK_DV, True)
-    uq = q
-    if HAS_LR:
-        uq = _load_rows(QF + b * stride_qfb + h * stride_qfh, offs_m, stride_qfn, offs_r, NQ, R, BLOCK_R, True)
+    uq = q  # the query factor as the logits take it (pre-scaled under LR_CHAIN); dU_q does not depend on it
+    if REL:
+        uq = _rel_query_factor(q, _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T), offs_m, QB, WIN,
+                               rel_scale / sm_scale if LR_CHAIN else rel_scale, BLOCK_T, BLOCK_W, DOT_PREC)
+    elif HAS_LR:
+        uq = _lr_chain_factor(_load_rows(QF + b * stride_qfb + h * stride_qfh, offs_m, stride_qfn, offs_r, NQ, R,
+                                         BLOCK_R, True), 1.0 / sm_scale, LR_CHAIN)
     lse2 = tl.load(LSE + pid_bh.to(tl.int64) * NQ + offs_m, mask=rows, other=float("inf"))
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 1.4426950408889634)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * NQ + offs_m, mask=rows, other=0.0)
@@ -648,7 +774,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
                                stride_vn, stride_kfn, stride_bm, stride_bn, start_n, offs_m, offs_d, offs_dv, offs_r,
                                qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
                                BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, False, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
-                               HAS_LR, DOT_PREC)
+                               HAS_LR, DOT_PREC, LR_CHAIN=LR_CHAIN)
         for it in range(tl.load(PART_PTR + pid_m), tl.load(PART_PTR + pid_m + 1)):
             start_n = tl.load(PART_IDX + it) * BLOCK_N
             bits = 0
@@ -658,7 +784,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
                                stride_vn, stride_kfn, stride_bm, stride_bn, start_n, offs_m, offs_d, offs_dv, offs_r,
                                qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
                                BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
-                               HAS_LR, DOT_PREC, bits, KB, PAIR_MASK)
+                               HAS_LR, DOT_PREC, bits, KB, PAIR_MASK, LR_CHAIN=LR_CHAIN)
     else:
         nb_lo, nb_hi, f_lo, f_hi = _ranges_q(pid_m, NQ, NK, OFF, LEFT, RIGHT, BLOCK_M, BLOCK_N)
         a, e = _chunk(f_lo, f_hi, pid_s, SPLIT_BLOCKS)
@@ -667,25 +793,35 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
                                stride_vn, stride_kfn, stride_bm, stride_bn, nb * BLOCK_N, offs_m, offs_d, offs_dv,
                                offs_r, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
                                BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, False, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
-                               HAS_LR, DOT_PREC)
+                               HAS_LR, DOT_PREC, WIN=WIN, BLOCK_W=BLOCK_W, REL=REL, LR_CHAIN=LR_CHAIN)
         a, e = _chunk(nb_lo, f_lo, pid_s, SPLIT_BLOCKS)
         for nb in range(a, e):
             dq, duq = _dq_step(dq, duq, q, uq, do, lse2, delta, k_base, v_base, kf_base, b_base, stride_kn,
                                stride_vn, stride_kfn, stride_bm, stride_bn, nb * BLOCK_N, offs_m, offs_d, offs_dv,
                                offs_r, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
                                BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
-                               HAS_LR, DOT_PREC)
+                               HAS_LR, DOT_PREC, WIN=WIN, BLOCK_W=BLOCK_W, REL=REL, LR_CHAIN=LR_CHAIN)
         a, e = _chunk(f_hi, nb_hi, pid_s, SPLIT_BLOCKS)
         for nb in range(a, e):
             dq, duq = _dq_step(dq, duq, q, uq, do, lse2, delta, k_base, v_base, kf_base, b_base, stride_kn,
                                stride_vn, stride_kfn, stride_bm, stride_bn, nb * BLOCK_N, offs_m, offs_d, offs_dv,
                                offs_r, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
                                BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
-                               HAS_LR, DOT_PREC)
+                               HAS_LR, DOT_PREC, WIN=WIN, BLOCK_W=BLOCK_W, REL=REL, LR_CHAIN=LR_CHAIN)
+    dq = dq * sm_scale
+    if REL:  # dT = the table logits' gradient: dq += dT · RT here, dRT = dTᵀ · q in torch (dT stored per row)
+        dt = _rel_table_logit_grad(duq, offs_m, QB, WIN, rel_scale, BLOCK_T, BLOCK_W)
+        rt = _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T)  # reloaded: not live in the loop
+        dq += tl.dot(dt.to(rt.dtype), rt, input_precision=DOT_PREC)
+        t = tl.arange(0, 2 * BLOCK_T)
+        t_in = tl.where(t >= BLOCK_T, t - BLOCK_T, t)
+        dt_ptrs = DUQ + pid_s.to(tl.int64) * stride_duqs + b * stride_duqb + h * stride_duqh + \
+            offs_m[:, None] * stride_duqn + (t_in + tl.where(t >= BLOCK_T, 2 * WIN - 1, 0))[None, :]
+        tl.store(dt_ptrs, dt.to(DUQ.dtype.element_ty), mask=rows[:, None] & (t_in < 2 * WIN - 1)[None, :])
     dq_ptrs = DQ + pid_s.to(tl.int64) * stride_dqs + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + \
         offs_d[None, :]
-    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows[:, None] & (offs_d < D)[None, :])
-    if HAS_LR:
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=rows[:, None] & (offs_d < D)[None, :])
+    if HAS_LR and not REL:
         duq_ptrs = DUQ + pid_s.to(tl.int64) * stride_duqs + b * stride_duqb + h * stride_duqh + \
             offs_m[:, None] * stride_duqn + offs_r[None, :]
         tl.store(duq_ptrs, duq.to(DUQ.dtype.element_ty), mask=rows[:, None] & (offs_r < R)[None, :])

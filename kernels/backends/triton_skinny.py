@@ -22,8 +22,9 @@ latency with nothing to overlap (0.86 TB/s on an H200 where SDPA reaches 1.58). 
   key side is a one-hot built from iota (no memory). Backward: dT_a by the inverse shift, dq += dT_a · R_a,
   dR_a += dT_aᵀ · q accumulated per program (fp32 partials summed in torch).
 
-Dispatch lives in `triton_attention` (`_skinny_kind`, ATTNZOO_SKINNY, ATTNZOO_RELPOS). `CALLS` counts launches
-per kernel (tests assert that the new paths run).
+Dispatch lives in `triton_attention` (`_skinny_kind`, ATTNZOO_SKINNY, ATTNZOO_RELPOS; the general kernels also
+compute the rel-pos term, and the two are tuned against each other). `CALLS` counts launches per kernel, and
+`general_fwd_rel` / `general_bwd_rel` the general kernels' rel-pos launches (tests assert which path ran).
 """
 from __future__ import annotations
 
@@ -866,32 +867,3 @@ def queries_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_d
         HAS_DLSE=dlse is not None, DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages)
     dq = dq.sum(0).to(q.dtype)
     return dq, dk.to(q.dtype), dv.to(q.dtype), db, dg
-
-
-# ----------------------------------------------------------------------------------------------------------
-# relative positions (HaloNet blocked layout): entry points of the attnzoo::relpos_* ops
-
-
-def _relpos_key(kind, q, k, v, qb, win, gate):
-    return (kind, qb, win, q.shape[-1], v.shape[-1], q.dtype, q.shape[1] != k.shape[1], gate is not None,
-            ta._next_pow2(q.shape[0] * q.shape[1]))
-
-
-def relpos_forward(q, k, v, rh, rw, gate, qb, win, rel_scale, scale):
-    rel = Rel(rh, rw, qb, win, rel_scale)
-    cands = lambda: keys_candidates(q.shape[2], k.shape[2], q.shape[-1], v.shape[-1])  # noqa: E731
-    cfg = ta._autotune(_relpos_key("relpos_fwd", q, k, v, qb, win, gate), cands,
-                       lambda c: keys_forward(q, k, v, None, gate, scale, c, rel))
-    return keys_forward(q, k, v, None, gate, scale, cfg, rel)
-
-
-def relpos_backward(do, q, k, v, out, lse, dlse, rh, rw, gate, qb, win, rel_scale, scale):
-    rel = Rel(rh, rw, qb, win, rel_scale)
-    cands = lambda: keys_candidates(q.shape[2], k.shape[2], q.shape[-1], v.shape[-1], backward=True)  # noqa: E731
-    cfg = ta._autotune(_relpos_key("relpos_bwd", q, k, v, qb, win, gate), cands,
-                       lambda c: keys_backward(do, q, k, v, out, lse, dlse, None, gate, scale, c, False, rel))
-    dq, dk, dv, _, dg, (drh, drw) = keys_backward(do, q, k, v, out, lse, dlse, None, gate, scale, cfg, False, rel)
-    dgate = None
-    if dg is not None:
-        dgate = (dg[..., 0].permute(0, 2, 1) if gate.dim() == 3 else dg.permute(0, 2, 1, 3)).to(gate.dtype)
-    return dq, dk, dv, drh.to(rh.dtype), drw.to(rw.dtype), dgate

@@ -302,6 +302,78 @@ def test_relpos_in_kernel_under_torch_compile():
         assert _rel(g, rg) < 5 * TOL[torch.float16]
 
 
+@pytest.fixture
+def no_lowering(monkeypatch):
+    """Forbids the torch lowering of the rel-pos bias to low-rank factors."""
+    def lowered(*_):
+        raise AssertionError("the rel-pos bias was lowered to low-rank factors in torch")
+
+    monkeypatch.setattr(kernels.RelPosBias, "kernel_factors", lowered)
+
+
+GENERAL_REL = ("general_fwd_rel", "general_bwd_rel")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_relpos_blocked_general_kernels(dtype, monkeypatch, no_lowering):
+    """The general kernels' in-kernel rel-pos (`REL`): factors built from q and the tables, dT · RT added to dq,
+    the tables' gradient from the stored dT; skinny kernels off."""
+    monkeypatch.setenv("ATTNZOO_SKINNY", "old")
+    hb = Halo((4, 4), block=4, halo=1)
+    assert _check(3, 2, 2, 16, 36, 16, 16, dtype, bias_fn=_rel_pos(hb, 16), lse_grad=dtype == torch.float32,
+                  expect=GENERAL_REL) == set(GENERAL_REL)
+    hs = Halo((2, 2), block=4, halo=1, query_stride=2)  # strided queries, GQA, head-wise gate, Dv != D
+    assert _check(2, 4, 2, 4, 36, 16, 32, dtype, bias_fn=_rel_pos(hs, 16), gate_shape=(2, 4, 4),
+                  expect=GENERAL_REL) == set(GENERAL_REL)
+
+
+def test_relpos_general_kernels_split_large_window(no_lowering):
+    """A window past the few-keys limit (16 x 16 keys at head dim 72; 16 classes fill the factor's half) runs the
+    general kernels in-kernel even with the skinny kernels on; one (b, h) makes the forward and dQ split their
+    key blocks (fp32 partials of dT summed), with an element-wise gate combined after the split."""
+    from kernels.backends import triton_attention as ta
+
+    hb = Halo((4, 4), block=4, halo=6)
+    assert _check(1, 1, 1, 16, 256, 72, 72, torch.float32, bias_fn=_rel_pos(hb, 72), gate_shape=(1, 16, 1, 72),
+                  lse_grad=True, expect=GENERAL_REL) == set(GENERAL_REL)
+    cpu = torch.device("cpu")
+    assert ta._splits(1, 256 // ta._fwd_candidates(72, 72)[0][1], cpu)[0] > 1
+    assert ta._splits(1, 256 // ta._bwd_candidates(72, 72)[0][1], cpu, min_blocks=4)[0] > 1
+
+
+def test_relpos_general_kernels_wide_window_odd_block(no_lowering):
+    """HaloNet H5's geometry: a 7 x 7 query block (block 14, strided queries; not a power of two) in an 18 x 18
+    window (324 keys, past the few-keys kernels; 32 classes per axis, rank 64), value width != query width."""
+    hb = Halo((7, 7), block=14, halo=2, query_stride=2)
+    assert (hb.query_block, hb.window) == (7, 18)
+    assert _check(2, 2, 2, 49, 324, 16, 40, torch.float32, bias_fn=_rel_pos(hb, 16), lse_grad=True,
+                  expect=GENERAL_REL) == set(GENERAL_REL)
+
+
+def test_relpos_general_kernels_under_torch_compile(monkeypatch, no_lowering):
+    """torch.compile (fullgraph) through the attnzoo::relpos ops on the general kernels: the op's outputs (the two
+    tables' gradients come from one GEMM) must not alias."""
+    monkeypatch.setenv("ATTNZOO_SKINNY", "old")
+    hb = Halo((4, 4), block=4, halo=1)
+    mk = lambda *s: torch.randn(*s, device=DEVICE, dtype=torch.float32, requires_grad=True)  # noqa: E731
+    q, k, v, th, tw = mk(2, 2, 16, 16), mk(2, 2, 36, 16), mk(2, 2, 36, 16), mk(11, 16), mk(11, 16)
+
+    def f(q, k, v, th, tw):
+        return kernels.attention(q, k, v, bias=kernels.RelPosBias(hb, (th, tw), scale=0.5), backend="triton")
+
+    before = dict(_sk().CALLS)
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, th, tw)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v, th, tw))
+    ran = {key for key, n in _sk().CALLS.items() if n > before.get(key, 0)}
+    assert ran == set(GENERAL_REL)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v, th, tw)]
+    ref = attention_reference(*leaves[:3], bias=kernels.RelPosBias(hb, leaves[3:], scale=0.5))
+    rgrads = torch.autograd.grad(ref.square().sum(), leaves)
+    assert _rel(out, ref) < TOL[torch.float32]
+    for g, rg in zip(grads, rgrads):
+        assert _rel(g, rg) < TOL[torch.float32]
+
+
 def test_relpos_lowrank_selectable(monkeypatch):
     monkeypatch.setenv("ATTNZOO_RELPOS", "lowrank")
     hb = Halo((4, 4), block=4, halo=1)
