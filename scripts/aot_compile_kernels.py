@@ -130,7 +130,7 @@ for d in (32, 64, 128):
                 for rel in ((False, True) if nq == 64 and nk == 144 else (False,)):
                     c = dict(D=d, DV=d, BLOCK_M=bm, BLOCK_N=bn, KEY_CHUNKS=key_chunks, BLOCK_D=bd, BLOCK_DV=bd,
                              BLOCK_T=32, BLOCK_W=16, RESIDENT=mode == "res", HAS_BIAS=not rel, HAS_GATE=True,
-                             HAS_REL=rel, DOT_PREC="tf32")
+                             HAS_REL=rel, LR_CHAIN=rel, QB=8, WIN=12, DOT_PREC="tf32")
                     if backward:
                         c.update(STORE_DB=not rel, GATE_ELEM=False, HAS_DLSE=False)
                     fn = sk._keys_bwd if backward else sk._keys_fwd

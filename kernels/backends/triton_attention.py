@@ -372,9 +372,29 @@ def _gate4(gate: torch.Tensor) -> torch.Tensor:
     return gate.permute(0, 2, 1)[..., None] if gate.dim() == 3 else gate.permute(0, 2, 1, 3)
 
 
+class Rel:
+    """HaloNet's rel-pos tables for the in-kernel term on the blocked layout (queries one qb x qb block, keys its
+    win x win window): tables (2 win - 1, D) in q's dtype, and the kernels' block sizes."""
+
+    def __init__(self, rh, rw, qb: int, win: int, scale: float):
+        self.rh, self.rw, self.qb, self.win, self.scale = rh.contiguous(), rw.contiguous(), qb, win, scale
+        self.nt = 2 * win - 1
+        self.block_t = max(16, _next_pow2(self.nt))
+        self.block_w = max(16, _next_pow2(win))
+
+
+def rel_args(rel: Optional[Rel], dummy) -> dict:
+    """The rel-pos tables' kernel arguments (placeholders without `rel`), as the general and the few-keys kernels
+    take them."""
+    if rel is None:
+        return dict(RH=dummy, RW=dummy, stride_rt=0, QB=1, WIN=1, rel_scale=0.0, BLOCK_T=16, BLOCK_W=16)
+    return dict(RH=rel.rh, RW=rel.rw, stride_rt=rel.rh.stride(0), QB=rel.qb, WIN=rel.win, rel_scale=float(rel.scale),
+                BLOCK_T=rel.block_t, BLOCK_W=rel.block_w)
+
+
 class _Extras:
-    """Optional kernel inputs (bias, low-rank factors, gate, in-kernel rel-pos tables `rel`: a
-    `triton_skinny.Rel`, 1-d problems only) in kernel order, with pointer/stride arguments."""
+    """Optional kernel inputs (bias, low-rank factors, gate, in-kernel rel-pos tables `rel`, 1-d problems only)
+    in kernel order, with pointer/stride arguments."""
 
     def __init__(self, prob: _Problem, qp, bias, qf, kf, gate, nq, nk, rel=None):
         self.bias = None if bias is None else prob.bias_in(bias, nq, nk)
@@ -398,7 +418,7 @@ class _Extras:
                     stride_kfb=skf[0], stride_kfh=skf[1], stride_kfn=skf[2],
                     stride_bb=sb[0], stride_bh=sb[1], stride_bm=sb[2], stride_bn=sb[3],
                     R=max(r, 1), BLOCK_R=_block_d(max(r, 1)), HAS_BIAS=self.bias is not None, HAS_LR=r > 0,
-                    LR_CHAIN=self.lr_chain(), **self.rel_kw()), sg
+                    LR_CHAIN=self.lr_chain(), REL=self.rel is not None, **rel_args(self.rel, self.dummy)), sg
 
     def lr_chain(self) -> bool:
         """The kernels' LR_CHAIN (the low-rank dot accumulates into q·kᵀ, the query factor pre-scaled by 1 / scale):
@@ -408,14 +428,6 @@ class _Extras:
         if not self.rank or self.dummy.dtype == torch.float16:
             return False
         return self.rel is not None or _block_d(self.dummy.shape[-1]) <= 64
-
-    def rel_kw(self) -> dict:
-        rel = self.rel
-        if rel is None:
-            return dict(RH=self.dummy, RW=self.dummy, stride_rt=0, QB=1, WIN=1, rel_scale=0.0, BLOCK_T=16,
-                        BLOCK_W=16, REL=False)
-        return dict(RH=rel.rh, RW=rel.rw, stride_rt=rel.rh.stride(0), QB=rel.qb, WIN=rel.win,
-                    rel_scale=float(rel.scale), BLOCK_T=rel.block_t, BLOCK_W=rel.block_w, REL=True)
 
 
 def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg):
@@ -959,7 +971,7 @@ def _relpos_tune_key(kind, q, k, v, rel, gate) -> tuple:
 
 
 def _relpos_run_fwd(q, k, v, rel, gate, scale):
-    """(out, lse) of attention with the in-kernel rel-pos logits of `rel` (a `triton_skinny.Rel`)."""
+    """(out, lse) of attention with the in-kernel rel-pos logits of `rel`."""
     from . import triton_skinny as sk
 
     nq, nk = q.shape[2], k.shape[2]
@@ -1007,9 +1019,7 @@ def _relpos_run_bwd(do, q, k, v, out, lse, dlse, rel, gate, scale):
 def _relpos_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rh: torch.Tensor, rw: torch.Tensor,
                    gate: Optional[torch.Tensor], qb: int, win: int, rel_scale: float,
                    scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    from . import triton_skinny as sk
-
-    out, lse = _relpos_run_fwd(q, k, v, sk.Rel(rh, rw, qb, win, rel_scale), gate, scale)
+    out, lse = _relpos_run_fwd(q, k, v, Rel(rh, rw, qb, win, rel_scale), gate, scale)
     return out.contiguous(), lse.contiguous()
 
 
@@ -1026,9 +1036,7 @@ def _relpos_bwd_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    lse: torch.Tensor, dlse: Optional[torch.Tensor], rh: torch.Tensor, rw: torch.Tensor,
                    gate: Optional[torch.Tensor], qb: int, win: int, rel_scale: float,
                    scale: float) -> List[torch.Tensor]:
-    from . import triton_skinny as sk
-
-    grads = _relpos_run_bwd(do, q, k, v, out, lse, dlse, sk.Rel(rh, rw, qb, win, rel_scale), gate, scale)
+    grads = _relpos_run_bwd(do, q, k, v, out, lse, dlse, Rel(rh, rw, qb, win, rel_scale), gate, scale)
     return [g.contiguous() if g is not None else q.new_empty(0) for g in grads]
 
 

@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 from . import triton_attention as ta
-from .triton_kernels import gate_backward, online_softmax_update
+from .triton_kernels import (_logits_lr, _rel_key_factor, _rel_query_factor, _rel_table_logit_grad, _rel_tables,
+                             gate_backward, online_softmax_update)
 
 CALLS = collections.Counter()
 _FORCE = {}  # interpreter tests: {"keys_mode": "flat" | "res", "block_m": int, "key_chunk": int, "block_n": int}
@@ -57,56 +58,15 @@ def _ld(base, offs_r, stride_r, offs_c, NR, NC: tl.constexpr, BLOCK_C: tl.conste
 
 
 @triton.jit
-def _rel_tables(RH, RW, stride_rt, offs_d, NT, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                HAS_REL: tl.constexpr):
-    """The in-kernel rel-pos tables `(BLOCK_T, BLOCK_D)` of a program; without HAS_REL, placeholders."""
+def _keys_logits(q, k, uq, uk, qk_scale, b_base, offs_m, offs_n, rows, col_ok, stride_bm, stride_bn,
+                 HAS_REL: tl.constexpr, HAS_BIAS: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Base-2 logits of one query block against one chunk of keys: q·kᵀ, the in-kernel rel-pos term (the general
+    kernels' factors: `_rel_query_factor`, `_rel_key_factor`), the bias (shared by the forward and the backward of
+    the few-keys kernel)."""
     if HAS_REL:
-        offs_t = tl.arange(0, BLOCK_T)
-        return _ld(RH, offs_t, stride_rt, offs_d, NT, D, BLOCK_D), _ld(RW, offs_t, stride_rt, offs_d, NT, D, BLOCK_D)
+        s = _logits_lr(q, k, uq, uk, qk_scale, LR_CHAIN, DOT_PREC)
     else:
-        return 0.0, 0.0
-
-
-@triton.jit
-def _rel_query_factors(q, rh, rw, offs_m, QB, WIN, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
-                       HAS_REL: tl.constexpr, DOT_PREC: tl.constexpr):
-    """(BM, BLOCK_W) twice, in q's dtype: u_a[m, c] = q_m · R_a[c - pos_a(m) + WIN - 1] for c < WIN (garbage,
-    finite, above); one per query block, shared by its key chunks. Without HAS_REL, placeholders."""
-    if HAS_REL:
-        th = tl.dot(q, tl.trans(rh), input_precision=DOT_PREC)  # (BM, BLOCK_T) fp32
-        tw = tl.dot(q, tl.trans(rw), input_precision=DOT_PREC)
-        c = tl.arange(0, BLOCK_W)
-        sh = WIN - 1 - offs_m // QB  # shift of the row axis (qy)
-        sw = WIN - 1 - offs_m % QB  # shift of the column axis (qx)
-        ih = tl.minimum(tl.maximum(c[None, :] + sh[:, None], 0), BLOCK_T - 1)
-        iw = tl.minimum(tl.maximum(c[None, :] + sw[:, None], 0), BLOCK_T - 1)
-        return tl.gather(th, ih, 1).to(q.dtype), tl.gather(tw, iw, 1).to(q.dtype)
-    else:
-        return 0.0, 0.0
-
-
-@triton.jit
-def _rel_key_onehots(offs_n, NK, WIN, dtype: tl.constexpr, BLOCK_W: tl.constexpr, HAS_REL: tl.constexpr):
-    """(BLOCK_W, BLOCK_N) one-hots of each key's window row (n // WIN) and column (n % WIN), in `dtype`."""
-    if HAS_REL:
-        c = tl.arange(0, BLOCK_W)
-        ok = (offs_n < NK)[None, :]
-        kh = ((offs_n // WIN)[None, :] == c[:, None]) & ok
-        kw = ((offs_n % WIN)[None, :] == c[:, None]) & ok
-        return kh.to(dtype), kw.to(dtype)
-    else:
-        return 0.0, 0.0
-
-
-@triton.jit
-def _keys_logits(q, k, uh, uw, kh, kw, rel_scale, qk_scale, b_base, offs_m, offs_n, rows, col_ok, stride_bm,
-                 stride_bn, HAS_REL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Base-2 logits of one query block against one chunk of keys: q·kᵀ, the in-kernel rel-pos term (query
-    factors u, key one-hots), the bias (shared by the forward and the backward of the few-keys kernel)."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-    if HAS_REL:
-        rel = tl.dot(uh, kh, input_precision=DOT_PREC) + tl.dot(uw, kw, input_precision=DOT_PREC)
-        s += rel * (rel_scale * 1.4426950408889634)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if HAS_BIAS:
         b_ptrs = b_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
         s += tl.load(b_ptrs, mask=rows[:, None] & col_ok[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
@@ -114,13 +74,13 @@ def _keys_logits(q, k, uh, uw, kh, kw, rel_scale, qk_scale, b_base, offs_m, offs
 
 
 @triton.jit
-def _key_chunk(c, q, k_res, v_res, uh, uw, rel_scale, qk_scale, K, V, b_base, b, hk, offs_n, offs_d, offs_dv, offs_m,
-               rows, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_bm, stride_bn, NK, WIN,
-               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _key_chunk(c, q, k_res, v_res, uq, qk_scale, K, V, b_base, b, hk, offs_n, offs_d, offs_dv, offs_m, rows,
+               stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_bm, stride_bn, NK,
+               WIN: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, BLOCK_W: tl.constexpr, RESIDENT: tl.constexpr, HAS_REL: tl.constexpr,
-               HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+               HAS_BIAS: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr):
     """Key chunk `c` of one query block (shared by the forward and the backward): its keys' positions and
-    validity, K and V (the resident tile, or loaded), the rel-pos key one-hots and the base-2 logits."""
+    validity, K and V (the resident tile, or loaded), the rel-pos key factor and the base-2 logits."""
     offs_nc = c * BLOCK_N + offs_n
     col_ok = offs_nc < NK
     if RESIDENT:
@@ -129,26 +89,12 @@ def _key_chunk(c, q, k_res, v_res, uh, uw, rel_scale, qk_scale, K, V, b_base, b,
     else:
         k = _ld(K + b * stride_kb + hk * stride_kh, offs_nc, stride_kn, offs_d, NK, D, BLOCK_D)
         v = _ld(V + b * stride_vb + hk * stride_vh, offs_nc, stride_vn, offs_dv, NK, DV, BLOCK_DV)
-    kh, kw = _rel_key_onehots(offs_nc, NK, WIN, q.dtype, BLOCK_W, HAS_REL)
-    s = _keys_logits(q, k, uh, uw, kh, kw, rel_scale, qk_scale, b_base, offs_m, offs_nc, rows, col_ok, stride_bm,
-                     stride_bn, HAS_REL, HAS_BIAS, DOT_PREC)
-    return offs_nc, col_ok, k, v, kh, kw, s
-
-
-@triton.jit
-def _rel_table_grads(ds_lp, kh, kw, offs_m, QB, WIN, rel_scale, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
-                     DOT_PREC: tl.constexpr):
-    """dT_a (BM, BLOCK_T) fp32 from dS: dU_a = rel_scale · dS · onehot_a, then the inverse shift."""
-    duh = tl.dot(ds_lp, tl.trans(kh), input_precision=DOT_PREC) * rel_scale  # (BM, BLOCK_W)
-    duw = tl.dot(ds_lp, tl.trans(kw), input_precision=DOT_PREC) * rel_scale
-    t = tl.arange(0, BLOCK_T)
-    jh = t[None, :] - (WIN - 1 - offs_m // QB)[:, None]
-    jw = t[None, :] - (WIN - 1 - offs_m % QB)[:, None]
-    dth = tl.gather(duh, tl.minimum(tl.maximum(jh, 0), BLOCK_W - 1), 1)
-    dtw = tl.gather(duw, tl.minimum(tl.maximum(jw, 0), BLOCK_W - 1), 1)
-    dth = tl.where((jh >= 0) & (jh < WIN), dth, 0.0)
-    dtw = tl.where((jw >= 0) & (jw < WIN), dtw, 0.0)
-    return dth, dtw
+    uk = 0.0
+    if HAS_REL:
+        uk = _rel_key_factor(offs_nc, NK, WIN, q.dtype, BLOCK_W)
+    s = _keys_logits(q, k, uq, uk, qk_scale, b_base, offs_m, offs_nc, rows, col_ok, stride_bm, stride_bn, HAS_REL,
+                     HAS_BIAS, LR_CHAIN, DOT_PREC)
+    return offs_nc, col_ok, k, v, uk, s
 
 
 @triton.jit
@@ -175,11 +121,11 @@ def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
               stride_ob, stride_oh, stride_on, stride_bb, stride_bh, stride_bm, stride_bn,
               stride_gb, stride_gh, stride_gn, stride_gd, stride_rt,
-              BH, H, GROUP, NQ, NK, NQB, ITEMS, CHUNKS, NT, QB, WIN, qk_scale, rel_scale,
+              BH, H, GROUP, NQ, NK, NQB, ITEMS, CHUNKS, qk_scale, rel_scale, QB: tl.constexpr, WIN: tl.constexpr,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               KEY_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
               BLOCK_W: tl.constexpr, RESIDENT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr,
-              HAS_REL: tl.constexpr, DOT_PREC: tl.constexpr):
+              HAS_REL: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr):
     """Few keys: the keys of a (b, h) in KEY_CHUNKS chunks of BLOCK_N (one chunk: K/V kept in registers across a
     RESIDENT program's query blocks; several: a flash loop with an online softmax, for key counts whose
     power-of-two tile would be mostly padding or too large for the registers)."""
@@ -197,7 +143,10 @@ def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
     else:
         k_res = 0.0
         v_res = 0.0
-    rh, rw = _rel_tables(RH, RW, stride_rt, offs_d, NT, D, BLOCK_D, BLOCK_T, HAS_REL)
+    rt = 0.0
+    if HAS_REL:
+        rt = _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T)
+    uq_scale = rel_scale * 1.4426950408889634 / qk_scale if LR_CHAIN else rel_scale
     for it in range(lo, hi):
         bh = it // NQB
         mb = it % NQB
@@ -207,16 +156,18 @@ def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = offs_m < NQ
         q = _ld(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, NQ, D, BLOCK_D)
-        uh, uw = _rel_query_factors(q, rh, rw, offs_m, QB, WIN, BLOCK_T, BLOCK_W, HAS_REL, DOT_PREC)
+        uq = 0.0
+        if HAS_REL:
+            uq = _rel_query_factor(q, rt, offs_m, QB, WIN, uq_scale, BLOCK_T, BLOCK_W, DOT_PREC)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         for c in range(0, KEY_CHUNKS):
-            offs_nc, col_ok, k, v, kh, kw, s = _key_chunk(
-                c, q, k_res, v_res, uh, uw, rel_scale, qk_scale, K, V, BIAS + b * stride_bb + h * stride_bh, b, hk,
-                offs_n, offs_d, offs_dv, offs_m, rows, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
-                stride_vn, stride_bm, stride_bn, NK, WIN, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, RESIDENT,
-                HAS_REL, HAS_BIAS, DOT_PREC)
+            offs_nc, col_ok, k, v, uk, s = _key_chunk(
+                c, q, k_res, v_res, uq, qk_scale, K, V, BIAS + b * stride_bb + h * stride_bh, b, hk, offs_n, offs_d,
+                offs_dv, offs_m, rows, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_bm,
+                stride_bn, NK, WIN, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, RESIDENT, HAS_REL, HAS_BIAS,
+                LR_CHAIN, DOT_PREC)
             s = tl.where(col_ok[None, :], s, float("-inf"))
             acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, v, True, DOT_PREC)
         m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
@@ -244,12 +195,12 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
               stride_gb, stride_gh, stride_gn, stride_gd, stride_dgb, stride_dgh, stride_dgn, stride_dgd,
               stride_dbb, stride_dbh, stride_dbm, stride_dbn, stride_dks, stride_dkb, stride_dkh, stride_dkn,
               stride_dvs, stride_dvb, stride_dvh, stride_dvn, stride_rt,
-              BH, H, GROUP, NQ, NK, NQB, ITEMS, CHUNKS, NT, QB, WIN, qk_scale, sm_scale, rel_scale,
-              D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BH, H, GROUP, NQ, NK, NQB, ITEMS, CHUNKS, qk_scale, sm_scale, rel_scale, QB: tl.constexpr,
+              WIN: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               KEY_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
               BLOCK_W: tl.constexpr, RESIDENT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DB: tl.constexpr,
               HAS_GATE: tl.constexpr, GATE_ELEM: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_REL: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr):
     """Few-keys backward, one fused kernel. RESIDENT (one key chunk): dK/dV of a (b, h) accumulate over the
     program's query blocks. Otherwise every (b, h) has one query block (the host's rule), and each key chunk's
     dK/dV are final when written."""
@@ -269,11 +220,11 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
     else:
         k_res = 0.0
         v_res = 0.0
-    rh, rw = _rel_tables(RH, RW, stride_rt, offs_d, NT, D, BLOCK_D, BLOCK_T, HAS_REL)
+    rt = 0.0
     if HAS_REL:
-        offs_t = tl.arange(0, BLOCK_T)
-        drh = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-        drw = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        rt = _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T)
+        dr = tl.zeros([2 * BLOCK_T, BLOCK_D], tl.float32)  # both tables' gradient, R_h's rows then R_w's
+    uq_scale = rel_scale / sm_scale if LR_CHAIN else rel_scale
     for it in range(lo, hi):
         bh = it // NQB
         mb = it % NQB
@@ -297,17 +248,17 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
             delta -= tl.load(DLSE + bh.to(tl.int64) * NQ + offs_m, mask=rows, other=0.0)
         lse = tl.load(LSE + bh.to(tl.int64) * NQ + offs_m, mask=rows, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        uh, uw = _rel_query_factors(q, rh, rw, offs_m, QB, WIN, BLOCK_T, BLOCK_W, HAS_REL, DOT_PREC)
+        uq = 0.0
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         if HAS_REL:
-            dth = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
-            dtw = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
+            uq = _rel_query_factor(q, rt, offs_m, QB, WIN, uq_scale, BLOCK_T, BLOCK_W, DOT_PREC)
+            duq = tl.zeros([BLOCK_M, 2 * BLOCK_W], tl.float32)
         for c in range(0, KEY_CHUNKS):
-            offs_nc, col_ok, k, v, kh, kw, s = _key_chunk(
-                c, q, k_res, v_res, uh, uw, rel_scale, qk_scale, K, V, BIAS + b * stride_bb + h * stride_bh, b, hk,
-                offs_n, offs_d, offs_dv, offs_m, rows, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
-                stride_vn, stride_bm, stride_bn, NK, WIN, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, RESIDENT,
-                HAS_REL, HAS_BIAS, DOT_PREC)
+            offs_nc, col_ok, k, v, uk, s = _key_chunk(
+                c, q, k_res, v_res, uq, qk_scale, K, V, BIAS + b * stride_bb + h * stride_bh, b, hk, offs_n, offs_d,
+                offs_dv, offs_m, rows, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_bm,
+                stride_bn, NK, WIN, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, RESIDENT, HAS_REL, HAS_BIAS,
+                LR_CHAIN, DOT_PREC)
             p = tl.math.exp2(s - lse2[:, None])
             p = tl.where(col_ok[None, :], p, 0.0)
             dp = tl.dot(doe, tl.trans(v), input_precision=DOT_PREC)
@@ -315,10 +266,7 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
             ds_lp = ds.to(q.dtype)
             dq += tl.dot(ds_lp, k, input_precision=DOT_PREC)
             if HAS_REL:
-                dth_c, dtw_c = _rel_table_grads(ds_lp, kh, kw, offs_m, QB, WIN, rel_scale, BLOCK_T, BLOCK_W,
-                                                DOT_PREC)
-                dth += dth_c
-                dtw += dtw_c
+                duq += tl.dot(ds_lp, uk, input_precision=DOT_PREC)
             dv_c = tl.dot(tl.trans(p.to(doe.dtype)), doe, input_precision=DOT_PREC)
             dk_c = tl.dot(tl.trans(ds_lp), q, input_precision=DOT_PREC)
             if STORE_DB:
@@ -333,12 +281,10 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
                 tl.store(DV_ + b * stride_dvb + h * stride_dvh + offs_nc[:, None] * stride_dvn + offs_dv[None, :],
                          dv_c.to(DV_.dtype.element_ty), mask=col_ok[:, None] & cols[None, :])
         dq = dq * sm_scale
-        if HAS_REL:
-            dth_lp = dth.to(q.dtype)
-            dtw_lp = dtw.to(q.dtype)
-            dq += tl.dot(dth_lp, rh, input_precision=DOT_PREC) + tl.dot(dtw_lp, rw, input_precision=DOT_PREC)
-            drh += tl.dot(tl.trans(dth_lp), q, input_precision=DOT_PREC)
-            drw += tl.dot(tl.trans(dtw_lp), q, input_precision=DOT_PREC)
+        if HAS_REL:  # the tables' logit gradient dT: dq += dT · RT, dRT += dTᵀ · q
+            dt = _rel_table_logit_grad(duq, offs_m, QB, WIN, rel_scale, BLOCK_T, BLOCK_W).to(q.dtype)
+            dq += tl.dot(dt, rt, input_precision=DOT_PREC)
+            dr += tl.dot(tl.trans(dt), q, input_precision=DOT_PREC)
         tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
                  dq.to(DQ.dtype.element_ty), mask=rows[:, None] & (offs_d < D)[None, :])
     if RESIDENT:
@@ -349,11 +295,12 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
                  mask=col_ok[:, None] & (offs_d < D)[None, :])
         tl.store(DV_ + split * stride_dvs + b0 * stride_dvb + h0 * stride_dvh + offs_n[:, None] * stride_dvn +
                  offs_dv[None, :], dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & cols[None, :])
-    if HAS_REL:
-        t_ptrs = pid.to(tl.int64) * NT * D + offs_t[:, None] * D + offs_d[None, :]
-        t_mask = (offs_t < NT)[:, None] & (offs_d < D)[None, :]
-        tl.store(DRH + t_ptrs, drh, mask=t_mask)
-        tl.store(DRW + t_ptrs, drw, mask=t_mask)
+    if HAS_REL:  # per-program partials (2 WIN - 1, D) of each table, summed in torch
+        r = tl.arange(0, 2 * BLOCK_T)
+        t = tl.where(r >= BLOCK_T, r - BLOCK_T, r)
+        offs = pid.to(tl.int64) * (2 * WIN - 1) * D + t[:, None] * D + offs_d[None, :]
+        tl.store(tl.where((r >= BLOCK_T)[:, None], DRW + offs, DRH + offs), dr,
+                 mask=(t < 2 * WIN - 1)[:, None] & (offs_d < D)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -648,24 +595,6 @@ def _keys_grid(BH: int, nqb: int, device, mode: str, waves: int, backward: bool)
     return _cdiv(total, items), items, 1
 
 
-class Rel:
-    """In-kernel HaloNet relative logits on the blocked layout: tables (2 win - 1, D) in q's dtype."""
-
-    def __init__(self, rh, rw, qb: int, win: int, scale: float):
-        self.rh, self.rw, self.qb, self.win, self.scale = rh.contiguous(), rw.contiguous(), qb, win, scale
-        self.nt = 2 * win - 1
-        self.block_t = max(16, _next_pow2(self.nt))
-        self.block_w = max(16, _next_pow2(win))
-
-
-def _rel_kw(rel: Optional[Rel], dummy):
-    if rel is None:
-        return dict(RH=dummy, RW=dummy, stride_rt=0, NT=1, QB=1, WIN=1, rel_scale=0.0, BLOCK_T=16, BLOCK_W=16,
-                    HAS_REL=False)
-    return dict(RH=rel.rh, RW=rel.rw, stride_rt=rel.rh.stride(0), NT=rel.nt, QB=rel.qb, WIN=rel.win,
-                rel_scale=float(rel.scale), BLOCK_T=rel.block_t, BLOCK_W=rel.block_w, HAS_REL=True)
-
-
 def _gate_views(gate):
     """Gate (B, N, H[, Dv]) as the (B, H, N, 1 | Dv) view, with broadcast strides."""
     if gate is None:
@@ -674,7 +603,7 @@ def _gate_views(gate):
     return g4, ta._bstrides(g4)
 
 
-def keys_forward(q, k, v, bias, gate, scale, cfg, rel: Optional[Rel] = None):
+def keys_forward(q, k, v, bias, gate, scale, cfg, rel: Optional[ta.Rel] = None):
     """Few-keys forward; returns (out (B, H, NQ, DV), lse (B, H, NQ) fp32)."""
     q, k, v = ta._lastdim_contiguous(q), ta._lastdim_contiguous(k), ta._lastdim_contiguous(v)
     B, H, NQ, D = q.shape
@@ -701,11 +630,11 @@ def keys_forward(q, k, v, bias, gate, scale, cfg, rel: Optional[Rel] = None):
         qk_scale=scale * 1.4426950408889634, D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN, KEY_CHUNKS=key_chunks,
         BLOCK_D=ta._block_d(D), BLOCK_DV=ta._block_d(DV), RESIDENT=mode == "res", HAS_BIAS=bias is not None,
         HAS_GATE=gate is not None, DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages,
-        **_rel_kw(rel, q))
+        HAS_REL=rel is not None, LR_CHAIN=rel is not None and q.dtype != torch.float16, **ta.rel_args(rel, q))
     return out, lse
 
 
-def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, rel: Optional[Rel] = None):
+def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, rel: Optional[ta.Rel] = None):
     """Few-keys backward; returns (dq, dk, dv, db (B, H, NQ, NK) in `ta.ds_dtype` | None, dg (B, H, N, 1 | DV) |
     None, (drh, drw) | None)."""
     q, k, v = ta._lastdim_contiguous(q), ta._lastdim_contiguous(k), ta._lastdim_contiguous(v)
@@ -759,7 +688,8 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
         BLOCK_N=BN, KEY_CHUNKS=key_chunks, BLOCK_D=ta._block_d(D), BLOCK_DV=ta._block_d(DV),
         RESIDENT=mode == "res", HAS_BIAS=bias_k is not None, STORE_DB=store_db, HAS_GATE=gate is not None,
         GATE_ELEM=gate is not None and g4.shape[-1] > 1, HAS_DLSE=dlse is not None,
-        DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages, **_rel_kw(rel, q))
+        DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages, HAS_REL=rel is not None,
+        LR_CHAIN=rel is not None and q.dtype != torch.float16, **ta.rel_args(rel, q))
     if direct:
         dk, dv = dk[0], dv[0]
     else:  # sum the per-program partials and the GQA group
