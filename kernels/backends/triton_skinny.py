@@ -16,11 +16,11 @@ latency with nothing to overlap (0.86 TB/s on an H200 where SDPA reaches 1.58). 
   row r = g · Nq + m) form one or two tiles; the keys are split over a program axis, each program looping over
   a chunk of key blocks; forward partials are lse-combined in torch, dQ partials summed; dK/dV of a key chunk
   belong to one program (no atomics).
-* Relative positions (`HAS_REL`, keys path): for HaloNet's blocked layout (queries a qb x qb block, keys the
-  win x win window, both row-major) the per-axis logits `T_a = q · R_aᵀ` (BLOCK_M x (2 win - 1), one small dot
-  per table) are shifted per query row to the key classes (`tl.gather`), giving exact rank-2·win factors whose
-  key side is a one-hot built from iota (no memory). Backward: dT_a by the inverse shift, dq += dT_a · R_a,
-  dR_a += dT_aᵀ · q accumulated per program (fp32 partials summed in torch).
+* Relative positions (`HAS_REL`, keys path): HaloNet's blocked layout (queries a qb x qb block, keys the
+  win x win window, both row-major) with the general kernels' factors (`triton_kernels._rel_query_factor`: the
+  table logits `q · RTᵀ` shifted per query row to the key classes; `_rel_key_factor`: a one-hot from iota),
+  their dot chained into q·kᵀ (`LR_CHAIN`). Backward: dU summed over the key chunks, dT by the inverse shift
+  once per query block, dq += dT · RT, dRT += dTᵀ · q accumulated per program (fp32 partials summed in torch).
 
 Dispatch lives in `triton_attention` (`_skinny_kind`, ATTNZOO_SKINNY, ATTNZOO_RELPOS; the general kernels also
 compute the rel-pos term, and the two are tuned against each other). `CALLS` counts launches per kernel, and
