@@ -279,10 +279,17 @@ def test_relpos_resident_several_query_blocks():
            expect=("keys_fwd_res_rel", "keys_bwd_res_rel"))
 
 
-def test_relpos_in_kernel_under_torch_compile():
-    """torch.compile (fullgraph) traces the attnzoo::relpos ops (fake impls) and runs the in-kernel path."""
+@pytest.mark.parametrize("path", ["few-keys", "general"])
+def test_relpos_in_kernel_under_torch_compile(path, monkeypatch, no_lowering):
+    """torch.compile (fullgraph) traces the attnzoo::relpos ops (fake impls) and runs the in-kernel path: the
+    few-keys kernel (float16) or the general kernels (float32), whose two table gradients come from one GEMM and
+    must not alias (a custom op's outputs)."""
+    dtype, expect = torch.float16, {"keys_fwd_flat_rel", "keys_bwd_flat_rel"}
+    if path == "general":
+        monkeypatch.setenv("ATTNZOO_SKINNY", "old")
+        dtype, expect = torch.float32, set(GENERAL_REL)
     hb = Halo((4, 4), block=4, halo=1)
-    mk = lambda *s: torch.randn(*s, device=DEVICE, dtype=torch.float16, requires_grad=True)  # noqa: E731
+    mk = lambda *s: torch.randn(*s, device=DEVICE, dtype=dtype, requires_grad=True)  # noqa: E731
     q, k, v, th, tw = mk(2, 2, 16, 16), mk(2, 2, 36, 16), mk(2, 2, 36, 16), mk(11, 16), mk(11, 16)
 
     def f(q, k, v, th, tw):
@@ -291,15 +298,13 @@ def test_relpos_in_kernel_under_torch_compile():
     before = dict(_sk().CALLS)
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, th, tw)
     grads = torch.autograd.grad(out.float().square().sum(), (q, k, v, th, tw))
-    assert _sk().CALLS["keys_fwd_flat_rel"] > before.get("keys_fwd_flat_rel", 0)
-    assert _sk().CALLS["keys_bwd_flat_rel"] > before.get("keys_bwd_flat_rel", 0)
+    assert {key for key, n in _sk().CALLS.items() if n > before.get(key, 0)} == expect
     leaves = [x.detach().double().requires_grad_() for x in (q, k, v, th, tw)]
-    bias = kernels.RelPosBias(hb, leaves[3:], scale=0.5)
-    ref = attention_reference(*leaves[:3], bias=bias)
+    ref = attention_reference(*leaves[:3], bias=kernels.RelPosBias(hb, leaves[3:], scale=0.5))
     rgrads = torch.autograd.grad(ref.square().sum(), leaves)
-    assert _rel(out, ref) < TOL[torch.float16]
+    assert _rel(out, ref) < TOL[dtype]
     for g, rg in zip(grads, rgrads):
-        assert _rel(g, rg) < 5 * TOL[torch.float16]
+        assert _rel(g, rg) < (5 if dtype == torch.float16 else 1) * TOL[dtype]
 
 
 @pytest.fixture
@@ -348,30 +353,6 @@ def test_relpos_general_kernels_wide_window_odd_block(no_lowering):
     assert (hb.query_block, hb.window) == (7, 18)
     assert _check(2, 2, 2, 49, 324, 16, 40, torch.float32, bias_fn=_rel_pos(hb, 16), lse_grad=True,
                   expect=GENERAL_REL) == set(GENERAL_REL)
-
-
-def test_relpos_general_kernels_under_torch_compile(monkeypatch, no_lowering):
-    """torch.compile (fullgraph) through the attnzoo::relpos ops on the general kernels: the op's outputs (the two
-    tables' gradients come from one GEMM) must not alias."""
-    monkeypatch.setenv("ATTNZOO_SKINNY", "old")
-    hb = Halo((4, 4), block=4, halo=1)
-    mk = lambda *s: torch.randn(*s, device=DEVICE, dtype=torch.float32, requires_grad=True)  # noqa: E731
-    q, k, v, th, tw = mk(2, 2, 16, 16), mk(2, 2, 36, 16), mk(2, 2, 36, 16), mk(11, 16), mk(11, 16)
-
-    def f(q, k, v, th, tw):
-        return kernels.attention(q, k, v, bias=kernels.RelPosBias(hb, (th, tw), scale=0.5), backend="triton")
-
-    before = dict(_sk().CALLS)
-    out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, th, tw)
-    grads = torch.autograd.grad(out.square().sum(), (q, k, v, th, tw))
-    ran = {key for key, n in _sk().CALLS.items() if n > before.get(key, 0)}
-    assert ran == set(GENERAL_REL)
-    leaves = [x.detach().double().requires_grad_() for x in (q, k, v, th, tw)]
-    ref = attention_reference(*leaves[:3], bias=kernels.RelPosBias(hb, leaves[3:], scale=0.5))
-    rgrads = torch.autograd.grad(ref.square().sum(), leaves)
-    assert _rel(out, ref) < TOL[torch.float32]
-    for g, rg in zip(grads, rgrads):
-        assert _rel(g, rg) < TOL[torch.float32]
 
 
 def test_relpos_lowrank_selectable(monkeypatch):
