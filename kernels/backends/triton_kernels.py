@@ -240,6 +240,24 @@ def _logits_lr(a, b, ua, ub, qk_scale, LR_CHAIN: tl.constexpr, DOT_PREC: tl.cons
 
 
 @triton.jit
+def _tile_logits(q, k, uq, kf_base, k_rows, offs_n, offs_r, stride_kfn, qk_scale, NK, check, WIN: tl.constexpr,
+                 R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, HAS_LR: tl.constexpr,
+                 REL: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Base-2 logits of a (query block, key tile) pair, forward and dQ: q·kᵀ, plus the low-rank term with the key
+    factor loaded (rows `k_rows`) or, under REL, the rel-pos one-hots of keys `offs_n`. Returns (s, key factor)."""
+    uk = k
+    if HAS_LR:
+        if REL:
+            uk = _rel_key_factor(offs_n, NK, WIN, k.dtype, BLOCK_W)
+        else:
+            uk = _load_rows(kf_base, k_rows, stride_kfn, offs_r, NK, R, BLOCK_R, check)
+        s = _logits_lr(q, k, uq, uk, qk_scale, LR_CHAIN, DOT_PREC)
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    return s, uk
+
+
+@triton.jit
 def _lr_chain_factor(u, inv_scale, LR_CHAIN: tl.constexpr):
     """A loaded query factor as `_logits_lr` takes it: times 1 / scale under LR_CHAIN."""
     if LR_CHAIN:
@@ -271,14 +289,8 @@ def _fwd_step(acc, m_i, l_i, q, uq, k_base, v_base, kf_base, b_base, stride_kn, 
         bias_rows = offs_m
     k = _load_rows(k_base, k_rows, stride_kn, offs_d, NK, D, BLOCK_D, check)
     v = _load_rows(v_base, k_rows, stride_vn, offs_dv, NK, DV, BLOCK_DV, check)
-    if HAS_LR:
-        if REL:
-            uk = _rel_key_factor(offs_n, NK, WIN, q.dtype, BLOCK_W)
-        else:
-            uk = _load_rows(kf_base, k_rows, stride_kfn, offs_r, NK, R, BLOCK_R, check)
-        s = _logits_lr(q, k, uq, uk, qk_scale, LR_CHAIN, DOT_PREC)
-    else:
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    s, _ = _tile_logits(q, k, uq, kf_base, k_rows, offs_n, offs_r, stride_kfn, qk_scale, NK, check, WIN, R, BLOCK_R,
+                        BLOCK_W, HAS_LR, REL, LR_CHAIN, DOT_PREC)
     if HAS_BIAS:
         s += _bias_tile(b_base, bias_rows, k_rows, stride_bm, stride_bn, NQ, NK, GRID_MODE, False)
     if MASKED and PAIR_MASK:
@@ -694,15 +706,8 @@ def _dq_step(dq, duq, q, uq, do, lse2, delta, k_base, v_base, kf_base, b_base, s
     check = MASKED and not GRID_MODE
     k = _load_rows(k_base, offs_n, stride_kn, offs_d, NK, D, BLOCK_D, check)
     v = _load_rows(v_base, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV, check)
-    uk = k
-    if HAS_LR:
-        if REL:
-            uk = _rel_key_factor(offs_n, NK, WIN, k.dtype, BLOCK_W)
-        else:
-            uk = _load_rows(kf_base, offs_n, stride_kfn, offs_r, NK, R, BLOCK_R, check)
-        s = _logits_lr(q, k, uq, uk, qk_scale, LR_CHAIN, DOT_PREC)
-    else:
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    s, uk = _tile_logits(q, k, uq, kf_base, offs_n, offs_n, offs_r, stride_kfn, qk_scale, NK, check, WIN, R, BLOCK_R,
+                         BLOCK_W, HAS_LR, REL, LR_CHAIN, DOT_PREC)
     if HAS_BIAS:
         s += _bias_tile(b_base, offs_m, offs_n, stride_bm, stride_bn, NQ, NK, GRID_MODE, False)
     if MASKED and PAIR_MASK:
