@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kernels
-import zoo.layers.agent_attention as agent_mod
+import kernels.agent as kernels_agent
 from zoo.layers import AgentAttention
 
 D64 = torch.float64
@@ -214,34 +214,37 @@ def test_rows_of_both_steps_sum_to_one():
     torch.testing.assert_close(out, c.expand_as(out), rtol=1e-12, atol=1e-12)
 
 
-def test_agents_are_pooled_from_the_grid_queries():
+def test_agents_are_pooled_from_the_grid_queries(monkeypatch):
     m = _module(32, 4, 16, (8, 8), prefix=1)
     _randomize(m)
     seen = []
-    hook = m.pool.register_forward_hook(lambda mod, inp, out: seen.append((inp[0], out)))
+    real = kernels_agent.attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append(q)
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(kernels_agent, "attention", spy)
     x = torch.randn(2, 1 + 6 * 10, 32, dtype=D64)
     m(x, (6, 10))
-    hook.remove()
-    (grid_in, pooled), = seen
+    agents = seen[0]  # the first step's queries: (B, h, n, d)
     q = x @ m.qkv.weight[:32].T + m.qkv.bias[:32]
-    k = x @ m.qkv.weight[32:64].T + m.qkv.bias[32:64]
     expect = q[:, 1:].transpose(1, 2).reshape(2, 32, 6, 10)
-    torch.testing.assert_close(grid_in, expect)
-    assert not torch.allclose(grid_in, k[:, 1:].transpose(1, 2).reshape(2, 32, 6, 10))
     for b in range(2):
-        torch.testing.assert_close(pooled[b].reshape(32, 16), _adaptive_pool(expect[b], 4))
+        pooled = agents[b].transpose(-1, -2).reshape(32, 16)
+        torch.testing.assert_close(pooled, _adaptive_pool(expect[b], 4))
 
 
 def test_both_steps_go_through_kernels_attention(monkeypatch):
     """Two calls with the skinny shapes and dense biases broadcastable to (B, H, Nq, Nk)."""
     calls = []
-    real = kernels.attention
+    real = kernels_agent.attention
 
     def spy(q, k, v, **kwargs):
         calls.append((tuple(q.shape), tuple(k.shape), tuple(v.shape), tuple(kwargs["bias"].shape)))
         return real(q, k, v, **kwargs)
 
-    monkeypatch.setattr(agent_mod.kernels, "attention", spy)
+    monkeypatch.setattr(kernels_agent, "attention", spy)
     m = _module(48, 3, 49, (14, 14), prefix=1)
     m(torch.randn(2, 197, 48, dtype=D64), (14, 14))
     assert calls == [((2, 3, 49, 16), (2, 3, 197, 16), (2, 3, 197, 16), (1, 3, 49, 197)),
@@ -327,7 +330,7 @@ def test_constructor_rejects_bad_arguments(kwargs, match):
 
 
 def test_triton_backend_matches_reference_when_it_can_run():
-    """Both skinny, biased steps on the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1) vs the reference."""
+    """backend='triton' (the fused kernels in inference: CUDA, or CPU under TRITON_INTERPRET=1) vs the reference."""
     from kernels.backends.triton_attention import can_run_triton
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

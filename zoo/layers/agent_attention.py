@@ -5,8 +5,9 @@ Paper: Han et al., "Agent Attention: On the Integration of Softmax and Linear At
 `agent_transformer/models/agent_{deit,pvt,swin}.py`, MIT licence.
 
 n agent tokens, average-pooled from the queries, first gather from all N keys/values and then broadcast back to
-every query. Both steps are ordinary softmax attention with "skinny" shapes (n ≪ N), so both go through
-`kernels.attention` and the cost is O(N·n·d) instead of O(N²·d).
+every query. Both steps are ordinary softmax attention with "skinny" shapes (n ≪ N), so the cost is O(N·n·d)
+instead of O(N²·d). The layer runs `kernels.agent_attention`: two `kernels.attention` calls when training (or
+captured, compiled, on CPU), fused Triton kernels (one or two launches) for CUDA inference.
 
 Parameter names and shapes follow the reference (`an_bias`, `ah_bias`, ..., `dwc`) so its checkpoints load
 unchanged. Unlike the reference, nothing assumes a square token grid: agents are pooled adaptively from any H×W,
@@ -109,6 +110,7 @@ class AgentAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.agent_num = agent_num
+        self.agent_grid = (pool, pool)
         self.bias_grid = bias_grid
         self.num_prefix_tokens = num_prefix_tokens
         self.sr_ratio = sr_ratio
@@ -124,7 +126,6 @@ class AgentAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self.dwc = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, **dd)
-        self.pool = nn.AdaptiveAvgPool2d((pool, pool))
 
         gh, gw = bias_grid
         kh, kw = gh // sr_ratio, gw // sr_ratio
@@ -227,28 +228,10 @@ class AgentAttention(nn.Module):
             x_ = self.norm(x_.flatten(2).transpose(1, 2))  # (B, Nk, C)
             k, v = self.kv(x_).reshape(B, -1, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, Nk, d)
 
-        # agents: the grid queries (channels ordered head-major, as the projection lays them out), pooled to √n×√n
-        q_grid = q[:, :, P:].transpose(-1, -2).reshape(B, C, H, W)
-        # (B, h, n, d), made contiguous once here: both attention calls need its last dim dense
-        agents = self.pool(q_grid).reshape(B, h, d, self.agent_num).transpose(-1, -2).contiguous()
-
         bias1, bias2 = self.agent_bias((H, W), kv_size)
-        agent_v = kernels.attention(agents, k, v, bias=bias1, backend=self.backend)  # (B, h, n, d)
-        out = kernels.attention(q, agents, agent_v, bias=bias2, backend=self.backend)  # (B, h, N, d)
-        x = out.transpose(1, 2).reshape(B, N, C)
-
-        v_grid = v[:, :, P:].transpose(-1, -2).reshape(B, C, *kv_size)
-        if kv_size != (H, W):
-            v_grid = F.interpolate(v_grid, size=(H, W), mode="bilinear", align_corners=False)
-        local = self.dwc(v_grid).flatten(2).transpose(1, 2)  # (B, H·W, C)
-        if P:  # add in place on the grid rows (a cat would copy the whole sequence)
-            # the reshape is a view of `out` with one head (or a non-contiguous `out`); the Triton op's backward
-            # keeps `out`, so it must not be written (a static test: torch.compile cannot compare data pointers)
-            if h == 1 or not out.is_contiguous():
-                x = x.clone()
-            x[:, P:] += local
-        else:
-            x = x + local
+        x = kernels.agent_attention(q, k, v, grid=(H, W), agent_grid=self.agent_grid, kv_grid=kv_size,
+                                    num_prefix_tokens=P, bias1=bias1, bias2=bias2, dwc_weight=self.dwc.weight,
+                                    dwc_bias=self.dwc.bias, backend=self.backend)  # (B, N, C)
         return self.proj_drop(self.proj(x))
 
     def extra_repr(self) -> str:
