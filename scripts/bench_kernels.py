@@ -13,6 +13,7 @@ back-to-back calls, host launch cost included where it exceeds the kernel).
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib.util
 import math
 import os
@@ -662,34 +663,95 @@ def bench_relpos(rows):
     _restore_autotune()
 
 
-def bench_agent(rows):
-    """agent_deit_tiny's two attention steps (batch 256, 3 heads, d64, 49 agents, dense biases) at 224 px (197
-    tokens) and 1024 px (4097 tokens), inference: new vs old kernels vs SDPA with the same bias."""
-    _set_autotune(os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast"))
-    B, H, D, n = 256, 3, 64, 49
-    for px, N in ((224, 197), (1024, 4097)):
-        for step in ("agents x tokens", "tokens x agents"):
-            nq, nk = (n, N) if step == "agents x tokens" else (N, n)
-            case = f"agent_deit_tiny@{px} {step} ({nq}x{nk})"
+AGENT_CASES = (  # name, B, heads, head dim, prefix, grid, agent grid
+    ("agent_deit_tiny@224", 256, 3, 64, 1, (14, 14), (7, 7)),
+    ("agent_deit_tiny@1024", 256, 3, 64, 1, (64, 64), (7, 7)),
+    ("agent_swin_tiny@224 stage 1", 256, 3, 32, 0, (56, 56), (3, 3)),
+    ("agent_deit_tiny@1024 batch 32", 32, 3, 64, 1, (64, 64), (7, 7)),
+)
 
-            def one():
-                q = torch.randn(B, H, nq, D, device="cuda", dtype=torch.bfloat16)
-                k, v = [torch.randn(B, H, nk, D, device="cuda", dtype=torch.bfloat16) for _ in "kv"]
-                bias = 0.02 * torch.randn(1, H, nq, nk, device="cuda", dtype=torch.bfloat16)
-                fn = lambda: kernels.attention(q, k, v, bias=bias)  # noqa: E731
+
+AGENT_CONFIGS = tuple(tuple(int(x) for x in c.split("/")) for c in os.environ.get(
+    "BENCH_AGENT_CONFIGS", "32/4/3/16/1/0/0,32/4/3/32/2/0/0,32/4/3/64/4/300/1").split(",") if c)
+# aggregate kernel: keys per tile, warps, stages; broadcast: rows per tile (both plans), warps; one-kernel
+# length; conv barriers
+
+
+def _agent_inputs(B, H, D, P, grid, agent_grid, dtype=torch.bfloat16):
+    N, n = P + grid[0] * grid[1], agent_grid[0] * agent_grid[1]
+    q, k, v = torch.randn(B, N, 3, H, D, device="cuda", dtype=dtype).permute(2, 0, 3, 1, 4).unbind(0)
+    kw = dict(grid=grid, agent_grid=agent_grid, num_prefix_tokens=P,
+              bias1=0.02 * torch.randn(1, H, n, N, device="cuda"), bias2=0.02 * torch.randn(1, H, N, n, device="cuda"),
+              dwc_weight=0.1 * torch.randn(H * D, 1, 3, 3, device="cuda"), dwc_bias=torch.randn(H * D, device="cuda"))
+    return q, k, v, kw
+
+
+def run_checks_agent():
+    """The fused agent kernels (bf16, fp16; both launch plans) vs the composition in float32 on the reference
+    backend; the composition is blocked during the fused call, so a fallback fails the check."""
+    import kernels.agent as kernels_agent
+
+    ok = True
+    for name, _, H, D, P, grid, agent_grid in AGENT_CASES:
+        for dtype in (torch.bfloat16, torch.float16):
+            q, k, v, kw = _agent_inputs(32, H, D, P, grid, agent_grid, dtype)
+            composition = kernels_agent._composition
+            kernels_agent._composition = None  # a call raises TypeError
+            try:
                 with torch.no_grad():
-                    bench.set_env(ATTNZOO_SKINNY="new")
-                    t_new = _time(fn)
-                    bench.set_env(ATTNZOO_SKINNY="old")
-                    t_old = _time(fn)
-                    bench.set_env(ATTNZOO_SKINNY=None)
-                    t_sdpa = _time(lambda: torch.nn.functional.scaled_dot_product_attention(
-                        q, k, v, attn_mask=bias.expand(B, H, nq, nk)))
-                nbytes = 2 * B * H * D * (2 * nq + 2 * nk) + bias.numel() * 2
-                _tb_row(rows, case, "fwd", t_new, t_old, t_sdpa, nbytes)
+                    out = kernels.agent_attention(q, k, v, backend="triton", **kw)
+            finally:
+                kernels_agent._composition = composition
+            with torch.no_grad():
+                ref = kernels.agent_attention(q.float(), k.float(), v.float(), backend="reference", **kw)
+            err = _rel(out, ref)
+            good = bool(torch.isfinite(out).all()) and err < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+            ok &= good
+            print(f"check fused agent {name} {dtype}: rel err {err:.2e} {'ok' if good else 'FAILED'}", flush=True)
+    return ok
 
-            _guarded(rows, case, one)
-    bench.set_env(ATTNZOO_SKINNY=None)
+
+def bench_agent(rows):
+    """Agent attention layers, inference, GPU time per call: the fused kernel (pool, both steps, DWC, one launch)
+    vs the composition (two kernels.attention calls, pooling, conv, copies) vs SDPA over all tokens (the dense
+    layer timm's model runs in its place)."""
+    from kernels.agent import _composition
+
+    _set_autotune(os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast"))
+    for name, B, H, D, P, grid, agent_grid in AGENT_CASES:
+        def one():
+            q, k, v, kw = _agent_inputs(B, H, D, P, grid, agent_grid)
+            args = (q, k, v, grid, agent_grid, grid, P, kw["bias1"], kw["bias2"], kw["dwc_weight"], kw["dwc_bias"],
+                    D ** -0.5, None)
+            from kernels.backends import triton_agent
+
+            fused = lambda: kernels.agent_attention(q, k, v, **kw)  # noqa: E731
+            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+                default, real = dict(triton_agent.CONFIG), triton_agent._agent_broadcast
+                try:
+                    for cfg in AGENT_CONFIGS:  # the fused kernels' block sizes, warps and stages
+                        triton_agent.CONFIG.update(zip(("block_n", "warps_1", "stages_1", "block_m", "warps_2",
+                                                        "one_kernel_tokens", "dwc_seq"), cfg), one_block_m=cfg[3])
+                        print(f"  {name} fused {cfg}: {_time(fused):.4f} ms", flush=True)
+                    triton_agent.CONFIG.update(default)
+                    t_fused = _time(fused)
+                    for drop in (("dwc_weight", "dwc_bias"), ("bias1", "bias2"),
+                                 ("dwc_weight", "dwc_bias", "bias1", "bias2")):
+                        part = {key: (None if key in drop else val) for key, val in kw.items()}
+                        print(f"  {name} fused without {'/'.join(drop)}: "
+                              f"{_time(lambda: kernels.agent_attention(q, k, v, **part)):.4f} ms", flush=True)
+                    if q.shape[2] > triton_agent.CONFIG["one_kernel_tokens"]:
+                        triton_agent._agent_broadcast = collections.defaultdict(lambda: lambda *a, **k: None)
+                        print(f"  {name} aggregate kernel alone: {_time(fused):.4f} ms", flush=True)
+                finally:
+                    triton_agent.CONFIG.update(default)
+                    triton_agent._agent_broadcast = real
+                t_comp = _time(lambda: _composition(*args))
+                t_sdpa = _time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+            nbytes = 2 * (q.numel() * 4)  # q, k, v read once, the (B, N, C) output written once
+            _tb_row(rows, f"{name} agent layer (fused vs composition)", "fwd", t_fused, t_comp, t_sdpa, nbytes)
+
+        _guarded(rows, name, one)
     _restore_autotune()
 
 
@@ -804,9 +866,11 @@ def main():
         raise SystemExit("bench_kernels.py needs a CUDA GPU")
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
     issue4 = {"bias", "gate", "skinny"} & set(args.only.split(","))
-    round2 = {"skinny2", "relpos", "agent"} & set(args.only.split(","))
+    round2 = {"skinny2", "relpos"} & set(args.only.split(","))
+    agent = {"agent"} & set(args.only.split(","))
     checks = ([run_checks_ii] if issue4 else []) + ([run_checks_round2] if round2 else []) + \
-        ([run_checks] if set(args.only.split(",")) - issue4 - round2 - {"grid"} else [])  # grid: own checks
+        ([run_checks_agent] if agent else []) + \
+        ([run_checks] if set(args.only.split(",")) - issue4 - round2 - agent - {"grid"} else [])  # grid: own checks
     checks_ok = True if args.skip_check else all([c() for c in checks])
     rows = []
     timer = os.environ.get("ATTNZOO_BENCH_TIMER", "graph")

@@ -39,7 +39,29 @@ def _cases(device):
     k8 = torch.randn(8, 8, 4096, 64, **bf)
     s = torch.randn(8, 8, 16384, 64, **bf)
     k64 = torch.randn(8, 8, 64, 64, **bf)
+    from timm.models.vision_transformer import Attention
+
+    from zoo.layers import AgentAttention
+
+    x = torch.randn(B, 197, 192, **bf)
+    timm_attn = Attention(192, num_heads=3, qkv_bias=True).to(device).eval()
+    agent_attn = AgentAttention(192, num_heads=3, agent_num=49, bias_grid=(14, 14), num_prefix_tokens=1,
+                                qkv_bias=True, device=device).eval()
+    qv, kv, vv = torch.randn(B, 197, 3, h, 64, **bf).permute(2, 0, 3, 1, 4).unbind(0)
+    dwc = torch.randn(192, 1, 3, 3, device=device)
+
+    def autocast(fn):
+        def run():
+            with torch.autocast("cuda", torch.bfloat16):
+                return fn()
+        return run
+
     return {
+        "timm Attention layer @224 (SDPA)": autocast(lambda: timm_attn(x)),
+        "AgentAttention layer @224": autocast(lambda: agent_attn(x, (14, 14))),
+        "kernels.agent_attention @224 (fused)": lambda: kernels.agent_attention(
+            qv, kv, vv, grid=(14, 14), agent_grid=(7, 7), num_prefix_tokens=1, bias1=b1, bias2=b2, dwc_weight=dwc,
+            dwc_bias=dwc[:, 0, 0, 0]),
         "agent@224 step 1 (49x197, bias)": lambda: kernels.attention(agents, q, q, bias=b1),
         "agent@224 step 2 (197x49, bias)": lambda: kernels.attention(q, agents, agents, bias=b2),
         "few queries 49x4096": lambda: kernels.attention(a8, k8, k8),
@@ -84,11 +106,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--cprofile", type=int, default=0, metavar="N", help="print the N costliest functions")
+    parser.add_argument("--only", default="", help="run the cases whose name contains this text")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("profile_host.py needs a CUDA GPU (host time around real launches)")
     print(f"{'case':40s} {'host us':>9s} {'wall us':>9s} {'stream us':>9s} {'gpu us':>9s}")
     for name, fn in _cases("cuda").items():
+        if args.only not in name:
+            continue
         host, wall, stream, gpu = measure(fn, args.calls)
         print(f"{name:40s} {host * 1e6:9.1f} {wall * 1e6:9.1f} {stream * 1e6:9.1f} {gpu * 1e6:9.1f}", flush=True)
         if args.cprofile:
