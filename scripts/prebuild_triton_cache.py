@@ -70,12 +70,22 @@ def install_fake_device(device_libtriton=None):
     JITFunction.run = compile_only
     torch.cuda.is_available = lambda: True
 
+    import kernels.agent as ka
     import kernels.functional as kf
     from kernels.backends import triton_attention as ta
 
     ta._num_sms = lambda device: H200_SMS
     kf.choose_backend = lambda *a, **k: ta.attention_triton  # CPU / meta tensors, Triton path
-    kf._autocast_inputs = lambda q, k, v: (q, k, v)  # meta tensors have no autocast; models run in bf16 here
+    blocker = ka._fused_blocker
+
+    def device_blocker(q, k, v, grid, kv_grid, agent_grid, tensors, backend):
+        """The fused agent kernels for CPU / meta tensors as for the device's CUDA ones."""
+        reason = blocker(q, k, v, grid, kv_grid, agent_grid, tensors, "triton" if backend is None else backend)
+        return None if reason is not None and reason.startswith("the fused kernel runs CUDA") else reason
+
+    ka._fused_blocker = device_blocker
+    # meta tensors have no autocast; models run in bf16 here
+    kf._autocast_inputs = ka._autocast_inputs = lambda q, k, v: (q, k, v)
     os.environ["ATTNZOO_WARM"] = "0/1"
 
 
@@ -100,7 +110,8 @@ def _fb(fn, leaves):
 def cases():
     """name -> callable: the calls of scripts/profile_host.py and scripts/bench_kernels.py (skinny2, relpos,
     agent, bias, gate, na2d, core = the issue-3 rows), the models and the pipeline, forward and backward where
-    those benches time both."""
+    those benches time both. Agent layers take the fused kernels in inference (`kernels.agent_attention`'s
+    blocker patched in `install_fake_device`), the composition in training."""
     import kernels
     from kernels.backends import triton_attention as ta
     from pipelines.benchmark import set_env
@@ -152,15 +163,24 @@ def cases():
         set_env(ATTNZOO_RELPOS=None)
 
     def agent():
-        for N in (197, 4097):
-            for nq, nk in ((49, N), (N, 49)):
-                q, k, v = _randn(256, 3, nq, 64), _randn(256, 3, nk, 64), _randn(256, 3, nk, 64)
-                bias = 0.02 * _randn(1, 3, nq, nk)
+        """bench_kernels' agent rows (the fused kernels at their default plan, and the composition) and its GPU
+        checks (bf16 and fp16, batch 32), on meta tensors."""
+        from kernels.agent import _composition
+
+        bk = _script("bench_kernels")
+        meta = dict(device="meta")
+        for name, B, H, D, P, grid, agent_grid in bk.AGENT_CASES:
+            for batch, dtype in ((B, torch.bfloat16), (32, torch.bfloat16), (32, torch.float16)):
+                N, n = P + grid[0] * grid[1], agent_grid[0] * agent_grid[1]
+                q, k, v = torch.empty(batch, N, 3, H, D, dtype=dtype, **meta).permute(2, 0, 3, 1, 4).unbind(0)
+                b1, b2 = torch.empty(1, H, n, N, **meta), torch.empty(1, H, N, n, **meta)
+                w, wb = torch.empty(H * D, 1, 3, 3, **meta), torch.empty(H * D, **meta)
                 with torch.no_grad():
-                    for mode in ("new", "old"):
-                        set_env(ATTNZOO_SKINNY=mode)
-                        kernels.attention(q, k, v, bias=bias)
-        set_env(ATTNZOO_SKINNY=None)
+                    kernels.agent_attention(q, k, v, grid=grid, agent_grid=agent_grid, num_prefix_tokens=P,
+                                            bias1=b1, bias2=b2, dwc_weight=w, dwc_bias=wb)
+                    if batch == B:
+                        _composition(q, k, v, grid, agent_grid, grid, P, b1, b2, w.to(dtype), wb.to(dtype),
+                                     D ** -0.5, None)
 
     def bias():
         for B, H, N, D in [(1, 16, 4096, 128), (2, 16, 4096, 64)]:
