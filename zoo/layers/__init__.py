@@ -5,7 +5,8 @@ from .checks import check_image_input
 from .halo_attention import HaloAttention, HaloRelPosEmbed, halo_rel_pos_bias
 from .minimal_attention import MinimalAttention
 from .nin import MixerBlock, MixerGatingUnit, NiNBlock
+from .patch_embed import PatchEmbed
 from .ulsam import ULSAM
 
 __all__ = ["AgentAttention", "Attention", "check_image_input", "HaloAttention", "HaloRelPosEmbed",
-           "halo_rel_pos_bias", "MinimalAttention", "MixerBlock", "MixerGatingUnit", "NiNBlock", "ULSAM"]
+           "halo_rel_pos_bias", "MinimalAttention", "MixerBlock", "MixerGatingUnit", "NiNBlock", "PatchEmbed", "ULSAM"]

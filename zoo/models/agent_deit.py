@@ -28,6 +28,7 @@ from .._registry import register_model
 from ..layers.checks import check_image_input
 from ..layers.agent_attention import AgentAttention, resize_agent_biases
 from ..layers.attention import Attention
+from ..layers.patch_embed import PatchEmbed
 
 __all__ = ["AgentDeiT"]
 
@@ -111,7 +112,8 @@ class AgentDeiT(VisionTransformer):
                            num_prefix_tokens=num_prefix)
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                          global_pool=global_pool, dynamic_img_size=dynamic_img_size, dynamic_img_pad=dynamic_img_pad,
-                         drop_path_rate=drop_path_rate, block_fn=block_fn, device=device, dtype=dtype, **kwargs)
+                         drop_path_rate=drop_path_rate, block_fn=block_fn, device=device, dtype=dtype,
+                         **{"embed_layer": PatchEmbed, **kwargs})
         self.agent_num = agent_num
 
     def _embed(self, x: torch.Tensor):

@@ -21,7 +21,7 @@ from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from timm.layers import (DropPath, LayerNorm, Mlp, PatchEmbed, calculate_drop_path_rates, get_device_dtype,
+from timm.layers import (DropPath, LayerNorm, Mlp, calculate_drop_path_rates, get_device_dtype,
                          resample_abs_pos_embed, to_2tuple, to_ntuple, trunc_normal_)
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs
 from timm.models._features import feature_take_indices
@@ -32,6 +32,7 @@ import kernels
 from .._registry import register_model
 from ..layers.agent_attention import AgentAttention, resize_agent_biases
 from ..layers.checks import check_image_input
+from ..layers.patch_embed import PatchEmbed
 from .agent_deit import agent_cfg
 
 __all__ = ["AgentPvt"]

@@ -20,7 +20,7 @@ from functools import partial
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
-from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates
+from timm.layers import DropPath, Mlp, calculate_drop_path_rates
 from timm.models import build_model_with_cfg, generate_default_cfgs, named_apply
 from timm.models.swin_transformer import SwinTransformer, WindowAttention
 from timm.models.swin_transformer import checkpoint_filter_fn as _swin_checkpoint_filter_fn
@@ -32,6 +32,7 @@ import kernels
 from .._registry import register_model
 from ..layers.agent_attention import AgentAttention, resize_agent_biases
 from ..layers.checks import check_image_input
+from ..layers.patch_embed import PatchEmbed
 from .agent_deit import agent_cfg
 
 __all__ = ["AgentSwinTransformer"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import List, Optional, Tuple, Union
 
 import torch
-from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, resample_abs_pos_embed, trunc_normal_
+from timm.layers import DropPath, Mlp, calculate_drop_path_rates, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
@@ -32,6 +32,7 @@ from torch import nn
 from .._registry import register_model
 from ..layers.checks import check_image_input
 from ..layers.minimal_attention import MinimalAttention
+from ..layers.patch_embed import PatchEmbed
 
 __all__ = ["MinimalViT"]
 
