@@ -85,6 +85,14 @@ def _check(q, k, v, grid, agent_grid, kv_grid, num_prefix_tokens, bias1, bias2, 
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
 
 
+def _fused_device(q, backend) -> bool:
+    """The fused kernels run CUDA tensors, and CPU ones in Triton's interpreter when asked for (the tests);
+    scripts/prebuild_triton_cache.py widens this to its meta tensors."""
+    from .backends.triton_attention import _interpret
+
+    return q.is_cuda or (_interpret() and backend == "triton")
+
+
 def _fused_blocker(q, k, v, grid, kv_grid, agent_grid, tensors, backend) -> Optional[str]:
     """Why the fused kernel cannot run these inputs (None: it can); cheap checks first."""
     if torch.compiler.is_compiling():
@@ -111,7 +119,7 @@ def _fused_blocker(q, k, v, grid, kv_grid, agent_grid, tensors, backend) -> Opti
         return "triton is not installed"
     from .backends import triton_attention as ta
 
-    if not q.is_cuda and not (ta._interpret() and backend == "triton"):
+    if not _fused_device(q, backend):
         return "the fused kernel runs CUDA tensors (CPU ones under TRITON_INTERPRET=1 with backend='triton')"
     if not all(ta._rows_fit_int32(t) for t in (q, k, v)):
         return "row offsets beyond int32"

@@ -76,14 +76,7 @@ def install_fake_device(device_libtriton=None):
 
     ta._num_sms = lambda device: H200_SMS
     kf.choose_backend = lambda *a, **k: ta.attention_triton  # CPU / meta tensors, Triton path
-    blocker = ka._fused_blocker
-
-    def device_blocker(q, k, v, grid, kv_grid, agent_grid, tensors, backend):
-        """The fused agent kernels for CPU / meta tensors as for the device's CUDA ones."""
-        reason = blocker(q, k, v, grid, kv_grid, agent_grid, tensors, "triton" if backend is None else backend)
-        return None if reason is not None and reason.startswith("the fused kernel runs CUDA") else reason
-
-    ka._fused_blocker = device_blocker
+    ka._fused_device = lambda q, backend: True  # agent layers take the fused kernels, as on the device
     # meta tensors have no autocast; models run in bf16 here
     kf._autocast_inputs = ka._autocast_inputs = lambda q, k, v: (q, k, v)
     os.environ["ATTNZOO_WARM"] = "0/1"
