@@ -5,6 +5,7 @@ Usage: python scripts/aot_compile_kernels.py [--registers]   (--registers: ptxas
 general kernels' autotune candidates at head dims 64 and 128)"""
 import sys, time, inspect
 sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -128,9 +129,10 @@ for d in (32, 64, 128):
                 bm, warps, stages = cfg[:3]
                 mode, bn, key_chunks = sk.key_plan(nq, nk, cfg, backward)
                 for rel in ((False, True) if nq == 64 and nk == 144 else (False,)):
+                    ra = ta.rel_args(ta.Rel(torch.empty(23, d), torch.empty(23, d), 8, 12, 1.0), None)  # 8x8 in 12x12
                     c = dict(D=d, DV=d, BLOCK_M=bm, BLOCK_N=bn, KEY_CHUNKS=key_chunks, BLOCK_D=bd, BLOCK_DV=bd,
-                             BLOCK_T=32, BLOCK_W=16, RESIDENT=mode == "res", HAS_BIAS=not rel, HAS_GATE=True,
-                             HAS_REL=rel, LR_CHAIN=rel, QB=8, WIN=12, DOT_PREC="tf32")
+                             BLOCK_T=ra["BLOCK_T"], BLOCK_W=ra["BLOCK_W"], RESIDENT=mode == "res", HAS_BIAS=not rel,
+                             HAS_GATE=True, HAS_REL=rel, LR_CHAIN=rel, QB=ra["QB"], WIN=ra["WIN"], DOT_PREC="tf32")
                     if backward:
                         c.update(STORE_DB=not rel, GATE_ELEM=False, HAS_DLSE=False)
                     fn = sk._keys_bwd if backward else sk._keys_fwd

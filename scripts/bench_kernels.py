@@ -671,18 +671,22 @@ AGENT_CASES = (  # name, B, heads, head dim, prefix, grid, agent grid
 )
 
 
-AGENT_CONFIGS = tuple(tuple(int(x) for x in c.split("/")) for c in os.environ.get(
-    "BENCH_AGENT_CONFIGS", "32/4/3/16/1/0/0,32/4/3/32/2/0/0,32/4/3/64/4/300/1").split(",") if c)
-# aggregate kernel: keys per tile, warps, stages; broadcast: rows per tile (both plans), warps; one-kernel
-# length; conv barriers
+def _agent_configs():
+    """BENCH_AGENT_CONFIGS: launch plans to sweep, each "block_n/warps_1/stages_1/block_m/warps_2/one_kernel_tokens/
+    dwc_seq" (aggregate kernel: keys per tile, warps, stages; broadcast: rows per tile (both plans), warps;
+    one-kernel length; conv barriers)."""
+    spec = os.environ.get("BENCH_AGENT_CONFIGS", "32/4/3/16/1/0/0,32/4/3/32/2/0/0,32/4/3/64/4/300/1")
+    return [tuple(int(x) for x in c.split("/")) for c in spec.split(",") if c]
 
 
-def _agent_inputs(B, H, D, P, grid, agent_grid, dtype=torch.bfloat16):
+def _agent_inputs(B, H, D, P, grid, agent_grid, dtype=torch.bfloat16, device="cuda"):
+    """q, k, v as views of one (B, N, 3, H, D) projection (the layer's layout) and the op's other arguments."""
     N, n = P + grid[0] * grid[1], agent_grid[0] * agent_grid[1]
-    q, k, v = torch.randn(B, N, 3, H, D, device="cuda", dtype=dtype).permute(2, 0, 3, 1, 4).unbind(0)
+    dev = dict(device=device)
+    q, k, v = torch.randn(B, N, 3, H, D, dtype=dtype, **dev).permute(2, 0, 3, 1, 4).unbind(0)
     kw = dict(grid=grid, agent_grid=agent_grid, num_prefix_tokens=P,
-              bias1=0.02 * torch.randn(1, H, n, N, device="cuda"), bias2=0.02 * torch.randn(1, H, N, n, device="cuda"),
-              dwc_weight=0.1 * torch.randn(H * D, 1, 3, 3, device="cuda"), dwc_bias=torch.randn(H * D, device="cuda"))
+              bias1=0.02 * torch.randn(1, H, n, N, **dev), bias2=0.02 * torch.randn(1, H, N, n, **dev),
+              dwc_weight=0.1 * torch.randn(H * D, 1, 3, 3, **dev), dwc_bias=torch.randn(H * D, **dev))
     return q, k, v, kw
 
 
@@ -729,7 +733,7 @@ def bench_agent(rows):
             with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
                 default, real = dict(triton_agent.CONFIG), triton_agent._agent_broadcast
                 try:
-                    for cfg in AGENT_CONFIGS:  # the fused kernels' block sizes, warps and stages
+                    for cfg in _agent_configs():  # the fused kernels' block sizes, warps and stages
                         triton_agent.CONFIG.update(zip(("block_n", "warps_1", "stages_1", "block_m", "warps_2",
                                                         "one_kernel_tokens", "dwc_seq"), cfg), one_block_m=cfg[3])
                         print(f"  {name} fused {cfg}: {_time(fused):.4f} ms", flush=True)

@@ -161,19 +161,14 @@ def cases():
         from kernels.agent import _composition
 
         bk = _script("bench_kernels")
-        meta = dict(device="meta")
         for name, B, H, D, P, grid, agent_grid in bk.AGENT_CASES:
             for batch, dtype in ((B, torch.bfloat16), (32, torch.bfloat16), (32, torch.float16)):
-                N, n = P + grid[0] * grid[1], agent_grid[0] * agent_grid[1]
-                q, k, v = torch.empty(batch, N, 3, H, D, dtype=dtype, **meta).permute(2, 0, 3, 1, 4).unbind(0)
-                b1, b2 = torch.empty(1, H, n, N, **meta), torch.empty(1, H, N, n, **meta)
-                w, wb = torch.empty(H * D, 1, 3, 3, **meta), torch.empty(H * D, **meta)
+                q, k, v, kw = bk._agent_inputs(batch, H, D, P, grid, agent_grid, dtype, device="meta")
                 with torch.no_grad():
-                    kernels.agent_attention(q, k, v, grid=grid, agent_grid=agent_grid, num_prefix_tokens=P,
-                                            bias1=b1, bias2=b2, dwc_weight=w, dwc_bias=wb)
+                    kernels.agent_attention(q, k, v, **kw)
                     if batch == B:
-                        _composition(q, k, v, grid, agent_grid, grid, P, b1, b2, w.to(dtype), wb.to(dtype),
-                                     D ** -0.5, None)
+                        _composition(q, k, v, grid, agent_grid, grid, P, kw["bias1"], kw["bias2"],
+                                     kw["dwc_weight"].to(dtype), kw["dwc_bias"].to(dtype), D ** -0.5, None)
 
     def bias():
         for B, H, N, D in [(1, 16, 4096, 128), (2, 16, 4096, 64)]:

@@ -12,7 +12,8 @@ pair-mask path, see `_grid_variants`).
 
 Fused terms: a dense additive bias (read through its strides, broadcast dims at stride 0; its gradient dS is
 written per (b, h) by the backward and summed over broadcast dims in torch), low-rank logits `U_q · U_kᵀ`
-(`kernels.LowRankBias`, and `kernels.RelPosBias` lowered to such factors in torch), and the sigmoid output gate
+(`kernels.LowRankBias`, and `kernels.RelPosBias` lowered to such factors in torch where it is not computed
+in-kernel, see below), and the sigmoid output gate
 (forward epilogue; the backward's delta kernel produces dO·sigmoid(g) and dg). Skinny 1-d problems (few query
 blocks, or few key blocks) split the long axis over a third program axis and combine the parts in torch.
 Dense skinny problems (Nk <= 256, or H/Hkv · Nq <= 256) also have the kernels of `triton_skinny` (autotune
@@ -379,8 +380,7 @@ class Rel:
     def __init__(self, rh, rw, qb: int, win: int, scale: float):
         self.rh, self.rw, self.qb, self.win, self.scale = rh.contiguous(), rw.contiguous(), qb, win, scale
         self.nt = 2 * win - 1
-        self.block_t = max(16, _next_pow2(self.nt))
-        self.block_w = max(16, _next_pow2(win))
+        self.block_t, self.block_w = _block_d(self.nt), _block_d(win)
 
 
 def rel_args(rel: Optional[Rel], dummy) -> dict:
@@ -558,7 +558,7 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
     # dQ (+ dU_q, or the rel-pos tables' logit gradient dT, (2 win - 1) columns per table): one program per
     # query block, key blocks split when queries are few
     S, per = (1, max(nkb, 1)) if prob.grid else _splits(nqb * B * H, nkb, qp.device, min_blocks=4)
-    r_q, dt_q = (2 * (2 * ex.rel.win - 1), qp.dtype) if ex.rel is not None else (r, f32)
+    r_q, dt_q = (2 * ex.rel.nt, qp.dtype) if ex.rel is not None else (r, f32)
     if S == 1:
         dq = _new(B, H, NQ, D, like=qp)
         duq = _new(B, H, NQ, r_q, like=qp, dtype=dt_q) if r else None
@@ -1089,7 +1089,7 @@ def _relpos_args(bias, pattern, q, k, v):
     if not (isinstance(pattern, Dense) or pattern == p):
         return None
     qb, win = p.query_block, p.window
-    if q.shape[2] != qb * qb or k.shape[2] != win * win or win > 32:
+    if q.shape[2] != qb * qb or k.shape[2] != win * win or 2 * _block_d(win) > _MAX_RANK:
         return None
     return qb, win
 
@@ -1101,7 +1101,8 @@ def _as4d(x: torch.Tensor) -> torch.Tensor:
 def attention_triton(q, k, v, pattern=None, bias=None, gate=None, scale=None, return_lse=False):
     """Triton attention (differentiable); arguments as `kernels.attention`.
 
-    A tensor bias is fused as a dense bias; a factorized bias (`LowRankBias`, `RelPosBias`) is lowered by its
+    A tensor bias is fused as a dense bias. HaloNet's `RelPosBias` on its blocked layout is computed in-kernel
+    (`attnzoo::relpos_*`); other factorized biases (`LowRankBias`, `RelPosBias` elsewhere) are lowered by their
     `kernel_factors(q, k)` to low-rank factors (differentiable torch ops) that the kernels add as a second dot.
     """
     pattern = Dense() if pattern is None else pattern

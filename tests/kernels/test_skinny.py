@@ -285,6 +285,7 @@ def test_relpos_in_kernel_under_torch_compile(path, monkeypatch, no_lowering):
     few-keys kernel (float16) or the general kernels (float32), whose two table gradients come from one GEMM and
     must not alias (a custom op's outputs)."""
     dtype, expect = torch.float16, {"keys_fwd_flat_rel", "keys_bwd_flat_rel"}
+    monkeypatch.setenv("ATTNZOO_SKINNY", "new")  # pinned: on a GPU the tuner would also run the general kernels
     if path == "general":
         monkeypatch.setenv("ATTNZOO_SKINNY", "old")
         dtype, expect = torch.float32, set(GENERAL_REL)
@@ -332,18 +333,21 @@ def test_relpos_blocked_general_kernels(dtype, monkeypatch, no_lowering):
                   expect=GENERAL_REL) == set(GENERAL_REL)
 
 
-def test_relpos_general_kernels_split_large_window(no_lowering):
+def test_relpos_general_kernels_split_large_window(no_lowering, monkeypatch):
     """A window past the few-keys limit (16 x 16 keys at head dim 72; 16 classes fill the factor's half) runs the
     general kernels in-kernel even with the skinny kernels on; one (b, h) makes the forward and dQ split their
-    key blocks (fp32 partials of dT summed), with an element-wise gate combined after the split."""
+    key blocks (fp32 partials of dT summed; under the interpreter's block sizes), with an element-wise gate
+    combined after the split."""
     from kernels.backends import triton_attention as ta
 
+    splits, real = [], ta._splits
+    monkeypatch.setattr(ta, "_splits", lambda *a, **kw: splits.append((kw.get("min_blocks", 2), real(*a, **kw)[0]))
+                        or real(*a, **kw))
     hb = Halo((4, 4), block=4, halo=6)
     assert _check(1, 1, 1, 16, 256, 72, 72, torch.float32, bias_fn=_rel_pos(hb, 72), gate_shape=(1, 16, 1, 72),
                   lse_grad=True, expect=GENERAL_REL) == set(GENERAL_REL)
-    cpu = torch.device("cpu")
-    assert ta._splits(1, 256 // ta._fwd_candidates(72, 72)[0][1], cpu)[0] > 1
-    assert ta._splits(1, 256 // ta._bwd_candidates(72, 72)[0][1], cpu, min_blocks=4)[0] > 1
+    if DEVICE == "cpu":  # the GPU's block sizes leave too few key blocks to split
+        assert any(s > 1 for mb, s in splits if mb == 2) and any(s > 1 for mb, s in splits if mb == 4)
 
 
 def test_relpos_general_kernels_wide_window_odd_block(no_lowering):

@@ -16,10 +16,10 @@ plus the relative-position logits `q . R_h[ky - qy + win - 1] + q . R_w[kx - qx 
 index: (qy, qx) in the query block, (ky, kx) in the window). They reach the kernel in one of three exact forms
 (`HaloAttention.rel_pos_mode`): "relpos" (default) passes the per-axis tables as a `kernels.RelPosBias`, which
 the Triton path computes inside the kernels (the general ones, or the few-keys ones for <= 256 keys at head dims
-<= 64, whichever tunes faster; windows up to 32); "fold" appends the per-axis logits to q and one-hot window
-coordinates to k (`halo_rel_pos_factors`: 2 * win extra channels), so the attention is plain dense attention;
-"bias" passes them as a dense additive bias (`halo_rel_pos_bias`). The last two come from one function,
-`_rel_logits_per_axis`. (The `kernels.Halo` pattern over the whole padded key grid describes the same
+<= 64 and <= 64 keys at <= 128, whichever tunes faster; windows up to 32); "fold" appends the per-axis logits to
+q and one-hot window coordinates to k (`halo_rel_pos_factors`: 2 * win extra channels), so the attention is plain
+dense attention; "bias" passes them as a dense additive bias (`halo_rel_pos_bias`). The last two come from one
+function, `_rel_logits_per_axis`. (The `kernels.Halo` pattern over the whole padded key grid describes the same
 visibility, but its relative logits would be a dense `(N, N_keys)` bias per head; the blocked layout keeps
 everything at window size.)
 
