@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from .capture import active_frame
 from .functional import _autocast_inputs, attention
 
-__all__ = ["agent_attention"]
+__all__ = ["agent_attention", "padded_bias"]
 
 logger = logging.getLogger("kernels")
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FUSED_MAX_DIM = 128
 _FUSED_MAX_AGENTS = 128
+_BIAS_PAD = 64  # covers the fused kernels' agent tile (<= 128 agents: 16..128) and key/query tiles (16..64)
 
 
 def _pair(name: str, value) -> Tuple[int, int]:
@@ -83,6 +84,27 @@ def _check(q, k, v, grid, agent_grid, kv_grid, num_prefix_tokens, bias1, bias2, 
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
     if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0):
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+
+
+def padded_bias(bias: torch.Tensor, multiple: int = _BIAS_PAD) -> torch.Tensor:
+    """`bias` (same values, shape and dtype) as a view into a zero-filled buffer whose last two dims are rounded up
+    to multiples of `multiple`.
+
+    The fused kernels of `agent_attention` load the tiles of such a bias whole (unmasked, 16-byte vectors on its
+    aligned rows) and select the valid entries in registers; a tight bias takes masked scalar loads (rows of 49
+    or 197 floats are not 16-byte aligned). Worth it for a bias reused across calls, as a layer's cached
+    inference biases are; any bias works either way.
+    """
+    if not isinstance(bias, torch.Tensor) or bias.dim() < 2:
+        raise ValueError(f"bias must be a tensor with at least 2 dims, got "
+                         f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
+        raise ValueError(f"multiple must be a positive int, got {multiple!r}")
+    rows, cols = bias.shape[-2:]
+    buf = bias.new_zeros(*bias.shape[:-2], -(-rows // multiple) * multiple, -(-cols // multiple) * multiple)
+    view = buf[..., :rows, :cols]
+    view.copy_(bias)
+    return view
 
 
 def _fused_device(q, backend) -> bool:

@@ -27,6 +27,7 @@ import triton.language as tl
 from . import triton_attention as ta
 from .triton_kernels import LOG2E, online_softmax_update
 
+_LOG2E = tl.constexpr(LOG2E)  # a jit function reads only constexpr globals
 
 
 @triton.jit
@@ -38,7 +39,8 @@ def _agent_aggregate(Q, K, V, B1, AG, AV, B2, DW, DB, O,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr, HAS_B1: tl.constexpr, DOT_PREC: tl.constexpr,
                      BROADCAST: tl.constexpr, BLOCK_M: tl.constexpr, KS: tl.constexpr, HAS_B2: tl.constexpr,
-                     HAS_DWC: tl.constexpr, HAS_DWB: tl.constexpr, DWC_SEQ: tl.constexpr):
+                     HAS_DWC: tl.constexpr, HAS_DWB: tl.constexpr, DWC_SEQ: tl.constexpr,
+                     B1_WIDE: tl.constexpr, B2_WIDE: tl.constexpr):
     """One program per (b, h): the pooled agents A and V_A = softmax(s·A Kᵀ + B1) V, stored (BLOCK_A rows) for
     `_agent_broadcast`, or with BROADCAST used in place: this program then also runs the broadcast and the conv
     over all its query rows (one launch; for short sequences, where the second kernel's parallelism is not
@@ -92,8 +94,8 @@ def _agent_aggregate(Q, K, V, B1, AG, AV, B2, DW, DB, O,
                     other=0.0)
         s = tl.dot(agents, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if HAS_B1:
-            s += tl.load(b1_base + offs_a[:, None] * stride_1a + kn[None, :] * stride_1n,
-                         mask=a_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+            s += _bias_tile(b1_base + offs_a[:, None] * stride_1a + kn[None, :] * stride_1n,
+                            a_ok[:, None] & k_ok[None, :], B1_WIDE)
         s = tl.where(k_ok[None, :], s, float("-inf"))
         acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, v, HAS_B1, DOT_PREC)
     # an agent whose keys a -inf bias hides entirely gets zeros, as in kernels.attention; padded agent rows hold
@@ -107,7 +109,7 @@ def _agent_aggregate(Q, K, V, B1, AG, AV, B2, DW, DB, O,
             q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :],
                         other=0.0)
             out = _broadcast_tile(q, agents, agent_v, b2_base, rows, r_ok, stride_2n, stride_2a, PH * PW, qk_scale,
-                                  offs_a, HAS_B2, DOT_PREC)
+                                  offs_a, HAS_B2, DOT_PREC, B2_WIDE)
             if HAS_DWC:
                 out = _dwc_add(out, V, DW, DB, b, h, rows, r_ok, stride_vb, stride_vh, stride_vn, P, GH, GW,
                                offs_dv, dv_ok, DV, KS, HAS_DWB, DWC_SEQ)
@@ -117,6 +119,15 @@ def _agent_aggregate(Q, K, V, B1, AG, AV, B2, DW, DB, O,
         ag_base = pid.to(tl.int64) * BLOCK_A
         tl.store(AG + (ag_base + offs_a)[:, None] * BLOCK_D + offs_d[None, :], agents)
         tl.store(AV + (ag_base + offs_a)[:, None] * BLOCK_DV + offs_dv[None, :], agent_v)
+
+
+@triton.jit
+def _bias_tile(ptrs, ok, WIDE: tl.constexpr):
+    """A bias tile in base-2 logits, zero where not `ok`. WIDE: the storage covers the whole tile (the host
+    checked), so it loads unmasked (16-byte vectors on aligned rows) and selects the valid entries after."""
+    if WIDE:
+        return tl.where(ok, tl.load(ptrs).to(tl.float32), 0.0) * _LOG2E
+    return tl.load(ptrs, mask=ok, other=0.0).to(tl.float32) * _LOG2E
 
 
 @triton.jit
@@ -156,7 +167,7 @@ def _agent_broadcast(Q, V, AG, AV, B2, DW, DB, O,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr, KS: tl.constexpr,
                      HAS_B2: tl.constexpr, HAS_DWC: tl.constexpr, HAS_DWB: tl.constexpr, DOT_PREC: tl.constexpr,
-                     DWC_SEQ: tl.constexpr):
+                     DWC_SEQ: tl.constexpr, B2_WIDE: tl.constexpr):
     """One program per (query tile, b, h): softmax(s·Q Aᵀ + B2) V_A (all agents in one tile) plus the
     depthwise conv of V, stored at the head's columns of (B, N, H·Dv)."""
     pid_m = tl.program_id(0)
@@ -176,7 +187,7 @@ def _agent_broadcast(Q, V, AG, AV, B2, DW, DB, O,
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
                 mask=r_ok[:, None] & d_ok[None, :], other=0.0)
     out = _broadcast_tile(q, agents, agent_v, B2 + b.to(tl.int64) * stride_2b + h * stride_2h, rows, r_ok,
-                          stride_2n, stride_2a, N_AGENTS, qk_scale, offs_a, HAS_B2, DOT_PREC)
+                          stride_2n, stride_2a, N_AGENTS, qk_scale, offs_a, HAS_B2, DOT_PREC, B2_WIDE)
     if HAS_DWC:
         out = _dwc_add(out, V, DW, DB, b, h, rows, r_ok, stride_vb, stride_vh, stride_vn, P, GH, GW, offs_dv,
                        dv_ok, DV, KS, HAS_DWB, DWC_SEQ)
@@ -186,13 +197,13 @@ def _agent_broadcast(Q, V, AG, AV, B2, DW, DB, O,
 
 @triton.jit
 def _broadcast_tile(q, agents, agent_v, b2_base, rows, r_ok, stride_2n, stride_2a, N_AGENTS, qk_scale, offs_a,
-                    HAS_B2: tl.constexpr, DOT_PREC: tl.constexpr):
+                    HAS_B2: tl.constexpr, DOT_PREC: tl.constexpr, B2_WIDE: tl.constexpr):
     """softmax(s·q Aᵀ + B2) V_A for one tile of query rows (fp32)."""
     a_ok = offs_a < N_AGENTS
     s = tl.dot(q, tl.trans(agents), input_precision=DOT_PREC) * qk_scale
     if HAS_B2:
-        s += tl.load(b2_base + rows[:, None] * stride_2n + offs_a[None, :] * stride_2a,
-                     mask=r_ok[:, None] & a_ok[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+        s += _bias_tile(b2_base + rows[:, None] * stride_2n + offs_a[None, :] * stride_2a,
+                        r_ok[:, None] & a_ok[None, :], B2_WIDE)
     s = tl.where(a_ok[None, :], s, float("-inf"))
     m = tl.max(s, 1)
     if HAS_B2:  # a row whose agents a -inf bias hides entirely gets zeros, as in kernels.attention
@@ -230,15 +241,18 @@ def agent_fused_forward(q, k, v, grid, agent_grid, num_prefix_tokens, bias1, bia
     block_m = CONFIG["one_block_m"] if one else CONFIG["block_m"]
     ks = dwc_weight.shape[-1] if dwc_weight is not None else 1
     b1, b2 = (_bias4(t) for t in (bias1, bias2))
+    block_n = CONFIG["block_n"]
     dw, db = (t if t is not None else q for t in (dwc_weight, dwc_bias))
     flags = dict(D=D, DV=DV, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_A=block_a, DOT_PREC=prec, BLOCK_M=block_m,
                  KS=ks, HAS_B2=bias2 is not None, HAS_DWC=dwc_weight is not None, HAS_DWB=dwc_bias is not None,
-                 DWC_SEQ=one and bool(CONFIG["dwc_seq"]))
+                 DWC_SEQ=one and bool(CONFIG["dwc_seq"]),
+                 B2_WIDE=_covers(b2, (B, H, -(-N // block_m) * block_m, block_a)))
     _agent_aggregate[(B * H,)](
         q, k, v, b1 if b1 is not None else q, agents, agent_v, b2 if b2 is not None else q, dw, db, out,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ta._bstrides(b1), *ta._bstrides(b2),
         out.stride(0), out.stride(1), H, N, num_prefix_tokens, GH, GW, PH, PW, qk_scale,
-        BLOCK_N=CONFIG["block_n"], HAS_B1=bias1 is not None, BROADCAST=one, **flags,
+        BLOCK_N=block_n, HAS_B1=bias1 is not None, BROADCAST=one,
+        B1_WIDE=_covers(b1, (B, H, block_a, -(-k.shape[2] // block_n) * block_n)), **flags,
         num_warps=CONFIG["warps_1"], num_stages=CONFIG["stages_1"])
     if not one:
         _agent_broadcast[((N + block_m - 1) // block_m, B * H)](
@@ -246,6 +260,15 @@ def agent_fused_forward(q, k, v, grid, agent_grid, num_prefix_tokens, bias1, bia
             *q.stride()[:3], *v.stride()[:3], *ta._bstrides(b2), out.stride(0), out.stride(1),
             H, N, num_prefix_tokens, GH, GW, n, qk_scale, **flags, num_warps=CONFIG["warps_2"], num_stages=1)
     return out
+
+
+def _covers(bias, extents) -> bool:
+    """Whether whole-tile loads over `extents` (the 4-d index ranges the kernel reads, broadcast dims included)
+    stay inside `bias`'s storage, with unit stride along the last dim: `kernels.agent.padded_bias`'s layout."""
+    if bias is None or bias.stride(-1) != 1:
+        return False
+    last = bias.storage_offset() + sum((e - 1) * st for e, st in zip(extents, ta._bstrides(bias)))
+    return (last + 1) * bias.element_size() <= bias.untyped_storage().nbytes()
 
 
 def _bias4(bias):

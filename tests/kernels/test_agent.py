@@ -148,6 +148,58 @@ def test_fused_kernel_hidden_keys_and_rows_give_zeros_like_the_composition(kerne
     assert _rel(out, ref) < TOL[torch.float32]
 
 
+def _nan_padded(bias, rows, cols):
+    """`bias` as a view into a NaN-filled (.., rows, cols) buffer: whole-tile loads read NaN past the valid
+    entries, which the kernels must select away."""
+    buf = torch.full((*bias.shape[:-2], rows, cols), float("nan"), device=bias.device, dtype=bias.dtype)
+    view = buf[..., :bias.shape[-2], :bias.shape[-1]]
+    view.copy_(bias)
+    return view
+
+
+@pytest.mark.parametrize("kernels_", ["two", "one"])
+def test_fused_kernel_loads_padded_biases_whole(kernels_, monkeypatch):
+    """Biases whose storage covers the kernels' tiles take the unmasked loads (checked through a spy on the
+    host's coverage test); NaN in the padding must not reach the output. `padded_bias` gives that layout."""
+    from kernels.backends import triton_agent
+
+    monkeypatch.setitem(triton_agent.CONFIG, "one_kernel_tokens", 1 << 30 if kernels_ == "one" else 0)
+    covered = []
+    real = triton_agent._covers
+    monkeypatch.setattr(triton_agent, "_covers", lambda *a: covered.append(real(*a)) or covered[-1])
+    q, k, v, b1, b2, w, wb = _inputs(2, 3, 1, (9, 7), (3, 3), 16, 16, torch.float32)
+    ref = explicit_agent_attention(q, k, v, (9, 7), (3, 3), 1, b1, b2, w, wb, 16 ** -0.5)
+    kw = dict(grid=(9, 7), agent_grid=(3, 3), num_prefix_tokens=1, dwc_weight=w, dwc_bias=wb, backend="triton")
+    with torch.no_grad():
+        tight = kernels.agent_attention(q, k, v, bias1=b1, bias2=b2, **kw)
+        assert covered == [False, False]
+        covered.clear()
+        wide = kernels.agent_attention(q, k, v, bias1=_nan_padded(b1, 16, 128), bias2=_nan_padded(b2, 128, 16),
+                                       **kw)
+        assert covered == [True, True]
+        covered.clear()
+        padded = kernels.agent_attention(q, k, v, bias1=kernels.agent.padded_bias(b1),
+                                         bias2=kernels.agent.padded_bias(b2), **kw)
+        assert covered == [True, True]
+        covered.clear()
+        short = kernels.agent_attention(q, k, v, bias1=_nan_padded(b1, 12, 64), bias2=b2, **kw)  # 12 < 16 rows
+        assert covered[-1] is False  # bias1 is checked last (the aggregate kernel's own argument)
+    for out in (tight, wide, padded, short):
+        assert _rel(out, ref) < TOL[torch.float32]
+
+
+def test_padded_bias_keeps_values_and_pads_storage():
+    bias = torch.randn(1, 3, 49, 197)
+    padded = kernels.agent.padded_bias(bias)
+    assert padded.shape == bias.shape and padded.dtype == bias.dtype and torch.equal(padded, bias)
+    assert padded.stride()[-2:] == (256, 1) and padded.untyped_storage().nbytes() == 3 * 64 * 256 * 4
+    assert torch.equal(kernels.agent.padded_bias(torch.ones(5, 3), multiple=4), torch.ones(5, 3))
+    with pytest.raises(ValueError, match="bias must be a tensor with at least 2 dims"):
+        kernels.agent.padded_bias(torch.ones(3))
+    with pytest.raises(ValueError, match="multiple must be a positive int"):
+        kernels.agent.padded_bias(bias, multiple=0)
+
+
 def test_fused_kernel_strided_conv_bias_and_low_dim_biases():
     """A strided dwc_bias (a view), 2-d/3-d biases broadcast from the left, one head."""
     q, k, v, _, _, w, _ = _inputs(2, 1, 1, (5, 5), (2, 2), 16, 16, torch.float32)

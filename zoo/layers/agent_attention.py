@@ -179,7 +179,8 @@ class AgentAttention(nn.Module):
         module moves (`.to`, `.half`) or switches between `train()` and `eval()` (an `eval()` on a module in eval
         mode keeps it: benchmarks call it every step): the interpolations and sums are ~10 small kernels per
         layer that only depend on the parameters. Writes through `param.data` bypass the version counter: call
-        `model.train().eval()` after them.
+        `model.train().eval()` after them. Cached biases are `kernels.agent.padded_bias` views (the fused kernels
+        load their tiles whole).
 
         Returns:
             `B1 (1, H, n, P + Hk·Wk)` for agents × keys and `B2 (1, H, P + H·W, n)` for queries × agents,
@@ -191,8 +192,8 @@ class AgentAttention(nn.Module):
         key = (tuple(feat_size), kv_size) + tuple((p.data_ptr(), p._version, p.dtype, p.device)
                                                   for p in self._bias_params())
         cached = self.__dict__.get("_bias_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, self._agent_bias(tuple(feat_size), kv_size))
+        if cached is None or cached[0] != key:  # padded: the fused kernels load its tiles whole
+            cached = (key, tuple(kernels.agent.padded_bias(b) for b in self._agent_bias(tuple(feat_size), kv_size)))
             self.__dict__["_bias_cache"] = cached
         return cached[1]
 
