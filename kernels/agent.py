@@ -26,6 +26,9 @@ _BIAS_PAD = 64  # covers the fused kernels' agent tile (<= 128 agents: 16..128) 
 
 
 def _pair(name: str, value) -> Tuple[int, int]:
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int \
+            and value[0] >= 1 and value[1] >= 1:  # the common case, without the ABC check (host time per call)
+        return value
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value, value)
     if not (isinstance(value, Sequence) and len(value) == 2

@@ -679,26 +679,30 @@ def _agent_configs():
     return [tuple(int(x) for x in c.split("/")) for c in spec.split(",") if c]
 
 
-def _agent_inputs(B, H, D, P, grid, agent_grid, dtype=torch.bfloat16, device="cuda"):
-    """q, k, v as views of one (B, N, 3, H, D) projection (the layer's layout) and the op's other arguments."""
+def _agent_inputs(B, H, D, P, grid, agent_grid, dtype=torch.bfloat16, device="cuda", padded=True):
+    """q, k, v as views of one (B, N, 3, H, D) projection (the layer's layout) and the op's other arguments;
+    `padded`: the biases in `kernels.agent.padded_bias`'s layout, as the layer's inference cache holds them."""
     N, n = P + grid[0] * grid[1], agent_grid[0] * agent_grid[1]
     dev = dict(device=device)
     q, k, v = torch.randn(B, N, 3, H, D, dtype=dtype, **dev).permute(2, 0, 3, 1, 4).unbind(0)
-    kw = dict(grid=grid, agent_grid=agent_grid, num_prefix_tokens=P,
-              bias1=0.02 * torch.randn(1, H, n, N, **dev), bias2=0.02 * torch.randn(1, H, N, n, **dev),
+    bias1, bias2 = 0.02 * torch.randn(1, H, n, N, **dev), 0.02 * torch.randn(1, H, N, n, **dev)
+    if padded:
+        bias1, bias2 = kernels.agent.padded_bias(bias1), kernels.agent.padded_bias(bias2)
+    kw = dict(grid=grid, agent_grid=agent_grid, num_prefix_tokens=P, bias1=bias1, bias2=bias2,
               dwc_weight=0.1 * torch.randn(H * D, 1, 3, 3, **dev), dwc_bias=torch.randn(H * D, **dev))
     return q, k, v, kw
 
 
 def run_checks_agent():
-    """The fused agent kernels (bf16, fp16; both launch plans) vs the composition in float32 on the reference
-    backend; the composition is blocked during the fused call, so a fallback fails the check."""
+    """The fused agent kernels (bf16, fp16; both launch plans; padded and tight biases) vs the composition in
+    float32 on the reference backend; the composition is blocked during the fused call, so a fallback fails the
+    check."""
     import kernels.agent as kernels_agent
 
     ok = True
     for name, _, H, D, P, grid, agent_grid in AGENT_CASES:
-        for dtype in (torch.bfloat16, torch.float16):
-            q, k, v, kw = _agent_inputs(32, H, D, P, grid, agent_grid, dtype)
+        for dtype, padded in ((torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False)):
+            q, k, v, kw = _agent_inputs(32, H, D, P, grid, agent_grid, dtype, padded=padded)
             composition = kernels_agent._composition
             kernels_agent._composition = None  # a call raises TypeError
             try:
@@ -711,7 +715,8 @@ def run_checks_agent():
             err = _rel(out, ref)
             good = bool(torch.isfinite(out).all()) and err < (1e-2 if dtype == torch.bfloat16 else 2e-3)
             ok &= good
-            print(f"check fused agent {name} {dtype}: rel err {err:.2e} {'ok' if good else 'FAILED'}", flush=True)
+            print(f"check fused agent {name} {dtype} {'padded' if padded else 'tight'} biases: rel err {err:.2e} "
+                  f"{'ok' if good else 'FAILED'}", flush=True)
     return ok
 
 
@@ -739,6 +744,9 @@ def bench_agent(rows):
                         print(f"  {name} fused {cfg}: {_time(fused):.4f} ms", flush=True)
                     triton_agent.CONFIG.update(default)
                     t_fused = _time(fused)
+                    tight = {**kw, "bias1": kw["bias1"].contiguous(), "bias2": kw["bias2"].contiguous()}
+                    print(f"  {name} fused, tight (unpadded) biases: "
+                          f"{_time(lambda: kernels.agent_attention(q, k, v, **tight)):.4f} ms", flush=True)
                     for drop in (("dwc_weight", "dwc_bias"), ("bias1", "bias2"),
                                  ("dwc_weight", "dwc_bias", "bias1", "bias2")):
                         part = {key: (None if key in drop else val) for key, val in kw.items()}

@@ -166,6 +166,8 @@ def cases():
                 q, k, v, kw = bk._agent_inputs(batch, H, D, P, grid, agent_grid, dtype, device="meta")
                 with torch.no_grad():
                     kernels.agent_attention(q, k, v, **kw)
+                    kernels.agent_attention(q, k, v, **{**kw, "bias1": kw["bias1"].contiguous(),  # tight biases
+                                                        "bias2": kw["bias2"].contiguous()})
                     if batch == B:
                         _composition(q, k, v, grid, agent_grid, grid, P, kw["bias1"], kw["bias2"],
                                      kw["dwc_weight"].to(dtype), kw["dwc_bias"].to(dtype), D ** -0.5, None)
