@@ -392,6 +392,18 @@ def rel_args(rel: Optional[Rel], dummy) -> dict:
                 BLOCK_T=rel.block_t, BLOCK_W=rel.block_w)
 
 
+def lr_chain(q: torch.Tensor, factors: Optional[str]) -> bool:
+    """The kernels' LR_CHAIN (the low-rank dot accumulates into q·kᵀ, the query factor pre-scaled by 1 / scale) for
+    a low-rank term whose factors are "loaded" (U_q, U_k from memory) or "rel" (built in-kernel from the rel-pos
+    tables, both kernel families); None: no low-rank term. Not in float16 (the pre-scaled factor could overflow);
+    loaded factors only at head dims <= 64 (H200, rank 16: d64 forward 1.12x -> 1.09x and backward 1.26x -> 1.18x
+    the no-bias time; d128 backward 1.14x -> 1.21x, forward unchanged), the rel-pos factors always (the in-kernel
+    rel-pos forward 1.68x -> 1.45x)."""
+    if factors is None or q.dtype == torch.float16:
+        return False
+    return factors == "rel" or _block_d(q.shape[-1]) <= 64
+
+
 class _Extras:
     """Optional kernel inputs (bias, low-rank factors, gate, in-kernel rel-pos tables `rel`, 1-d problems only)
     in kernel order, with pointer/stride arguments."""
@@ -418,16 +430,8 @@ class _Extras:
                     stride_kfb=skf[0], stride_kfh=skf[1], stride_kfn=skf[2],
                     stride_bb=sb[0], stride_bh=sb[1], stride_bm=sb[2], stride_bn=sb[3],
                     R=max(r, 1), BLOCK_R=_block_d(max(r, 1)), HAS_BIAS=self.bias is not None, HAS_LR=r > 0,
-                    LR_CHAIN=self.lr_chain(), REL=self.rel is not None, **rel_args(self.rel, self.dummy)), sg
-
-    def lr_chain(self) -> bool:
-        """The kernels' LR_CHAIN (the low-rank dot accumulates into q·kᵀ, the query factor pre-scaled by 1 / scale):
-        not in float16 (the pre-scaled factor could overflow); for loaded factors only at head dims <= 64 (H200,
-        rank 16: d64 forward 1.12x -> 1.09x and backward 1.26x -> 1.18x the no-bias time; d128 backward 1.14x ->
-        1.21x, forward unchanged; the in-kernel rel-pos forward 1.68x -> 1.45x)."""
-        if not self.rank or self.dummy.dtype == torch.float16:
-            return False
-        return self.rel is not None or _block_d(self.dummy.shape[-1]) <= 64
+                    LR_CHAIN=lr_chain(self.dummy, "rel" if self.rel is not None else ("loaded" if r else None)),
+                    REL=self.rel is not None, **rel_args(self.rel, self.dummy)), sg
 
 
 def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg):

@@ -630,7 +630,7 @@ def keys_forward(q, k, v, bias, gate, scale, cfg, rel: Optional[ta.Rel] = None):
         qk_scale=scale * 1.4426950408889634, D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN, KEY_CHUNKS=key_chunks,
         BLOCK_D=ta._block_d(D), BLOCK_DV=ta._block_d(DV), RESIDENT=mode == "res", HAS_BIAS=bias is not None,
         HAS_GATE=gate is not None, DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages,
-        HAS_REL=rel is not None, LR_CHAIN=rel is not None and q.dtype != torch.float16, **ta.rel_args(rel, q))
+        HAS_REL=rel is not None, LR_CHAIN=ta.lr_chain(q, None if rel is None else "rel"), **ta.rel_args(rel, q))
     return out, lse
 
 
@@ -689,7 +689,7 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
         RESIDENT=mode == "res", HAS_BIAS=bias_k is not None, STORE_DB=store_db, HAS_GATE=gate is not None,
         GATE_ELEM=gate is not None and g4.shape[-1] > 1, HAS_DLSE=dlse is not None,
         DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages, HAS_REL=rel is not None,
-        LR_CHAIN=rel is not None and q.dtype != torch.float16, **ta.rel_args(rel, q))
+        LR_CHAIN=ta.lr_chain(q, None if rel is None else "rel"), **ta.rel_args(rel, q))
     if direct:
         dk, dv = dk[0], dv[0]
     else:  # sum the per-program partials and the GQA group
