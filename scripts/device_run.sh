@@ -7,8 +7,8 @@
 # Steps: host (scripts/profile_host.py --cprofile 25), kernels (bench_kernels: $KERNELS_ONLY, default
 # skinny2,relpos,bias,gate,na2d; KERNELS_CHECK=1 runs the GPU checks first),
 # models (bench_models, all cases, --profile), halonet (bench_models: the HaloNet cases), agent (bench_models:
-# the Agent cases, inference, --profile), agenttrain (the same, training), pipelines (bench_pipelines), checks (bench_kernels' GPU checks only, via
-# --only gate). Default limit per step: 240 s. Set-up: the wheels in .whl/ (sh ../shared/tools/device-wheels.sh)
+# the Agent cases, inference, --profile), agenttrain (the same, training), pipelines (bench_pipelines), checks
+# (bench_kernels' GPU checks only, via --only gate). Default limit per step: 240 s. Set-up: the wheels in .whl/ (sh ../shared/tools/device-wheels.sh)
 # go to /tmp/site; a carried .device-cache.tar.xz (scripts/prebuild_triton_cache.py) is unpacked to
 # /tmp/triton-cache, and the log says how many kernels each step had to compile (new cache entries).
 set -u
