@@ -18,7 +18,7 @@ in-kernel, see below), and the sigmoid output gate
 blocks, or few key blocks) split the long axis over a third program axis and combine the parts in torch.
 Dense skinny problems (Nk <= 256, or H/Hkv · Nq <= 256) also have the kernels of `triton_skinny` (autotune
 candidates, `ATTNZOO_SKINNY`). HaloNet's relative-position bias on its blocked layout is computed in-kernel
-(`attnzoo::relpos_fwd/bwd`, `ATTNZOO_RELPOS`): by the general kernels (`REL`: factors built from q and the tables,
+(`attnzoo::relpos_fwd/bwd`, `ATTNZOO_RELPOS`): by the general kernels (`HAS_REL`: factors built from q and the tables,
 no factor tensor in memory) and, for few keys, the few-keys kernels, tuned against each other.
 """
 from __future__ import annotations
@@ -431,7 +431,7 @@ class _Extras:
                     stride_bb=sb[0], stride_bh=sb[1], stride_bm=sb[2], stride_bn=sb[3],
                     R=max(r, 1), BLOCK_R=_block_d(max(r, 1)), HAS_BIAS=self.bias is not None, HAS_LR=r > 0,
                     LR_CHAIN=lr_chain(self.dummy, "rel" if self.rel is not None else ("loaded" if r else None)),
-                    REL=self.rel is not None, **rel_args(self.rel, self.dummy)), sg
+                    HAS_REL=self.rel is not None, **rel_args(self.rel, self.dummy)), sg
 
 
 def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg):
@@ -956,7 +956,7 @@ _AttentionFunction = _eager_twin("_AttentionFunction", _attention_fwd_impl, _set
                                  _attention_bwd_impl)
 
 
-# HaloNet's relative-position bias on the blocked layout, computed inside the kernels: the general ones (`REL`)
+# HaloNet's relative-position bias on the blocked layout, computed inside the kernels: the general ones (`HAS_REL`)
 # and, for few keys, the few-keys kernels of `triton_skinny` (autotune candidates of one key, as `ATTNZOO_SKINNY`
 # says); ATTNZOO_RELPOS=lowrank keeps the torch lowering to low-rank factors
 
@@ -1076,7 +1076,7 @@ _RelPosFunction = _eager_twin("_RelPosFunction", _relpos_fwd_impl, _relpos_setup
 @torch.compiler.assume_constant_result
 def _relpos_in_kernel_enabled() -> bool:
     # default "kernel" (H200, few-keys kernel: forward 1.9x faster than the low-rank lowering, backward 1.2x
-    # slower, a step 13% faster; benchmarks/logs/kernels_ii_r2_cut.log; the general kernels' REL path is tuned
+    # slower, a step 13% faster; benchmarks/logs/kernels_ii_r2_cut.log; the general kernels' HAS_REL path is tuned
     # against it); "lowrank" keeps the torch lowering to low-rank factors
     return os.environ.get("ATTNZOO_RELPOS", "kernel") == "kernel"
 

@@ -22,7 +22,7 @@ Optional terms (constexpr flags, absent ones cost nothing):
   `STORE_DB` writes dS (the logit gradient, natural units) per (b, h) from the dK/dV kernel.
 * `HAS_LR`: low-rank logits `U_q · U_kᵀ` (FlashBias), a second small dot per tile; gradients dU_k (dK/dV kernel,
   per query head) and dU_q (dQ kernel).
-* `REL` (with `HAS_LR`, 1-d patterns): HaloNet's relative-position logits on the blocked layout (queries one
+* `HAS_REL` (with `HAS_LR`, 1-d patterns): HaloNet's relative-position logits on the blocked layout (queries one
   QB x QB block, keys its WIN x WIN window, both row-major) as exact low-rank factors built in-kernel: the query
   factor from `q · RTᵀ` (one small dot against both per-axis tables) shifted per row to the key classes
   (`tl.gather`), the key factor a one-hot from iota. No factor tensor travels through memory. Backward: the dK/dV
@@ -179,7 +179,7 @@ def _ranges_q(pid_m, NQ, NK, OFF, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: t
 @triton.jit
 def _rel_tables(RH, RW, stride_rt, WIN: tl.constexpr, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_T: tl.constexpr):
-    """REL: the (2 BLOCK_T, BLOCK_D) tile RT of both (2 WIN - 1, D) tables, R_h on rows [0, BLOCK_T) and R_w on
+    """HAS_REL: the (2 BLOCK_T, BLOCK_D) tile RT of both (2 WIN - 1, D) tables, R_h on rows [0, BLOCK_T) and R_w on
     [BLOCK_T, 2 BLOCK_T), zero-padded."""
     r = tl.arange(0, 2 * BLOCK_T)
     second = r >= BLOCK_T
@@ -193,8 +193,8 @@ def _rel_tables(RH, RW, stride_rt, WIN: tl.constexpr, offs_d, D: tl.constexpr, B
 def _rel_query_factor(q, rt, offs_m, QB: tl.constexpr, WIN: tl.constexpr, rel_scale, BLOCK_T: tl.constexpr,
                       BLOCK_W: tl.constexpr,
                       DOT_PREC: tl.constexpr):
-    """REL: (BM, 2 BLOCK_W) query factor in q's dtype, u[m, c] = rel_scale · q_m · R_h[c - qy(m) + WIN - 1] for the
-    row classes c < BLOCK_W, then the same with R_w and qx(m) for the column classes (qy, qx: the query's
+    """HAS_REL: (BM, 2 BLOCK_W) query factor in q's dtype, u[m, c] = rel_scale · q_m · R_h[c - qy(m) + WIN - 1]
+    for the row classes c < BLOCK_W, then the same with R_w and qx(m) for the column classes (qy, qx: the query's
     position in its QB x QB block). Classes >= WIN hold finite values the key factor never selects."""
     t = tl.dot(q, tl.trans(rt), input_precision=DOT_PREC)  # (BM, 2 BLOCK_T) fp32
     c = tl.arange(0, 2 * BLOCK_W)[None, :]
@@ -206,7 +206,7 @@ def _rel_query_factor(q, rt, offs_m, QB: tl.constexpr, WIN: tl.constexpr, rel_sc
 
 @triton.jit
 def _rel_key_factor(offs_n, NK, WIN: tl.constexpr, dtype: tl.constexpr, BLOCK_W: tl.constexpr):
-    """REL: (BN, 2 BLOCK_W) one-hots of key n's window row n // WIN, then of its column n % WIN; zero past NK."""
+    """HAS_REL: (BN, 2 BLOCK_W) one-hots of key n's window row n // WIN, then of its column n % WIN; zero past NK."""
     c = tl.arange(0, 2 * BLOCK_W)[None, :]
     cls = tl.where(c >= BLOCK_W, (offs_n % WIN)[:, None] + BLOCK_W, (offs_n // WIN)[:, None])
     return ((cls == c) & (offs_n < NK)[:, None]).to(dtype)
@@ -215,7 +215,7 @@ def _rel_key_factor(offs_n, NK, WIN: tl.constexpr, dtype: tl.constexpr, BLOCK_W:
 @triton.jit
 def _rel_table_logit_grad(duq, offs_m, QB: tl.constexpr, WIN: tl.constexpr, rel_scale, BLOCK_T: tl.constexpr,
                           BLOCK_W: tl.constexpr):
-    """REL: dT (BM, 2 BLOCK_T) fp32, the gradient of the table logits `q · RTᵀ` from the query factor's gradient
+    """HAS_REL: dT (BM, 2 BLOCK_T) fp32, the gradient of the table logits `q · RTᵀ` from the query factor's gradient
     `duq` (BM, 2 BLOCK_W): the inverse of `_rel_query_factor`'s shift (only classes < WIN carry a gradient)."""
     t = tl.arange(0, 2 * BLOCK_T)[None, :]
     col = t >= BLOCK_T
@@ -242,12 +242,12 @@ def _logits_lr(a, b, ua, ub, qk_scale, LR_CHAIN: tl.constexpr, DOT_PREC: tl.cons
 @triton.jit
 def _tile_logits(q, k, uq, kf_base, k_rows, offs_n, offs_r, stride_kfn, qk_scale, NK, check, WIN: tl.constexpr,
                  R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, HAS_LR: tl.constexpr,
-                 REL: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr):
+                 HAS_REL: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr):
     """Base-2 logits of a (query block, key tile) pair, forward and dQ: q·kᵀ, plus the low-rank term with the key
-    factor loaded (rows `k_rows`) or, under REL, the rel-pos one-hots of keys `offs_n`. Returns (s, key factor)."""
+    factor loaded (rows `k_rows`) or, under HAS_REL, the rel-pos one-hots of keys `offs_n`. Returns (s, key factor)."""
     uk = k
     if HAS_LR:
-        if REL:
+        if HAS_REL:
             uk = _rel_key_factor(offs_n, NK, WIN, k.dtype, BLOCK_W)
         else:
             uk = _load_rows(kf_base, k_rows, stride_kfn, offs_r, NK, R, BLOCK_R, check)
@@ -278,7 +278,7 @@ def _fwd_step(acc, m_i, l_i, q, uq, k_base, v_base, kf_base, b_base, stride_kn, 
               MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
               DOT_PREC: tl.constexpr, bits=0, KB=None, PAIR_MASK: tl.constexpr = False, KROW=None,
               GATHER: tl.constexpr = False, q_rows=None, WIN: tl.constexpr = 1, BLOCK_W: tl.constexpr = 16,
-              REL: tl.constexpr = False, LR_CHAIN: tl.constexpr = False):
+              HAS_REL: tl.constexpr = False, LR_CHAIN: tl.constexpr = False):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     check = MASKED and not GRID_MODE  # 1-d partial blocks may run past NK
     if GATHER:  # inputs unpermuted: this tile's rows through the slot -> token table (padding reads row 0, masked)
@@ -290,7 +290,7 @@ def _fwd_step(acc, m_i, l_i, q, uq, k_base, v_base, kf_base, b_base, stride_kn, 
     k = _load_rows(k_base, k_rows, stride_kn, offs_d, NK, D, BLOCK_D, check)
     v = _load_rows(v_base, k_rows, stride_vn, offs_dv, NK, DV, BLOCK_DV, check)
     s, _ = _tile_logits(q, k, uq, kf_base, k_rows, offs_n, offs_r, stride_kfn, qk_scale, NK, check, WIN, R, BLOCK_R,
-                        BLOCK_W, HAS_LR, REL, LR_CHAIN, DOT_PREC)
+                        BLOCK_W, HAS_LR, HAS_REL, LR_CHAIN, DOT_PREC)
     if HAS_BIAS:
         s += _bias_tile(b_base, bias_rows, k_rows, stride_bm, stride_bn, NQ, NK, GRID_MODE, False)
     if MASKED and PAIR_MASK:
@@ -353,7 +353,7 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
               PART_BITS=None, KB=None,
               PAIR_MASK: tl.constexpr = False, QROW=None, KROW=None, NQO=0, GATHER: tl.constexpr = False,
               RH=None, RW=None, stride_rt=0, QB: tl.constexpr = 1, WIN: tl.constexpr = 1, rel_scale=0.0,
-              BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16, REL: tl.constexpr = False,
+              BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16, HAS_REL: tl.constexpr = False,
               LR_CHAIN: tl.constexpr = False):
     pid_m = tl.program_id(0)
     if REVERSE:  # heavy (late, causal) query blocks first
@@ -382,7 +382,7 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
     q = _load_rows(q_base, q_rows, stride_qn, offs_d, NQ, D, BLOCK_D, not GRID_MODE)
     uq = q
     inv_scale = 1.4426950408889634 / qk_scale
-    if REL:
+    if HAS_REL:
         uq = _rel_query_factor(q, _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T), offs_m, QB, WIN,
                                rel_scale * inv_scale if LR_CHAIN else rel_scale, BLOCK_T, BLOCK_W, DOT_PREC)
     elif HAS_LR:
@@ -424,7 +424,7 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
                                       stride_kfn, stride_bm, stride_bn, nb * BLOCK_N, offs_m, offs_d, offs_dv, offs_r,
                                       qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
                                       D, DV, R, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, False, GRID_MODE, MASK_AXES,
-                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC, WIN=WIN, BLOCK_W=BLOCK_W, REL=REL,
+                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC, WIN=WIN, BLOCK_W=BLOCK_W, HAS_REL=HAS_REL,
                                       LR_CHAIN=LR_CHAIN)
         a, e = _chunk(nb_lo, f_lo, pid_s, SPLIT_BLOCKS)
         for nb in range(a, e):
@@ -432,7 +432,7 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
                                       stride_kfn, stride_bm, stride_bn, nb * BLOCK_N, offs_m, offs_d, offs_dv, offs_r,
                                       qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
                                       D, DV, R, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES,
-                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC, WIN=WIN, BLOCK_W=BLOCK_W, REL=REL,
+                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC, WIN=WIN, BLOCK_W=BLOCK_W, HAS_REL=HAS_REL,
                                       LR_CHAIN=LR_CHAIN)
         a, e = _chunk(f_hi, nb_hi, pid_s, SPLIT_BLOCKS)
         for nb in range(a, e):
@@ -440,7 +440,7 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
                                       stride_kfn, stride_bm, stride_bn, nb * BLOCK_N, offs_m, offs_d, offs_dv, offs_r,
                                       qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
                                       D, DV, R, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES,
-                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC, WIN=WIN, BLOCK_W=BLOCK_W, REL=REL,
+                                      HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC, WIN=WIN, BLOCK_W=BLOCK_W, HAS_REL=HAS_REL,
                                       LR_CHAIN=LR_CHAIN)
 
     seen = l_i > 0.0
@@ -511,7 +511,7 @@ def _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_
                MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
                STORE_DB: tl.constexpr, DOT_PREC: tl.constexpr, bits=0, KB=None, PAIR_MASK: tl.constexpr = False,
                RH=None, RW=None, stride_rt=0, QB: tl.constexpr = 1, WIN: tl.constexpr = 1, rel_scale=0.0,
-               BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16, REL: tl.constexpr = False,
+               BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16, HAS_REL: tl.constexpr = False,
                LR_CHAIN: tl.constexpr = False):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     check = MASKED and not GRID_MODE
@@ -527,7 +527,7 @@ def _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_
     uq = q
     if HAS_LR:
         inv_scale = 1.4426950408889634 / qk_scale
-        if REL:
+        if HAS_REL:
             uq = _rel_query_factor(q, _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T), offs_m, QB,
                                    WIN, rel_scale * inv_scale if LR_CHAIN else rel_scale, BLOCK_T, BLOCK_W, DOT_PREC)
             uq_s = uq
@@ -551,7 +551,7 @@ def _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     ds_t = p_t * (dp_t - delta[None, :])
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
-    if HAS_LR and not REL:  # the rel-pos key factor is a constant one-hot
+    if HAS_LR and not HAS_REL:  # the rel-pos key factor is a constant one-hot
         duk += tl.dot(ds_t.to(uq.dtype), uq, input_precision=DOT_PREC)
     if STORE_DB:
         db_ptrs = db_base + offs_n[:, None] * stride_dbn + offs_m[None, :].to(tl.int64) * stride_dbm
@@ -578,7 +578,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
                    STORE_DB: tl.constexpr, DOT_PREC: tl.constexpr, PART_BITS=None, KB=None,
                    PAIR_MASK: tl.constexpr = False, RH=None, RW=None, stride_rt=0, QB: tl.constexpr = 1,
                    WIN: tl.constexpr = 1, rel_scale=0.0, BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16,
-                   REL: tl.constexpr = False, LR_CHAIN: tl.constexpr = False):
+                   HAS_REL: tl.constexpr = False, LR_CHAIN: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -627,7 +627,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
         delta_base = DELTA + bh * NQ
         uk = k
         duk = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
-        if REL:
+        if HAS_REL:
             uk = _rel_key_factor(offs_n, NK, WIN, k.dtype, BLOCK_W)
         elif HAS_LR:
             uk = _load_rows(KF + b * stride_kfb + h * stride_kfh, offs_n, stride_kfn, offs_r, NK, R, BLOCK_R,
@@ -661,7 +661,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
                                          BLOCK_M, BLOCK_D, BLOCK_DV, BLOCK_R, False, GRID_MODE, MASK_AXES, HAS_DIL,
                                          HAS_BIAS, HAS_LR, STORE_DB, DOT_PREC, RH=RH, RW=RW, stride_rt=stride_rt,
                                          QB=QB, WIN=WIN, rel_scale=rel_scale, BLOCK_T=BLOCK_T, BLOCK_W=BLOCK_W,
-                                         REL=REL, LR_CHAIN=LR_CHAIN)
+                                         HAS_REL=HAS_REL, LR_CHAIN=LR_CHAIN)
             for mb in range(pa, pe):
                 dk, dv, duk = _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_base,
                                          b_base, db_base, stride_qn, stride_dn, stride_qfn, stride_bm, stride_bn,
@@ -670,7 +670,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
                                          BLOCK_M, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES, HAS_DIL,
                                          HAS_BIAS, HAS_LR, STORE_DB, DOT_PREC, RH=RH, RW=RW, stride_rt=stride_rt,
                                          QB=QB, WIN=WIN, rel_scale=rel_scale, BLOCK_T=BLOCK_T, BLOCK_W=BLOCK_W,
-                                         REL=REL, LR_CHAIN=LR_CHAIN)
+                                         HAS_REL=HAS_REL, LR_CHAIN=LR_CHAIN)
             for mb in range(qa, qe):
                 dk, dv, duk = _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_base,
                                          b_base, db_base, stride_qn, stride_dn, stride_qfn, stride_bm, stride_bn,
@@ -679,8 +679,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
                                          BLOCK_M, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES, HAS_DIL,
                                          HAS_BIAS, HAS_LR, STORE_DB, DOT_PREC, RH=RH, RW=RW, stride_rt=stride_rt,
                                          QB=QB, WIN=WIN, rel_scale=rel_scale, BLOCK_T=BLOCK_T, BLOCK_W=BLOCK_W,
-                                         REL=REL, LR_CHAIN=LR_CHAIN)
-        if HAS_LR and not REL:
+                                         HAS_REL=HAS_REL, LR_CHAIN=LR_CHAIN)
+        if HAS_LR and not HAS_REL:
             duk_ptrs = DUK + pid_s.to(tl.int64) * stride_duks + b * stride_dukb + h * stride_dukh + \
                 offs_n[:, None] * stride_dukn + offs_r[None, :]
             tl.store(duk_ptrs, duk.to(DUK.dtype.element_ty), mask=rows[:, None] & (offs_r < R)[None, :])
@@ -701,13 +701,13 @@ def _dq_step(dq, duq, q, uq, do, lse2, delta, k_base, v_base, kf_base, b_base, s
              BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr,
              MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
              DOT_PREC: tl.constexpr, bits=0, KB=None, PAIR_MASK: tl.constexpr = False, WIN: tl.constexpr = 1,
-             BLOCK_W: tl.constexpr = 16, REL: tl.constexpr = False, LR_CHAIN: tl.constexpr = False):
+             BLOCK_W: tl.constexpr = 16, HAS_REL: tl.constexpr = False, LR_CHAIN: tl.constexpr = False):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     check = MASKED and not GRID_MODE
     k = _load_rows(k_base, offs_n, stride_kn, offs_d, NK, D, BLOCK_D, check)
     v = _load_rows(v_base, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV, check)
     s, uk = _tile_logits(q, k, uq, kf_base, offs_n, offs_n, offs_r, stride_kfn, qk_scale, NK, check, WIN, R, BLOCK_R,
-                         BLOCK_W, HAS_LR, REL, LR_CHAIN, DOT_PREC)
+                         BLOCK_W, HAS_LR, HAS_REL, LR_CHAIN, DOT_PREC)
     if HAS_BIAS:
         s += _bias_tile(b_base, offs_m, offs_n, stride_bm, stride_bn, NQ, NK, GRID_MODE, False)
     if MASKED and PAIR_MASK:
@@ -741,7 +741,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
                  MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
                  DOT_PREC: tl.constexpr, PART_BITS=None, KB=None, PAIR_MASK: tl.constexpr = False, RH=None,
                  RW=None, stride_rt=0, QB: tl.constexpr = 1, WIN: tl.constexpr = 1, rel_scale=0.0,
-                 BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16, REL: tl.constexpr = False,
+                 BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16, HAS_REL: tl.constexpr = False,
                  LR_CHAIN: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -761,7 +761,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, NQ, D, BLOCK_D, True)
     do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, stride_dn, offs_dv, NQ, DV, BLOCK_DV, True)
     uq = q  # the query factor as the logits take it (pre-scaled under LR_CHAIN); dU_q does not depend on it
-    if REL:
+    if HAS_REL:
         uq = _rel_query_factor(q, _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T), offs_m, QB, WIN,
                                rel_scale / sm_scale if LR_CHAIN else rel_scale, BLOCK_T, BLOCK_W, DOT_PREC)
     elif HAS_LR:
@@ -798,23 +798,23 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
                                stride_vn, stride_kfn, stride_bm, stride_bn, nb * BLOCK_N, offs_m, offs_d, offs_dv,
                                offs_r, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
                                BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, False, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
-                               HAS_LR, DOT_PREC, WIN=WIN, BLOCK_W=BLOCK_W, REL=REL, LR_CHAIN=LR_CHAIN)
+                               HAS_LR, DOT_PREC, WIN=WIN, BLOCK_W=BLOCK_W, HAS_REL=HAS_REL, LR_CHAIN=LR_CHAIN)
         a, e = _chunk(nb_lo, f_lo, pid_s, SPLIT_BLOCKS)
         for nb in range(a, e):
             dq, duq = _dq_step(dq, duq, q, uq, do, lse2, delta, k_base, v_base, kf_base, b_base, stride_kn,
                                stride_vn, stride_kfn, stride_bm, stride_bn, nb * BLOCK_N, offs_m, offs_d, offs_dv,
                                offs_r, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
                                BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
-                               HAS_LR, DOT_PREC, WIN=WIN, BLOCK_W=BLOCK_W, REL=REL, LR_CHAIN=LR_CHAIN)
+                               HAS_LR, DOT_PREC, WIN=WIN, BLOCK_W=BLOCK_W, HAS_REL=HAS_REL, LR_CHAIN=LR_CHAIN)
         a, e = _chunk(f_hi, nb_hi, pid_s, SPLIT_BLOCKS)
         for nb in range(a, e):
             dq, duq = _dq_step(dq, duq, q, uq, do, lse2, delta, k_base, v_base, kf_base, b_base, stride_kn,
                                stride_vn, stride_kfn, stride_bm, stride_bn, nb * BLOCK_N, offs_m, offs_d, offs_dv,
                                offs_r, qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
                                BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
-                               HAS_LR, DOT_PREC, WIN=WIN, BLOCK_W=BLOCK_W, REL=REL, LR_CHAIN=LR_CHAIN)
+                               HAS_LR, DOT_PREC, WIN=WIN, BLOCK_W=BLOCK_W, HAS_REL=HAS_REL, LR_CHAIN=LR_CHAIN)
     dq = dq * sm_scale
-    if REL:  # dT = the table logits' gradient: dq += dT · RT here, dRT = dTᵀ · q in torch (dT stored per row)
+    if HAS_REL:  # dT = the table logits' gradient: dq += dT · RT here, dRT = dTᵀ · q in torch (dT stored per row)
         dt = _rel_table_logit_grad(duq, offs_m, QB, WIN, rel_scale, BLOCK_T, BLOCK_W)
         rt = _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T)  # reloaded: not live in the loop
         dq += tl.dot(dt.to(rt.dtype), rt, input_precision=DOT_PREC)
@@ -826,7 +826,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
     dq_ptrs = DQ + pid_s.to(tl.int64) * stride_dqs + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + \
         offs_d[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=rows[:, None] & (offs_d < D)[None, :])
-    if HAS_LR and not REL:
+    if HAS_LR and not HAS_REL:
         duq_ptrs = DUQ + pid_s.to(tl.int64) * stride_duqs + b * stride_duqb + h * stride_duqh + \
             offs_m[:, None] * stride_duqn + offs_r[None, :]
         tl.store(duq_ptrs, duq.to(DUQ.dtype.element_ty), mask=rows[:, None] & (offs_r < R)[None, :])

@@ -322,7 +322,7 @@ GENERAL_REL = ("general_fwd_rel", "general_bwd_rel")
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_relpos_blocked_general_kernels(dtype, monkeypatch, no_lowering):
-    """The general kernels' in-kernel rel-pos (`REL`): factors built from q and the tables, dT · RT added to dq,
+    """The general kernels' in-kernel rel-pos (`HAS_REL`): factors built from q and the tables, dT · RT added to dq,
     the tables' gradient from the stored dT; skinny kernels off."""
     monkeypatch.setenv("ATTNZOO_SKINNY", "old")
     hb = Halo((4, 4), block=4, halo=1)
