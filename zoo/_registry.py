@@ -76,12 +76,31 @@ def _family_filter_fn(name: str) -> Optional[Callable]:
     return getattr(importlib.import_module(f"zoo.models.{module}"), "checkpoint_filter_fn", None)
 
 
+def _pretrained_file(name: str, kwargs: dict) -> Optional[str]:
+    """The weights file `timm.create_model(name, **kwargs)` would load: the overlay's, else the given or
+    registered pretrained_cfg's."""
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    if overlay is not None and not isinstance(overlay, dict):
+        raise TypeError(f"pretrained_cfg_overlay must be a dict, got {type(overlay).__name__}")
+    if overlay and overlay.get("file"):
+        return overlay["file"]
+    cfg = kwargs.get("pretrained_cfg")
+    if cfg is None or isinstance(cfg, str):  # None or a tag: the registered cfg (timm resolves tags the same way)
+        name = f"{name}.{cfg}" if isinstance(cfg, str) else name
+        cfg = timm_registry.get_pretrained_cfg(name, allow_unregistered=True)
+    file = cfg.get("file") if isinstance(cfg, dict) else getattr(cfg, "file", None)
+    return file or None
+
+
 def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None, **kwargs):
     """Create a zoo (or timm) model by name, optionally loading local weights.
 
     Args:
         name: a registered model name, e.g. "ninformer_cifar"; see `zoo.list_models()`.
-        pretrained: load the weights file named by the model's `pretrained_cfg["file"]`. The zoo downloads
+        pretrained: load the weights file named by `pretrained_cfg["file"]` (the registered cfg, or a
+            `pretrained_cfg_overlay=dict(file=...)` / `pretrained_cfg=dict(file=...)` argument) through timm's
+            loader, as `timm.create_model(pretrained=True)` does: the family's `pretrained_filter_fn`, the first
+            conv adapted to `in_chans`, the classifier dropped when `num_classes` differs. The zoo downloads
             nothing; without such a file, pass `checkpoint_path`.
         checkpoint_path: a local `.safetensors` (or tensors-only `.pth`) file loaded strictly after creation,
             through the family's `checkpoint_filter_fn` when it has one (reference layouts, other image sizes).
@@ -90,10 +109,14 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     if not isinstance(name, str) or not timm.is_model(name):
         raise ValueError(f"unknown model name {name!r}; zoo models: zoo.list_models(), timm's: timm.list_models()")
     if pretrained and checkpoint_path is None:
-        cfg = timm_registry.get_pretrained_cfg(name, allow_unregistered=True)
-        checkpoint_path = getattr(cfg, "file", None) if cfg is not None else None
-        if not checkpoint_path:
-            raise ValueError(f"{name!r} has no local weights file in its pretrained_cfg; pass checkpoint_path=")
+        weights = _pretrained_file(name, kwargs)
+        if not weights:
+            raise ValueError(f"{name!r} has no local weights file in its pretrained_cfg; pass checkpoint_path= "
+                             f"or pretrained_cfg_overlay=dict(file=...)")
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"pretrained_cfg file {weights!r} is not a file")
+        overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {}, file=weights)
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     model = timm.create_model(name, pretrained=False, **kwargs)
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path, filter_fn=_family_filter_fn(name))

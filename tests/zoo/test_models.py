@@ -71,6 +71,13 @@ def test_model_cfg(name):
                 assert entry + ".weight" in keys, f"{key}={entry!r} does not name a module with a weight"
     assert model.num_classes == cfg["num_classes"]
     assert model.num_features > 0
+    # the names timm's loader uses to adapt in_chans and drop the classifier name the right modules
+    modules = dict(model.named_modules())
+    assert modules[cfg["first_conv"]].in_channels == cfg["input_size"][0] == model.in_chans
+    assert modules[cfg["classifier"]].out_features == cfg["num_classes"]
+    assert model.get_classifier() is modules[cfg["classifier"]]
+    assert model.pretrained_cfg == model.default_cfg and model.pretrained_cfg["input_size"] == cfg["input_size"]
+    assert model.feature_info and all(f["num_chs"] > 0 and f["reduction"] >= 1 for f in model.feature_info)
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow)
@@ -85,7 +92,13 @@ def test_model_forward(name):
     feats = model.forward_features(x)
     assert torch.allclose(model.forward_head(feats), out, rtol=1e-4, atol=1e-5)
     pre = model.forward_head(feats, pre_logits=True)
-    assert pre.shape == (1, model.num_features) or pre.shape[-1] == model.num_features
+    assert pre.shape == (1, model.head_hidden_size)
+    # as timm's test_model_default_cfgs: unpooled features are num_features wide, on a pool_size grid
+    channels_last = getattr(model, "output_fmt", "NCHW") == "NHWC" or feats.dim() == 3
+    assert feats.shape[-1 if channels_last else 1] == model.num_features
+    if cfg.get("pool_size"):
+        grid = feats.shape[1:3] if channels_last else feats.shape[2:]
+        assert tuple(grid) == tuple(cfg["pool_size"]), f"forward_features grid {tuple(grid)} != pool_size"
 
     other = _other_size(cfg)
     model2 = _create(name, other).eval() if cfg.get("fixed_input_size") else model
@@ -113,10 +126,15 @@ def test_model_no_classifier_and_reset(name):
     model = timm.create_model(name, num_classes=0).eval()
     out = model(x)
     assert out.shape == (1, model.num_features)
+    feats = model.forward_features(x)
+    torch.testing.assert_close(out, model.forward_head(feats, pre_logits=True))
     model.reset_classifier(7)
-    assert model(x).shape == (1, 7)
+    assert model.get_classifier().out_features == model.num_classes == 7
+    assert model.forward_head(feats).shape == (1, 7)
     model.reset_classifier(0)
-    assert model(x).shape == (1, model.num_features)
+    assert model.forward_head(feats).shape == (1, model.num_features)
+    model.reset_classifier(0, "")  # timm: classifier and pooling off, forward gives the unpooled features
+    torch.testing.assert_close(model.forward_head(feats), feats)
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
@@ -127,7 +145,11 @@ def test_model_forward_intermediates(name):
     x = torch.randn(1, *_contract_size(cfg))
     final, inters = model.forward_intermediates(x)
     assert len(inters) >= 1 and all(torch.isfinite(t).all() for t in inters)
-    assert torch.allclose(model.forward_head(final), model(x), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(final, model.forward_features(x), rtol=1e-4, atol=1e-5)
+    # as timm's test_model_forward_intermediates: one NCHW map per feature_info entry, of its width and stride
+    info = timm.models.FeatureInfo(model.feature_info, len(model.feature_info))
+    assert len(inters) == len(info.channels())
+    _check_maps(inters, info.channels(), info.reduction(), x.shape[-2:])
     only = model.forward_intermediates(x, indices=1, intermediates_only=True)
     assert len(only) == 1 and torch.allclose(only[0], inters[-1], rtol=1e-4, atol=1e-5)
 
@@ -140,10 +162,18 @@ def test_model_features_only(name):
         model = timm.create_model(name, features_only=True).eval()
     except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
         pytest.skip(f"{name} does not offer features_only: {e}")
-    feats = model(torch.randn(1, *_contract_size(cfg)))
+    x = torch.randn(1, *_contract_size(cfg))
+    feats = model(x)
     assert len(feats) == len(model.feature_info.channels())
-    for f, c in zip(feats, model.feature_info.channels()):
-        assert f.shape[1] == c and torch.isfinite(f).all()
+    _check_maps(feats, model.feature_info.channels(), model.feature_info.reduction(), x.shape[-2:])
+
+
+def _check_maps(maps, channels, reductions, size):
+    """Feature maps `(B, C, H, W)` of the given widths, each on the input grid divided by its reduction (inputs
+    that are not whole strides are padded up, as the zoo's layers do: ceil)."""
+    for f, c, r in zip(maps, channels, reductions):
+        assert f.dim() == 4 and f.shape[1] == c and torch.isfinite(f).all()
+        assert tuple(f.shape[2:]) == tuple(math.ceil(s / r) for s in size), (tuple(f.shape), c, r, tuple(size))
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
@@ -199,3 +229,106 @@ def test_model_torch_compile_fullgraph(name):
         expected = model(x)
         out = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+TEST_MODELS = [n for n in ALL_MODELS if n.startswith("test_")]
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_model_group_matcher_and_no_weight_decay(name):
+    """timm's optimizer helpers: group_matcher groups every parameter (stem first, classifier last, fine and
+    coarse), and no_weight_decay names parameters (or an optional timm token the model does not have)."""
+    cfg = _cfg(name)
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    params = dict(model.named_parameters())
+    for coarse in (False, True):
+        groups = list(timm.models.group_parameters(model, model.group_matcher(coarse=coarse)).values())
+        assert sorted(n for g in groups for n in g) == sorted(params)
+        assert len(groups) >= 3, f"coarse={coarse}: {len(groups)} groups"
+        assert cfg["first_conv"] + ".weight" in groups[0]
+        assert cfg["classifier"] + ".weight" in groups[-1]
+    if hasattr(model, "no_weight_decay"):
+        for n in model.no_weight_decay():
+            assert n in params or getattr(model, n, None) is None, f"no_weight_decay names {n!r}, not a parameter"
+
+
+@pytest.mark.parametrize("name", TEST_MODELS)
+def test_model_grad_checkpointing(name, monkeypatch):
+    """set_grad_checkpointing(True) checkpoints (torch's checkpoint is called) and gives the same outputs and
+    gradients (parameters and input) as the plain forward."""
+    model = timm.create_model(name, num_classes=5).train()
+    x = torch.randn(2, *_contract_size(_cfg(name)))
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    results = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        xi = x.clone().requires_grad_(True)
+        out = model(xi)
+        out.square().sum().backward()
+        results.append((out.detach(), xi.grad, {n: p.grad for n, p in model.named_parameters()}))
+        assert bool(calls) == enable, f"checkpoint calls with grad checkpointing {enable}: {len(calls)}"
+    (out0, gx0, g0), (out1, gx1, g1) = results
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
+    for n, g in g0.items():
+        torch.testing.assert_close(g1[n], g, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", TEST_MODELS)
+@torch.no_grad()
+def test_model_timm_create_kwargs(name):
+    """timm's common create_model arguments: num_classes, in_chans, num_classes=0 with global_pool='' (unpooled
+    features), drop_rate and drop_path_rate (stochastic in train mode; in eval mode the same weights give the
+    outputs of a model built without them)."""
+    c, h, w = _contract_size(_cfg(name))
+    x = torch.randn(2, c, h, w)
+    for in_chans in (1, 4):
+        model = timm.create_model(name, in_chans=in_chans, num_classes=3).eval()
+        out = model(torch.randn(2, in_chans, h, w))
+        assert out.shape == (2, 3) and torch.isfinite(out).all()
+    plain = timm.create_model(name).eval()
+    unpooled = timm.create_model(name, num_classes=0, global_pool="").eval()
+    unpooled.load_state_dict({k: v for k, v in plain.state_dict().items() if k in unpooled.state_dict()})
+    torch.testing.assert_close(unpooled(x), plain.forward_features(x))
+
+    dropping = timm.create_model(name, drop_rate=0.5, drop_path_rate=0.3)
+    rates = [m.drop_prob for m in dropping.modules() if isinstance(m, timm.layers.DropPath)]
+    assert rates and max(rates) == pytest.approx(0.3), f"drop_path rates {rates}"
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.5 for m in dropping.modules()), "no head dropout"
+    dropping.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(dropping.eval()(x), plain(x))
+    dropping.train()
+    torch.manual_seed(0)
+    a = dropping(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(dropping(x), a), "train-mode outputs do not depend on the dropout draw"
+
+
+@pytest.mark.parametrize("name", TEST_MODELS)
+@torch.no_grad()
+def test_model_pretrained_file(name, tmp_path):
+    """timm's pretrained path on a local file (test_model_load_pretrained): `pretrained=True` with a
+    pretrained_cfg file gives the source model, adapts the first conv to in_chans=1 (timm sums the RGB kernels)
+    and drops the classifier for another num_classes; zoo.create_model takes the same overlay."""
+    cfg = _cfg(name)
+    src = timm.create_model(name).eval()
+    path = str(tmp_path / "w.safetensors")
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, path)
+    x = torch.randn(1, *_contract_size(cfg))
+    overlay = dict(file=path)
+    for model in (timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay),
+                  zoo.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)):
+        torch.testing.assert_close(model.eval()(x), src(x))
+    model = zoo.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, in_chans=1, num_classes=5)
+    first = cfg["first_conv"] + ".weight"
+    own, ref = model.state_dict(), src.state_dict()
+    torch.testing.assert_close(own[first], ref[first].sum(dim=1, keepdim=True))
+    assert own[cfg["classifier"] + ".weight"].shape[0] == 5
+    same = [k for k in ref if k != first and not k.startswith(cfg["classifier"] + ".")]
+    assert all(torch.equal(own[k], ref[k]) for k in same)
+    out = model.eval()(x[:, :1])
+    assert out.shape == (1, 5) and torch.isfinite(out).all()

@@ -226,7 +226,14 @@ class AgentPvt(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
-        return dict(stem=r"^stages\.0\.(patch_embed|pos_embed)", blocks=r"^stages\.(\d+)")
+        # only the stage/block indices may be capture groups: timm turns every group into a sort ordinal
+        return dict(
+            stem=r"^stages\.0\.(?:patch_embed|pos_embed)",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.(?:patch_embed|pos_embed)", (0,)),  # with the stage's first block
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+            ],
+        )
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
