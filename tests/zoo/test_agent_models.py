@@ -245,6 +245,35 @@ def test_bad_input_names_the_problem(name):
         model.forward_intermediates(torch.randn(1, 4, 64, 64))
 
 
+@pytest.mark.parametrize("name, strict", [("test_agent_deit", dict(dynamic_img_size=False)),
+                                          ("test_agent_swin", dict(strict_img_size=True))])
+@torch.no_grad()
+def test_strict_image_size_is_a_value_error(name, strict):
+    """timm's fixed-size modes (ViT without dynamic_img_size, Swin with strict_img_size) take only img_size; another
+    size is a ValueError naming img_size (timm's PatchEmbed asserts; the zoo pads to whole patches, which would
+    otherwise let 60 px through as 64). The fixed-size model matches the dynamic one at img_size."""
+    model = timm.create_model(name, **strict).eval()
+    dynamic = timm.create_model(name).eval()
+    dynamic.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(model(x), dynamic(x))
+    for size in ((60, 64), (72, 64), (64, 56)):
+        with pytest.raises(ValueError, match=r"img_size=\(64, 64\)"):
+            model(torch.randn(1, 3, *size))
+        with pytest.raises(ValueError, match=r"img_size=\(64, 64\)"):
+            model.forward_intermediates(torch.randn(1, 3, *size))
+        assert dynamic(torch.randn(1, 3, *size)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("name", ["test_agent_deit", "test_agent_pvt", "test_agent_swin"])
+def test_attention_dropout_is_refused_by_name(name):
+    """timm's attn_drop_rate is accepted at 0 and refused otherwise (kernels.attention has no attention dropout),
+    never an unexpected-keyword TypeError."""
+    assert timm.create_model(name, attn_drop_rate=0.0) is not None
+    with pytest.raises(NotImplementedError, match="attn_drop"):
+        timm.create_model(name, attn_drop_rate=0.1)
+
+
 @torch.no_grad()
 def test_agent_pvt_loads_reference_layout_checkpoints():
     """The reference names stages patch_embed1/pos_embed1/block1.0 and splits q / kv; the filter maps them."""

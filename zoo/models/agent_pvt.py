@@ -160,6 +160,7 @@ class AgentPvt(nn.Module):
         drop_rate: dropout before the classifier.
         pos_drop_rate: dropout after adding the position embeddings.
         proj_drop_rate: dropout after the attention/MLP projections.
+        attn_drop_rate: attention dropout; only 0 (timm's argument, refused otherwise: kernels.attention has none).
         drop_path_rate: stochastic depth rate (linear over all blocks).
         norm_layer: the blocks' norm.
         device, dtype: factory kwargs.
@@ -171,11 +172,14 @@ class AgentPvt(nn.Module):
                  mlp_ratios: Sequence[float] = (8.0, 8.0, 4.0, 4.0), qkv_bias: bool = True,
                  sr_ratios: Sequence[int] = (8, 4, 2, 1), agent_sr_ratios: Sequence[int] = (1, 1, 1, 1),
                  agent_num: Sequence[int] = (9, 16, 49, 49), attn_type: str = "AAAA", drop_rate: float = 0.0,
-                 pos_drop_rate: float = 0.0, proj_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 norm_layer=partial(LayerNorm, eps=1e-6), device=None, dtype=None):
+                 pos_drop_rate: float = 0.0, proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, norm_layer=partial(LayerNorm, eps=1e-6), device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         num_stages = len(depths)
+        if attn_drop_rate:
+            raise NotImplementedError(f"attention dropout is not supported by kernels.attention, got "
+                                      f"{attn_drop_rate=}")
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         for name, seq in (("embed_dims", embed_dims), ("agent_num", agent_num)):

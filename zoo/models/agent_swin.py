@@ -174,13 +174,18 @@ class AgentSwinTransformer(SwinTransformer):
                 if kwargs.get("weight_init", "") != "skip":
                     named_apply(partial(init_weights_vit_timm, needs_reset=False), new)
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        # strict_img_size=True: timm's strict patch embedding, refused here with a ValueError (timm asserts)
+        strict = self.patch_embed.strict_img_size and self.patch_embed.img_size is not None
+        check_image_input(x, self.in_chans, fixed_size=self.patch_embed.img_size if strict else None)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_input(x, self.in_chans)
+        self._check_input(x)
         return super().forward_features(x)
 
     def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
         """timm's Swin `forward_intermediates` (NCHW stage outputs), with the input checked first."""
-        check_image_input(x, self.in_chans)
+        self._check_input(x)
         return super().forward_intermediates(x, *args, **kwargs)
 
 
