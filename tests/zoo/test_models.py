@@ -1,4 +1,5 @@
 """The generic suite every registered zoo model passes (after timm's tests/test_models.py)."""
+import copy
 import fnmatch
 import math
 
@@ -332,3 +333,22 @@ def test_model_pretrained_file(name, tmp_path):
     assert all(torch.equal(own[k], ref[k]) for k in same)
     out = model.eval()(x[:, :1])
     assert out.shape == (1, 5) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", TEST_MODELS)
+@torch.no_grad()
+def test_model_prune_intermediate_layers(name):
+    """prune_intermediate_layers (what features_only's getter calls) keeps the requested intermediates unchanged, and
+    the pruned model still runs forward with or without its head (timm drops a head that no longer fits)."""
+    model = timm.create_model(name).eval()
+    x = torch.randn(1, *_contract_size(_cfg(name)))
+    reference = model.forward_intermediates(x, intermediates_only=True)
+    for prune_head in (True, False):
+        pruned = copy.deepcopy(model)
+        assert pruned.prune_intermediate_layers([1], prune_head=prune_head) == [1]
+        (got,) = pruned.forward_intermediates(x, indices=[1], intermediates_only=True)
+        torch.testing.assert_close(got, reference[1])
+        out = pruned(x)
+        assert out.shape[0] == 1 and torch.isfinite(out).all()
+        if prune_head:
+            assert pruned.num_classes == 0

@@ -227,12 +227,14 @@ class UlsamMobileNet(nn.Module):
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
-        """Drop the stages after the last requested intermediate (and the head conv and classifier)."""
+        """Drop the stages after the last requested intermediate, and the head conv and classifier with the head or
+        when stages go (they are sized for the last stage; timm's EfficientNet/ByobNet do the same)."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
         self.stages = self.stages[:max_index + 1]
-        if prune_head:
+        if prune_head or prune_end:
             self.conv_head = nn.Identity()
-            self.num_features = self.feature_info[max_index]["num_chs"]
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
             self.reset_classifier(0, "")
         return take_indices
 
