@@ -352,3 +352,35 @@ def test_model_prune_intermediate_layers(name):
         assert out.shape[0] == 1 and torch.isfinite(out).all()
         if prune_head:
             assert pruned.num_classes == 0
+
+
+@pytest.mark.parametrize("name", TEST_MODELS)
+@torch.no_grad()
+def test_model_eval_is_deterministic_per_sample(name):
+    """In eval mode a forward is repeatable bit for bit and each sample's output does not depend on the rest of the
+    batch (padding, pooling and agent tokens stay per sample)."""
+    model = timm.create_model(name).eval()
+    x = torch.randn(3, *_contract_size(_cfg(name)))
+    out = model(x)
+    assert torch.equal(model(x), out)
+    torch.testing.assert_close(torch.cat([model(x[i:i + 1]) for i in range(3)]), out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n in TEST_MODELS if not _cfg(n).get("fixed_input_size")])
+@torch.no_grad()
+def test_model_feature_maps_at_odd_sizes(name):
+    """At an odd, non-square size forward_intermediates and features_only give maps of ceil(size / reduction)
+    (inputs padded up to whole strides), and features_only's maps are forward_intermediates' ones."""
+    c, h, w = _contract_size(_cfg(name))
+    x = torch.randn(1, c, h - 3, w + 5)
+    rng = torch.get_rng_state()
+    model = timm.create_model(name).eval()
+    info = timm.models.FeatureInfo(model.feature_info, len(model.feature_info))
+    inters = model.forward_intermediates(x, intermediates_only=True)
+    _check_maps(inters, info.channels(), info.reduction(), x.shape[-2:])
+    torch.set_rng_state(rng)  # the same initial weights (features_only wraps the model it builds)
+    features = timm.create_model(name, features_only=True, out_indices=(0, -1)).eval()
+    maps = features(x)
+    _check_maps(maps, features.feature_info.channels(), features.feature_info.reduction(), x.shape[-2:])
+    for got, want in zip(maps, (inters[0], inters[-1])):
+        torch.testing.assert_close(got, want)
