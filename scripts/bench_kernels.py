@@ -671,6 +671,9 @@ AGENT_CASES = (  # name, B, heads, head dim, prefix, grid, agent grid
 )
 
 
+AGENT_CONFIG_KEYS = ("block_n", "warps_1", "stages_1", "block_m", "warps_2", "one_kernel_tokens", "dwc_seq")
+
+
 def _agent_configs():
     """BENCH_AGENT_CONFIGS: launch plans to sweep, each "block_n/warps_1/stages_1/block_m/warps_2/one_kernel_tokens/
     dwc_seq" (aggregate kernel: keys per tile, warps, stages; broadcast: rows per tile (both plans), warps;
@@ -739,8 +742,7 @@ def bench_agent(rows):
                 default, real = dict(triton_agent.CONFIG), triton_agent._agent_broadcast
                 try:
                     for cfg in _agent_configs():  # the fused kernels' block sizes, warps and stages
-                        triton_agent.CONFIG.update(zip(("block_n", "warps_1", "stages_1", "block_m", "warps_2",
-                                                        "one_kernel_tokens", "dwc_seq"), cfg), one_block_m=cfg[3])
+                        triton_agent.CONFIG.update(zip(AGENT_CONFIG_KEYS, cfg), one_block_m=cfg[3])
                         print(f"  {name} fused {cfg}: {_time(fused):.4f} ms", flush=True)
                     triton_agent.CONFIG.update(default)
                     t_fused = _time(fused)
