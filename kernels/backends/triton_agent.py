@@ -134,13 +134,15 @@ def _bias_tile(ptrs, ok, WIDE: tl.constexpr):
 def _dwc_add(out, V, DW, DB, b, h, rows, r_ok, stride_vb, stride_vh, stride_vn, P, GH, GW, offs_dv, dv_ok,
              DV: tl.constexpr, KS: tl.constexpr, HAS_DWB: tl.constexpr, DWC_SEQ: tl.constexpr):
     """out += the KS×KS depthwise conv of V (zero padding) at token `rows` (grid rows only) and its bias.
-    DWC_SEQ: a barrier after each column of taps, so the next column's loads (the same rows shifted by one)
-    are issued after this column's lines reached L1."""
+    The taps sum in their own accumulator, in the loads' register layout: added to `out` (the MMA layout) one by
+    one, every tap cost a layout conversion through shared memory. DWC_SEQ: a barrier after each column of taps,
+    so the next column's loads (the same rows shifted by one) are issued after this column's lines reached L1."""
     v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
     g = rows - P
     gy = g // GW
     gx = g % GW
     on_grid = r_ok & (rows >= P)
+    conv = tl.zeros_like(out)
     for kx in tl.static_range(KS):
         nx = gx + (kx - KS // 2)
         for ky in tl.static_range(KS):
@@ -150,13 +152,13 @@ def _dwc_add(out, V, DW, DB, b, h, rows, r_ok, stride_vb, stride_vh, stride_vn, 
                          mask=ok[:, None] & dv_ok[None, :], other=0.0)
             # the weight rounded to the input dtype, as the conv under autocast uses it
             w = tl.load(DW + (h * DV + offs_dv) * (KS * KS) + ky * KS + kx, mask=dv_ok, other=0.0)
-            out += vn.to(tl.float32) * w.to(V.dtype.element_ty).to(tl.float32)[None, :]
+            conv += vn.to(tl.float32) * w.to(V.dtype.element_ty).to(tl.float32)[None, :]
         if DWC_SEQ:
             tl.debug_barrier()
     if HAS_DWB:
         wb = tl.load(DB + h * DV + offs_dv, mask=dv_ok, other=0.0).to(V.dtype.element_ty)
-        out += tl.where(on_grid[:, None], wb.to(tl.float32)[None, :], 0.0)
-    return out
+        conv += tl.where(on_grid[:, None], wb.to(tl.float32)[None, :], 0.0)
+    return out + conv
 
 
 @triton.jit
