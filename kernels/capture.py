@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .backends import choose_backend
-from .backends.reference import apply_gate, attention_logits, expand_kv, softmax_rows
+from .backends.reference import apply_gate, attention_logits, autocast_off, expand_kv, softmax_rows
 from .checks import check_attention_args
 from .patterns import Dense, Pattern
 
@@ -194,7 +194,7 @@ def _select_bias(bias, q, k, heads, rows, dtype):
 def _explicit(q, k, pattern, bias, scale, heads, rows):
     """Reference logits and probabilities of the selected heads/rows: (logits, probs, lse, visible), in the compute
     dtype (float32, or float64 for float64 inputs) also under `torch.autocast`."""
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device.type):
         return _explicit_fp32(q, k, pattern, bias, scale, heads, rows)
 
 
@@ -358,7 +358,7 @@ class Capture:
                                  f"got shape {tuple(edited.shape)} on {edited.device} for {frame.name!r} call {call}")
             edited = edited.to(probs.dtype)
             v_sel = v.index_select(1, heads // (H // v.shape[1])).to(probs.dtype)  # (B, h, Nk, Dv)
-            with torch.autocast(q.device.type, enabled=False):
+            with autocast_off(q.device.type):
                 out_sel = torch.matmul(edited, v_sel)  # (B, h, r, Dv), in the compute dtype
             if gate is not None:
                 out_sel = apply_gate(out_sel, gate.index_select(1, rows).index_select(2, heads))

@@ -63,7 +63,8 @@ _AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _autocast_inputs(q, k, v):
-    if not isinstance(q, torch.Tensor) or not torch.is_autocast_enabled(q.device.type):
+    if not isinstance(q, torch.Tensor) or not torch.amp.is_autocast_available(q.device.type) \
+            or not torch.is_autocast_enabled(q.device.type):  # (no autocast on meta tensors: asking raises)
         return q, k, v
     dtype = torch.get_autocast_dtype(q.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_FROM else t for t in (q, k, v))

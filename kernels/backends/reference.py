@@ -2,6 +2,8 @@
 against, and the path `kernels.capture` uses."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 NAME = "reference"
@@ -50,11 +52,19 @@ def apply_gate(out, gate):
     return out * torch.sigmoid(g.to(out.dtype))
 
 
+def autocast_off(device_type: str):
+    """`torch.autocast(device_type, enabled=False)`, or nothing where the device has no autocast (meta tensors:
+    entering one raises there)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def attention_reference(q, k, v, pattern=None, bias=None, gate=None, scale=None, return_lse=False):
     """Explicit softmax attention; computed in float32 for half inputs (float64 stays float64), also under
     `torch.autocast` (which would otherwise run the matmuls in half precision)."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device.type):
         qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
         if isinstance(bias, torch.Tensor):
             bias = bias.to(compute)

@@ -274,3 +274,12 @@ def test_rows_hidden_by_a_minus_inf_bias_have_zero_output_and_finite_gradients(b
 def test_pattern_fields_are_type_checked(build, exc, msg):
     with pytest.raises(exc, match=msg):
         build()
+
+
+def test_meta_tensors_give_shapes_without_data():
+    """Shape inference on the meta device (timm's `device='meta'` construction, the Triton cache prebuild): the
+    op and its capture path run without touching autocast, which meta tensors do not have."""
+    q = torch.empty(2, 3, 10, 16, device="meta")
+    v = torch.empty(2, 3, 7, 24, device="meta")
+    out = kernels.attention(q, q[:, :, :7], v, bias=torch.empty(3, 10, 7, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 3, 10, 24)

@@ -235,6 +235,17 @@ def test_model_torch_compile_fullgraph(name):
 TEST_MODELS = [n for n in ALL_MODELS if n.startswith("test_")]
 
 
+@pytest.mark.parametrize("name", TEST_MODELS)
+def test_model_forward_on_meta_tensors(name):
+    """timm's `device='meta'` construction also runs forward (shape inference, no data)."""
+    cfg = _cfg(name)
+    with torch.device("meta"):
+        model = timm.create_model(name).eval()
+    with torch.no_grad():
+        out = model(torch.empty(2, *cfg["input_size"], device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, cfg["num_classes"])
+
+
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_model_group_matcher_and_no_weight_decay(name):
     """timm's optimizer helpers: group_matcher groups every parameter (stem first, classifier last, fine and
