@@ -190,12 +190,14 @@ def _rel_tables(RH, RW, stride_rt, WIN: tl.constexpr, offs_d, D: tl.constexpr, B
 
 
 @triton.jit
-def _rel_query_factor(q, rt, offs_m, QB: tl.constexpr, WIN: tl.constexpr, rel_scale, BLOCK_T: tl.constexpr,
-                      BLOCK_W: tl.constexpr,
-                      DOT_PREC: tl.constexpr):
+def _rel_query_factor(q, rt, offs_m, QB: tl.constexpr, WIN: tl.constexpr, rel_scale, inv_scale,
+                      BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr):
     """HAS_REL: (BM, 2 BLOCK_W) query factor in q's dtype, u[m, c] = rel_scale · q_m · R_h[c - qy(m) + WIN - 1]
     for the row classes c < BLOCK_W, then the same with R_w and qx(m) for the column classes (qy, qx: the query's
-    position in its QB x QB block). Classes >= WIN hold finite values the key factor never selects."""
+    position in its QB x QB block). Classes >= WIN hold finite values the key factor never selects. Under LR_CHAIN
+    also times `inv_scale` (1 / scale), as `_logits_lr` takes it (`_lr_chain_factor` for loaded factors)."""
+    if LR_CHAIN:
+        rel_scale = rel_scale * inv_scale
     t = tl.dot(q, tl.trans(rt), input_precision=DOT_PREC)  # (BM, 2 BLOCK_T) fp32
     c = tl.arange(0, 2 * BLOCK_W)[None, :]
     col = c >= BLOCK_W
@@ -384,7 +386,7 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
     inv_scale = 1.4426950408889634 / qk_scale
     if HAS_REL:
         uq = _rel_query_factor(q, _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T), offs_m, QB, WIN,
-                               rel_scale * inv_scale if LR_CHAIN else rel_scale, BLOCK_T, BLOCK_W, DOT_PREC)
+                               rel_scale, inv_scale, BLOCK_T, BLOCK_W, LR_CHAIN, DOT_PREC)
     elif HAS_LR:
         uq = _lr_chain_factor(_load_rows(QF + b * stride_qfb + h * stride_qfh, q_rows, stride_qfn, offs_r, NQ, R,
                                          BLOCK_R, not GRID_MODE), inv_scale, LR_CHAIN)
@@ -529,7 +531,7 @@ def _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_
         inv_scale = 1.4426950408889634 / qk_scale
         if HAS_REL:
             uq = _rel_query_factor(q, _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T), offs_m, QB,
-                                   WIN, rel_scale * inv_scale if LR_CHAIN else rel_scale, BLOCK_T, BLOCK_W, DOT_PREC)
+                                   WIN, rel_scale, inv_scale, BLOCK_T, BLOCK_W, LR_CHAIN, DOT_PREC)
             uq_s = uq
         else:
             uq = _load_rows(qf_base, offs_m, stride_qfn, offs_r, NQ, R, BLOCK_R, check)
@@ -763,7 +765,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
     uq = q  # the query factor as the logits take it (pre-scaled under LR_CHAIN); dU_q does not depend on it
     if HAS_REL:
         uq = _rel_query_factor(q, _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T), offs_m, QB, WIN,
-                               rel_scale / sm_scale if LR_CHAIN else rel_scale, BLOCK_T, BLOCK_W, DOT_PREC)
+                               rel_scale, 1.0 / sm_scale, BLOCK_T, BLOCK_W, LR_CHAIN, DOT_PREC)
     elif HAS_LR:
         uq = _lr_chain_factor(_load_rows(QF + b * stride_qfb + h * stride_qfh, offs_m, stride_qfn, offs_r, NQ, R,
                                          BLOCK_R, True), 1.0 / sm_scale, LR_CHAIN)

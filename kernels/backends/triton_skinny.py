@@ -146,7 +146,7 @@ def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
     rt = 0.0
     if HAS_REL:
         rt = _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T)
-    uq_scale = rel_scale * 1.4426950408889634 / qk_scale if LR_CHAIN else rel_scale
+    inv_scale = 1.4426950408889634 / qk_scale
     for it in range(lo, hi):
         bh = it // NQB
         mb = it % NQB
@@ -158,7 +158,7 @@ def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
         q = _ld(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, NQ, D, BLOCK_D)
         uq = 0.0
         if HAS_REL:
-            uq = _rel_query_factor(q, rt, offs_m, QB, WIN, uq_scale, BLOCK_T, BLOCK_W, DOT_PREC)
+            uq = _rel_query_factor(q, rt, offs_m, QB, WIN, rel_scale, inv_scale, BLOCK_T, BLOCK_W, LR_CHAIN, DOT_PREC)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -224,7 +224,7 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
     if HAS_REL:
         rt = _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T)
         dr = tl.zeros([2 * BLOCK_T, BLOCK_D], tl.float32)  # both tables' gradient, R_h's rows then R_w's
-    uq_scale = rel_scale / sm_scale if LR_CHAIN else rel_scale
+    inv_scale = 1.4426950408889634 / qk_scale
     for it in range(lo, hi):
         bh = it // NQB
         mb = it % NQB
@@ -251,7 +251,7 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
         uq = 0.0
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         if HAS_REL:
-            uq = _rel_query_factor(q, rt, offs_m, QB, WIN, uq_scale, BLOCK_T, BLOCK_W, DOT_PREC)
+            uq = _rel_query_factor(q, rt, offs_m, QB, WIN, rel_scale, inv_scale, BLOCK_T, BLOCK_W, LR_CHAIN, DOT_PREC)
             duq = tl.zeros([BLOCK_M, 2 * BLOCK_W], tl.float32)
         for c in range(0, KEY_CHUNKS):
             offs_nc, col_ok, k, v, uk, s = _key_chunk(
