@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 
 from . import triton_attention as ta
-from .triton_kernels import (_logits_lr, _rel_key_factor, _rel_query_factor, _rel_table_logit_grad, _rel_tables,
-                             gate_backward, online_softmax_update)
+from .triton_kernels import (_logits_lr, _rel_key_factor, _rel_query_factor, _rel_rows, _rel_table_logit_grad,
+                             _rel_tables, gate_backward, online_softmax_update)
 
 CALLS = collections.Counter()
 _FORCE = {}  # interpreter tests: {"keys_mode": "flat" | "res", "block_m": int, "key_chunk": int, "block_n": int}
@@ -188,7 +188,7 @@ def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
 
 
 @triton.jit
-def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG, DRH, DRW,
+def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG, DRT,
               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
               stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
               stride_dqb, stride_dqh, stride_dqn, stride_bb, stride_bh, stride_bm, stride_bn,
@@ -295,12 +295,10 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
                  mask=col_ok[:, None] & (offs_d < D)[None, :])
         tl.store(DV_ + split * stride_dvs + b0 * stride_dvb + h0 * stride_dvh + offs_n[:, None] * stride_dvn +
                  offs_dv[None, :], dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & cols[None, :])
-    if HAS_REL:  # per-program partials (2 WIN - 1, D) of each table, summed in torch
-        r = tl.arange(0, 2 * BLOCK_T)
-        t = tl.where(r >= BLOCK_T, r - BLOCK_T, r)
-        offs = pid.to(tl.int64) * (2 * WIN - 1) * D + t[:, None] * D + offs_d[None, :]
-        tl.store(tl.where((r >= BLOCK_T)[:, None], DRW + offs, DRH + offs), dr,
-                 mask=(t < 2 * WIN - 1)[:, None] & (offs_d < D)[None, :])
+    if HAS_REL:  # per-program partials (2 (2 WIN - 1), D) of both tables (R_h's rows, then R_w's), summed in torch
+        _, _, packed, valid = _rel_rows(WIN, BLOCK_T)
+        offs = pid.to(tl.int64) * (2 * (2 * WIN - 1)) * D + packed[:, None] * D + offs_d[None, :]
+        tl.store(DRT + offs, dr, mask=valid[:, None] & (offs_d < D)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -662,15 +660,13 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
     store_db = need_db and bias is not None
     db = ta._new(B, H, NQ, NK, like=q, dtype=ta.ds_dtype(bias_k, (B, H, NQ, NK))) if store_db else None
     sdb = ta._bstrides(db)
-    drel = None
-    if rel is not None:
-        drel = (torch.empty(nprog, rel.nt, D, device=q.device, dtype=f32),
-                torch.empty(nprog, rel.nt, D, device=q.device, dtype=f32))
+    # the tables' gradient: per-program partials of both, R_h's rows then R_w's (as the general dQ kernel's dT)
+    drt = None if rel is None else torch.empty(nprog, 2 * rel.nt, D, device=q.device, dtype=f32)
     CALLS["keys_bwd_" + mode + ("_chunked" if key_chunks > 1 else "") + ("_rel" if rel is not None else "")] += 1
     _keys_bwd[(nprog,)](
         q, k, v, out, do, lse, dlse if dlse is not None else lse, bias_k if bias_k is not None else q,
         g4 if g4 is not None else q, DQ=dq, DK=dk, DV_=dv, DB=db if db is not None else lse,
-        DG=dg if dg is not None else lse, DRH=drel[0] if drel else lse, DRW=drel[1] if drel else lse,
+        DG=dg if dg is not None else lse, DRT=drt if drt is not None else lse,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
         stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
@@ -695,8 +691,8 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
     else:  # sum the per-program partials and the GQA group
         dk = dk.sum(0).reshape(B, HKV, GROUP, NK, D).sum(2).to(q.dtype)
         dv = dv.sum(0).reshape(B, HKV, GROUP, NK, DV).sum(2).to(q.dtype)
-    if drel is not None:
-        drel = (drel[0].sum(0), drel[1].sum(0))
+    # two sums (as many launches as the two buffers took), separate outputs: a custom op's must not alias
+    drel = None if drt is None else (drt[:, :rel.nt].sum(0), drt[:, rel.nt:].sum(0))
     return dq, dk, dv, db, dg, drel
 
 
