@@ -23,12 +23,11 @@ latency with nothing to overlap (0.86 TB/s on an H200 where SDPA reaches 1.58). 
   once per query block, dq += dT · RT, dRT += dTᵀ · q accumulated per program (fp32 partials summed in torch).
 
 Dispatch lives in `triton_attention` (`_skinny_kind`, ATTNZOO_SKINNY, ATTNZOO_RELPOS; the general kernels also
-compute the rel-pos term, and the two are tuned against each other). `CALLS` counts launches per kernel, and
-`general_fwd_rel` / `general_bwd_rel` the general kernels' rel-pos launches (tests assert which path ran).
+compute the rel-pos term, and the two are tuned against each other). Launches are counted in
+`triton_attention.CALLS`, per kernel and mode (tests assert which path ran).
 """
 from __future__ import annotations
 
-import collections
 from typing import List, Optional, Tuple
 
 import torch
@@ -36,10 +35,10 @@ import triton
 import triton.language as tl
 
 from . import triton_attention as ta
+from .triton_attention import CALLS
 from .triton_kernels import (_logits_lr, _rel_key_factor, _rel_query_factor, _rel_rows, _rel_table_logit_grad,
                              _rel_tables, gate_backward, online_softmax_update)
 
-CALLS = collections.Counter()
 _FORCE = {}  # interpreter tests: {"keys_mode": "flat" | "res", "block_m": int, "key_chunk": int, "block_n": int}
 
 

@@ -1,6 +1,6 @@
 """The skinny kernels (kernels/backends/triton_skinny.py) and the in-kernel HaloNet relative-position bias, against
 a float64 reference under Triton's CPU interpreter (float16/float32; bf16 is checked on the GPU by
-scripts/bench_kernels.py). Every case also asserts which kernel ran (`triton_skinny.CALLS`)."""
+scripts/bench_kernels.py). Every case also asserts which kernel ran (`triton_attention.CALLS`)."""
 import math
 import os
 
@@ -34,6 +34,13 @@ def _sk():
     return triton_skinny
 
 
+def _calls():
+    """Launches per kernel path (`triton_attention.CALLS`)."""
+    from kernels.backends import triton_attention
+
+    return triton_attention.CALLS
+
+
 def _rel(x, ref):
     return ((x.double() - ref).norm() / ref.norm()).item()
 
@@ -45,9 +52,9 @@ def _rand(*shape, dtype, scale=1.0):
 def _check(B, H, HKV, NQ, NK, D, DV, dtype, bias_fn=None, gate_shape=None, lse_grad=False, expect=(),
            pattern=None):
     """Triton vs float64: out, lse, and the gradients of q, k, v, gate and the bias leaves; `expect` names the
-    `triton_skinny.CALLS` entries that must have run."""
-    sk = _sk()
-    before = dict(sk.CALLS)
+    `triton_attention.CALLS` entries that must have run."""
+    calls = _calls()
+    before = dict(calls)
     q, k, v = _rand(B, H, NQ, D, dtype=dtype), _rand(B, HKV, NK, D, dtype=dtype), _rand(B, HKV, NK, DV, dtype=dtype)
     gate = None if gate_shape is None else _rand(*gate_shape, dtype=dtype)
     bias, bias_leaves = (None, []) if bias_fn is None else bias_fn(lambda *s, dt=dtype: _rand(*s, dtype=dt))
@@ -81,7 +88,7 @@ def _check(B, H, HKV, NQ, NK, D, DV, dtype, bias_fn=None, gate_shape=None, lse_g
         assert g is not None and g.shape == rg.shape, name
         assert torch.isfinite(g).all(), f"{name} not fully written"
         assert _rel(g, rg) < tol, (name, _rel(g, rg))
-    ran = {key for key, n in sk.CALLS.items() if n > before.get(key, 0)}
+    ran = {key for key, n in calls.items() if n > before.get(key, 0)}
     assert set(expect) <= ran, (expect, ran)
     return ran
 
@@ -177,8 +184,7 @@ def test_few_keys_chunked_forward_several_query_blocks(force):
 def test_few_keys_fully_masked_row():
     # a -inf bias on every key of query row 5: zero output, lse = -inf, no gradient from that row; the other rows
     # must match the float64 reference of the problem without row 5
-    sk = _sk()
-    n0 = sk.CALLS["keys_bwd_res"]
+    n0 = _calls()["keys_bwd_res"]
     dt = torch.float32
     q, k, v = _rand(1, 2, 21, 16, dtype=dt), _rand(1, 2, 18, 16, dtype=dt), _rand(1, 2, 18, 16, dtype=dt)
     leaf = _rand(1, 2, 21, 18, dtype=dt)
@@ -197,7 +203,7 @@ def test_few_keys_fully_masked_row():
     assert torch.equal(grads[3][:, :, 5], torch.zeros_like(grads[3][:, :, 5]))
     for g, rg in zip(grads, rgrads):
         assert _rel(g, rg) < TOL[dt]
-    assert sk.CALLS["keys_bwd_res"] == n0 + 1
+    assert _calls()["keys_bwd_res"] == n0 + 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -296,10 +302,10 @@ def test_relpos_in_kernel_under_torch_compile(path, monkeypatch, no_lowering):
     def f(q, k, v, th, tw):
         return kernels.attention(q, k, v, bias=kernels.RelPosBias(hb, (th, tw), scale=0.5), backend="triton")
 
-    before = dict(_sk().CALLS)
+    before = dict(_calls())
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, th, tw)
     grads = torch.autograd.grad(out.float().square().sum(), (q, k, v, th, tw))
-    assert {key for key, n in _sk().CALLS.items() if n > before.get(key, 0)} == expect
+    assert {key for key, n in _calls().items() if n > before.get(key, 0)} == expect
     leaves = [x.detach().double().requires_grad_() for x in (q, k, v, th, tw)]
     ref = attention_reference(*leaves[:3], bias=kernels.RelPosBias(hb, leaves[3:], scale=0.5))
     rgrads = torch.autograd.grad(ref.square().sum(), leaves)
