@@ -723,9 +723,12 @@ def _autotune(key, candidates, run) -> tuple:
 _TIMINGS: Dict[tuple, Dict[tuple, float]] = {}  # per tune key: best time (ms) of every config tried
 
 
-def _feats(bias, qf, gate):
+def _feats(bias, qf, gate, q, rel=None):
+    """Tune-key features of the optional terms. The in-kernel rel-pos term's: its geometry and the (b, h) count
+    (the few-keys kernels it is tuned against walk (b, h) items)."""
     return ("bias" if bias is not None else "", _block_d(qf.shape[-1]) if qf is not None else 0,
-            "gate" if gate is not None else "")
+            "gate" if gate is not None else "") + \
+        (() if rel is None else ("rel", rel.qb, rel.win, _next_pow2(q.shape[0] * q.shape[1])))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -739,10 +742,10 @@ def _skinny_mode() -> str:
     return "old" if mode == "0" else ("new" if mode == "1" else mode)
 
 
-def _skinny_kind(pattern, q, k, v, qf) -> Optional[str]:
+def _skinny_kind(pattern, q, k, v, qf, rel=None) -> Optional[str]:
     """"keys" (Nk fits one tile: Nk <= 256 at head dims <= 64, <= 64 at <= 128), "queries" (H/Hkv · Nq <= 256
-    rows and more keys than that), or None (general kernels). Dense pattern, dense bias or none, no low-rank
-    factors."""
+    rows and more keys than that; not with the in-kernel rel-pos term `rel`), or None (general kernels). Dense
+    pattern, dense bias or none, no low-rank factors."""
     if _skinny_mode() == "old" or qf is not None or not isinstance(pattern, Dense):
         return None
     bd = max(_block_d(q.shape[-1]), _block_d(v.shape[-1]))
@@ -750,14 +753,14 @@ def _skinny_kind(pattern, q, k, v, qf) -> Optional[str]:
     nk, rows = k.shape[2], q.shape[1] // k.shape[1] * q.shape[2]
     if nk <= max_keys:
         return "keys"
-    if bd <= 128 and rows <= 256:
+    if bd <= 128 and rows <= 256 and rel is None:
         return "queries"
     return None
 
 
-def _skinny_feat(pattern, q, k, v, qf) -> tuple:
+def _skinny_feat(pattern, q, k, v, qf, rel=None) -> tuple:
     """The tune-key feature of the skinny kernels: (kind, mode), or () when they do not apply."""
-    kind = _skinny_kind(pattern, q, k, v, qf)
+    kind = _skinny_kind(pattern, q, k, v, qf, rel)
     return () if kind is None else (kind, _skinny_mode())
 
 
@@ -776,41 +779,47 @@ def _with_skinny(cands, backward: bool, sk_feat: tuple, q, k, v):
     return sc if mode == "new" else sc + list(cands)
 
 
-def _skinny_run(cfg, backward, q, k, v, bias, gate, scale, do=None, out=None, lse=None, dlse=None, need_db=False):
-    """Run a skinny config; returns (identity problem, results in the general launchers' form)."""
+def _skinny_run(cfg, backward, q, k, v, bias, gate, scale, do=None, out=None, lse=None, dlse=None, need_db=False,
+                rel=None):
+    """Run a skinny config; returns (identity problem, results in the form of `_forward`'s / `_backward`'s runs)."""
     from . import triton_skinny as sk
 
     prob = _Problem(Dense(), q.shape[2], k.shape[2], 64, 64, q.device)
     kind, c = cfg[1], cfg[2]
     if not backward:
-        fn = sk.keys_forward if kind == "keys" else sk.queries_forward
-        return prob, fn(q, k, v, bias, gate, scale, c)
+        if kind == "keys":
+            return prob, sk.keys_forward(q, k, v, bias, gate, scale, c, rel)
+        return prob, sk.queries_forward(q, k, v, bias, gate, scale, c)
     if kind == "keys":
-        dq, dk, dv, db, dg, _ = sk.keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, c, need_db)
-    else:
+        dq, dk, dv, db, dg, drel = sk.keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, c, need_db, rel)
+    else:  # never with `rel` (`_skinny_kind`)
         dq, dk, dv, db, dg = sk.queries_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, c, need_db)
-    return prob, (dq, dk, dv, db, None, None, dg)
+        drel = None
+    return prob, (dq, dk, dv, db, *(drel or (None, None)), dg)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # forward / backward on the original (B, H, N, D) layout
 
 
-def _forward(q, k, v, bias, qf, kf, gate, pattern, scale):
+def _forward(q, k, v, bias, qf, kf, gate, pattern, scale, rel: Optional[Rel] = None):
+    """(out, lse); `rel`: HaloNet's rel-pos tables for the in-kernel term (Dense pattern, no bias or factors)."""
     nq, nk = q.shape[2], k.shape[2]
 
     def run(cfg):
         """(out, lse) in token order; a grid config's permuted copies are part of its call (and of its time when
         tuned: in-place and permuted inputs compete)."""
         if cfg[0] == "skinny":  # kernels.backends.triton_skinny: few keys / few queries
-            return _skinny_run(cfg, False, q, k, v, bias, gate, scale)[1]
+            return _skinny_run(cfg, False, q, k, v, bias, gate, scale, rel=rel)[1]
+        if rel is not None:
+            CALLS["general_fwd_rel"] += 1
         prob = _problem(pattern, nq, nk, cfg, q.device)
         ins = (prob.q_in(q), prob.k_in(k), prob.k_in(v))
-        out, lse = _launch_fwd(*ins, _Extras(prob, ins[0], bias, qf, kf, gate, nq, nk), prob, scale, cfg)
+        out, lse = _launch_fwd(*ins, _Extras(prob, ins[0], bias, qf, kf, gate, nq, nk, rel), prob, scale, cfg)
         return prob.q_out(out), prob.q_out(lse[..., None])[..., 0]
 
-    sk_feat = _skinny_feat(pattern, q, k, v, qf)
-    cfg = _autotune(_tune_key("fwd", pattern, q, k, v, _feats(bias, qf, gate) + sk_feat),
+    sk_feat = _skinny_feat(pattern, q, k, v, qf, rel)
+    cfg = _autotune(_tune_key("fwd", pattern, q, k, v, _feats(bias, qf, gate, q, rel) + sk_feat),
                     lambda: _with_tile_costs(pattern, _with_skinny(
                         _skinny_candidates(_fwd_candidates(q.shape[-1], v.shape[-1]), nk), False, sk_feat, q, k, v)),
                     run)
@@ -825,13 +834,19 @@ def _reduce_to(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return g.to(like.dtype)
 
 
-def _backward(do, q, k, v, out, lse, dlse, bias, qf, kf, gate, pattern, scale, need_db, need_lr):
+def _backward(do, q, k, v, out, lse, dlse, bias, qf, kf, gate, pattern, scale, need_db, need_lr,
+              rel: Optional[Rel] = None):
+    """(dq, dk, dv, dbias, dqf, dkf, dgate); under `rel` (as `_forward`, with `need_lr`) the tables' gradients
+    d R_h and d R_w take dqf's and dkf's places."""
     nq, nk = q.shape[2], k.shape[2]
     cache = {}
 
     def run(cfg):
+        """(problem, (dq, dk, dv, db, dU_q | d R_h, dU_k | d R_w, dg)) in kernel order."""
         if cfg[0] == "skinny":  # kernels.backends.triton_skinny: few keys / few queries
-            return _skinny_run(cfg, True, q, k, v, bias, gate, scale, do, out, lse, dlse, need_db)
+            return _skinny_run(cfg, True, q, k, v, bias, gate, scale, do, out, lse, dlse, need_db, rel)
+        if rel is not None:
+            CALLS["general_bwd_rel"] += 1
         prob = _problem(pattern, nq, nk, cfg, q.device)
         ck = (cfg[:2], cfg[4:]) if prob.grid else None
         ins = cache.get(ck)
@@ -840,12 +855,16 @@ def _backward(do, q, k, v, out, lse, dlse, bias, qf, kf, gate, pattern, scale, n
             ins = (prob.q_in(do), qp, prob.k_in(k), prob.k_in(v), prob.q_in(out),
                    prob.q_in(lse[..., None])[..., 0].contiguous(),
                    None if dlse is None else prob.q_in(dlse.float()[..., None])[..., 0].contiguous(),
-                   _Extras(prob, qp, bias, qf, kf, gate, nq, nk))
+                   _Extras(prob, qp, bias, qf, kf, gate, nq, nk, rel))
             cache[ck] = ins
-        return prob, _launch_bwd(*ins, prob, scale, cfg, need_db, need_lr)
+        dq, dk, dv, db, duq, duk, dg = _launch_bwd(*ins, prob, scale, cfg, need_db, need_lr)
+        if rel is not None:  # the dQ kernel stored dT: the tables' gradient is one GEMM (R_h's rows, then R_w's)
+            dr = torch.einsum("bhnt,bhnd->td", duq.to(q.dtype), q)
+            duq, duk = dr[:rel.nt].clone(), dr[rel.nt:].clone()  # a custom op's outputs must not alias
+        return prob, (dq, dk, dv, db, duq, duk, dg)
 
-    sk_feat = _skinny_feat(pattern, q, k, v, qf)
-    feats = _feats(bias, qf, gate) + (need_db,) + sk_feat
+    sk_feat = _skinny_feat(pattern, q, k, v, qf, rel)
+    feats = _feats(bias, qf, gate, q, rel) + (need_db,) + sk_feat
     cfg = _autotune(_tune_key("bwd", pattern, q, k, v, feats),
                     lambda: _with_tile_costs(pattern, _with_skinny(
                         _skinny_candidates(_bwd_candidates(q.shape[-1], v.shape[-1]), nk), True, sk_feat, q, k, v),
@@ -856,7 +875,9 @@ def _backward(do, q, k, v, out, lse, dlse, bias, qf, kf, gate, pattern, scale, n
     dbias = dqf = dkf = dgate = None
     if db is not None:
         dbias = _reduce_to(prob.bias_out(db), bias)
-    if qf is not None and need_lr:
+    if rel is not None:
+        dqf, dkf = duq.to(rel.rh.dtype), duk.to(rel.rw.dtype)
+    elif qf is not None and need_lr:
         dqf = _reduce_to(prob.q_out(duq), qf)
         dkf = _reduce_to(prob.k_out(duk), kf)
     if dg is not None:
@@ -963,72 +984,14 @@ _AttentionFunction = _eager_twin("_AttentionFunction", _attention_fwd_impl, _set
 
 # HaloNet's relative-position bias on the blocked layout, computed inside the kernels: the general ones (`HAS_REL`)
 # and, for few keys, the few-keys kernels of `triton_skinny` (autotune candidates of one key, as `ATTNZOO_SKINNY`
-# says); ATTNZOO_RELPOS=lowrank keeps the torch lowering to low-rank factors
-
-
-def _relpos_candidates(q, k, v, backward: bool) -> List[tuple]:
-    base = (_bwd_candidates if backward else _fwd_candidates)(q.shape[-1], v.shape[-1])
-    sk_feat = _skinny_feat(Dense(), q, k, v, None)
-    if sk_feat and sk_feat[0] != "keys":  # the few-queries kernels have no rel-pos term
-        sk_feat = ()
-    return _with_skinny(_skinny_candidates(base, k.shape[2]), backward, sk_feat, q, k, v)
-
-
-def _relpos_tune_key(kind, q, k, v, rel, gate) -> tuple:
-    return (kind, rel.qb, rel.win, q.shape[-1], v.shape[-1], q.dtype, q.shape[1] != k.shape[1], gate is not None,
-            _next_pow2(q.shape[0] * q.shape[1]), _skinny_mode())
-
-
-def _relpos_run_fwd(q, k, v, rel, gate, scale):
-    """(out, lse) of attention with the in-kernel rel-pos logits of `rel`."""
-    from . import triton_skinny as sk
-
-    nq, nk = q.shape[2], k.shape[2]
-
-    def run(cfg):
-        if cfg[0] == "skinny":
-            return sk.keys_forward(q, k, v, None, gate, scale, cfg[2], rel)
-        CALLS["general_fwd_rel"] += 1
-        prob = _problem(Dense(), nq, nk, cfg, q.device)
-        qp = prob.q_in(q)
-        return _launch_fwd(qp, prob.k_in(k), prob.k_in(v), _Extras(prob, qp, None, None, None, gate, nq, nk, rel),
-                           prob, scale, cfg)
-
-    return run(_autotune(_relpos_tune_key("relpos_fwd", q, k, v, rel, gate),
-                         lambda: _relpos_candidates(q, k, v, False), run))
-
-
-def _relpos_run_bwd(do, q, k, v, out, lse, dlse, rel, gate, scale):
-    """(dq, dk, dv, d R_h, d R_w, dgate | None) of `_relpos_run_fwd`."""
-    from . import triton_skinny as sk
-
-    nq, nk = q.shape[2], k.shape[2]
-
-    def run(cfg):
-        if cfg[0] == "skinny":
-            dq, dk, dv, _, dg, (drh, drw) = sk.keys_backward(do, q, k, v, out, lse, dlse, None, gate, scale, cfg[2],
-                                                             False, rel)
-            return dq, dk, dv, drh, drw, dg
-        CALLS["general_bwd_rel"] += 1
-        prob = _problem(Dense(), nq, nk, cfg, q.device)
-        qp = prob.q_in(q)
-        ex = _Extras(prob, qp, None, None, None, gate, nq, nk, rel)
-        dq, dk, dv, _, dt, _, dg = _launch_bwd(prob.q_in(do), qp, prob.k_in(k), prob.k_in(v), prob.q_in(out),
-                                               lse.contiguous(), None if dlse is None else dlse.float().contiguous(),
-                                               ex, prob, scale, cfg, False, True)
-        dr = torch.einsum("bhnt,bhnd->td", dt.to(q.dtype), q)  # the tables' gradient, R_h's rows then R_w's
-        return dq, dk, dv, dr[:rel.nt].clone(), dr[rel.nt:].clone(), dg  # a custom op's outputs must not alias
-
-    cfg = _autotune(_relpos_tune_key("relpos_bwd", q, k, v, rel, gate), lambda: _relpos_candidates(q, k, v, True),
-                    run)
-    dq, dk, dv, drh, drw, dg = run(cfg)
-    return dq, dk, dv, drh.to(rel.rh.dtype), drw.to(rel.rw.dtype), None if dg is None else _gate_grad(dg, gate)
+# says; `_forward`/`_backward` with `rel` dispatch both); ATTNZOO_RELPOS=lowrank keeps the torch lowering to low-rank
+# factors
 
 
 def _relpos_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rh: torch.Tensor, rw: torch.Tensor,
                    gate: Optional[torch.Tensor], qb: int, win: int, rel_scale: float,
                    scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _relpos_run_fwd(q, k, v, Rel(rh, rw, qb, win, rel_scale), gate, scale)
+    out, lse = _forward(q, k, v, None, None, None, gate, Dense(), scale, Rel(rh, rw, qb, win, rel_scale))
     return out.contiguous(), lse.contiguous()
 
 
@@ -1045,8 +1008,9 @@ def _relpos_bwd_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    lse: torch.Tensor, dlse: Optional[torch.Tensor], rh: torch.Tensor, rw: torch.Tensor,
                    gate: Optional[torch.Tensor], qb: int, win: int, rel_scale: float,
                    scale: float) -> List[torch.Tensor]:
-    grads = _relpos_run_bwd(do, q, k, v, out, lse, dlse, Rel(rh, rw, qb, win, rel_scale), gate, scale)
-    return [g.contiguous() if g is not None else q.new_empty(0) for g in grads]
+    dq, dk, dv, _, drh, drw, dg = _backward(do, q, k, v, out, lse, dlse, None, None, None, gate, Dense(), scale, False,
+                                            True, Rel(rh, rw, qb, win, rel_scale))
+    return [g.contiguous() if g is not None else q.new_empty(0) for g in (dq, dk, dv, drh, drw, dg)]
 
 
 _relpos_bwd_op = torch.library.custom_op("attnzoo::relpos_bwd", mutates_args=())(_relpos_bwd_impl)
