@@ -8,7 +8,7 @@
 # skinny2,relpos,bias,gate,na2d; KERNELS_CHECK=1 runs the GPU checks first),
 # models (bench_models, all cases, --profile), halonet (bench_models: the HaloNet cases), agent (bench_models:
 # the Agent cases, inference, --profile), agenttrain (the same, training), pipelines (bench_pipelines), checks
-# (bench_kernels' GPU checks only, via --only gate). Default limit per step: 240 s. Set-up: the wheels in .whl/ (sh ../shared/tools/device-wheels.sh)
+# (bench_kernels' issue-4 GPU checks, via --only gate), corechecks (its issue-3 GPU checks alone). Default limit per step: 240 s. Set-up: the wheels in .whl/ (sh ../shared/tools/device-wheels.sh)
 # go to /tmp/site; a carried .device-cache.tar.xz (scripts/prebuild_triton_cache.py) is unpacked to
 # /tmp/triton-cache, and the log says how many kernels each step had to compile (new cache entries).
 set -u
@@ -44,6 +44,8 @@ run_step() {
         kernels) timeout "$limit" python3 -u scripts/bench_kernels.py $([ -n "${KERNELS_CHECK:-}" ] || echo --skip-check) \
                  --only "${KERNELS_ONLY:-skinny2,relpos,bias,gate,na2d}" --name kernels_run --out "$OUT" ;;
         checks) timeout "$limit" python3 -u scripts/bench_kernels.py --only gate --name kernels_checks --out "$OUT" ;;
+        corechecks) timeout "$limit" python3 -u -c "import sys; sys.path.insert(0, 'scripts'); import bench_kernels as bk; \
+sys.exit(0 if bk.run_checks() else 1)" ;;
         models) timeout "$limit" python3 -u scripts/bench_models.py --out "$OUT" --profile "$OUT/prof" ;;
         halonet) timeout "$limit" python3 -u scripts/bench_models.py --out "$OUT" \
                  --cases halonet50ts halonet26t "accelerate(halonet26t)" ;;
