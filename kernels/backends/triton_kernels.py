@@ -179,12 +179,12 @@ def _ranges_q(pid_m, NQ, NK, OFF, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: t
 @triton.jit
 def _rel_rows(WIN: tl.constexpr, BLOCK_T: tl.constexpr):
     """HAS_REL: the 2 BLOCK_T rows of a table tile (R_h on rows [0, BLOCK_T), R_w on [BLOCK_T, 2 BLOCK_T)), as
-    (second: an R_w row, t: its row in that table, packed: its row in both tables stacked, R_h's 2 WIN - 1 rows
-    then R_w's (the layout of dT and of the tables' gradient), valid: t < 2 WIN - 1, not padding)."""
+    (second: an R_w row, t: its row in that table (padding where t >= 2 WIN - 1), packed: its row in both tables
+    stacked, R_h's 2 WIN - 1 rows then R_w's: the layout of dT and of the tables' gradient)."""
     r = tl.arange(0, 2 * BLOCK_T)
     second = r >= BLOCK_T
     t = tl.where(second, r - BLOCK_T, r)
-    return second, t, t + tl.where(second, 2 * WIN - 1, 0), t < 2 * WIN - 1
+    return second, t, t + tl.where(second, 2 * WIN - 1, 0)
 
 
 @triton.jit
@@ -192,10 +192,10 @@ def _rel_tables(RH, RW, stride_rt, WIN: tl.constexpr, offs_d, D: tl.constexpr, B
                 BLOCK_T: tl.constexpr):
     """HAS_REL: the (2 BLOCK_T, BLOCK_D) tile RT of both (2 WIN - 1, D) tables (rows as `_rel_rows`),
     zero-padded."""
-    second, t, _, valid = _rel_rows(WIN, BLOCK_T)
+    second, t, _ = _rel_rows(WIN, BLOCK_T)
     offs = t[:, None] * stride_rt + offs_d[None, :]
     ptrs = tl.where(second[:, None], RW + offs, RH + offs)
-    return tl.load(ptrs, mask=valid[:, None] & (offs_d < D)[None, :], other=0.0)
+    return tl.load(ptrs, mask=(t < 2 * WIN - 1)[:, None] & (offs_d < D)[None, :], other=0.0)
 
 
 @triton.jit
@@ -829,10 +829,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
         dt = _rel_table_logit_grad(duq, offs_m, QB, WIN, rel_scale, BLOCK_T, BLOCK_W)
         rt = _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T)  # reloaded: not live in the loop
         dq += tl.dot(dt.to(rt.dtype), rt, input_precision=DOT_PREC)
-        _, _, packed, valid = _rel_rows(WIN, BLOCK_T)
+        _, t, packed = _rel_rows(WIN, BLOCK_T)
         dt_ptrs = DUQ + pid_s.to(tl.int64) * stride_duqs + b * stride_duqb + h * stride_duqh + \
             offs_m[:, None] * stride_duqn + packed[None, :]
-        tl.store(dt_ptrs, dt.to(DUQ.dtype.element_ty), mask=rows[:, None] & valid[None, :])
+        tl.store(dt_ptrs, dt.to(DUQ.dtype.element_ty), mask=rows[:, None] & (t < 2 * WIN - 1)[None, :])
     dq_ptrs = DQ + pid_s.to(tl.int64) * stride_dqs + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + \
         offs_d[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=rows[:, None] & (offs_d < D)[None, :])

@@ -295,9 +295,9 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
         tl.store(DV_ + split * stride_dvs + b0 * stride_dvb + h0 * stride_dvh + offs_n[:, None] * stride_dvn +
                  offs_dv[None, :], dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & cols[None, :])
     if HAS_REL:  # per-program partials (2 (2 WIN - 1), D) of both tables (R_h's rows, then R_w's), summed in torch
-        _, _, packed, valid = _rel_rows(WIN, BLOCK_T)
+        _, t, packed = _rel_rows(WIN, BLOCK_T)
         offs = pid.to(tl.int64) * (2 * (2 * WIN - 1)) * D + packed[:, None] * D + offs_d[None, :]
-        tl.store(DRT + offs, dr, mask=valid[:, None] & (offs_d < D)[None, :])
+        tl.store(DRT + offs, dr, mask=(t < 2 * WIN - 1)[:, None] & (offs_d < D)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------
