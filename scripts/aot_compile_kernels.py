@@ -106,7 +106,7 @@ from kernels.backends import triton_skinny as sk
 from kernels.backends import triton_attention as ta
 
 SMEM_LIMIT = 232448
-SK_PTR = dict(PTR, DLSE="*fp32", DB="*fp32", DG="*bf16", DRH="*fp32", DRW="*fp32", RH="*bf16", RW="*bf16")
+SK_PTR = dict(PTR, DLSE="*fp32", DB="*fp32", DG="*bf16", DRT="*fp32", RH="*bf16", RW="*bf16")
 over = []
 
 

@@ -502,7 +502,7 @@ REL_GENERAL_ENV = dict(ATTNZOO_SKINNY="old", ATTNZOO_RELPOS="kernel")  # the gen
 
 
 def rel_general_check_cases():
-    """GPU checks of the general kernels' in-kernel rel-pos (`REL`, under REL_GENERAL_ENV), in
+    """GPU checks of the general kernels' in-kernel rel-pos (`HAS_REL`, under REL_GENERAL_ENV), in
     `round2_check_cases`' format: HaloNet 26t/50ts's blocked layout, strided queries, head dim 128 with an
     element-wise gate and GQA, and halonet_h1's 14 x 14 window."""
     bf, fp = torch.bfloat16, torch.float16
@@ -523,16 +523,16 @@ def rel_general_check_cases():
 
 def run_checks_round2():
     """bf16/fp16 GPU checks of the new paths (the interpreter cannot run bf16 dots); asserts each path ran."""
-    from kernels.backends import triton_skinny as sk
+    from kernels.backends import triton_attention as ta
 
     _set_autotune("0")
     ok = True
     for env, cases in ((ROUND2_ENV, round2_check_cases()), (REL_GENERAL_ENV, rel_general_check_cases())):
         bench.set_env(**env)
         for name, pattern, B, H, HKV, NQ, NK, D, DV, dt, kw, expect in cases:
-            before = dict(sk.CALLS)
+            before = dict(ta.CALLS)
             case_ok = check_extra(name, pattern, B, H, HKV, NQ, NK, D, DV, dt, **kw)
-            ran = {key for key, n in sk.CALLS.items() if n > before.get(key, 0)}
+            ran = {key for key, n in ta.CALLS.items() if n > before.get(key, 0)}
             if not set(expect) <= ran:
                 print(f"check {name}: expected kernels {expect}, ran {sorted(ran)} FAIL", flush=True)
                 case_ok = False
@@ -598,7 +598,7 @@ def bench_skinny2(rows):
 
 def bench_relpos(rows):
     """HaloNet's blocked layout (B*64 blocks, 8 heads, 8x8 queries, 12x12 keys, d64): the in-kernel rel-pos as the
-    op tunes it (general `REL` and few-keys kernels), each of the two alone, and the low-rank lowering, against no
+    op tunes it (general `HAS_REL` and few-keys kernels), each of the two alone, and the low-rank lowering, against no
     bias (general and few-keys kernels); target: in-kernel <= 1.15x the faster no-bias time."""
     _set_autotune(os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast"))
     case = "relpos halo blocked (512,8,64,144) d64"
@@ -639,7 +639,7 @@ def bench_relpos(rows):
 
     def h5():
         """HaloNet H5's last-stage geometry (14 x 14 blocks, 18 x 18 windows, value width 160): past the few-keys
-        kernels' limits, so before the general kernels' REL path it ran the torch lowering (now ATTNZOO_RELPOS=
+        kernels' limits, so before the general kernels' HAS_REL path it ran the torch lowering (now ATTNZOO_RELPOS=
         lowrank)."""
         hb = kernels.Halo((14, 14), 14, 2)
         q = torch.randn(256, 8, 196, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -22,6 +22,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # per dtype: relative error bound (‖x - ref‖ / ‖ref‖) for out and every gradient, and absolute bound on lse
 # (factorized biases are formed in the input dtype, so lse carries its rounding: |bias| x eps)
 TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 1e-4 if DEVICE == "cpu" else 1e-3}
+# bias gradients are sums of dS rounded to the input dtype over many keys, often of tiny tensors (a rank-4 query
+# factor of 7 rows: 56 entries): in float16 their relative error has a tail past 2e-3 (median 6e-4, 1.6e-3 in
+# 60 draws, 3 of 150 over 2e-3) where a wrong index gives O(1)
+BIAS_GRAD_TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-4 if DEVICE == "cpu" else 1e-3}
 LSE_TOL = {torch.float16: 5e-3, torch.bfloat16: 4e-2, torch.float32: 1e-4 if DEVICE == "cpu" else 1e-3}
 DTYPES = [torch.float16, torch.float32] if DEVICE == "cpu" else [torch.float16, torch.bfloat16]
 
@@ -98,7 +102,7 @@ def _check(pattern, B, H, HKV, NQ, NK, D, DV, dtype, gate_shape=None, lse_grad=F
     for name, g, rg in zip(names, grads, rgrads):
         assert g is not None and g.shape == rg.shape, name
         assert torch.isfinite(g).all(), f"{name} not fully written"
-        assert _rel(g, rg) < tol, name
+        assert _rel(g, rg) < (BIAS_GRAD_TOL[dtype] if name.startswith("dbias") else tol), name
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
