@@ -22,7 +22,7 @@ logger = logging.getLogger("kernels")
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FUSED_MAX_DIM = 128
 _FUSED_MAX_AGENTS = 128
-_BIAS_PAD = 64  # covers the fused kernels' agent tile (<= 128 agents: 16..128) and key/query tiles (16..64)
+_BIAS_PAD = 64  # the fused kernels' largest key/query tile
 
 
 def _pair(name: str, value) -> Tuple[int, int]:
@@ -89,22 +89,28 @@ def _check(q, k, v, grid, agent_grid, kv_grid, num_prefix_tokens, bias1, bias2, 
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
 
 
-def padded_bias(bias: torch.Tensor, multiple: int = _BIAS_PAD) -> torch.Tensor:
-    """`bias` (same values, shape and dtype) as a view into a zero-filled buffer whose last two dims are rounded up
-    to multiples of `multiple`.
+def _padded_size(size: int) -> int:
+    """An agent count (<= 128) pads to the kernels' agent tile, max(16, next power of two); token counts to a
+    multiple of 64 (the largest key/query tile)."""
+    return max(16, 1 << (size - 1).bit_length()) if size <= _FUSED_MAX_AGENTS else -(-size // _BIAS_PAD) * _BIAS_PAD
+
+
+def padded_bias(bias: torch.Tensor) -> torch.Tensor:
+    """`bias` (same values, shape and dtype) as a view into a zero-filled buffer whose last two dims are padded to
+    the fused kernels' tiles: dims of <= 128 (agents) to max(16, the next power of two), longer ones (tokens) to
+    a multiple of 64.
 
     The fused kernels of `agent_attention` load the tiles of such a bias whole (unmasked, 16-byte vectors on its
     aligned rows) and select the valid entries in registers; a tight bias takes masked scalar loads (rows of 49
     or 197 floats are not 16-byte aligned). Worth it for a bias reused across calls, as a layer's cached
-    inference biases are; any bias works either way.
+    inference biases are; any bias works either way (the kernels check the storage covers their tiles).
     """
-    if not isinstance(bias, torch.Tensor) or bias.dim() < 2:
-        raise ValueError(f"bias must be a tensor with at least 2 dims, got "
-                         f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
-    if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
-        raise ValueError(f"multiple must be a positive int, got {multiple!r}")
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a tensor, got {type(bias).__name__}")
+    if bias.dim() < 2:
+        raise ValueError(f"bias must have at least 2 dims, got {tuple(bias.shape)=}")
     rows, cols = bias.shape[-2:]
-    buf = bias.new_zeros(*bias.shape[:-2], -(-rows // multiple) * multiple, -(-cols // multiple) * multiple)
+    buf = bias.new_zeros(*bias.shape[:-2], _padded_size(rows), _padded_size(cols))
     view = buf[..., :rows, :cols]
     view.copy_(bias)
     return view

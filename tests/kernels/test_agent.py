@@ -1,6 +1,7 @@
 """`kernels.agent_attention`: the fused Triton kernel (CPU interpreter here, CUDA on the GPU) and the composition,
 against an explicit float64 reference written out below (loops over pooling bins and conv taps), on fresh random
 inputs; and which path runs when."""
+import math
 import os
 
 import pytest
@@ -186,18 +187,48 @@ def test_fused_kernel_loads_padded_biases_whole(kernels_, monkeypatch):
         assert covered[-1] is False  # bias1 is checked last (the aggregate kernel's own argument)
     for out in (tight, wide, padded, short):
         assert _rel(out, ref) < TOL[torch.float32]
+    # 73 tokens, not a multiple of any tile: storage of exactly 73 keys/rows is not enough for whole tiles
+    q, k, v, b1, b2, w, wb = _inputs(1, 2, 1, (9, 8), (3, 3), 16, 16, torch.float32)
+    covered.clear()
+    with torch.no_grad():
+        out = kernels.agent_attention(q, k, v, bias1=_nan_padded(b1, 16, 73), bias2=_nan_padded(b2, 73, 16),
+                                      **{**kw, "grid": (9, 8), "dwc_weight": w, "dwc_bias": wb})
+    assert covered == [False, False]
+    ref = explicit_agent_attention(q, k, v, (9, 8), (3, 3), 1, b1, b2, w, wb, 16 ** -0.5)
+    assert _rel(out, ref) < TOL[torch.float32]
 
 
 def test_padded_bias_keeps_values_and_pads_storage():
-    bias = torch.randn(1, 3, 49, 197)
-    padded = kernels.agent.padded_bias(bias)
-    assert padded.shape == bias.shape and padded.dtype == bias.dtype and torch.equal(padded, bias)
-    assert padded.stride()[-2:] == (256, 1) and padded.untyped_storage().nbytes() == 3 * 64 * 256 * 4
-    assert torch.equal(kernels.agent.padded_bias(torch.ones(5, 3), multiple=4), torch.ones(5, 3))
-    with pytest.raises(ValueError, match="bias must be a tensor with at least 2 dims"):
+    """Agent dims (<= 128) pad to the kernels' agent tile, token dims to multiples of 64."""
+    for shape, padded_shape in (((1, 3, 49, 197), (64, 256)), ((1, 3, 3136, 9), (3136, 16)), ((2, 5), (16, 16)),
+                                ((1, 1, 100, 129), (128, 192))):
+        bias = torch.randn(shape)
+        padded = kernels.agent.padded_bias(bias)
+        assert padded.shape == bias.shape and padded.dtype == bias.dtype and torch.equal(padded, bias)
+        assert padded.stride()[-2:] == (padded_shape[1], 1)
+        assert padded.untyped_storage().nbytes() == math.prod(shape[:-2]) * math.prod(padded_shape) * 4
+    with pytest.raises(TypeError, match="bias must be a tensor"):
+        kernels.agent.padded_bias([1.0, 2.0])
+    with pytest.raises(ValueError, match="bias must have at least 2 dims"):
         kernels.agent.padded_bias(torch.ones(3))
-    with pytest.raises(ValueError, match="multiple must be a positive int"):
-        kernels.agent.padded_bias(bias, multiple=0)
+
+
+def test_covers_checks_the_storage_the_tiles_read():
+    """The host's coverage test: whole-tile loads over the given index ranges stay inside the storage."""
+    from kernels.backends.triton_agent import _covers, ta
+
+    def covers(t, extents):
+        return _covers(t, ta._bstrides(t), extents)
+
+    buf = torch.zeros(1, 2, 16, 64)
+    view = buf[..., :9, :50]
+    assert covers(view, (4, 2, 16, 64))  # batch broadcast (stride 0), exact fit
+    assert not covers(view, (4, 2, 16, 65))  # one column past the end
+    assert not covers(view, (4, 2, 17, 64))
+    shifted = torch.zeros(1, 2, 17, 64)[..., 1:, :][..., :9, :50]  # storage offset 64: the last row is past the end
+    assert covers(shifted, (1, 2, 16, 64)) and not covers(shifted, (1, 2, 17, 64))
+    assert not covers(torch.zeros(1, 2, 16, 128)[..., ::2], (1, 2, 16, 64))  # not unit-stride along the last dim
+    assert not covers(None, (1, 1, 1, 1))
 
 
 def test_fused_kernel_strided_conv_bias_and_low_dim_biases():
