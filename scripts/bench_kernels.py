@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import importlib.util
 import math
 import os
@@ -674,6 +675,21 @@ AGENT_CASES = (  # name, B, heads, head dim, prefix, grid, agent grid
 AGENT_CONFIG_KEYS = ("block_n", "warps_1", "stages_1", "block_m", "warps_2", "one_kernel_tokens", "dwc_seq")
 
 
+@contextlib.contextmanager
+def agent_launch_plan(cfg):
+    """`triton_agent.CONFIG` set to one sweep entry (a tuple in AGENT_CONFIG_KEYS' order; its block_m also for the
+    one-kernel plan) inside the block, restored after."""
+    from kernels.backends import triton_agent
+
+    default = dict(triton_agent.CONFIG)
+    triton_agent.CONFIG.update(zip(AGENT_CONFIG_KEYS, cfg), one_block_m=cfg[3])
+    try:
+        yield
+    finally:
+        triton_agent.CONFIG.clear()
+        triton_agent.CONFIG.update(default)
+
+
 def _agent_configs():
     """BENCH_AGENT_CONFIGS: launch plans to sweep, each "block_n/warps_1/stages_1/block_m/warps_2/one_kernel_tokens/
     dwc_seq" (aggregate kernel: keys per tile, warps, stages; broadcast: rows per tile (both plans), warps;
@@ -742,9 +758,8 @@ def bench_agent(rows):
                 default, real = dict(triton_agent.CONFIG), triton_agent._agent_broadcast
                 try:
                     for cfg in _agent_configs():  # the fused kernels' block sizes, warps and stages
-                        triton_agent.CONFIG.update(zip(AGENT_CONFIG_KEYS, cfg), one_block_m=cfg[3])
-                        print(f"  {name} fused {cfg}: {_time(fused):.4f} ms", flush=True)
-                    triton_agent.CONFIG.update(default)
+                        with agent_launch_plan(cfg):
+                            print(f"  {name} fused {cfg}: {_time(fused):.4f} ms", flush=True)
                     t_fused = _time(fused)
                     tight = {**kw, "bias1": kw["bias1"].contiguous(), "bias2": kw["bias2"].contiguous()}
                     print(f"  {name} fused, tight (unpadded) biases: "

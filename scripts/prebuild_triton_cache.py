@@ -159,7 +159,6 @@ def cases():
         """bench_kernels' agent rows (the fused kernels at their default plan, and the composition) and its GPU
         checks (bf16 and fp16, batch 32), on meta tensors."""
         from kernels.agent import _composition
-        from kernels.backends import triton_agent
 
         bk = _script("bench_kernels")
         for name, B, H, D, P, grid, agent_grid in bk.AGENT_CASES:
@@ -167,11 +166,9 @@ def cases():
                 q, k, v, kw = bk._agent_inputs(batch, H, D, P, grid, agent_grid, dtype, device="meta")
                 with torch.no_grad():
                     if batch == B:  # the bench's launch-plan sweep (BENCH_AGENT_CONFIGS)
-                        default = dict(triton_agent.CONFIG)
                         for cfg in bk._agent_configs():
-                            triton_agent.CONFIG.update(zip(bk.AGENT_CONFIG_KEYS, cfg), one_block_m=cfg[3])
-                            kernels.agent_attention(q, k, v, **kw)
-                        triton_agent.CONFIG.update(default)
+                            with bk.agent_launch_plan(cfg):
+                                kernels.agent_attention(q, k, v, **kw)
                     kernels.agent_attention(q, k, v, **kw)
                     kernels.agent_attention(q, k, v, **{**kw, "bias1": kw["bias1"].contiguous(),  # tight biases
                                                         "bias2": kw["bias2"].contiguous()})

@@ -690,7 +690,7 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
     else:  # sum the per-program partials and the GQA group
         dk = dk.sum(0).reshape(B, HKV, GROUP, NK, D).sum(2).to(q.dtype)
         dv = dv.sum(0).reshape(B, HKV, GROUP, NK, DV).sum(2).to(q.dtype)
-    # two sums (as many launches as the two buffers took), separate outputs: a custom op's must not alias
+    # one sum per table, separate outputs: a custom op's outputs must not alias
     drel = None if drt is None else (drt[:, :rel.nt].sum(0), drt[:, rel.nt:].sum(0))
     return dq, dk, dv, db, dg, drel
 

@@ -160,17 +160,18 @@ def _nan_padded(bias, rows, cols):
 
 @pytest.mark.parametrize("kernels_", ["two", "one"])
 def test_fused_kernel_loads_padded_biases_whole(kernels_, monkeypatch):
-    """Biases whose storage covers the kernels' tiles take the unmasked loads (checked through a spy on the
-    host's coverage test); NaN in the padding must not reach the output. `padded_bias` gives that layout."""
+    """Biases whose storage covers the kernels' tiles take the unmasked loads when agents fill >= 3/4 of the
+    agent tile (checked through a spy on the host's coverage test); NaN in the padding must not reach the output.
+    `padded_bias` gives that layout."""
     from kernels.backends import triton_agent
 
     monkeypatch.setitem(triton_agent.CONFIG, "one_kernel_tokens", 1 << 30 if kernels_ == "one" else 0)
     covered = []
     real = triton_agent._covers
     monkeypatch.setattr(triton_agent, "_covers", lambda *a: covered.append(real(*a)) or covered[-1])
-    q, k, v, b1, b2, w, wb = _inputs(2, 3, 1, (9, 7), (3, 3), 16, 16, torch.float32)
-    ref = explicit_agent_attention(q, k, v, (9, 7), (3, 3), 1, b1, b2, w, wb, 16 ** -0.5)
-    kw = dict(grid=(9, 7), agent_grid=(3, 3), num_prefix_tokens=1, dwc_weight=w, dwc_bias=wb, backend="triton")
+    q, k, v, b1, b2, w, wb = _inputs(2, 3, 1, (9, 7), (4, 3), 16, 16, torch.float32)  # 12 of 16 agents
+    ref = explicit_agent_attention(q, k, v, (9, 7), (4, 3), 1, b1, b2, w, wb, 16 ** -0.5)
+    kw = dict(grid=(9, 7), agent_grid=(4, 3), num_prefix_tokens=1, dwc_weight=w, dwc_bias=wb, backend="triton")
     with torch.no_grad():
         tight = kernels.agent_attention(q, k, v, bias1=b1, bias2=b2, **kw)
         assert covered == [False, False]
@@ -188,14 +189,24 @@ def test_fused_kernel_loads_padded_biases_whole(kernels_, monkeypatch):
     for out in (tight, wide, padded, short):
         assert _rel(out, ref) < TOL[torch.float32]
     # 73 tokens, not a multiple of any tile: storage of exactly 73 keys/rows is not enough for whole tiles
-    q, k, v, b1, b2, w, wb = _inputs(1, 2, 1, (9, 8), (3, 3), 16, 16, torch.float32)
+    q, k, v, b1, b2, w, wb = _inputs(1, 2, 1, (9, 8), (4, 3), 16, 16, torch.float32)
+    kw.update(grid=(9, 8), dwc_weight=w, dwc_bias=wb)
     covered.clear()
     with torch.no_grad():
-        out = kernels.agent_attention(q, k, v, bias1=_nan_padded(b1, 16, 73), bias2=_nan_padded(b2, 73, 16),
-                                      **{**kw, "grid": (9, 8), "dwc_weight": w, "dwc_bias": wb})
+        out = kernels.agent_attention(q, k, v, bias1=_nan_padded(b1, 16, 73), bias2=_nan_padded(b2, 73, 16), **kw)
     assert covered == [False, False]
-    ref = explicit_agent_attention(q, k, v, (9, 8), (3, 3), 1, b1, b2, w, wb, 16 ** -0.5)
-    assert _rel(out, ref) < TOL[torch.float32]
+    assert _rel(out, explicit_agent_attention(q, k, v, (9, 8), (4, 3), 1, b1, b2, w, wb, 16 ** -0.5)) < TOL[
+        torch.float32]
+    # 9 of 16 agents: whole tiles would read mostly padding, so padded biases keep the masked loads
+    kw.update(agent_grid=(3, 3))
+    q, k, v, b1, b2, _, _ = _inputs(1, 2, 1, (9, 8), (3, 3), 16, 16, torch.float32)
+    covered.clear()
+    with torch.no_grad():
+        out = kernels.agent_attention(q, k, v, bias1=kernels.agent.padded_bias(b1),
+                                      bias2=kernels.agent.padded_bias(b2), **kw)
+    assert covered == []
+    assert _rel(out, explicit_agent_attention(q, k, v, (9, 8), (3, 3), 1, b1, b2, w, wb, 16 ** -0.5)) < TOL[
+        torch.float32]
 
 
 def test_padded_bias_keeps_values_and_pads_storage():

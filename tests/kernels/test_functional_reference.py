@@ -278,7 +278,7 @@ def test_pattern_fields_are_type_checked(build, exc, msg):
 
 def test_meta_tensors_give_shapes_without_data():
     """Shape inference on the meta device (timm's `device='meta'` construction, the Triton cache prebuild): the
-    op and its capture path run without touching autocast, which meta tensors do not have."""
+    op runs without touching autocast, which meta tensors do not have (capture records data: not on meta)."""
     q = torch.empty(2, 3, 10, 16, device="meta")
     v = torch.empty(2, 3, 7, 24, device="meta")
     out = kernels.attention(q, q[:, :, :7], v, bias=torch.empty(3, 10, 7, device="meta"))

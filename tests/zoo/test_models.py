@@ -77,7 +77,7 @@ def test_model_cfg(name):
     assert modules[cfg["first_conv"]].in_channels == cfg["input_size"][0] == model.in_chans
     assert modules[cfg["classifier"]].out_features == cfg["num_classes"]
     assert model.get_classifier() is modules[cfg["classifier"]]
-    assert model.pretrained_cfg == model.default_cfg and model.pretrained_cfg["input_size"] == cfg["input_size"]
+    assert model.pretrained_cfg["input_size"] == cfg["input_size"]
     assert model.feature_info and all(f["num_chs"] > 0 and f["reduction"] >= 1 for f in model.feature_info)
 
 
