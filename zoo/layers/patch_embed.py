@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,12 @@ class PatchEmbed(TimmPatchEmbed):
     def __init__(self, *args, dynamic_img_pad: bool = False, **kwargs):
         super().__init__(*args, dynamic_img_pad=False, **kwargs)
         self.pad_to_patch = dynamic_img_pad
+
+    @property
+    def fixed_img_size(self) -> Optional[Tuple[int, int]]:
+        """The one input size strict mode accepts (timm asserts it in forward), None when any size passes: models
+        check it up front (`zoo.layers.checks.check_image_input`) for a ValueError naming the size."""
+        return tuple(self.img_size) if self.strict_img_size and self.img_size is not None else None
 
     def dynamic_feat_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
         if self.pad_to_patch:

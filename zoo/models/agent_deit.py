@@ -117,9 +117,7 @@ class AgentDeiT(VisionTransformer):
         self.agent_num = agent_num
 
     def _embed(self, x: torch.Tensor):
-        # dynamic_img_size=False: timm's strict patch embedding, refused here with a ValueError (timm asserts)
-        strict = self.patch_embed.strict_img_size and self.patch_embed.img_size is not None
-        check_image_input(x, self.in_chans, fixed_size=self.patch_embed.img_size if strict else None)
+        check_image_input(x, self.in_chans, fixed_size=self.patch_embed.fixed_img_size)
         x = self.patch_embed(x)
         feat_size = tuple(x.shape[1:3]) if self.dynamic_img_size else tuple(self.patch_embed.grid_size)
         x = self._pos_embed(x)

@@ -175,9 +175,7 @@ class AgentSwinTransformer(SwinTransformer):
                     named_apply(partial(init_weights_vit_timm, needs_reset=False), new)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        # strict_img_size=True: timm's strict patch embedding, refused here with a ValueError (timm asserts)
-        strict = self.patch_embed.strict_img_size and self.patch_embed.img_size is not None
-        check_image_input(x, self.in_chans, fixed_size=self.patch_embed.img_size if strict else None)
+        check_image_input(x, self.in_chans, fixed_size=self.patch_embed.fixed_img_size)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
