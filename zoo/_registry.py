@@ -76,20 +76,15 @@ def _family_filter_fn(name: str) -> Optional[Callable]:
     return getattr(importlib.import_module(f"zoo.models.{module}"), "checkpoint_filter_fn", None)
 
 
-def _pretrained_file(name: str, kwargs: dict) -> Optional[str]:
-    """The weights file `timm.create_model(name, **kwargs)` would load: the overlay's, else the given or
-    registered pretrained_cfg's."""
+def _pretrained_cfg(name: str, kwargs: dict):
+    """The pretrained cfg `timm.create_model(name, pretrained=True, **kwargs)` loads from: timm's own resolution
+    (a tag in the name or `pretrained_cfg`, the registered cfg, `pretrained_cfg_overlay`)."""
     overlay = kwargs.get("pretrained_cfg_overlay")
     if overlay is not None and not isinstance(overlay, dict):
         raise TypeError(f"pretrained_cfg_overlay must be a dict, got {type(overlay).__name__}")
-    if overlay and overlay.get("file"):
-        return overlay["file"]
-    cfg = kwargs.get("pretrained_cfg")
-    if cfg is None or isinstance(cfg, str):  # None or a tag: the registered cfg (timm resolves tags the same way)
-        name = f"{name}.{cfg}" if isinstance(cfg, str) else name
-        cfg = timm_registry.get_pretrained_cfg(name, allow_unregistered=True)
-    file = cfg.get("file") if isinstance(cfg, dict) else getattr(cfg, "file", None)
-    return file or None
+    arch, tag = timm.models.split_model_name_tag(name)
+    return timm.models.resolve_pretrained_cfg(arch, pretrained_cfg=kwargs.get("pretrained_cfg") or tag or None,
+                                              pretrained_cfg_overlay=overlay)
 
 
 def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None, **kwargs):
@@ -97,7 +92,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
 
     Args:
         name: a registered model name, e.g. "ninformer_cifar"; see `zoo.list_models()`.
-        pretrained: load the weights file named by `pretrained_cfg["file"]` (the registered cfg, or a
+        pretrained: load the weights `pretrained_cfg` names (its `file` or `state_dict`; the registered cfg, or a
             `pretrained_cfg_overlay=dict(file=...)` / `pretrained_cfg=dict(file=...)` argument) through timm's
             loader, as `timm.create_model(pretrained=True)` does: the family's `pretrained_filter_fn`, the first
             conv adapted to `in_chans`, the classifier dropped when `num_classes` differs. The zoo downloads
@@ -109,14 +104,13 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
     if not isinstance(name, str) or not timm.is_model(name):
         raise ValueError(f"unknown model name {name!r}; zoo models: zoo.list_models(), timm's: timm.list_models()")
     if pretrained and checkpoint_path is None:
-        weights = _pretrained_file(name, kwargs)
-        if not weights:
+        cfg = _pretrained_cfg(name, kwargs)
+        if cfg.state_dict is None and not cfg.file:
             raise ValueError(f"{name!r} has no local weights file in its pretrained_cfg; pass checkpoint_path= "
                              f"or pretrained_cfg_overlay=dict(file=...)")
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"pretrained_cfg file {weights!r} is not a file")
-        overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {}, file=weights)
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        if cfg.state_dict is None and not os.path.isfile(cfg.file):
+            raise FileNotFoundError(f"pretrained_cfg file {cfg.file!r} is not a file")
+        return timm.create_model(name, pretrained=True, **kwargs)
     model = timm.create_model(name, pretrained=False, **kwargs)
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path, filter_fn=_family_filter_fn(name))

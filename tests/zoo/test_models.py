@@ -332,9 +332,13 @@ def test_model_pretrained_file(name, tmp_path):
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, path)
     x = torch.randn(1, *_contract_size(cfg))
     overlay = dict(file=path)
+    in_memory = dict(state_dict=src.state_dict())  # timm's other local source
     for model in (timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay),
-                  zoo.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)):
+                  zoo.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay),
+                  zoo.create_model(name, pretrained=True, pretrained_cfg_overlay=in_memory)):
         torch.testing.assert_close(model.eval()(x), src(x))
+    with pytest.raises(FileNotFoundError, match="not a file"):
+        zoo.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "missing.pth")))
     model = zoo.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, in_chans=1, num_classes=5)
     first = cfg["first_conv"] + ".weight"
     own, ref = model.state_dict(), src.state_dict()
