@@ -77,8 +77,6 @@ def install_fake_device(device_libtriton=None):
     ta._num_sms = lambda device: H200_SMS
     kf.choose_backend = lambda *a, **k: ta.attention_triton  # CPU / meta tensors, Triton path
     ka._fused_device = lambda q, backend: True  # agent layers take the fused kernels, as on the device
-    # meta tensors have no autocast; models run in bf16 here
-    kf._autocast_inputs = ka._autocast_inputs = lambda q, k, v: (q, k, v)
     os.environ["ATTNZOO_WARM"] = "0/1"
 
 

@@ -48,7 +48,7 @@ def _cases(device):
     agent_attn = AgentAttention(192, num_heads=3, agent_num=49, bias_grid=(14, 14), num_prefix_tokens=1,
                                 qkv_bias=True, device=device).eval()
     qv, kv, vv = torch.randn(B, 197, 3, h, 64, **bf).permute(2, 0, 3, 1, 4).unbind(0)
-    dwc = torch.randn(192, 1, 3, 3, device=device)
+    dwc, dwc_bias = torch.randn(192, 1, 3, 3, device=device), torch.randn(192, device=device)  # as the layer's
 
     def autocast(fn):
         def run():
@@ -61,7 +61,7 @@ def _cases(device):
         "AgentAttention layer @224": autocast(lambda: agent_attn(x, (14, 14))),
         "kernels.agent_attention @224 (fused)": lambda: kernels.agent_attention(
             qv, kv, vv, grid=(14, 14), agent_grid=(7, 7), num_prefix_tokens=1, bias1=b1, bias2=b2, dwc_weight=dwc,
-            dwc_bias=dwc[:, 0, 0, 0]),
+            dwc_bias=dwc_bias),
         "agent@224 step 1 (49x197, bias)": lambda: kernels.attention(agents, q, q, bias=b1),
         "agent@224 step 2 (197x49, bias)": lambda: kernels.attention(q, agents, agents, bias=b2),
         "few queries 49x4096": lambda: kernels.attention(a8, k8, k8),
