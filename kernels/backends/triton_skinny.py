@@ -36,7 +36,7 @@ import triton.language as tl
 
 from . import triton_attention as ta
 from .triton_attention import CALLS
-from .triton_kernels import (_logits_lr, _rel_key_factor, _rel_query_factor, _rel_rows, _rel_table_logit_grad,
+from .triton_kernels import (LOG2E, _logits_lr, _rel_key_factor, _rel_query_factor, _rel_rows, _rel_table_logit_grad,
                              _rel_tables, gate_backward, online_softmax_update)
 
 _FORCE = {}  # interpreter tests: {"keys_mode": "flat" | "res", "block_m": int, "key_chunk": int, "block_n": int}
@@ -624,7 +624,7 @@ def keys_forward(q, k, v, bias, gate, scale, cfg, rel: Optional[ta.Rel] = None):
         stride_bb=sb[0], stride_bh=sb[1], stride_bm=sb[2], stride_bn=sb[3],
         stride_gb=sg[0], stride_gh=sg[1], stride_gn=sg[2], stride_gd=sg[3],
         BH=B * H, H=H, GROUP=H // HKV, NQ=NQ, NK=NK, NQB=nqb, ITEMS=items, CHUNKS=chunks,
-        qk_scale=scale * 1.4426950408889634, D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN, KEY_CHUNKS=key_chunks,
+        qk_scale=scale * LOG2E, D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN, KEY_CHUNKS=key_chunks,
         BLOCK_D=ta._block_d(D), BLOCK_DV=ta._block_d(DV), RESIDENT=mode == "res", HAS_BIAS=bias is not None,
         HAS_GATE=gate is not None, DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages,
         HAS_REL=rel is not None, LR_CHAIN=ta.lr_chain(q, None if rel is None else "rel"), **ta.rel_args(rel, q))
@@ -679,7 +679,7 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
         stride_dks=dk.stride(0), stride_dkb=dk.stride(1), stride_dkh=dk.stride(2), stride_dkn=dk.stride(3),
         stride_dvs=dv.stride(0), stride_dvb=dv.stride(1), stride_dvh=dv.stride(2), stride_dvn=dv.stride(3),
         BH=B * H, H=H, GROUP=GROUP, NQ=NQ, NK=NK, NQB=nqb, ITEMS=items, CHUNKS=chunks,
-        qk_scale=scale * 1.4426950408889634, sm_scale=scale, D=D, DV=DV, BLOCK_M=BM,
+        qk_scale=scale * LOG2E, sm_scale=scale, D=D, DV=DV, BLOCK_M=BM,
         BLOCK_N=BN, KEY_CHUNKS=key_chunks, BLOCK_D=ta._block_d(D), BLOCK_DV=ta._block_d(DV),
         RESIDENT=mode == "res", HAS_BIAS=bias_k is not None, STORE_DB=store_db, HAS_GATE=gate is not None,
         GATE_ELEM=gate is not None and g4.shape[-1] > 1, HAS_DLSE=dlse is not None,
@@ -731,7 +731,7 @@ def queries_forward(q, k, v, bias, gate, scale, cfg):
         stride_ls=lse.stride(0), stride_bb=sb[0], stride_bh=sb[1], stride_bm=sb[2], stride_bn=sb[3],
         stride_gb=sg[0], stride_gh=sg[1], stride_gn=sg[2], stride_gd=sg[3],
         H=H, HKV=HKV, GROUP=GROUP, NQ=NQ, NK=NK, R=R, PER=per, NKB=nkb, NKB_FULL=NK // BN,
-        qk_scale=scale * 1.4426950408889634, D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=ta._block_d(D),
+        qk_scale=scale * LOG2E, D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=ta._block_d(D),
         BLOCK_DV=ta._block_d(DV), HAS_BIAS=bias is not None, HAS_GATE=g4 is not None,
         DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages)
     if S == 1:
@@ -786,7 +786,7 @@ def queries_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_d
         stride_dkb=dk.stride(0), stride_dkh=dk.stride(1), stride_dkn=dk.stride(2),
         stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvn=dv.stride(2),
         H=H, HKV=HKV, GROUP=GROUP, NQ=NQ, NK=NK, R=R, NRB=nrb, PER=per, NKB=nkb,
-        qk_scale=scale * 1.4426950408889634, sm_scale=scale, D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN,
+        qk_scale=scale * LOG2E, sm_scale=scale, D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN,
         BLOCK_D=ta._block_d(D), BLOCK_DV=ta._block_d(DV), ACCUM=accum, HAS_BIAS=bias_k is not None,
         STORE_DB=store_db, HAS_GATE=gate is not None, GATE_ELEM=gate is not None and g4.shape[-1] > 1,
         HAS_DLSE=dlse is not None, DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages)
