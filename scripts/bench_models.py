@@ -21,9 +21,11 @@ import timm  # noqa: E402
 import zoo  # noqa: E402
 from pipelines.benchmark import markdown_table, peak_memory, time_cuda, write_results  # noqa: E402
 
-# (label, zoo model or "accelerate:<timm name>", timm anchor, image size, modes)
+# (label, zoo model, "accelerate:<timm name>" or "unfused:<zoo model>", timm anchor, image size, modes)
 CASES = [
     ("halonet26t", "zoo_halonet26t", "halonet26t", 256, ("infer", "train")),
+    # the zoo model with its conv-BN-ReLU inference fusion off: what the attention layers alone give
+    ("halonet26t unfused", "unfused:zoo_halonet26t", "halonet26t", 256, ("infer",)),
     ("halonet50ts", "zoo_halonet50ts", "halonet50ts", 256, ("infer", "train")),
     ("accelerate(halonet26t)", "accelerate:halonet26t", "halonet26t", 256, ("infer", "train")),
     ("agent_deit_tiny@224", "agent_deit_tiny", "deit_tiny_patch16_224", 224, ("infer", "train")),
@@ -37,6 +39,9 @@ def build(name: str, img_size: int, device, channels_last: bool):
         model = timm.create_model(name.split(":", 1)[1])
         model, report = zoo.accelerate(model)
         print(f"accelerate swapped: {report}")
+    elif name.startswith("unfused:"):
+        model = timm.create_model(name.split(":", 1)[1])
+        zoo.layers.set_fused_inference(model, False)
     else:
         kwargs = {}
         cfg = timm.models.get_pretrained_cfg(name).to_dict()
@@ -125,6 +130,20 @@ def profile_step(model, fn, path: str, steps: int = 3) -> dict:
             "attention_fwd_share": attn_us / kernel_us if kernel_us else None}
 
 
+def _check_fused_inference(model, fn, row):
+    """A model with `zoo.layers.conv_bn_fusion` modules: its fused inference output vs its unfused one (timm's
+    modules), relative error recorded in the row; a wrong fused path fails the run."""
+    if not zoo.layers.set_fused_inference(model, False):
+        return
+    ref = fn().float()
+    zoo.layers.set_fused_inference(model, True)
+    err = ((fn().float() - ref).norm() / ref.norm()).item()
+    row["zoo_fused_vs_unfused_rel_err"] = err
+    print(f"fused inference vs unfused: rel err {err:.2e}", flush=True)
+    if not err < 2e-2:  # bf16: folded weights rounded once (~4e-3 .. 8e-3 measured on the H200)
+        raise RuntimeError(f"fused inference differs from the unfused model: rel err {err:.3e}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=256)
@@ -152,6 +171,8 @@ def main(argv=None):
                 cl = not args.no_channels_last and "deit" not in name and "swin" not in name
                 model = build(name, run_size, device, cl)
                 fn = step_fns(model, batch, run_size, device, cl)[mode]
+                if tag == "zoo" and mode == "infer" and not name.startswith("unfused:"):
+                    _check_fused_inference(model, fn, row)
                 if args.smoke:
                     fn()
                     row[f"{tag}_img_s"] = None

@@ -48,7 +48,7 @@ run_step() {
 sys.exit(0 if bk.run_checks() else 1)" ;;
         models) timeout "$limit" python3 -u scripts/bench_models.py --out "$OUT" --profile "$OUT/prof" ;;
         halonet) timeout "$limit" python3 -u scripts/bench_models.py --out "$OUT" \
-                 --cases halonet50ts halonet26t "accelerate(halonet26t)" ;;
+                 --cases halonet50ts halonet26t "halonet26t unfused" "accelerate(halonet26t)" ;;
         agent) timeout "$limit" python3 -u scripts/bench_models.py --out "$OUT" --modes infer --profile "$OUT/prof" \
                --cases agent_deit_tiny@224 agent_deit_tiny@1024 agent_swin_tiny@224 ;;
         agenttrain) timeout "$limit" python3 -u scripts/bench_models.py --out "$OUT" --modes train --profile "$OUT/prof" \

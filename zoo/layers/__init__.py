@@ -2,11 +2,13 @@
 from .agent_attention import AgentAttention
 from .attention import Attention
 from .checks import check_image_input
+from .conv_bn_fusion import enable_fused_inference, set_fused_inference
 from .halo_attention import HaloAttention, HaloRelPosEmbed, halo_rel_pos_bias
 from .minimal_attention import MinimalAttention
 from .nin import MixerBlock, MixerGatingUnit, NiNBlock
 from .patch_embed import PatchEmbed
 from .ulsam import ULSAM
 
-__all__ = ["AgentAttention", "Attention", "check_image_input", "HaloAttention", "HaloRelPosEmbed",
-           "halo_rel_pos_bias", "MinimalAttention", "MixerBlock", "MixerGatingUnit", "NiNBlock", "PatchEmbed", "ULSAM"]
+__all__ = ["AgentAttention", "Attention", "check_image_input", "enable_fused_inference", "HaloAttention",
+           "HaloRelPosEmbed", "halo_rel_pos_bias", "MinimalAttention", "MixerBlock", "MixerGatingUnit", "NiNBlock",
+           "PatchEmbed", "set_fused_inference", "ULSAM"]

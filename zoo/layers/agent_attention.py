@@ -25,6 +25,8 @@ from torch import nn
 
 import kernels
 
+from .cache import version_key
+
 __all__ = ["AgentAttention", "resize_agent_biases"]
 
 
@@ -189,8 +191,7 @@ class AgentAttention(nn.Module):
         kv_size = tuple(kv_size) if kv_size is not None else tuple(feat_size)
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._agent_bias(tuple(feat_size), kv_size)
-        key = (tuple(feat_size), kv_size) + tuple((p.data_ptr(), p._version, p.dtype, p.device)
-                                                  for p in self._bias_params())
+        key = (tuple(feat_size), kv_size) + version_key(self._bias_params())
         cached = self.__dict__.get("_bias_cache")
         if cached is None or cached[0] != key:  # padded: the fused kernels load its tiles whole
             cached = (key, tuple(kernels.agent.padded_bias(b) for b in self._agent_bias(tuple(feat_size), kv_size)))

@@ -31,17 +31,19 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import make_divisible
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models import byoanet
-from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg, SelfAttnBlock
+from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
 
 from .._registry import register_model
 from ..layers.checks import check_image_input
+from ..layers.conv_bn_fusion import FusedSelfAttnBlock, enable_fused_inference
 from ..layers.halo_attention import HaloAttention
 
 __all__ = ["HaloNet"]
 
 
-class HaloBlock(SelfAttnBlock):
-    """timm's `SelfAttnBlock` with the attention's values `value_ratio` times wider (HaloNet's rv)."""
+class HaloBlock(FusedSelfAttnBlock):
+    """timm's `SelfAttnBlock` (with the zoo's fused inference) whose attention values are `value_ratio` times
+    wider (HaloNet's rv)."""
 
     def __init__(self, in_chs: int, out_chs: int, stride: int = 1, value_ratio: float = 1.0, layers=None,
                  device=None, dtype=None, **kwargs):
@@ -58,10 +60,19 @@ class HaloBlock(SelfAttnBlock):
 class HaloNet(ByobNet):
     """timm's `ByobNet` with zoo halo attention; validates its input at the boundary.
 
+    Inference (eval mode, no autograd) folds each BatchNorm into its conv and runs conv + bias + ReLU, and a
+    block's last conv + residual + ReLU, as single cuDNN kernels (`zoo.layers.conv_bn_fusion`; ReLU models:
+    `zoo_halonet26t`, `zoo_halonet_h*`). `zoo.layers.set_fused_inference(model, False)` gives timm's
+    unfused path.
+
     Args: as `timm.models.byobnet.ByobNet` (`cfg`, `num_classes`, `in_chans`, `global_pool`, `output_stride`,
         `drop_rate`, `drop_path_rate`, `device`, `dtype`, ...). Any input size works: halo layers pad to whole
         blocks.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        enable_fused_inference(self)
 
     def _check_input(self, x):
         check_image_input(x, self.in_chans)
