@@ -34,6 +34,7 @@ from timm.models import byoanet
 from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
 
 from .._registry import register_model
+from ..layers.batch_norm import enable_fast_batch_norm
 from ..layers.checks import check_image_input
 from ..layers.conv_bn_fusion import FusedSelfAttnBlock, enable_fused_inference
 from ..layers.halo_attention import HaloAttention
@@ -63,7 +64,8 @@ class HaloNet(ByobNet):
     Inference (eval mode, no autograd) folds each BatchNorm into its conv and runs conv + bias + ReLU, and a
     block's last conv + residual + ReLU, as single cuDNN kernels (`zoo.layers.conv_bn_fusion`; ReLU models:
     `zoo_halonet26t`, `zoo_halonet_h*`). `zoo.layers.set_fused_inference(model, False)` gives timm's
-    unfused path.
+    unfused path. Training on CUDA channels_last inputs computes the BatchNorm statistics in one Triton pass
+    (`zoo.layers.batch_norm`).
 
     Args: as `timm.models.byobnet.ByobNet` (`cfg`, `num_classes`, `in_chans`, `global_pool`, `output_stride`,
         `drop_rate`, `drop_path_rate`, `device`, `dtype`, ...). Any input size works: halo layers pad to whole
@@ -73,6 +75,7 @@ class HaloNet(ByobNet):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         enable_fused_inference(self)
+        enable_fast_batch_norm(self)
 
     def _check_input(self, x):
         check_image_input(x, self.in_chans)

@@ -1,0 +1,61 @@
+"""Training-mode BatchNorm statistics (`zoo.layers.batch_norm`): the Triton pass (interpreter on CPU) against
+float64 statistics, and the layer against timm's `BatchNormAct2d` on CUDA."""
+import pytest
+import torch
+from timm.layers import BatchNormAct2d
+
+import zoo
+from zoo.layers.batch_norm import FastBatchNormAct2d, batch_stats, enable_fast_batch_norm
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 130, 6, 5), (1, 16, 40, 40)])
+def test_batch_stats_match_float64(shape):
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter (tests/conftest.py)
+    x = (torch.randn(shape, device=device) * 3 + 10).to(memory_format=torch.channels_last)  # |mean| >> std: cancellation check
+    mean, var = batch_stats(x)
+    ref = x.double()
+    torch.testing.assert_close(mean.double(), ref.mean((0, 2, 3)), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(var.double(), ref.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-5)
+
+
+def test_batch_stats_bad_input():
+    with pytest.raises(ValueError, match="channels_last"):
+        batch_stats(torch.randn(2, 3, 4, 5))
+    with pytest.raises(ValueError, match="4-d"):
+        batch_stats(torch.randn(2, 3))
+
+
+def test_enable_fast_batch_norm_keeps_state_dict():
+    model = zoo.create_model("test_halonet")
+    assert all(type(m) is not BatchNormAct2d for m in model.modules())
+    assert sum(isinstance(m, FastBatchNormAct2d) for m in model.modules()) > 0
+    timm_bn = torch.nn.Sequential(BatchNormAct2d(8))
+    keys = list(timm_bn.state_dict())
+    assert enable_fast_batch_norm(timm_bn) == 1 and list(timm_bn.state_dict()) == keys
+    with pytest.raises(TypeError, match="model must be"):
+        enable_fast_batch_norm(None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fast path runs on CUDA (SyncBatchNorm primitives)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_batch_norm_matches_timm_cuda(dtype):
+    ref = BatchNormAct2d(48, act_layer="relu").cuda()
+    fast = BatchNormAct2d(48, act_layer="relu").cuda()
+    enable_fast_batch_norm(fast)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.normal_()
+    fast.load_state_dict(ref.state_dict())
+    x = (torch.randn(8, 48, 20, 20, device="cuda") * 2 + 1).to(dtype).to(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ref(xa), fast(xb)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(yb, ya, **tol)
+    torch.testing.assert_close(xb.grad, xa.grad, **tol)
+    torch.testing.assert_close(fast.weight.grad, ref.weight.grad, rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(fast.running_mean, ref.running_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.running_var, ref.running_var, rtol=1e-4, atol=1e-5)
+    assert int(fast.num_batches_tracked) == 1

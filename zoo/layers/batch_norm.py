@@ -1,0 +1,140 @@
+"""Training-mode BatchNorm for channels_last CUDA activations, with the batch statistics from one Triton pass.
+
+Why: PyTorch computes a channels_last BatchNorm's batch statistics with a kernel that reads bf16 activations at
+~0.6 TB/s on an H200; in `halonet26t`'s training step it took 8.9 of 58 ms. Here one Triton pass reads the
+activations once at bandwidth and writes per-row-block shifted sums; a few small torch ops combine them (Chan's
+parallel variance) and update the running statistics as `F.batch_norm` does (momentum, unbiased variance). The
+normalization and the backward are PyTorch's own SyncBatchNorm primitives (`torch.batch_norm_elemt`,
+`torch.batch_norm_backward_reduce`, `torch.batch_norm_backward_elemt`), so results match `F.batch_norm` up to
+the summation order of the statistics.
+
+`FastBatchNormAct2d` is timm's `BatchNormAct2d` (same parameters, buffers and state_dict) taking this path in
+training mode on CUDA channels_last inputs outside `torch.compile`; everything else runs timm's forward.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+from timm.layers import BatchNormAct2d
+
+__all__ = ["FastBatchNormAct2d", "batch_stats", "enable_fast_batch_norm"]
+
+
+@triton.jit
+def _partial_stats(X, MEAN, M2, ROWS, C, ROWS_PER_PROG, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per (row block, channel block): mean and sum of squared deviations over rows of X (ROWS, C), row-major.
+    Sums are shifted by the block's first row (no cancellation when |mean| >> std)."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    start = pid_r * ROWS_PER_PROG
+    end = tl.minimum(start + ROWS_PER_PROG, ROWS)
+    shift = tl.load(X + start.to(tl.int64) * C + cols, mask=c_ok, other=0.0).to(tl.float32)
+    s1 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    s2 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for r in range(start, end, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R)
+        ok = (rows < end)[:, None] & c_ok[None, :]
+        x = tl.load(X + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        d = tl.where(ok, x - shift[None, :], 0.0)
+        s1 += d
+        s2 += d * d
+    n = (end - start).to(tl.float32)
+    t1 = tl.sum(s1, 0)
+    t2 = tl.sum(s2, 0)
+    tl.store(MEAN + pid_r * C + cols, shift + t1 / n, mask=c_ok)
+    tl.store(M2 + pid_r * C + cols, tl.maximum(t2 - t1 * t1 / n, 0.0), mask=c_ok)
+
+
+def _rows_per_program(rows: int, col_blocks: int, device) -> int:
+    programs = 4 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8)
+    row_blocks = max(1, min(triton.cdiv(rows, 1024), programs // col_blocks))
+    return triton.cdiv(rows, row_blocks)
+
+
+def batch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance (float32) of a channels_last `(N, C, H, W)` tensor, in one pass."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-d (N, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError("x must be channels_last contiguous (x.contiguous(memory_format=torch.channels_last))")
+    C = x.shape[1]
+    rows = x.numel() // C
+    if rows == 0:
+        raise ValueError(f"x has no elements per channel: shape {tuple(x.shape)}")
+    block_c = min(128, triton.next_power_of_2(C))
+    col_blocks = triton.cdiv(C, block_c)
+    per_prog = _rows_per_program(rows, col_blocks, x.device)
+    row_blocks = triton.cdiv(rows, per_prog)
+    mean_p = torch.empty(row_blocks, C, device=x.device, dtype=torch.float32)
+    m2_p = torch.empty_like(mean_p)
+    _partial_stats[(row_blocks, col_blocks)](x, mean_p, m2_p, rows, C, per_prog, BLOCK_R=32, BLOCK_C=block_c,
+                                             num_warps=4)
+    counts = torch.full((row_blocks, 1), float(per_prog), device=x.device)
+    counts[-1] = rows - per_prog * (row_blocks - 1)
+    mean = (mean_p * counts).sum(0) / rows
+    m2 = m2_p.sum(0) + ((mean_p - mean) ** 2 * counts).sum(0)  # Chan et al.'s parallel combination
+    return mean, m2 / rows
+
+
+class _BatchNormTrain(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float):
+        mean, var = batch_stats(x)
+        n = x.numel() // x.shape[1]
+        if running_mean is not None:
+            with torch.no_grad():
+                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+                unbiased = var * (n / max(n - 1, 1))
+                running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+        invstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.count = n
+        return torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, mean, invstd = ctx.saved_tensors
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        sum_dy, sum_dy_xmu, grad_w, grad_b = torch.batch_norm_backward_reduce(
+            grad_out, x, mean, invstd, weight, need_x, need_w, need_b)
+        grad_x = None
+        if need_x:
+            count = torch.tensor([ctx.count], dtype=torch.int32, device=x.device)
+            grad_x = torch.batch_norm_backward_elemt(grad_out, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count)
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+class FastBatchNormAct2d(BatchNormAct2d):
+    """timm's `BatchNormAct2d` whose training-mode statistics come from `batch_stats` on CUDA channels_last
+    inputs (module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.affine and self.track_running_stats and x.is_cuda and x.dim() == 4
+                and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()):
+            return super().forward(x)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, as timm / torch
+                momentum = 1.0 / float(self.num_batches_tracked)
+        x = _BatchNormTrain.apply(x, self.weight, self.bias, self.running_mean, self.running_var, momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+def enable_fast_batch_norm(model: torch.nn.Module) -> int:
+    """Give `model`'s timm `BatchNormAct2d` modules (exactly that class) `FastBatchNormAct2d`'s forward, in place;
+    parameters and state_dict keys are unchanged. Returns how many modules changed."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    changed = 0
+    for module in model.modules():
+        if type(module) is BatchNormAct2d:
+            module.__class__ = FastBatchNormAct2d
+            changed += 1
+    return changed
