@@ -13,6 +13,7 @@ training mode on CUDA channels_last inputs outside `torch.compile`; everything e
 """
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import torch
@@ -50,10 +51,13 @@ def _partial_stats(X, MEAN, M2, ROWS, C, ROWS_PER_PROG, BLOCK_R: tl.constexpr, B
     tl.store(M2 + pid_r * C + cols, tl.maximum(t2 - t1 * t1 / n, 0.0), mask=c_ok)
 
 
-def _rows_per_program(rows: int, col_blocks: int, device) -> int:
-    programs = 4 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8)
-    row_blocks = max(1, min(triton.cdiv(rows, 1024), programs // col_blocks))
-    return triton.cdiv(rows, row_blocks)
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def batch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -66,16 +70,20 @@ def batch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     rows = x.numel() // C
     if rows == 0:
         raise ValueError(f"x has no elements per channel: shape {tuple(x.shape)}")
-    block_c = min(128, triton.next_power_of_2(C))
-    col_blocks = triton.cdiv(C, block_c)
-    per_prog = _rows_per_program(rows, col_blocks, x.device)
-    row_blocks = triton.cdiv(rows, per_prog)
+    # plain int math: triton.cdiv / next_power_of_2 are jit-wrapped (~4 us of host time each)
+    block_c = min(128, 1 << (C - 1).bit_length())
+    col_blocks = _cdiv(C, block_c)
+    programs = 4 * (_num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+                    if x.is_cuda else 8)
+    per_prog = _cdiv(rows, max(1, min(_cdiv(rows, 1024), programs // col_blocks)))
+    row_blocks = _cdiv(rows, per_prog)
     mean_p = torch.empty(row_blocks, C, device=x.device, dtype=torch.float32)
     m2_p = torch.empty_like(mean_p)
     _partial_stats[(row_blocks, col_blocks)](x, mean_p, m2_p, rows, C, per_prog, BLOCK_R=32, BLOCK_C=block_c,
                                              num_warps=4)
+    # counts by fill kernels: a tensor built from host values would be a synchronizing host-to-device copy
     counts = torch.full((row_blocks, 1), float(per_prog), device=x.device)
-    counts[-1] = rows - per_prog * (row_blocks - 1)
+    counts[-1].fill_(float(rows - per_prog * (row_blocks - 1)))
     mean = (mean_p * counts).sum(0) / rows
     m2 = m2_p.sum(0) + ((mean_p - mean) ** 2 * counts).sum(0)  # Chan et al.'s parallel combination
     return mean, m2 / rows
@@ -105,7 +113,7 @@ class _BatchNormTrain(torch.autograd.Function):
             grad_out, x, mean, invstd, weight, need_x, need_w, need_b)
         grad_x = None
         if need_x:
-            count = torch.tensor([ctx.count], dtype=torch.int32, device=x.device)
+            count = torch.full((1,), ctx.count, dtype=torch.int32, device=x.device)  # no host-to-device copy
             grad_x = torch.batch_norm_backward_elemt(grad_out, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count)
         return grad_x, grad_w, grad_b, None, None, None, None
 
