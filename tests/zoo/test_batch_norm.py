@@ -12,10 +12,18 @@ from zoo.layers.batch_norm import FastBatchNormAct2d, batch_stats, enable_fast_b
 def test_batch_stats_match_float64(shape):
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter (tests/conftest.py)
     x = (torch.randn(shape, device=device) * 3 + 10).to(memory_format=torch.channels_last)  # |mean| >> std: cancellation check
-    mean, var = batch_stats(x)
+    running_mean, running_var = torch.randn(shape[1], device=device), torch.rand(shape[1], device=device) + 0.5
+    rm_ref, rv_ref = running_mean.double().clone(), running_var.double().clone()
+    mean, var, invstd = batch_stats(x, 1e-3, running_mean, running_var, 0.25)
     ref = x.double()
     torch.testing.assert_close(mean.double(), ref.mean((0, 2, 3)), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(var.double(), ref.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(invstd.double(), (ref.var((0, 2, 3), unbiased=False) + 1e-3).rsqrt(), rtol=1e-4,
+                               atol=1e-5)
+    # F.batch_norm's running statistics: momentum 0.25, unbiased variance
+    torch.nn.functional.batch_norm(ref, rm_ref, rv_ref, training=True, momentum=0.25, eps=1e-3)
+    torch.testing.assert_close(running_mean.double(), rm_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(running_var.double(), rv_ref, rtol=1e-4, atol=1e-5)
 
 
 def test_batch_stats_bad_input():

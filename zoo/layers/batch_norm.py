@@ -14,7 +14,7 @@ training mode on CUDA channels_last inputs outside `torch.compile`; everything e
 from __future__ import annotations
 
 import functools
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -51,6 +51,35 @@ def _partial_stats(X, MEAN, M2, ROWS, C, ROWS_PER_PROG, BLOCK_R: tl.constexpr, B
     tl.store(M2 + pid_r * C + cols, tl.maximum(t2 - t1 * t1 / n, 0.0), mask=c_ok)
 
 
+@triton.jit
+def _combine_stats(MEAN_P, M2_P, MEAN, VAR, INVSTD, RMEAN, RVAR, ROW_BLOCKS, ROWS, PER_PROG, C, momentum, eps,
+                   HAS_RUNNING: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Chan et al.'s parallel combination of the row blocks' statistics; mean, biased variance, 1/sqrt(var + eps),
+    and the running statistics updated in place as `F.batch_norm` does (unbiased variance, momentum)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cols < C
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    for r in range(0, ROW_BLOCKS):
+        n = tl.minimum(PER_PROG, ROWS - r * PER_PROG).to(tl.float32)
+        mean += tl.load(MEAN_P + r * C + cols, mask=ok, other=0.0) * n
+    mean = mean / ROWS
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    for r in range(0, ROW_BLOCKS):
+        n = tl.minimum(PER_PROG, ROWS - r * PER_PROG).to(tl.float32)
+        dm = tl.load(MEAN_P + r * C + cols, mask=ok, other=0.0) - mean
+        m2 += tl.load(M2_P + r * C + cols, mask=ok, other=0.0) + dm * dm * n
+    var = m2 / ROWS
+    tl.store(MEAN + cols, mean, mask=ok)
+    tl.store(VAR + cols, var, mask=ok)
+    tl.store(INVSTD + cols, 1.0 / tl.sqrt(var + eps), mask=ok)
+    if HAS_RUNNING:
+        unbiased = var * (ROWS / tl.maximum(ROWS - 1, 1).to(tl.float32))
+        rm = tl.load(RMEAN + cols, mask=ok, other=0.0).to(tl.float32)
+        rv = tl.load(RVAR + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(RMEAN + cols, (rm + momentum * (mean - rm)).to(RMEAN.dtype.element_ty), mask=ok)
+        tl.store(RVAR + cols, (rv + momentum * (unbiased - rv)).to(RVAR.dtype.element_ty), mask=ok)
+
+
 # launch plan: programs per SM, rows per tile, warps. H200, bf16, six halonet26t activation shapes: 637 us
 # for all six (2.1 TB/s) vs 872 at 4 warps and 2055 for torch.batch_norm_stats (kernels/NOTES.md, ninth session)
 CONFIG = dict(programs_per_sm=4, block_r=32, warps=8)
@@ -65,8 +94,12 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def batch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance (float32) of a channels_last `(N, C, H, W)` tensor, in one pass."""
+def batch_stats(x: torch.Tensor, eps: float = 1e-5, running_mean: Optional[torch.Tensor] = None,
+                running_var: Optional[torch.Tensor] = None, momentum: float = 0.1
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel mean, biased variance and 1/sqrt(var + eps) (float32) of a channels_last `(N, C, H, W)`
+    tensor, in one pass over it; with `running_mean` / `running_var`, those are updated in place as
+    `F.batch_norm` does in training (momentum, unbiased variance)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4-d (N, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
     if not x.is_contiguous(memory_format=torch.channels_last):
@@ -86,27 +119,19 @@ def batch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     m2_p = torch.empty_like(mean_p)
     _partial_stats[(row_blocks, col_blocks)](x, mean_p, m2_p, rows, C, per_prog, BLOCK_R=CONFIG["block_r"],
                                              BLOCK_C=block_c, num_warps=CONFIG["warps"])
-    # counts by fill kernels: a tensor built from host values would be a synchronizing host-to-device copy
-    counts = torch.full((row_blocks, 1), float(per_prog), device=x.device)
-    counts[-1].fill_(float(rows - per_prog * (row_blocks - 1)))
-    mean = (mean_p * counts).sum(0) / rows
-    m2 = m2_p.sum(0) + ((mean_p - mean) ** 2 * counts).sum(0)  # Chan et al.'s parallel combination
-    return mean, m2 / rows
+    out = torch.empty(3, C, device=x.device, dtype=torch.float32)  # mean, var, invstd
+    rm, rv = (running_mean, running_var) if running_mean is not None else (out, out)
+    _combine_stats[(col_blocks,)](mean_p, m2_p, out[0], out[1], out[2], rm, rv, row_blocks, rows, per_prog, C,
+                                  momentum, eps, HAS_RUNNING=running_mean is not None, BLOCK_C=block_c)
+    return out[0], out[1], out[2]
 
 
 class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float):
-        mean, var = batch_stats(x)
-        n = x.numel() // x.shape[1]
-        if running_mean is not None:
-            with torch.no_grad():
-                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-                unbiased = var * (n / max(n - 1, 1))
-                running_var.lerp_(unbiased.to(running_var.dtype), momentum)
-        invstd = torch.rsqrt(var + eps)
+        mean, _, invstd = batch_stats(x, eps, running_mean, running_var, momentum)
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.count = n
+        ctx.count = x.numel() // x.shape[1]
         return torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
 
     @staticmethod
