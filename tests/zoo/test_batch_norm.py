@@ -31,6 +31,11 @@ def test_batch_stats_bad_input():
         batch_stats(torch.randn(2, 3, 4, 5))
     with pytest.raises(ValueError, match="4-d"):
         batch_stats(torch.randn(2, 3))
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="together"):
+        batch_stats(x, running_mean=torch.zeros(3))
+    with pytest.raises(ValueError, match=r"running_var must be a contiguous \(3,\) tensor"):
+        batch_stats(x, running_mean=torch.zeros(3), running_var=torch.zeros(4))
 
 
 def test_enable_fast_batch_norm_keeps_state_dict():

@@ -105,6 +105,12 @@ def batch_stats(x: torch.Tensor, eps: float = 1e-5, running_mean: Optional[torch
     if not x.is_contiguous(memory_format=torch.channels_last):
         raise ValueError("x must be channels_last contiguous (x.contiguous(memory_format=torch.channels_last))")
     C = x.shape[1]
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and (t.shape != (C,) or t.device != x.device or not t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous ({C},) tensor on {x.device}, got {tuple(t.shape)} on "
+                             f"{t.device}")
     rows = x.numel() // C
     if rows == 0:
         raise ValueError(f"x has no elements per channel: shape {tuple(x.shape)}")
