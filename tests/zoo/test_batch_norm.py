@@ -5,7 +5,7 @@ import torch
 from timm.layers import BatchNormAct2d
 
 import zoo
-from zoo.layers.batch_norm import FastBatchNormAct2d, batch_stats, enable_fast_batch_norm
+from zoo.layers.batch_norm import FastBatchNormAct2d, batch_norm_act_train, batch_stats, enable_fast_batch_norm
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 130, 6, 5), (1, 16, 40, 40)])
@@ -26,12 +26,42 @@ def test_batch_stats_match_float64(shape):
     torch.testing.assert_close(running_var.double(), rv_ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 130, 6, 5)])
+def test_batch_norm_act_train_matches_float64(shape, relu):
+    """Forward, the three gradients and the running statistics against float64 F.batch_norm (+ ReLU)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    C = shape[1]
+    x = (torch.randn(shape, device=device) * 2 + 0.5).to(memory_format=torch.channels_last)
+    w, b = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
+    rm, rv = torch.randn(C, device=device), torch.rand(C, device=device) + 0.5
+    rm_ref, rv_ref = rm.double().clone(), rv.double().clone()
+    xa, wa, ba = (t.clone().requires_grad_() for t in (x, w, b))
+    xr, wr, br = (t.double().clone().requires_grad_() for t in (x, w, b))
+    out = batch_norm_act_train(xa, wa, ba, rm, rv, momentum=0.3, eps=1e-4, relu=relu)
+    ref = torch.nn.functional.batch_norm(xr, rm_ref, rv_ref, wr, br, training=True, momentum=0.3, eps=1e-4)
+    ref = torch.relu(ref) if relu else ref
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn(shape, device=device)
+    out.backward(g)
+    ref.backward(g.double())
+    tol = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    torch.testing.assert_close(xa.grad.double(), xr.grad, **tol)
+    torch.testing.assert_close(wa.grad.double(), wr.grad, **tol)
+    torch.testing.assert_close(ba.grad.double(), br.grad, **tol)
+    torch.testing.assert_close(rm.double(), rm_ref, **tol)
+    torch.testing.assert_close(rv.double(), rv_ref, **tol)
+
+
 def test_batch_stats_bad_input():
     with pytest.raises(ValueError, match="channels_last"):
         batch_stats(torch.randn(2, 3, 4, 5))
     with pytest.raises(ValueError, match="4-d"):
         batch_stats(torch.randn(2, 3))
     x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"weight must be a \(3,\) tensor"):
+        batch_norm_act_train(x, torch.ones(4), torch.zeros(3))
     with pytest.raises(ValueError, match="together"):
         batch_stats(x, running_mean=torch.zeros(3))
     with pytest.raises(ValueError, match=r"running_var must be a contiguous \(3,\) tensor"):

@@ -1,15 +1,18 @@
-"""Training-mode BatchNorm for channels_last CUDA activations, with the batch statistics from one Triton pass.
+"""Training-mode BatchNorm (+ ReLU) for channels_last CUDA activations, in Triton.
 
 Why: PyTorch computes a channels_last BatchNorm's batch statistics with a kernel that reads bf16 activations at
-~0.6 TB/s on an H200; in `halonet26t`'s training step it took 8.9 of 58 ms. Here one Triton pass reads the
-activations once at bandwidth and writes per-row-block shifted sums; a few small torch ops combine them (Chan's
-parallel variance) and update the running statistics as `F.batch_norm` does (momentum, unbiased variance). The
-normalization and the backward are PyTorch's own SyncBatchNorm primitives (`torch.batch_norm_elemt`,
-`torch.batch_norm_backward_reduce`, `torch.batch_norm_backward_elemt`), so results match `F.batch_norm` up to
-the summation order of the statistics.
+~0.6 TB/s on an H200 (8.9 ms of `halonet26t`'s 58 ms training step), and timm applies the ReLU after the norm as
+two more passes over the activations (forward, and `threshold_backward`: 5.2 ms a step). Here:
+- the statistics: one pass writes per-row-block shifted sums, one launch combines them (Chan et al.'s parallel
+  variance) and updates the running statistics as `F.batch_norm` does (momentum, unbiased variance);
+- forward: one pass normalizes and applies the ReLU;
+- backward: one pass sums g and g·x̂ per row block (g: the output gradient where the ReLU's output is positive),
+  one pass writes the input gradient.
+Results match `F.batch_norm` + ReLU up to summation order (tests: float64 references, timm's module on CUDA).
 
 `FastBatchNormAct2d` is timm's `BatchNormAct2d` (same parameters, buffers and state_dict) taking this path in
-training mode on CUDA channels_last inputs outside `torch.compile`; everything else runs timm's forward.
+training mode on CUDA channels_last inputs with a ReLU or no activation, outside `torch.compile`; everything else
+runs timm's forward.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import triton
 import triton.language as tl
 from timm.layers import BatchNormAct2d
 
-__all__ = ["FastBatchNormAct2d", "batch_stats", "enable_fast_batch_norm"]
+__all__ = ["FastBatchNormAct2d", "batch_norm_act_train", "batch_stats", "enable_fast_batch_norm"]
 
 
 @triton.jit
@@ -80,6 +83,85 @@ def _combine_stats(MEAN_P, M2_P, MEAN, VAR, INVSTD, RMEAN, RVAR, ROW_BLOCKS, ROW
         tl.store(RVAR + cols, (rv + momentum * (unbiased - rv)).to(RVAR.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _bn_act_fwd(X, Y, MEAN, INVSTD, W, B, ROWS, C, ROWS_PER_PROG, RELU: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    """Y = act((X - mean) · invstd · w + b) over X (ROWS, C), act = ReLU or identity."""
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    start = tl.program_id(0) * ROWS_PER_PROG
+    end = tl.minimum(start + ROWS_PER_PROG, ROWS)
+    mean = tl.load(MEAN + cols, mask=c_ok, other=0.0)
+    a = tl.load(INVSTD + cols, mask=c_ok, other=0.0) * tl.load(W + cols, mask=c_ok, other=0.0).to(tl.float32)
+    shift = tl.load(B + cols, mask=c_ok, other=0.0).to(tl.float32) - mean * a
+    for r in range(start, end, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R)
+        ok = (rows < end)[:, None] & c_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        y = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32) * a[None, :] + shift[None, :]
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _bn_act_grad(DY, Y, X, MEAN, INVSTD, RELU: tl.constexpr, offs, ok, mean, invstd):
+    """The gradient at the norm's output (ReLU: where the output is positive, as torch's threshold_backward) and
+    the normalized input x̂, for one tile."""
+    g = tl.load(DY + offs, mask=ok, other=0.0).to(tl.float32)
+    if RELU:
+        g = tl.where(tl.load(Y + offs, mask=ok, other=0.0) > 0, g, 0.0)
+    xhat = (tl.load(X + offs, mask=ok, other=0.0).to(tl.float32) - mean[None, :]) * invstd[None, :]
+    return tl.where(ok, g, 0.0), xhat
+
+
+@triton.jit
+def _bn_act_bwd_reduce(DY, Y, X, MEAN, INVSTD, SUMS, ROWS, C, ROWS_PER_PROG, RELU: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per row block: Σ g and Σ g·x̂ (SUMS (2, row blocks, C))."""
+    pid_r = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    start = pid_r * ROWS_PER_PROG
+    end = tl.minimum(start + ROWS_PER_PROG, ROWS)
+    mean = tl.load(MEAN + cols, mask=c_ok, other=0.0)
+    invstd = tl.load(INVSTD + cols, mask=c_ok, other=0.0)
+    acc_g = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    acc_gx = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for r in range(start, end, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R)
+        ok = (rows < end)[:, None] & c_ok[None, :]
+        g, xhat = _bn_act_grad(DY, Y, X, MEAN, INVSTD, RELU, rows.to(tl.int64)[:, None] * C + cols[None, :], ok,
+                               mean, invstd)
+        acc_g += g
+        acc_gx += g * xhat
+    blocks = tl.num_programs(0)
+    tl.store(SUMS + pid_r * C + cols, tl.sum(acc_g, 0), mask=c_ok)
+    tl.store(SUMS + (blocks + pid_r) * C + cols, tl.sum(acc_gx, 0), mask=c_ok)
+
+
+@triton.jit
+def _bn_act_bwd_elemt(DY, Y, X, MEAN, INVSTD, W, TOTALS, DX, ROWS, C, ROWS_PER_PROG, inv_n, RELU: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dX = (g − mean(g) − x̂ · mean(g·x̂)) · invstd · w (TOTALS (2, C): Σ g, Σ g·x̂)."""
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    start = tl.program_id(0) * ROWS_PER_PROG
+    end = tl.minimum(start + ROWS_PER_PROG, ROWS)
+    mean = tl.load(MEAN + cols, mask=c_ok, other=0.0)
+    invstd = tl.load(INVSTD + cols, mask=c_ok, other=0.0)
+    mean_g = tl.load(TOTALS + cols, mask=c_ok, other=0.0) * inv_n
+    mean_gx = tl.load(TOTALS + C + cols, mask=c_ok, other=0.0) * inv_n
+    scale = invstd * tl.load(W + cols, mask=c_ok, other=0.0).to(tl.float32)
+    for r in range(start, end, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R)
+        ok = (rows < end)[:, None] & c_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        g, xhat = _bn_act_grad(DY, Y, X, MEAN, INVSTD, RELU, offs, ok, mean, invstd)
+        dx = (g - mean_g[None, :] - xhat * mean_gx[None, :]) * scale[None, :]
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=ok)
+
+
 # launch plan: programs per SM, rows per tile, warps. H200, bf16, six halonet26t activation shapes: 637 us
 # for all six (2.1 TB/s) vs 872 at 4 warps and 2055 for torch.batch_norm_stats (kernels/NOTES.md, ninth session)
 CONFIG = dict(programs_per_sm=4, block_r=32, warps=8)
@@ -92,6 +174,19 @@ def _num_sms(device_index: int) -> int:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _plan(x: torch.Tensor) -> Tuple[int, int, int, int, int]:
+    """(rows, BLOCK_C, channel blocks, rows per program, row blocks) of the kernels' grid over x (rows, C)."""
+    C = x.shape[1]
+    rows = x.numel() // C
+    # plain int math: triton.cdiv / next_power_of_2 are jit-wrapped (~4 us of host time each)
+    block_c = min(128, 1 << (C - 1).bit_length())
+    col_blocks = _cdiv(C, block_c)
+    sms = _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else 8
+    programs = CONFIG["programs_per_sm"] * sms
+    per_prog = _cdiv(rows, max(1, min(_cdiv(rows, 1024), programs // col_blocks)))
+    return rows, block_c, col_blocks, per_prog, _cdiv(rows, per_prog)
 
 
 def batch_stats(x: torch.Tensor, eps: float = 1e-5, running_mean: Optional[torch.Tensor] = None,
@@ -111,16 +206,9 @@ def batch_stats(x: torch.Tensor, eps: float = 1e-5, running_mean: Optional[torch
         if t is not None and (t.shape != (C,) or t.device != x.device or not t.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous ({C},) tensor on {x.device}, got {tuple(t.shape)} on "
                              f"{t.device}")
-    rows = x.numel() // C
-    if rows == 0:
+    if x.numel() == 0:
         raise ValueError(f"x has no elements per channel: shape {tuple(x.shape)}")
-    # plain int math: triton.cdiv / next_power_of_2 are jit-wrapped (~4 us of host time each)
-    block_c = min(128, 1 << (C - 1).bit_length())
-    col_blocks = _cdiv(C, block_c)
-    sms = _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else 8
-    programs = CONFIG["programs_per_sm"] * sms
-    per_prog = _cdiv(rows, max(1, min(_cdiv(rows, 1024), programs // col_blocks)))
-    row_blocks = _cdiv(rows, per_prog)
+    rows, block_c, col_blocks, per_prog, row_blocks = _plan(x)
     mean_p = torch.empty(row_blocks, C, device=x.device, dtype=torch.float32)
     m2_p = torch.empty_like(mean_p)
     _partial_stats[(row_blocks, col_blocks)](x, mean_p, m2_p, rows, C, per_prog, BLOCK_R=CONFIG["block_r"],
@@ -132,43 +220,72 @@ def batch_stats(x: torch.Tensor, eps: float = 1e-5, running_mean: Optional[torch
     return out[0], out[1], out[2]
 
 
-class _BatchNormTrain(torch.autograd.Function):
+class _BatchNormActTrain(torch.autograd.Function):
+    """Training-mode BatchNorm (+ ReLU) over a channels_last (N, C, H, W) tensor: four Triton passes (statistics;
+    normalize + activation; the backward's two sums; the input gradient) and two tiny combine launches."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float, relu: bool):
         mean, _, invstd = batch_stats(x, eps, running_mean, running_var, momentum)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.count = x.numel() // x.shape[1]
-        return torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
+        rows, block_c, col_blocks, per_prog, row_blocks = _plan(x)
+        y = torch.empty_like(x)  # keeps channels_last
+        _bn_act_fwd[(row_blocks, col_blocks)](x, y, mean, invstd, weight, bias, rows, x.shape[1], per_prog,
+                                              RELU=relu, BLOCK_R=CONFIG["block_r"], BLOCK_C=block_c,
+                                              num_warps=CONFIG["warps"])
+        ctx.save_for_backward(x, y if relu else None, weight, mean, invstd)
+        ctx.relu = relu
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, mean, invstd = ctx.saved_tensors
+        x, y, weight, mean, invstd = ctx.saved_tensors
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        sum_dy, sum_dy_xmu, grad_w, grad_b = torch.batch_norm_backward_reduce(
-            grad_out, x, mean, invstd, weight, need_x, need_w, need_b)
+        rows, block_c, col_blocks, per_prog, row_blocks = _plan(x)
+        C = x.shape[1]
+        y = y if y is not None else x  # not read without ReLU
+        meta = dict(RELU=ctx.relu, BLOCK_R=CONFIG["block_r"], BLOCK_C=block_c, num_warps=CONFIG["warps"])
+        sums = torch.empty(2, row_blocks, C, device=x.device, dtype=torch.float32)
+        _bn_act_bwd_reduce[(row_blocks, col_blocks)](grad_out, y, x, mean, invstd, sums, rows, C, per_prog, **meta)
+        totals = sums.sum(1)  # (2, C): Σ g, Σ g·x̂
         grad_x = None
-        if need_x:
-            count = torch.full((1,), ctx.count, dtype=torch.int32, device=x.device)  # no host-to-device copy
-            grad_x = torch.batch_norm_backward_elemt(grad_out, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count)
-        return grad_x, grad_w, grad_b, None, None, None, None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.empty_like(x)
+            _bn_act_bwd_elemt[(row_blocks, col_blocks)](grad_out, y, x, mean, invstd, weight, totals, grad_x, rows, C,
+                                                        per_prog, 1.0 / rows, **meta)
+        grad_w = totals[1].to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = totals[0].to(weight.dtype) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def batch_norm_act_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                         running_mean: Optional[torch.Tensor] = None, running_var: Optional[torch.Tensor] = None,
+                         momentum: float = 0.1, eps: float = 1e-5, relu: bool = False) -> torch.Tensor:
+    """`act(F.batch_norm(x, running_mean, running_var, weight, bias, training=True, momentum, eps))`, act = ReLU
+    or identity, for a channels_last `(N, C, H, W)` x (CUDA, or CPU under Triton's interpreter); differentiable in
+    x, weight and bias; updates the running statistics in place."""
+    for name, t in (("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor) or t.shape != (x.shape[1],):
+            raise ValueError(f"{name} must be a ({x.shape[1]},) tensor, got {getattr(t, 'shape', t)}")
+    return _BatchNormActTrain.apply(x, weight, bias, running_mean, running_var, momentum, eps, bool(relu))
 
 
 class FastBatchNormAct2d(BatchNormAct2d):
-    """timm's `BatchNormAct2d` whose training-mode statistics come from `batch_stats` on CUDA channels_last
-    inputs (module docstring)."""
+    """timm's `BatchNormAct2d` whose training forward and backward run `batch_norm_act_train` on CUDA
+    channels_last inputs when its activation is a ReLU or none (module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        relu = isinstance(self.act, torch.nn.ReLU)
         if not (self.training and self.affine and self.track_running_stats and x.is_cuda and x.dim() == 4
-                and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()):
+                and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()
+                and (relu or isinstance(self.act, torch.nn.Identity)) and isinstance(self.drop, torch.nn.Identity)):
             return super().forward(x)
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average, as timm / torch
                 momentum = 1.0 / float(self.num_batches_tracked)
-        x = _BatchNormTrain.apply(x, self.weight, self.bias, self.running_mean, self.running_var, momentum, self.eps)
-        return self.act(self.drop(x))
+        return _BatchNormActTrain.apply(x, self.weight, self.bias, self.running_mean, self.running_var, momentum,
+                                        self.eps, relu)
 
 
 def enable_fast_batch_norm(model: torch.nn.Module) -> int:
