@@ -64,7 +64,7 @@ class HaloNet(ByobNet):
     Inference (eval mode, no autograd) folds each BatchNorm into its conv and runs conv + bias + ReLU, and a
     block's last conv + residual + ReLU, as single cuDNN kernels (`zoo.layers.conv_bn_fusion`; ReLU models:
     `zoo_halonet26t`, `zoo_halonet_h*`). `zoo.layers.set_fused_inference(model, False)` gives timm's
-    unfused path. Training on CUDA channels_last inputs computes the BatchNorm statistics in one Triton pass
+    unfused path. Training on CUDA channels_last inputs runs BatchNorm (+ ReLU) as Triton passes
     (`zoo.layers.batch_norm`).
 
     Args: as `timm.models.byobnet.ByobNet` (`cfg`, `num_classes`, `in_chans`, `global_pool`, `output_stride`,
