@@ -26,6 +26,7 @@ from torch import nn
 
 from .._registry import register_model
 from ..layers.checks import check_image_input
+from ..layers.layer_norm import enable_fast_layer_norm
 from ..layers.agent_attention import AgentAttention, resize_agent_biases
 from ..layers.attention import Attention
 from ..layers.patch_embed import PatchEmbed
@@ -68,6 +69,7 @@ class AgentBlock(nn.Module):
                              drop=proj_drop, **dd)
         self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        enable_fast_layer_norm(self)  # inference: the norms write what the linear layers read
 
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         y = self.norm1(x)

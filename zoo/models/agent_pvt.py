@@ -32,6 +32,7 @@ import kernels
 from .._registry import register_model
 from ..layers.agent_attention import AgentAttention, resize_agent_biases
 from ..layers.checks import check_image_input
+from ..layers.layer_norm import enable_fast_layer_norm
 from ..layers.patch_embed import PatchEmbed
 from .agent_deit import agent_cfg
 
@@ -99,6 +100,7 @@ class AgentPvtBlock(nn.Module):
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop,
                        **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        enable_fast_layer_norm(self)  # inference: the norms write what the linear layers read
 
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         x = x + self.drop_path1(self.attn(self.norm1(x), feat_size))

@@ -32,6 +32,7 @@ import kernels
 from .._registry import register_model
 from ..layers.agent_attention import AgentAttention, resize_agent_biases
 from ..layers.checks import check_image_input
+from ..layers.layer_norm import enable_fast_layer_norm
 from ..layers.patch_embed import PatchEmbed
 from .agent_deit import agent_cfg
 
@@ -96,6 +97,7 @@ class AgentSwinBlock(nn.Module):
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop,
                        **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        enable_fast_layer_norm(self)  # inference: the norms write what the linear layers read
 
     def set_input_size(self, feat_size: Tuple[int, int], window_size=None, always_partition=None) -> None:
         # agent blocks are global: the window is moot and the biases are interpolated to any grid per forward

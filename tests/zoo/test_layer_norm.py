@@ -1,0 +1,73 @@
+"""Inference LayerNorm (`zoo.layers.layer_norm`): the Triton pass (interpreter on CPU) against float64
+`F.layer_norm`, the module's fallback, and the agent models on CUDA."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zoo
+from zoo.layers.layer_norm import FastLayerNorm, enable_fast_layer_norm, layer_norm
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter (tests/conftest.py)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 192), (7, 96), (2, 3, 4, 7), (5, 1000)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_matches_float64(shape, affine):
+    N = shape[-1]
+    x = torch.randn(shape, device=DEVICE) * 3 + 2
+    w = torch.randn(N, device=DEVICE) if affine else None
+    b = torch.randn(N, device=DEVICE) if affine else None
+    out = layer_norm(x, w, b, 1e-5)
+    ref = F.layer_norm(x.double(), (N,), None if w is None else w.double(), None if b is None else b.double(), 1e-5)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_out_dtype_and_strided_input():
+    x = torch.randn(6, 4, 192, device=DEVICE).transpose(0, 1)  # not contiguous
+    w, b = torch.randn(192, device=DEVICE), torch.randn(192, device=DEVICE)
+    out = layer_norm(x, w, b, 1e-6, torch.bfloat16)
+    ref = F.layer_norm(x, (192,), w, b, 1e-6)
+    assert out.dtype == torch.bfloat16
+    # the float32 result rounded once to bf16 (as a linear layer under autocast would round it): within half a
+    # bf16 ulp of the float32 value on the GPU (round to nearest); Triton's CPU interpreter truncates: one ulp
+    ulp = 2 ** -8 if x.is_cuda else 2 ** -7
+    assert ((out.float() - ref).abs() <= ref.abs() * ulp + 1e-5).all()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"weight must be a \(8,\) tensor"):
+        layer_norm(torch.randn(2, 8), torch.ones(9), None)
+    with pytest.raises(ValueError, match="<= 8192"):
+        layer_norm(torch.randn(1, 9000), None, None)
+    with pytest.raises(TypeError, match="model must be"):
+        enable_fast_layer_norm([])
+
+
+def test_module_falls_back_with_autograd_and_on_cpu():
+    norm = torch.nn.LayerNorm(32)
+    enable_fast_layer_norm(torch.nn.ModuleDict({"blk": torch.nn.Module()}))  # nothing named norm1/norm2
+    holder = torch.nn.Module()
+    holder.norm1, holder.norm2, holder.norm = norm, torch.nn.LayerNorm(32), torch.nn.LayerNorm(32)
+    keys = list(holder.state_dict())
+    assert enable_fast_layer_norm(holder) == 2 and type(holder.norm) is torch.nn.LayerNorm
+    assert list(holder.state_dict()) == keys and isinstance(norm, FastLayerNorm)
+    x = torch.randn(4, 32, requires_grad=True)
+    out = norm(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, F.layer_norm(x, (32,), norm.weight, norm.bias, norm.eps), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the module's fast path runs on CUDA")
+@pytest.mark.parametrize("name", ["agent_deit_tiny", "agent_swin_tiny", "agent_pvt_tiny"])
+def test_agent_models_match_plain_layer_norm_cuda(name):
+    model = zoo.create_model(name).cuda().eval()
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        fast = model(x).float()
+        for m in model.modules():
+            if isinstance(m, FastLayerNorm):
+                m.__class__ = torch.nn.LayerNorm
+        ref = model(x).float()
+    err = ((fast - ref).norm() / ref.norm()).item()
+    assert err < 1e-2, err
