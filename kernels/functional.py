@@ -6,6 +6,7 @@ from typing import Optional, Union
 import torch
 
 from .backends import choose_backend
+from .backends.reference import AUTOCAST_FROM, autocast_dtype
 from .capture import active_frame, captured_attention
 from .checks import check_attention_args
 from .patterns import Dense, Pattern
@@ -59,12 +60,8 @@ def attention(
     return fn(q, k, v, pattern=pattern, bias=bias, gate=gate, scale=scale, return_lse=return_lse)
 
 
-_AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _autocast_inputs(q, k, v):
-    if not isinstance(q, torch.Tensor) or not torch.amp.is_autocast_available(q.device.type) \
-            or not torch.is_autocast_enabled(q.device.type):  # (no autocast on meta tensors: asking raises)
+    dtype = autocast_dtype(q) if isinstance(q, torch.Tensor) else None
+    if dtype is None:
         return q, k, v
-    dtype = torch.get_autocast_dtype(q.device.type)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_FROM else t for t in (q, k, v))
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in AUTOCAST_FROM else t for t in (q, k, v))

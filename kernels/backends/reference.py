@@ -3,6 +3,7 @@ against, and the path `kernels.capture` uses."""
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 
@@ -58,6 +59,19 @@ def autocast_off(device_type: str):
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts (float64 stays float64)
+
+
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast would run an op on `x` in (its `get_autocast_dtype`), or None: autocast off, a device
+    without autocast (meta tensors: asking raises there), or a dtype autocast leaves alone."""
+    device_type = x.device.type
+    if (not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type)
+            or x.dtype not in AUTOCAST_FROM):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def attention_reference(q, k, v, pattern=None, bias=None, gate=None, scale=None, return_lse=False):

@@ -27,7 +27,7 @@ def test_batch_stats_match_float64(shape):
 
 
 @pytest.mark.parametrize("relu", [True, False])
-@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 130, 6, 5)])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 130, 6, 5), (4, 8, 24, 25)])  # the last: several row blocks
 def test_batch_norm_act_train_matches_float64(shape, relu):
     """Forward, the three gradients and the running statistics against float64 F.batch_norm (+ ReLU)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,7 +79,44 @@ def test_enable_fast_batch_norm_keeps_state_dict():
         enable_fast_batch_norm(None)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fast path runs on CUDA (SyncBatchNorm primitives)")
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_module_matches_timm_over_steps(monkeypatch, momentum):
+    """FastBatchNormAct2d's own logic (momentum, cumulative average, num_batches_tracked, eval after training)
+    against timm's BatchNormAct2d over three training steps; on CPU through Triton's interpreter."""
+    from zoo.layers import batch_norm as bn_module
+
+    monkeypatch.setattr(bn_module, "_fast_device", lambda x: True)
+    ref = BatchNormAct2d(6, act_layer="relu", momentum=momentum)
+    fast = BatchNormAct2d(6, act_layer="relu", momentum=momentum)
+    enable_fast_batch_norm(fast)
+    for step in range(3):
+        x = (torch.randn(3, 6, 5, 7) * (step + 1) + step).to(memory_format=torch.channels_last)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ref(xa), fast(xb)
+        g = torch.randn_like(ya)
+        ya.backward(g)
+        yb.backward(g)
+        torch.testing.assert_close(yb, ya, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-5)
+    version = fast.running_mean._version
+    torch.testing.assert_close(fast.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+    assert int(fast.num_batches_tracked) == 3 and version >= 3  # in-place kernel writes bump the version
+    fast.eval(), ref.eval()
+    x = torch.randn(2, 6, 4, 4).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+def test_training_with_one_value_per_channel_raises():
+    x = torch.randn(1, 3, 1, 1).to(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        batch_norm_act_train(x, torch.ones(3), torch.zeros(3))
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        batch_stats(torch.randn(2, 3, 4, 4, dtype=torch.float64).to(memory_format=torch.channels_last))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the module's fast path runs on CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fast_batch_norm_matches_timm_cuda(dtype):
     ref = BatchNormAct2d(48, act_layer="relu").cuda()

@@ -131,5 +131,101 @@ def test_enable_fused_inference_on_a_timm_model():
 def test_bad_arguments():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         conv_bn_fusion.enable_fused_inference("halonet26t")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        zoo.layers.set_fused_inference("halonet26t", True)
     with pytest.raises(TypeError, match="enabled must be a bool"):
         zoo.layers.set_fused_inference(torch.nn.Linear(2, 2), 1)
+
+
+def test_training_forwards_invalidate_the_folded_weights():
+    """A training-mode forward updates the running statistics in place (no version bump): the fold follows."""
+    model = _relu_halonet()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)  # folds and caches
+        model.train()
+        for _ in range(3):
+            model(torch.randn(2, 3, 32, 32) * 2 + 1)
+        model.eval()
+        out = model(x)
+        ref = _unfused(model)(x)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        # only the norms switched (no train() on the fused modules, whose hook clears the cache): the
+        # statistics' update reaches the key through num_batches_tracked
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for bn in norms:
+            bn.train()
+        model(torch.randn(2, 3, 32, 32) * 3 - 1)
+        for bn in norms:
+            bn.eval()
+        torch.testing.assert_close(model(x), _unfused(model)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_norms_in_training_mode_are_not_fused(fused_calls):
+    """Test-time BN adaptation: an eval model whose norms train uses batch statistics, as timm does."""
+    model = _relu_halonet()
+    ref = _unfused(model)
+    for m in (model, ref):
+        for bn in m.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.train()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out, out_ref = model(x), ref(x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    assert int(model.stem.conv1.bn.num_batches_tracked) == 1 and fused_calls == []
+
+
+def test_inference_tensor_parameters_and_param_data_writes():
+    with torch.inference_mode():
+        model = _relu_halonet()
+        x = torch.randn(1, 3, 32, 32)
+        out = model(x)
+        ref = _unfused(model)(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    model = _relu_halonet()
+    with torch.no_grad():
+        model(x)
+        model.stages[0][0].conv2_kxk.bn.weight.data.mul_(3)  # bypasses the version counter
+        model.train().eval()  # the documented remedy
+        torch.testing.assert_close(model(x), _unfused(model)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_eps_change_refolds():
+    model = _relu_halonet()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        for bn in model.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.eps = 0.5
+        torch.testing.assert_close(model(x), _unfused(model)(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(bias=True), dict(groups=4), dict(dilation=2), dict(stride=2, groups=2)])
+def test_conv_variants_fold_exactly(kwargs, fused_calls):
+    """Conv bias, groups, dilation and stride reach the fused conv (float64 against timm's module)."""
+    from timm.layers import ConvNormAct
+
+    block = torch.nn.Sequential(ConvNormAct(8, 16, 3, **kwargs)).double().eval()
+    bn = block[0].bn
+    bn.running_mean.normal_(0, 0.3)
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.normal_(0, 0.3)
+    ref = copy.deepcopy(block)
+    conv_bn_fusion.enable_fused_inference(block)
+    x = torch.randn(2, 8, 13, 11, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), ref(x), rtol=1e-10, atol=1e-10)
+    assert fused_calls == [False]
+
+
+def test_meta_and_jit_trace():
+    model = _relu_halonet()
+    with torch.no_grad():
+        out = copy.deepcopy(model).to("meta")(torch.randn(2, 3, 32, 32, device="meta"))
+        assert out.shape == (2, 10) and out.device.type == "meta"
+        x = torch.randn(1, 3, 32, 32)
+        traced = torch.jit.trace(model, x)  # checks that two traced runs give the same graph
+        torch.testing.assert_close(traced(x), _unfused(model)(x), rtol=1e-5, atol=1e-5)

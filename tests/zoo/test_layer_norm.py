@@ -36,18 +36,30 @@ def test_layer_norm_out_dtype_and_strided_input():
     assert ((out.float() - ref).abs() <= ref.abs() * ulp + 1e-5).all()
 
 
+def test_layer_norm_on_a_sliced_view():
+    base = torch.randn(9, 300, device=DEVICE)
+    x = base[:, 50:250]  # rows 300 apart: read in place
+    out = layer_norm(x, None, None, 1e-5)
+    torch.testing.assert_close(out.double(), F.layer_norm(x.double(), (200,), eps=1e-5), rtol=1e-5, atol=1e-5)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match=r"weight must be a \(8,\) tensor"):
         layer_norm(torch.randn(2, 8), torch.ones(9), None)
     with pytest.raises(ValueError, match="<= 8192"):
         layer_norm(torch.randn(1, 9000), None, None)
-    with pytest.raises(TypeError, match="model must be"):
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        layer_norm(torch.randn(2, 8, dtype=torch.float64), None, None)
+    with pytest.raises(TypeError, match="block must be"):
         enable_fast_layer_norm([])
 
 
 def test_module_falls_back_with_autograd_and_on_cpu():
     norm = torch.nn.LayerNorm(32)
-    enable_fast_layer_norm(torch.nn.ModuleDict({"blk": torch.nn.Module()}))  # nothing named norm1/norm2
+    outer = torch.nn.Module()
+    outer.blk = torch.nn.Module()
+    outer.blk.norm1 = torch.nn.LayerNorm(8)
+    assert enable_fast_layer_norm(outer) == 0  # one block's own norms only: not recursive
     holder = torch.nn.Module()
     holder.norm1, holder.norm2, holder.norm = norm, torch.nn.LayerNorm(32), torch.nn.LayerNorm(32)
     keys = list(holder.state_dict())

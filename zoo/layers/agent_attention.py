@@ -191,7 +191,10 @@ class AgentAttention(nn.Module):
         kv_size = tuple(kv_size) if kv_size is not None else tuple(feat_size)
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._agent_bias(tuple(feat_size), kv_size)
-        key = (tuple(feat_size), kv_size) + version_key(self._bias_params())
+        versions = version_key(self._bias_params())
+        if versions is None:  # inference-tensor parameters: no version counters to key a cache on
+            return tuple(kernels.agent.padded_bias(b) for b in self._agent_bias(tuple(feat_size), kv_size))
+        key = (tuple(feat_size), kv_size) + versions
         cached = self.__dict__.get("_bias_cache")
         if cached is None or cached[0] != key:  # padded: the fused kernels load its tiles whole
             cached = (key, tuple(kernels.agent.padded_bias(b) for b in self._agent_bias(tuple(feat_size), kv_size)))

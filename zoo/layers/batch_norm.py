@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 from timm.layers import BatchNormAct2d
+from torch.autograd.function import once_differentiable
 
 __all__ = ["FastBatchNormAct2d", "batch_norm_act_train", "batch_stats", "enable_fast_batch_norm"]
 
@@ -162,6 +163,8 @@ def _bn_act_bwd_elemt(DY, Y, X, MEAN, INVSTD, W, TOTALS, DX, ROWS, C, ROWS_PER_P
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=ok)
 
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 # launch plan: programs per SM, rows per tile, warps. H200, bf16, six halonet26t activation shapes: 637 us
 # for all six (2.1 TB/s) vs 872 at 4 warps and 2055 for torch.batch_norm_stats (kernels/NOTES.md, ninth session)
 CONFIG = dict(programs_per_sm=4, block_r=32, warps=8)
@@ -189,23 +192,31 @@ def _plan(x: torch.Tensor) -> Tuple[int, int, int, int, int]:
     return rows, block_c, col_blocks, per_prog, _cdiv(rows, per_prog)
 
 
+def _check_input(x):
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-d (N, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x must be float16, bfloat16 or float32 (the kernels compute in float32), got {x.dtype}")
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError("x must be channels_last contiguous (x.contiguous(memory_format=torch.channels_last))")
+
+
 def batch_stats(x: torch.Tensor, eps: float = 1e-5, running_mean: Optional[torch.Tensor] = None,
                 running_var: Optional[torch.Tensor] = None, momentum: float = 0.1
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-channel mean, biased variance and 1/sqrt(var + eps) (float32) of a channels_last `(N, C, H, W)`
     tensor, in one pass over it; with `running_mean` / `running_var`, those are updated in place as
     `F.batch_norm` does in training (momentum, unbiased variance)."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a 4-d (N, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
-    if not x.is_contiguous(memory_format=torch.channels_last):
-        raise ValueError("x must be channels_last contiguous (x.contiguous(memory_format=torch.channels_last))")
+    _check_input(x)
     C = x.shape[1]
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is not None and (t.shape != (C,) or t.device != x.device or not t.is_contiguous()):
-            raise ValueError(f"{name} must be a contiguous ({C},) tensor on {x.device}, got {tuple(t.shape)} on "
-                             f"{t.device}")
+            raise ValueError(f"{name} must be a contiguous ({C},) tensor on {x.device}, got shape {tuple(t.shape)} "
+                             f"on {t.device}, {'contiguous' if t.is_contiguous() else 'not contiguous'}")
+    if running_mean is not None and x.numel() // C == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     if x.numel() == 0:
         raise ValueError(f"x has no elements per channel: shape {tuple(x.shape)}")
     rows, block_c, col_blocks, per_prog, row_blocks = _plan(x)
@@ -217,6 +228,9 @@ def batch_stats(x: torch.Tensor, eps: float = 1e-5, running_mean: Optional[torch
     rm, rv = (running_mean, running_var) if running_mean is not None else (out, out)
     _combine_stats[(col_blocks,)](mean_p, m2_p, out[0], out[1], out[2], rm, rv, row_blocks, rows, per_prog, C,
                                   momentum, eps, HAS_RUNNING=running_mean is not None, BLOCK_C=block_c)
+    for t in (running_mean, running_var):  # written in place by the kernel: caches keyed on versions must see it
+        if t is not None and not t.is_inference():
+            torch.autograd.graph.increment_version(t)
     return out[0], out[1], out[2]
 
 
@@ -237,6 +251,7 @@ class _BatchNormActTrain(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         x, y, weight, mean, invstd = ctx.saved_tensors
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
@@ -263,10 +278,21 @@ def batch_norm_act_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """`act(F.batch_norm(x, running_mean, running_var, weight, bias, training=True, momentum, eps))`, act = ReLU
     or identity, for a channels_last `(N, C, H, W)` x (CUDA, or CPU under Triton's interpreter); differentiable in
     x, weight and bias; updates the running statistics in place."""
+    _check_input(x)
     for name, t in (("weight", weight), ("bias", bias)):
-        if not isinstance(t, torch.Tensor) or t.shape != (x.shape[1],):
-            raise ValueError(f"{name} must be a ({x.shape[1]},) tensor, got {getattr(t, 'shape', t)}")
+        if not isinstance(t, torch.Tensor) or t.shape != (x.shape[1],) or t.device != x.device:
+            raise ValueError(f"{name} must be a ({x.shape[1]},) tensor on {x.device}, got "
+                             f"{getattr(t, 'shape', type(t).__name__)} on {getattr(t, 'device', None)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    if x.numel() == x.shape[1]:  # as F.batch_norm in training
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     return _BatchNormActTrain.apply(x, weight, bias, running_mean, running_var, momentum, eps, bool(relu))
+
+
+def _fast_device(x: torch.Tensor) -> bool:
+    """Whether the module takes the Triton path for x's device (CUDA; tests add the interpreter's CPU)."""
+    return x.is_cuda
 
 
 class FastBatchNormAct2d(BatchNormAct2d):
@@ -275,8 +301,10 @@ class FastBatchNormAct2d(BatchNormAct2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         relu = isinstance(self.act, torch.nn.ReLU)
-        if not (self.training and self.affine and self.track_running_stats and x.is_cuda and x.dim() == 4
+        if not (self.training and self.affine and self.track_running_stats and _fast_device(x) and x.dim() == 4
+                and x.dtype in _DTYPES and x.numel() > x.shape[1]
                 and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing() and not torch.jit.is_scripting()
                 and (relu or isinstance(self.act, torch.nn.Identity)) and isinstance(self.drop, torch.nn.Identity)):
             return super().forward(x)
         momentum = 0.0 if self.momentum is None else self.momentum

@@ -8,12 +8,13 @@ each of them as its own pass over the activations: on an H200 (bf16, channels_la
 ReLU and add kernels were ~60% of `halonet26t`'s inference GPU time. A folded conv followed by a separate bias or
 activation pass is slower than timm's path, so only convs whose output goes through a ReLU are fused.
 
-When: a module in eval mode, without autograd (`torch.no_grad()` / `torch.inference_mode()`), outside
-`torch.compile`, with `fused_inference` true (the default; `set_fused_inference(model, False)` turns it off).
-Anything else (training, gradients, SiLU blocks, anti-aliasing, `Conv2dSame` padding, non-affine norms) runs
-timm's own forward. Folded weights are cached per module and recomputed when a parameter or running statistic
-changes (its storage or in-place version counter: `load_state_dict`, optimizer steps), or the dtype changes.
-Writes through `param.data` bypass the version counter: call `model.train().eval()` after them.
+When: a module and its conv-norm children in eval mode, without autograd (`torch.no_grad()` /
+`torch.inference_mode()`), outside `torch.compile` and `torch.jit` tracing, with `fused_inference` true (the
+default; `set_fused_inference(model, False)` turns it off). Anything else (training, norms in training mode,
+gradients, SiLU blocks, anti-aliasing, `Conv2dSame` padding, non-affine norms) runs timm's own forward. Folded weights are cached per module and recomputed when a parameter or running
+statistic changes (its storage or in-place version counter: `load_state_dict`, optimizer steps; a training-mode
+forward counts through `num_batches_tracked`), or the dtype or eps changes; `train()` clears them. Writes through
+`param.data` bypass the version counter: call `model.train().eval()` after them.
 
 The result equals timm's forward up to rounding: exact in float32 to ~1e-6; under bf16 autocast the folded weights
 are rounded once to bf16 where timm rounds the conv output before the norm.
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, ConvNormAct
 from timm.models.byobnet import BottleneckBlock, SelfAttnBlock
 
+from kernels.backends.reference import autocast_dtype
+
 from .cache import version_key
 
 __all__ = ["FusedConvNormAct", "FusedBottleneckBlock", "FusedSelfAttnBlock", "enable_fused_inference",
@@ -41,7 +44,8 @@ def _fusable(cna: nn.Module) -> bool:
         return False
     conv, bn = cna.conv, cna.bn
     return (conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and isinstance(bn, BatchNormAct2d)
-            and bn.affine and bn.running_var is not None and isinstance(bn.drop, nn.Identity))
+            and bn.affine and bn.running_var is not None and isinstance(bn.drop, nn.Identity)
+            and not cna.training and not bn.training)
 
 
 def _relu(module: Optional[nn.Module]) -> bool:
@@ -51,24 +55,24 @@ def _relu(module: Optional[nn.Module]) -> bool:
 def _active(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether this call may take the fused path (inference without autograd; see the module docstring)."""
     return (getattr(module, "fused_inference", True) and not module.training and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and x.dim() == 4)
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+            and x.dim() == 4 and x.is_floating_point())
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+    return autocast_dtype(x) or x.dtype
 
 
 def folded_conv_bn(cna: ConvNormAct, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """`cna`'s conv weight and bias with its BatchNorm folded in, in `dtype` (folded in float32, or float64 for
     float64), cached on the module until a parameter or statistic changes."""
     conv, bn = cna.conv, cna.bn
-    tensors = [t for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-               if t is not None]
-    key = version_key(tensors) + (dtype, bn.eps)
+    tensors = [t for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                           bn.num_batches_tracked) if t is not None]
+    versions = version_key(tensors)
+    key = None if versions is None else versions + (dtype, bn.eps)
     cached = cna.__dict__.get("_folded")
-    if cached is None or cached[0] != key:
+    if key is None or cached is None or cached[0] != key:
         fold = torch.float64 if dtype == torch.float64 else torch.float32
         scale = bn.weight.to(fold) * torch.rsqrt(bn.running_var.to(fold) + bn.eps)
         shift = bn.bias.to(fold) - bn.running_mean.to(fold) * scale
@@ -77,7 +81,8 @@ def folded_conv_bn(cna: ConvNormAct, dtype: torch.dtype) -> Tuple[torch.Tensor, 
         # elementwise ops keep the weight's memory format (channels_last after `model.to(memory_format=...)`)
         weight = (conv.weight.to(fold) * scale.view(-1, 1, 1, 1)).to(dtype)
         cached = (key, weight, shift.to(dtype))
-        cna.__dict__["_folded"] = cached
+        if key is not None:  # inference-tensor parameters: no version counters, no cache
+            cna.__dict__["_folded"] = cached
     return cached[1], cached[2]
 
 
@@ -85,7 +90,7 @@ def _conv_bias_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, c
                     residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """relu(conv(x, weight) + bias [+ residual]): one cuDNN kernel on CUDA, the composition elsewhere."""
     args = (conv.stride, conv.padding, conv.dilation, conv.groups)
-    if x.is_cuda and torch.backends.cudnn.enabled:
+    if x.is_cuda and torch.backends.cudnn.enabled and x.dtype != torch.float64:
         if residual is None:
             return torch.cudnn_convolution_relu(x, weight, bias, *args)
         return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, *args)
@@ -109,6 +114,11 @@ class FusedConvNormAct(ConvNormAct):
     fuses the ReLU (module docstring)."""
 
     fused_inference = True
+
+    def train(self, mode: bool = True):
+        if mode or self.training:  # a switch, or training (no cache then): `model.train().eval()` clears it
+            self.__dict__.pop("_folded", None)
+        return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _active(self, x):
@@ -199,6 +209,8 @@ def enable_fused_inference(model: nn.Module) -> int:
 
 def set_fused_inference(model: nn.Module, enabled: bool) -> int:
     """Turn the fused inference path of `model`'s fused modules on or off; returns how many modules it set."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
     count = 0

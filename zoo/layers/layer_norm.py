@@ -7,9 +7,9 @@ normalizes in float32 and writes the output directly in the dtype that linear la
 dtype; x's dtype without autocast): the same values, one read and one half-size write.
 
 `FastLayerNorm` is `nn.LayerNorm` (same parameters and state_dict) taking this path without autograd, on CUDA,
-outside `torch.compile`, for inputs of at least `MIN_ELEMENTS` (below that the launch's host time outweighs the
-GPU time saved); otherwise `F.layer_norm`. `enable_fast_layer_norm(model)` gives it to the `norm1` /
-`norm2` LayerNorms of a model's transformer blocks (their outputs go straight into the attention's and the MLP's
+outside `torch.compile` and `torch.jit`, for float16/bfloat16/float32 inputs of at least `MIN_ELEMENTS` (below
+that the launch's host time outweighs the GPU time saved); otherwise `F.layer_norm`. `enable_fast_layer_norm(block)`
+gives it to a pre-norm block's `norm1` / `norm2` (their outputs go straight into the attention's and the MLP's
 first linear layers; the model's final norm keeps its float32 output under autocast, as in timm).
 """
 from __future__ import annotations
@@ -21,6 +21,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import nn
+
+from kernels.backends.reference import autocast_dtype
 
 __all__ = ["FastLayerNorm", "enable_fast_layer_norm", "layer_norm"]
 
@@ -56,6 +58,8 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     (default x's dtype). CUDA tensors, or CPU tensors under Triton's interpreter; last dim <= 8192."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must be a tensor with a non-empty last dim, got {getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be float16, bfloat16 or float32 (computed in float32), got {x.dtype}")
     N = x.shape[-1]
     if N > MAX_WIDTH:
         raise ValueError(f"x's last dim must be <= {MAX_WIDTH}, got {N}")
@@ -81,25 +85,29 @@ class FastLayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and len(self.normalized_shape) == 1 and 0 < x.shape[-1] <= MAX_WIDTH
+                and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+                and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                and len(self.normalized_shape) == 1 and x.shape[-1] == self.normalized_shape[0] <= MAX_WIDTH
                 and x.numel() >= MIN_ELEMENTS):
-            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-            return layer_norm(x, self.weight, self.bias, self.eps, dtype)
+            return layer_norm(x, self.weight, self.bias, self.eps, autocast_dtype(x) or x.dtype)
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
-def enable_fast_layer_norm(model: nn.Module) -> int:
-    """Give the `norm1` / `norm2` LayerNorms (exactly `nn.LayerNorm` or timm's `LayerNorm`) of `model`'s blocks
-    `FastLayerNorm`'s forward, in place; parameters and state_dict keys are unchanged. Returns how many changed."""
+def enable_fast_layer_norm(block: nn.Module) -> int:
+    """Give a pre-norm transformer block's `norm1` / `norm2` (exactly `nn.LayerNorm` or timm's `LayerNorm`)
+    `FastLayerNorm`'s forward, in place; parameters and state_dict keys are unchanged. Returns how many changed.
+
+    Only for blocks whose norm outputs go straight into linear layers (the zoo's Agent blocks): under autocast
+    they come out in the autocast dtype. In a post-norm block (timm's SwinV2, `ResPostBlock`) the norm output is
+    the residual branch, which would then be rounded to bf16."""
     from timm.layers import LayerNorm as TimmLayerNorm
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(block, nn.Module):
+        raise TypeError(f"block must be a torch.nn.Module, got {type(block).__name__}")
     changed = 0
-    for module in model.modules():
-        for name in ("norm1", "norm2"):
-            norm = getattr(module, name, None)
-            if type(norm) in (nn.LayerNorm, TimmLayerNorm):
-                norm.__class__ = FastLayerNorm
-                changed += 1
+    for name in ("norm1", "norm2"):
+        norm = getattr(block, name, None)
+        if type(norm) in (nn.LayerNorm, TimmLayerNorm):
+            norm.__class__ = FastLayerNorm
+            changed += 1
     return changed
