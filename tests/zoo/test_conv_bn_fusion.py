@@ -21,13 +21,17 @@ def _relu_halonet(downsample="conv1x1"):
         ByoBlockCfg(type="self_attn", d=2, c=48, s=2, gs=0, br=0.5),
         ByoBlockCfg(type="bottle", d=1, c=64, s=2, gs=0, br=0.5),
     ))
-    model = HaloNet(cfg=cfg, num_classes=10).eval()
+    return _randomize_bn(HaloNet(cfg=cfg, num_classes=10).eval())
+
+
+def _randomize_bn(model, spread=0.2):
+    """Norms with statistics and affine terms away from the identity (a fresh model's are identities)."""
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.2)
+            m.running_mean.normal_(0, spread)
             m.running_var.uniform_(0.3, 2.0)
             m.weight.data.uniform_(0.3, 1.2)
-            m.bias.data.normal_(0, 0.2)
+            m.bias.data.normal_(0, spread)
     return model
 
 
@@ -66,13 +70,7 @@ def test_fused_inference_matches_unfused_float64(fused_calls, downsample):
 
 def test_fused_inference_float32_matches_timm_model():
     """The fused zoo_halonet26t equals timm's halonet26t (its own modules) with the same state_dict."""
-    ref = timm.create_model("halonet26t").eval()
-    for m in ref.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.2, 0.5)
-            m.bias.data.normal_(0, 0.1)
+    ref = _randomize_bn(timm.create_model("halonet26t").eval(), spread=0.1)
     model = zoo.create_model("zoo_halonet26t").eval()
     model.load_state_dict(ref.state_dict(), strict=True)
     x = torch.randn(1, 3, 256, 256)
@@ -207,12 +205,7 @@ def test_conv_variants_fold_exactly(kwargs, fused_calls):
     """Conv bias, groups, dilation and stride reach the fused conv (float64 against timm's module)."""
     from timm.layers import ConvNormAct
 
-    block = torch.nn.Sequential(ConvNormAct(8, 16, 3, **kwargs)).double().eval()
-    bn = block[0].bn
-    bn.running_mean.normal_(0, 0.3)
-    bn.running_var.uniform_(0.5, 2.0)
-    bn.weight.data.uniform_(0.5, 1.5)
-    bn.bias.data.normal_(0, 0.3)
+    block = _randomize_bn(torch.nn.Sequential(ConvNormAct(8, 16, 3, **kwargs)).double().eval(), spread=0.3)
     ref = copy.deepcopy(block)
     conv_bn_fusion.enable_fused_inference(block)
     x = torch.randn(2, 8, 13, 11, dtype=torch.float64)
