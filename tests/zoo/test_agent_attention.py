@@ -7,6 +7,7 @@ import torch
 
 import kernels
 import kernels.agent as kernels_agent
+import zoo
 from zoo.layers import AgentAttention
 
 D64 = torch.float64
@@ -349,3 +350,16 @@ def test_triton_backend_matches_reference_when_it_can_run(monkeypatch):
         out = m(x, (9, 7))
         monkeypatch.setattr(kernels_agent, "_composition", composition)
     torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
+
+
+def test_inference_tensor_parameters_run_uncached():
+    """Parameters made under `torch.inference_mode()` have no version counters: the bias cache is skipped."""
+    model = zoo.create_model("test_agent_deit").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    with torch.inference_mode():
+        frozen = zoo.create_model("test_agent_deit").eval()
+        frozen.load_state_dict(model.state_dict())
+        out = frozen(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

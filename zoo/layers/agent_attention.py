@@ -192,13 +192,12 @@ class AgentAttention(nn.Module):
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._agent_bias(tuple(feat_size), kv_size)
         versions = version_key(self._bias_params())
-        if versions is None:  # inference-tensor parameters: no version counters to key a cache on
-            return tuple(kernels.agent.padded_bias(b) for b in self._agent_bias(tuple(feat_size), kv_size))
-        key = (tuple(feat_size), kv_size) + versions
+        key = None if versions is None else (tuple(feat_size), kv_size) + versions
         cached = self.__dict__.get("_bias_cache")
-        if cached is None or cached[0] != key:  # padded: the fused kernels load its tiles whole
+        if key is None or cached is None or cached[0] != key:  # padded: the fused kernels load its tiles whole
             cached = (key, tuple(kernels.agent.padded_bias(b) for b in self._agent_bias(tuple(feat_size), kv_size)))
-            self.__dict__["_bias_cache"] = cached
+            if key is not None:  # inference-tensor parameters: no version counters to key a cache on
+                self.__dict__["_bias_cache"] = cached
         return cached[1]
 
     def _agent_bias(self, feat_size: Tuple[int, int], kv_size: Tuple[int, int]):
