@@ -25,6 +25,8 @@ import triton.language as tl
 from timm.layers import BatchNormAct2d
 from torch.autograd.function import once_differentiable
 
+from .cache import swap_classes
+
 __all__ = ["FastBatchNormAct2d", "batch_norm_act_train", "batch_stats", "enable_fast_batch_norm"]
 
 
@@ -319,11 +321,4 @@ class FastBatchNormAct2d(BatchNormAct2d):
 def enable_fast_batch_norm(model: torch.nn.Module) -> int:
     """Give `model`'s timm `BatchNormAct2d` modules (exactly that class) `FastBatchNormAct2d`'s forward, in place;
     parameters and state_dict keys are unchanged. Returns how many modules changed."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    changed = 0
-    for module in model.modules():
-        if type(module) is BatchNormAct2d:
-            module.__class__ = FastBatchNormAct2d
-            changed += 1
-    return changed
+    return swap_classes(model, {BatchNormAct2d: FastBatchNormAct2d})

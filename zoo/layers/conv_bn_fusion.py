@@ -31,7 +31,7 @@ from timm.models.byobnet import BottleneckBlock, SelfAttnBlock
 
 from kernels.backends.reference import autocast_dtype
 
-from .cache import version_key
+from .cache import swap_classes, version_key
 
 __all__ = ["FusedConvNormAct", "FusedBottleneckBlock", "FusedSelfAttnBlock", "enable_fused_inference",
            "set_fused_inference"]
@@ -155,56 +155,42 @@ def _block_end(block: nn.Module, x: torch.Tensor, shortcut_in: torch.Tensor) -> 
     return _conv_bias_relu(x.to(dtype), weight, bias, conv3.conv, residual.to(dtype))
 
 
-class FusedBottleneckBlock(BottleneckBlock):
-    """timm's `BottleneckBlock` whose inference fuses its convs' norms and ReLUs, and the last conv with the
-    residual add and the block's ReLU (module docstring)."""
+class _FusedBlock:
+    """The inference forward of timm's bottleneck-style blocks: the modules named in `_body` in order (their
+    conv-norm pairs fuse on their own), then the fused end (`_block_end`); timm's forward otherwise."""
 
     fused_inference = True
+    _body: Tuple[str, ...] = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _active(self, x):
             return super().forward(x)
         shortcut = x
-        x = self.conv1_1x1(x)
-        x = self.conv2_kxk(x)
-        x = self.conv2b_kxk(x)
-        x = self.attn(x)
+        for name in self._body:
+            x = getattr(self, name)(x)
         return _block_end(self, x, shortcut)  # drop_path is the identity in eval mode
 
 
-class FusedSelfAttnBlock(SelfAttnBlock):
+class FusedBottleneckBlock(_FusedBlock, BottleneckBlock):
+    """timm's `BottleneckBlock` whose inference fuses its convs' norms and ReLUs, and the last conv with the
+    residual add and the block's ReLU (module docstring)."""
+
+    _body = ("conv1_1x1", "conv2_kxk", "conv2b_kxk", "attn")
+
+
+class FusedSelfAttnBlock(_FusedBlock, SelfAttnBlock):
     """timm's `SelfAttnBlock` whose inference fuses its convs' norms and ReLUs, and the last conv with the
     residual add and the block's ReLU (module docstring)."""
 
-    fused_inference = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _active(self, x):
-            return super().forward(x)
-        shortcut = x
-        x = self.conv1_1x1(x)
-        x = self.conv2_kxk(x)
-        x = self.self_attn(x)
-        x = self.post_attn(x)
-        return _block_end(self, x, shortcut)
-
-
-_FUSED = {ConvNormAct: FusedConvNormAct, BottleneckBlock: FusedBottleneckBlock, SelfAttnBlock: FusedSelfAttnBlock}
+    _body = ("conv1_1x1", "conv2_kxk", "self_attn", "post_attn")
 
 
 def enable_fused_inference(model: nn.Module) -> int:
     """Give `model`'s timm `ConvNormAct`, `BottleneckBlock` and `SelfAttnBlock` modules (exactly those classes)
     the fused inference forward, in place; parameters and state_dict keys are unchanged. Returns how many
     modules changed."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    changed = 0
-    for module in model.modules():
-        fused = _FUSED.get(type(module))
-        if fused is not None:
-            module.__class__ = fused
-            changed += 1
-    return changed
+    return swap_classes(model, {ConvNormAct: FusedConvNormAct, BottleneckBlock: FusedBottleneckBlock,
+                                SelfAttnBlock: FusedSelfAttnBlock})
 
 
 def set_fused_inference(model: nn.Module, enabled: bool) -> int:
@@ -215,7 +201,7 @@ def set_fused_inference(model: nn.Module, enabled: bool) -> int:
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
     count = 0
     for module in model.modules():
-        if isinstance(module, (FusedConvNormAct, FusedBottleneckBlock, FusedSelfAttnBlock)):
+        if isinstance(module, (FusedConvNormAct, _FusedBlock)):
             module.fused_inference = enabled
             count += 1
     return count
