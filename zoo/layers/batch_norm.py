@@ -203,13 +203,7 @@ def _check_input(x):
         raise ValueError("x must be channels_last contiguous (x.contiguous(memory_format=torch.channels_last))")
 
 
-def batch_stats(x: torch.Tensor, eps: float = 1e-5, running_mean: Optional[torch.Tensor] = None,
-                running_var: Optional[torch.Tensor] = None, momentum: float = 0.1
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-channel mean, biased variance and 1/sqrt(var + eps) (float32) of a channels_last `(N, C, H, W)`
-    tensor, in one pass over it; with `running_mean` / `running_var`, those are updated in place as
-    `F.batch_norm` does in training (momentum, unbiased variance)."""
-    _check_input(x)
+def _check_running(x, running_mean, running_var):
     C = x.shape[1]
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
@@ -217,11 +211,32 @@ def batch_stats(x: torch.Tensor, eps: float = 1e-5, running_mean: Optional[torch
         if t is not None and (t.shape != (C,) or t.device != x.device or not t.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous ({C},) tensor on {x.device}, got shape {tuple(t.shape)} "
                              f"on {t.device}, {'contiguous' if t.is_contiguous() else 'not contiguous'}")
-    if running_mean is not None and x.numel() // C == 1:
+
+
+def _check_training(x):
+    if x.numel() == x.shape[1]:  # as F.batch_norm in training
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+
+
+def batch_stats(x: torch.Tensor, eps: float = 1e-5, running_mean: Optional[torch.Tensor] = None,
+                running_var: Optional[torch.Tensor] = None, momentum: float = 0.1
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel mean, biased variance and 1/sqrt(var + eps) (float32) of a channels_last `(N, C, H, W)`
+    tensor, in one pass over it; with `running_mean` / `running_var`, those are updated in place as
+    `F.batch_norm` does in training (momentum, unbiased variance)."""
+    _check_input(x)
+    _check_running(x, running_mean, running_var)
     if x.numel() == 0:
         raise ValueError(f"x has no elements per channel: shape {tuple(x.shape)}")
-    rows, block_c, col_blocks, per_prog, row_blocks = _plan(x)
+    if running_mean is not None:
+        _check_training(x)
+    return _stats(x, _plan(x), eps, running_mean, running_var, momentum)
+
+
+def _stats(x, plan, eps, running_mean, running_var, momentum):
+    """`batch_stats` on checked inputs, with the grid plan of x."""
+    rows, block_c, col_blocks, per_prog, row_blocks = plan
+    C = x.shape[1]
     mean_p = torch.empty(row_blocks, C, device=x.device, dtype=torch.float32)
     m2_p = torch.empty_like(mean_p)
     _partial_stats[(row_blocks, col_blocks)](x, mean_p, m2_p, rows, C, per_prog, BLOCK_R=CONFIG["block_r"],
@@ -242,14 +257,16 @@ class _BatchNormActTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float, relu: bool):
-        mean, _, invstd = batch_stats(x, eps, running_mean, running_var, momentum)
-        rows, block_c, col_blocks, per_prog, row_blocks = _plan(x)
+        """Inputs checked by `batch_norm_act_train` or `FastBatchNormAct2d`'s gate."""
+        plan = _plan(x)
+        rows, block_c, col_blocks, per_prog, row_blocks = plan
+        mean, _, invstd = _stats(x, plan, eps, running_mean, running_var, momentum)
         y = torch.empty_like(x)  # keeps channels_last
         _bn_act_fwd[(row_blocks, col_blocks)](x, y, mean, invstd, weight, bias, rows, x.shape[1], per_prog,
                                               RELU=relu, BLOCK_R=CONFIG["block_r"], BLOCK_C=block_c,
                                               num_warps=CONFIG["warps"])
         ctx.save_for_backward(x, y if relu else None, weight, mean, invstd)
-        ctx.relu = relu
+        ctx.relu, ctx.plan = relu, plan
         return y
 
     @staticmethod
@@ -257,7 +274,7 @@ class _BatchNormActTrain(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, y, weight, mean, invstd = ctx.saved_tensors
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
-        rows, block_c, col_blocks, per_prog, row_blocks = _plan(x)
+        rows, block_c, col_blocks, per_prog, row_blocks = ctx.plan
         C = x.shape[1]
         y = y if y is not None else x  # not read without ReLU
         meta = dict(RELU=ctx.relu, BLOCK_R=CONFIG["block_r"], BLOCK_C=block_c, num_warps=CONFIG["warps"])
@@ -285,10 +302,8 @@ def batch_norm_act_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         if not isinstance(t, torch.Tensor) or t.shape != (x.shape[1],) or t.device != x.device:
             raise ValueError(f"{name} must be a ({x.shape[1]},) tensor on {x.device}, got "
                              f"{getattr(t, 'shape', type(t).__name__)} on {getattr(t, 'device', None)}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
-    if x.numel() == x.shape[1]:  # as F.batch_norm in training
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    _check_running(x, running_mean, running_var)
+    _check_training(x)
     return _BatchNormActTrain.apply(x, weight, bias, running_mean, running_var, momentum, eps, bool(relu))
 
 
