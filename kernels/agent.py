@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .capture import active_frame
 from .functional import _autocast_inputs, attention
 
-__all__ = ["agent_attention", "padded_bias"]
+__all__ = ["agent_attention", "agent_attention_planned", "padded_bias"]
 
 logger = logging.getLogger("kernels")
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -194,6 +194,29 @@ def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, 
 
     Under `torch.autocast` q, k and v are cast to the autocast dtype, as `kernels.attention` does.
     """
+    out, _ = _agent_attention(q, k, v, grid, agent_grid, kv_grid, num_prefix_tokens, bias1, bias2, dwc_weight,
+                              dwc_bias, scale, backend, plan=False)
+    return out
+
+
+def agent_attention_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, agent_grid,
+                            num_prefix_tokens: int = 0, bias1: Optional[torch.Tensor] = None,
+                            bias2: Optional[torch.Tensor] = None, dwc_weight: Optional[torch.Tensor] = None,
+                            dwc_bias: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                            backend: Optional[str] = None):
+    """`agent_attention(...)` (keys on the query grid), also returning a plan for repeating it on new inputs.
+
+    Returns `(out, plan)`. `plan(q, k, v)` reruns the fused kernels for q, k, v with this call's shapes, strides,
+    dtypes and device (tensors, or their device addresses as ints), with this call's biases and conv weights
+    (their current values), skipping the argument checks and Triton's per-call argument binding: for a layer that
+    calls the op many times on inputs it lays out itself (host time decided agent_deit's step at 224 px). The caller
+    keys its plans on what it changes; `plan` is None where the fused kernels did not run (the composition did)."""
+    return _agent_attention(q, k, v, grid, agent_grid, None, num_prefix_tokens, bias1, bias2, dwc_weight, dwc_bias,
+                            scale, backend, plan=True)
+
+
+def _agent_attention(q, k, v, grid, agent_grid, kv_grid, num_prefix_tokens, bias1, bias2, dwc_weight, dwc_bias, scale,
+                     backend, plan: bool):
     grid, agent_grid = _pair("grid", grid), _pair("agent_grid", agent_grid)
     kv_grid = grid if kv_grid is None else _pair("kv_grid", kv_grid)
     if backend not in (None, "triton", "reference"):
@@ -206,13 +229,14 @@ def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, grid, 
     if blocker is None:
         from .backends.triton_agent import agent_fused_forward
 
-        return agent_fused_forward(q, k, v, grid, agent_grid, num_prefix_tokens, bias1, bias2,
-                                   dwc_weight.contiguous() if dwc_weight is not None else None,
-                                   dwc_bias.contiguous() if dwc_bias is not None else None, scale)
+        result = agent_fused_forward(q, k, v, grid, agent_grid, num_prefix_tokens, bias1, bias2,
+                                     dwc_weight.contiguous() if dwc_weight is not None else None,
+                                     dwc_bias.contiguous() if dwc_bias is not None else None, scale, plan=plan)
+        return result if plan else (result, None)
     if not torch.compiler.is_compiling():  # dynamo cannot trace logging calls
         logger.debug("agent_attention: composition (%s)", blocker)
     return _composition(q, k, v, grid, agent_grid, kv_grid, num_prefix_tokens, bias1, bias2, dwc_weight, dwc_bias,
-                        scale, backend)
+                        scale, backend), None
 
 
 def _composition(q, k, v, grid, agent_grid, kv_grid, P, bias1, bias2, dwc_weight, dwc_bias, scale, backend):

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
 from . import triton_attention as ta
 from .triton_kernels import LOG2E, online_softmax_update
 
@@ -223,8 +224,9 @@ CONFIG = dict(block_n=32, warps_1=4, stages_1=3, block_m=16, warps_2=1, one_kern
 
 
 def agent_fused_forward(q, k, v, grid, agent_grid, num_prefix_tokens, bias1, bias2, dwc_weight, dwc_bias,
-                        scale: float) -> torch.Tensor:
-    """Launch the kernels; inputs are validated by `kernels.agent_attention`. Returns `(B, N, H·Dv)`."""
+                        scale: float, plan: bool = False):
+    """Launch the kernels; inputs are validated by `kernels.agent_attention`. Returns `(B, N, H·Dv)`, and with
+    `plan` also a `FusedPlan` that repeats the launches for other q, k, v of the same layout."""
     B, H, N, D = q.shape
     DV = v.shape[-1]
     (GH, GW), (PH, PW) = grid, agent_grid
@@ -232,12 +234,8 @@ def agent_fused_forward(q, k, v, grid, agent_grid, num_prefix_tokens, bias1, bia
     # plain int math: triton.next_power_of_2 / cdiv cost ~4 us of host time a call each
     block_d, block_dv, block_a = (max(16, 1 << (x - 1).bit_length()) for x in (D, DV, n))
     one = N <= CONFIG["one_kernel_tokens"]
-    out = ta._new(B, N, H * DV, like=q)
-    if one:
-        agents = agent_v = out
-    else:
-        agents = torch.empty(B * H * block_a, block_d, device=q.device, dtype=q.dtype)
-        agent_v = torch.empty(B * H * block_a, block_dv, device=q.device, dtype=q.dtype)
+    out_shape = (B, N, H * DV)
+    scratch = () if one else ((B * H * block_a, block_d), (B * H * block_a, block_dv))
     qk_scale = scale * LOG2E
     prec = ta._dot_prec(q.dtype)
     block_m = CONFIG["one_block_m"] if one else CONFIG["block_m"]
@@ -253,19 +251,56 @@ def agent_fused_forward(q, k, v, grid, agent_grid, num_prefix_tokens, bias1, bia
                  KS=ks, HAS_B2=bias2 is not None, HAS_DWC=dwc_weight is not None, HAS_DWB=dwc_bias is not None,
                  DWC_SEQ=one and bool(CONFIG["dwc_seq"]),
                  B2_WIDE=full_tile and _covers(b2, s2, (B, H, -(-N // block_m) * block_m, block_a)))
-    _agent_aggregate[(B * H,)](
-        q, k, v, b1 if b1 is not None else q, agents, agent_v, b2 if b2 is not None else q, dw, db, out,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *s1, *s2,
-        out.stride(0), out.stride(1), H, N, num_prefix_tokens, GH, GW, PH, PW, qk_scale,
-        BLOCK_N=block_n, HAS_B1=bias1 is not None, BROADCAST=one,
-        B1_WIDE=full_tile and _covers(b1, s1, (B, H, block_a, -(-k.shape[2] // block_n) * block_n)), **flags,
-        num_warps=CONFIG["warps_1"], num_stages=CONFIG["stages_1"])
+    out = ta._new(*out_shape, like=q)
+    agents, agent_v = (out, out) if one else (q.new_empty(scratch[0]), q.new_empty(scratch[1]))
+    b1_, b2_ = (b1 if b1 is not None else q), (b2 if b2 is not None else q)
+    # each launch: (kernel, grid, args, the positions of q, k, v, agents, agent_v, out in args (None: absent), meta)
+    launches = [(_agent_aggregate, (B * H,),
+                 [q, k, v, b1_, agents, agent_v, b2_, dw, db, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                  *s1, *s2, out.stride(0), out.stride(1), H, N, num_prefix_tokens, GH, GW, PH, PW, qk_scale],
+                 (0, 1, 2, 4, 5, 9),
+                 dict(BLOCK_N=block_n, HAS_B1=bias1 is not None, BROADCAST=one,
+                      B1_WIDE=full_tile and _covers(b1, s1, (B, H, block_a, -(-k.shape[2] // block_n) * block_n)),
+                      **flags, num_warps=CONFIG["warps_1"], num_stages=CONFIG["stages_1"]))]
     if not one:
-        _agent_broadcast[((N + block_m - 1) // block_m, B * H)](
-            q, v, agents, agent_v, b2 if b2 is not None else q, dw, db, out,
-            *q.stride()[:3], *v.stride()[:3], *s2, out.stride(0), out.stride(1),
-            H, N, num_prefix_tokens, GH, GW, n, qk_scale, **flags, num_warps=CONFIG["warps_2"], num_stages=1)
-    return out
+        launches.append((_agent_broadcast, ((N + block_m - 1) // block_m, B * H),
+                         [q, v, agents, agent_v, b2_, dw, db, out, *q.stride()[:3], *v.stride()[:3], *s2,
+                          out.stride(0), out.stride(1), H, N, num_prefix_tokens, GH, GW, n, qk_scale],
+                         (0, None, 1, 2, 3, 7), dict(**flags, num_warps=CONFIG["warps_2"], num_stages=1)))
+    if not plan:
+        for kernel, kgrid, args, _, meta in launches:
+            kernel[kgrid](*args, **meta)
+        return out
+    prepared = []
+    for kernel, kgrid, args, where, meta in launches:
+        slots = [i for i in where if i is not None]
+        prepared.append((launch.prepare(kernel, kgrid, args, slots, **meta),
+                         tuple(j for j, i in enumerate(where) if i is not None)))
+    return out, FusedPlan(prepared, out_shape, scratch, q.dtype, q.device)
+
+
+class FusedPlan:
+    """`agent_fused_forward`'s launches, repeated for q, k, v laid out as the first call's (same shapes, strides
+    and dtypes; tensors or device addresses) with that call's biases and conv weights: no argument checks and no
+    Triton argument binding (`launch.Launch`)."""
+
+    __slots__ = ("launches", "out_shape", "scratch", "dtype", "device")
+
+    def __init__(self, launches, out_shape, scratch, dtype, device):
+        self.launches, self.out_shape, self.scratch, self.dtype, self.device = (launches, out_shape, scratch, dtype,
+                                                                                device)
+
+    def __call__(self, q, k, v) -> torch.Tensor:
+        out = torch.empty(self.out_shape, device=self.device, dtype=self.dtype) if not ta._poison() else \
+            torch.full(self.out_shape, float("nan"), device=self.device, dtype=self.dtype)
+        if self.scratch:
+            agents, agent_v = (torch.empty(s, device=self.device, dtype=self.dtype) for s in self.scratch)
+        else:
+            agents = agent_v = out
+        buffers = (q, k, v, agents, agent_v, out)
+        for run, which in self.launches:
+            run(*(buffers[j] for j in which))
+        return out
 
 
 def _covers(bias, strides, extents) -> bool:

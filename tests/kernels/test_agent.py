@@ -78,7 +78,8 @@ def _inputs(B, H, P, grid, agent_grid, D, Dv, dtype, bias_batch=1, ks=3, dwc_bia
 
 
 def _rel(x, ref):
-    return ((x.double().cpu() - ref).norm() / ref.norm()).item()
+    ref = ref.detach().double().cpu()
+    return ((x.detach().double().cpu() - ref).norm() / ref.norm()).item()
 
 
 CASES = [  # B, H, P, grid, agent_grid, D, Dv, bias_batch, ks, dwc_bias, biases, layout
@@ -326,9 +327,9 @@ def test_composition_matches_float64_with_gradients():
     q, k, v, b1, b2, w, wb = leaves
     out = kernels.agent_attention(q, k, v, grid=(6, 5), agent_grid=(3, 3), num_prefix_tokens=1, bias1=b1,
                                   bias2=b2, dwc_weight=w, dwc_bias=wb)
-    torch.testing.assert_close(out, explicit_agent_attention(q.detach(), k.detach(), v.detach(), (6, 5), (3, 3), 1,
-                                                             b1.detach(), b2.detach(), w.detach(), wb.detach(),
-                                                             16 ** -0.5))
+    ref = explicit_agent_attention(q.detach(), k.detach(), v.detach(), (6, 5), (3, 3), 1, b1.detach(), b2.detach(),
+                                   w.detach(), wb.detach(), 16 ** -0.5)
+    torch.testing.assert_close(out.detach().cpu(), ref)
     assert torch.autograd.gradcheck(
         lambda *t: kernels.agent_attention(t[0], t[1], t[2], grid=(6, 5), agent_grid=(3, 3), num_prefix_tokens=1,
                                            bias1=t[3], bias2=t[4], dwc_weight=t[5], dwc_bias=t[6]),
@@ -394,3 +395,41 @@ def test_bad_arguments_name_the_problem(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         kernels.agent_attention(q, k, v, **args)
+
+
+@pytest.mark.parametrize("kernels_", ["two", "one"])
+@pytest.mark.parametrize("case", CASES[:3], ids=lambda c: f"B{c[0]}H{c[1]}P{c[2]}g{c[3]}-{c[-1]}")
+def test_plan_repeats_the_fused_call_on_new_inputs(case, kernels_, monkeypatch):
+    """`agent_attention_planned`: the first call's output and the plan's outputs for fresh q, k, v of the same
+    layout (tensors; on CUDA also raw addresses) match the float64 reference, with the first call's biases and
+    conv weights at their current values."""
+    from kernels.backends import triton_agent
+
+    monkeypatch.setitem(triton_agent.CONFIG, "one_kernel_tokens", 1 << 30 if kernels_ == "one" else 0)
+    B, H, P, grid, agent_grid, D, Dv, bb, ks, has_wb, biases, layout = case
+    q, k, v, b1, b2, w, wb = _inputs(B, H, P, grid, agent_grid, D, Dv, torch.float32, bb, ks, has_wb, biases, layout)
+    kw = dict(grid=grid, agent_grid=agent_grid, num_prefix_tokens=P, bias1=b1, bias2=b2, dwc_weight=w, dwc_bias=wb)
+    with torch.no_grad():
+        out, plan = kernels_agent.agent_attention_planned(q, k, v, **kw, backend="triton")
+        assert plan is not None
+        assert _rel(out, explicit_agent_attention(q, k, v, grid, agent_grid, P, b1, b2, w, wb, D ** -0.5)) < 2e-4
+        for _ in range(2):
+            q2, k2, v2, *_ = _inputs(B, H, P, grid, agent_grid, D, Dv, torch.float32, bb, ks, has_wb, biases, layout)
+            if w is not None:
+                w.mul_(1.5)  # the plan reads the weights at launch time
+            ref = explicit_agent_attention(q2, k2, v2, grid, agent_grid, P, b1, b2, w, wb, D ** -0.5)
+            assert _rel(plan(q2, k2, v2), ref) < 2e-4
+            if DEVICE == "cuda":
+                assert _rel(plan(q2.data_ptr(), k2.data_ptr(), v2.data_ptr()), ref) < 2e-4
+
+
+def test_plan_is_none_where_the_composition_runs():
+    q, k, v, b1, b2, w, wb = _inputs(1, 2, 1, (4, 4), (2, 2), 16, 16, torch.float32)
+    kw = dict(grid=(4, 4), agent_grid=(2, 2), num_prefix_tokens=1, bias1=b1, bias2=b2, dwc_weight=w, dwc_bias=wb)
+    with torch.no_grad():
+        out, plan = kernels_agent.agent_attention_planned(q, k, v, **kw, backend="reference")
+    assert plan is None
+    ref = explicit_agent_attention(q, k, v, (4, 4), (2, 2), 1, b1, b2, w, wb, 16 ** -0.5)
+    assert _rel(out, ref) < 1e-5
+    with pytest.raises(ValueError, match="num_prefix_tokens"):
+        kernels_agent.agent_attention_planned(q, k, v, grid=(4, 4), agent_grid=(2, 2), num_prefix_tokens=2)

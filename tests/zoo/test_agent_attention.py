@@ -363,3 +363,48 @@ def test_inference_tensor_parameters_run_uncached():
         frozen.load_state_dict(model.state_dict())
         out = frozen(x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_plan_follows_inputs_and_parameters():
+    """Inference reuses one launch plan per input shape (CUDA; here on CPU with backend='triton', Triton's
+    interpreter): fresh inputs, in-place parameter changes (biases rebuild the plan, conv weights are read at
+    launch), another batch and autocast all match the reference path."""
+    pytest.importorskip("triton")
+    from kernels.backends.triton_attention import _interpret
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not _interpret():
+        pytest.skip("the fused kernels need CUDA or TRITON_INTERPRET=1")
+    device, backend = ("cuda", None) if cuda else ("cpu", "triton")
+    B, grid, n = (32, (14, 14), 49) if cuda else (2, (5, 6), 9)
+    m = AgentAttention(96, num_heads=3, agent_num=n, bias_grid=grid, num_prefix_tokens=1, qkv_bias=True,
+                       device=device).eval()
+    _randomize(m)
+    m.backend = backend
+    tokens = 1 + grid[0] * grid[1]
+
+    def check(x, tol=1e-4):
+        out = m(x, grid)
+        m.backend = "reference"
+        ref = m(x, grid)
+        m.backend = backend
+        assert ((out.double() - ref.double()).norm() / ref.double().norm()).item() < tol
+        return out
+
+    with torch.no_grad():
+        x = torch.randn(B, tokens, 96, device=device)
+        first = check(x)  # builds the plan: Triton's ordinary launch
+        torch.testing.assert_close(m(x, grid), first, rtol=0, atol=0)  # the prepared launch: the same kernel
+        for _ in range(2):
+            check(torch.randn(B, tokens, 96, device=device))
+        plan = m._plan
+        assert plan[1] is not None  # the fused kernels run (CUDA: enough (batch, head) pairs)
+        m.an_bias.add_(torch.randn_like(m.an_bias))
+        check(torch.randn(B, tokens, 96, device=device))
+        assert m._plan is not plan
+        m.dwc.weight.mul_(-2.0)
+        check(torch.randn(B, tokens, 96, device=device))
+        check(torch.randn(B + 1, tokens, 96, device=device))
+        if cuda:
+            with torch.autocast("cuda", torch.bfloat16):
+                check(torch.randn(B, tokens, 96, device=device), tol=2e-2)

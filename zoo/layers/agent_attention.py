@@ -24,6 +24,8 @@ from timm.layers import to_2tuple, trunc_normal_
 from torch import nn
 
 import kernels
+import kernels.agent
+from kernels.capture import active_frame
 
 from .cache import version_key
 
@@ -154,8 +156,9 @@ class AgentAttention(nn.Module):
     def _apply(self, fn, recurse=True):
         """`Module._apply` with the reference's 5-d bias parameters `(1, h, ...)` handed to `fn` as 4-d views:
         `model.to(memory_format=torch.channels_last)` (timm's --channels-last) converts 4-d tensors and refuses
-        5-d ones. Also drops the inference bias cache (device, dtype or storage may change)."""
+        5-d ones. Also drops the inference bias cache and launch plan (device, dtype or storage may change)."""
         self.__dict__.pop("_bias_cache", None)
+        self.__dict__.pop("_plan", None)
 
         def apply(t):
             if t.dim() == 5 and t.shape[0] == 1:
@@ -167,6 +170,7 @@ class AgentAttention(nn.Module):
     def train(self, mode: bool = True):
         if mode or self.training:  # a switch, or training (no cache then): `model.train().eval()` clears it
             self.__dict__.pop("_bias_cache", None)
+            self.__dict__.pop("_plan", None)
         return super().train(mode)
 
     def _bias_params(self):
@@ -220,7 +224,12 @@ class AgentAttention(nn.Module):
         H, W = feat_size
         P, h, d = self.num_prefix_tokens, self.num_heads, self.head_dim
         if self.sr_ratio == 1:
-            q, k, v = self.qkv(x).reshape(B, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d)
+            qkv = self.qkv(x)
+            if not torch.is_grad_enabled() and (qkv.is_cuda and self.backend is None or self.backend == "triton"):
+                out = self._planned(qkv, (H, W))
+                if out is not None:
+                    return self.proj_drop(self.proj(out))
+            q, k, v = self._split_heads(qkv)
             kv_size = (H, W)
         else:
             q = self.q(x).reshape(B, N, h, d).transpose(1, 2)  # (B, h, N, d)
@@ -237,6 +246,40 @@ class AgentAttention(nn.Module):
                                     num_prefix_tokens=P, bias1=bias1, bias2=bias2, dwc_weight=self.dwc.weight,
                                     dwc_bias=self.dwc.bias, backend=self.backend)  # (B, N, C)
         return self.proj_drop(self.proj(x))
+
+    def _split_heads(self, qkv: torch.Tensor):
+        """q, k, v `(B, h, N, d)` views of the fused projection `(B, N, 3·C)`."""
+        B, N, _ = qkv.shape
+        return qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def _planned(self, qkv: torch.Tensor, feat_size: Tuple[int, int]) -> Optional[torch.Tensor]:
+        """Inference through a cached `kernels.agent.agent_attention_planned` plan: after the first call for an
+        input shape, the layer's host time is the two linear layers and one kernel launch (no views, checks or
+        Triton argument binding: agent_deit's step at 224 px was host-bound). The plan is keyed on the input's
+        shape and dtype and on the biases' and conv's parameters (storage and version, as the bias cache). None
+        where the fused kernels do not run (the caller takes the general path)."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or not qkv.is_contiguous() \
+                or active_frame() is not None:
+            return None
+        versions = version_key(self._bias_params() + [t for t in (self.dwc.weight, self.dwc.bias) if t is not None])
+        if versions is None:
+            return None
+        key = (versions, qkv.shape, qkv.dtype, feat_size)
+        cached = self.__dict__.get("_plan")
+        if cached is not None and cached[0] == key:
+            if cached[1] is None:
+                return None
+            if qkv.is_cuda:  # q, k, v by address: no view ops
+                address, step = qkv.data_ptr(), qkv.shape[-1] // 3 * qkv.element_size()
+                return cached[1](address, address + step, address + 2 * step)
+            return cached[1](*self._split_heads(qkv))
+        bias1, bias2 = self.agent_bias(feat_size)
+        out, plan = kernels.agent.agent_attention_planned(
+            *self._split_heads(qkv), grid=feat_size, agent_grid=self.agent_grid,
+            num_prefix_tokens=self.num_prefix_tokens, bias1=bias1, bias2=bias2, dwc_weight=self.dwc.weight,
+            dwc_bias=self.dwc.bias, backend=self.backend)
+        self.__dict__["_plan"] = (key, plan)
+        return out
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, agent_num={self.agent_num}, "
