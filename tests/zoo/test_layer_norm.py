@@ -24,6 +24,21 @@ def test_layer_norm_matches_float64(shape, affine):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_repeated_calls_reuse_the_launch_with_new_tensors():
+    """The second and later calls of a shape go through the prepared launch: fresh inputs and parameters, an
+    unaligned view of the same shape (alignment differs from the first call's) and another weight dtype."""
+    N = 40
+    for i in range(4):
+        base = torch.randn(3 * 7 * N + 1, device=DEVICE) * 2 - 1
+        x = (base[1:] if i == 2 else base[:-1]).view(3, 7, N)
+        w, b = torch.randn(N, device=DEVICE), torch.randn(N, device=DEVICE)
+        if i == 3:
+            w = w.half()
+        out = layer_norm(x, w, b, 1e-5)
+        ref = F.layer_norm(x.double(), (N,), w.double(), b.double(), 1e-5)
+        torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
+
+
 def test_layer_norm_out_dtype_and_strided_input():
     x = torch.randn(6, 4, 192, device=DEVICE).transpose(0, 1)  # not contiguous
     w, b = torch.randn(192, device=DEVICE), torch.randn(192, device=DEVICE)
@@ -76,10 +91,9 @@ def test_module_falls_back_with_autograd_and_on_cpu():
 def test_agent_models_match_plain_layer_norm_cuda(name, monkeypatch):
     model = zoo.create_model(name).cuda().eval()
     x = torch.randn(4, 3, 224, 224, device="cuda")
-    monkeypatch.setattr(layer_norm_module, "MIN_ELEMENTS", 0)  # the fast path at this small batch too
     calls = []
-    real = layer_norm_module.layer_norm
-    monkeypatch.setattr(layer_norm_module, "layer_norm", lambda *a: calls.append(1) or real(*a))
+    real = layer_norm_module._layer_norm
+    monkeypatch.setattr(layer_norm_module, "_layer_norm", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         fast = model(x).float()
         for m in model.modules():

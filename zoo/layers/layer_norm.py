@@ -7,8 +7,11 @@ normalizes in float32 and writes the output directly in the dtype that linear la
 dtype; x's dtype without autocast): the same values, one read and one half-size write.
 
 `FastLayerNorm` is `nn.LayerNorm` (same parameters and state_dict) taking this path without autograd, on CUDA,
-outside `torch.compile` and `torch.jit`, for float16/bfloat16/float32 inputs of at least `MIN_ELEMENTS` (below
-that the launch's host time outweighs the GPU time saved); otherwise `F.layer_norm`. `enable_fast_layer_norm(block)`
+outside `torch.compile` and `torch.jit`, for float16/bfloat16/float32 inputs; otherwise `F.layer_norm`. Repeated
+shapes launch through a prepared `kernels.backends.launch.Launch`: Triton's ordinary launch cost ~100 us more host
+time than `F.layer_norm` on the device's CPU, which made small inputs slower (agent_deit_tiny @224, batch 256: GPU
+step 7.82 -> 5.76 ms, but wall 10.9 -> 14.3 ms, host-bound); the prepared launch costs about what
+`F.layer_norm` and the linear layer's input cast do. `enable_fast_layer_norm(block)`
 gives it to a pre-norm block's `norm1` / `norm2` (their outputs go straight into the attention's and the MLP's
 first linear layers; the model's final norm keeps its float32 output under autocast, as in timm).
 """
@@ -22,15 +25,13 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from kernels.backends.reference import autocast_dtype
+from kernels.backends import launch
 
 __all__ = ["FastLayerNorm", "enable_fast_layer_norm", "layer_norm"]
 
 MAX_WIDTH = 8192  # wider rows: F.layer_norm (the row would not fit one program's registers)
-# Smaller inputs: F.layer_norm. The Triton launch costs ~100 us more host time than F.layer_norm on the device's
-# CPU, and saves ~85 us of GPU time per call at 9.7M elements (agent_deit_tiny @224, batch 256: GPU step 7.82 ->
-# 5.76 ms, wall 10.9 -> 14.3 ms, host-bound); at 201M (@1024) it saves ~1.7 ms per call.
-MIN_ELEMENTS = 1 << 24
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LAUNCHES = {}  # (shape, row stride, dtypes, device, eps, affine) -> launch.Launch: repeats skip Triton's binding
 
 
 @triton.jit
@@ -58,7 +59,7 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     (default x's dtype). CUDA tensors, or CPU tensors under Triton's interpreter; last dim <= 8192."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must be a tensor with a non-empty last dim, got {getattr(x, 'shape', type(x).__name__)}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if x.dtype not in _DTYPES:
         raise ValueError(f"x must be float16, bfloat16 or float32 (computed in float32), got {x.dtype}")
     N = x.shape[-1]
     if N > MAX_WIDTH:
@@ -66,16 +67,34 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.shape != (N,):
             raise ValueError(f"{name} must be a ({N},) tensor, got {tuple(t.shape)}")
+    return _layer_norm(x, weight, bias, eps, out_dtype or x.dtype)
+
+
+def _layer_norm(x, weight, bias, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """`layer_norm` on checked arguments: one launch, repeated through a prepared `launch.Launch` per shape."""
+    N = x.shape[-1]
     x2 = x.reshape(-1, N)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y = torch.empty(x.shape, device=x.device, dtype=out_dtype or x.dtype)
+    y = torch.empty(x.shape, device=x.device, dtype=out_dtype)
+    if y.numel() == 0:
+        return y
+    w = weight if weight is not None else x2
+    b = bias if bias is not None else x2
+    key = (x2.shape, x2.stride(0), x2.dtype, out_dtype, x2.get_device(), eps, weight is None, bias is None)
+    run = _LAUNCHES.get(key)
+    if run is not None:  # a weight of another dtype than the first call's: the Launch takes Triton's path
+        run(x2, w, b, y)
+        return y
     rows = x2.shape[0]
     block_n = max(16, 1 << (N - 1).bit_length())
     block_m = max(1, min(64, 4096 // block_n))
-    _layer_norm_fwd[(-(-rows // block_m),)](
-        x2, weight if weight is not None else x2, bias if bias is not None else x2, y, rows, N, x2.stride(0), eps,
-        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    run = launch.prepare(_layer_norm_fwd, (-(-rows // block_m),), [x2, w, b, y, rows, N, x2.stride(0), eps],
+                         (0, 1, 2, 3), HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_M=block_m,
+                         BLOCK_N=block_n, num_warps=4)
+    if len(_LAUNCHES) >= 64:  # shapes of a long-running process: keep the recent ones
+        _LAUNCHES.pop(next(iter(_LAUNCHES)))
+    _LAUNCHES[key] = run
     return y
 
 
@@ -84,12 +103,12 @@ class FastLayerNorm(nn.LayerNorm):
     autocast (module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and not torch.jit.is_tracing() and not torch.jit.is_scripting()
-                and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-                and len(self.normalized_shape) == 1 and x.shape[-1] == self.normalized_shape[0] <= MAX_WIDTH
-                and x.numel() >= MIN_ELEMENTS):
-            return layer_norm(x, self.weight, self.bias, self.eps, autocast_dtype(x) or x.dtype)
+        if (x.is_cuda and not torch.is_grad_enabled() and x.dtype in _DTYPES and len(self.normalized_shape) == 1
+                and x.shape[-1] == self.normalized_shape[0] <= MAX_WIDTH
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not torch.jit.is_scripting()):
+            # x is float16/bfloat16/float32: autocast (when on) computes the next linear layer in its dtype
+            out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+            return _layer_norm(x, self.weight, self.bias, self.eps, out_dtype)
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
