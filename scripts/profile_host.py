@@ -56,7 +56,17 @@ def _cases(device):
                 return fn()
         return run
 
+    import timm
+
+    import zoo
+
+    images = torch.randn(B, 3, 224, 224, device=device)
+    timm_deit = timm.create_model("deit_tiny_patch16_224").to(device).eval()
+    zoo_deit = zoo.create_model("agent_deit_tiny").to(device).eval()
+
     return {
+        "timm deit_tiny step @224": autocast(lambda: timm_deit(images)),
+        "zoo agent_deit_tiny step @224": autocast(lambda: zoo_deit(images)),
         "timm Attention layer @224 (SDPA)": autocast(lambda: timm_attn(x)),
         "AgentAttention layer @224": autocast(lambda: agent_attn(x, (14, 14))),
         "kernels.agent_attention @224 (fused)": lambda: kernels.agent_attention(
@@ -114,13 +124,13 @@ def main(argv=None) -> int:
     for name, fn in _cases("cuda").items():
         if args.only not in name:
             continue
-        host, wall, stream, gpu = measure(fn, args.calls)
+        host, wall, stream, gpu = measure(fn, max(10, args.calls // 8) if "step @" in name else args.calls)
         print(f"{name:40s} {host * 1e6:9.1f} {wall * 1e6:9.1f} {stream * 1e6:9.1f} {gpu * 1e6:9.1f}", flush=True)
         if args.cprofile:
             prof = cProfile.Profile()
             with torch.no_grad():
                 prof.enable()
-                for _ in range(args.calls):
+                for _ in range(max(10, args.calls // 8) if "step @" in name else args.calls):
                     fn()
                 prof.disable()
             torch.cuda.synchronize()
