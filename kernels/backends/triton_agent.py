@@ -246,14 +246,16 @@ def agent_fused_forward(q, k, v, grid, agent_grid, num_prefix_tokens, bias1, bia
     # 64 agents 2-5% faster; 9 of 16 (Swin) 6% slower than masked loads)
     full_tile = 4 * n >= 3 * block_a
     block_n = CONFIG["block_n"]
-    dw, db = (t if t is not None else q for t in (dwc_weight, dwc_bias))
+    # absent tensors: a pointer the kernels never read (a plan keeps its arguments: not q, which it would keep alive)
+    unused = q.new_empty(0) if plan else q
+    dw, db = (t if t is not None else unused for t in (dwc_weight, dwc_bias))
     flags = dict(D=D, DV=DV, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_A=block_a, DOT_PREC=prec, BLOCK_M=block_m,
                  KS=ks, HAS_B2=bias2 is not None, HAS_DWC=dwc_weight is not None, HAS_DWB=dwc_bias is not None,
                  DWC_SEQ=one and bool(CONFIG["dwc_seq"]),
                  B2_WIDE=full_tile and _covers(b2, s2, (B, H, -(-N // block_m) * block_m, block_a)))
     out = ta._new(*out_shape, like=q)
     agents, agent_v = (out, out) if one else (q.new_empty(scratch[0]), q.new_empty(scratch[1]))
-    b1_, b2_ = (b1 if b1 is not None else q), (b2 if b2 is not None else q)
+    b1_, b2_ = (b1 if b1 is not None else unused), (b2 if b2 is not None else unused)
     # each launch: (kernel, grid, args, the positions of q, k, v, agents, agent_v, out in args (None: absent), meta)
     launches = [(_agent_aggregate, (B * H,),
                  [q, k, v, b1_, agents, agent_v, b2_, dw, db, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],

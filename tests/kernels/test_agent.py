@@ -423,6 +423,24 @@ def test_plan_repeats_the_fused_call_on_new_inputs(case, kernels_, monkeypatch):
                 assert _rel(plan(q2.data_ptr(), k2.data_ptr(), v2.data_ptr()), ref) < 2e-4
 
 
+def test_plan_holds_no_input_tensors():
+    """A plan keeps its biases and conv weights, not the first call's q, k, v (a layer's plan lives as long as
+    the layer), also when biases and the conv are absent (their pointer arguments)."""
+    import gc
+    import weakref
+
+    q, k, v, *_ = _inputs(1, 2, 1, (4, 4), (2, 2), 16, 16, torch.float32, biases=False, ks=0)
+    base = q._base if q._base is not None else q
+    ref = weakref.ref(base)
+    with torch.no_grad():
+        _, plan = kernels_agent.agent_attention_planned(q, k, v, grid=(4, 4), agent_grid=(2, 2), num_prefix_tokens=1,
+                                                        backend="triton")
+    assert plan is not None
+    del q, k, v, base
+    gc.collect()
+    assert ref() is None
+
+
 def test_plan_is_none_where_the_composition_runs():
     q, k, v, b1, b2, w, wb = _inputs(1, 2, 1, (4, 4), (2, 2), 16, 16, torch.float32)
     kw = dict(grid=(4, 4), agent_grid=(2, 2), num_prefix_tokens=1, bias1=b1, bias2=b2, dwc_weight=w, dwc_bias=wb)
