@@ -408,3 +408,31 @@ def test_inference_plan_follows_inputs_and_parameters():
         if cuda:
             with torch.autocast("cuda", torch.bfloat16):
                 check(torch.randn(B, tokens, 96, device=device), tol=2e-2)
+
+
+def test_copies_and_pickles_leave_the_launch_plan_behind():
+    """`copy.deepcopy` (EMA) and pickling (`torch.save(model)`) of a layer that has run inference: the plan (compiled kernels, the
+    original's tensors) is not copied; the copy builds its own and matches the original."""
+    import copy
+    import pickle
+
+    pytest.importorskip("triton")
+    from kernels.backends.triton_attention import _interpret
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not _interpret():
+        pytest.skip("the fused kernels need CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if cuda else "cpu"
+    m = AgentAttention(32, num_heads=2, agent_num=4, bias_grid=(4, 4), num_prefix_tokens=1, device=device).eval()
+    _randomize(m)
+    m.backend = "triton"
+    x = torch.randn(2, 17, 32, device=device)
+    with torch.no_grad():
+        out = m(x, (4, 4))
+        assert m.__dict__.get("_plan") is not None
+        twin = copy.deepcopy(m)
+        assert "_plan" not in twin.__dict__
+        loaded = pickle.loads(pickle.dumps(m))
+        assert "_plan" not in loaded.__dict__
+        for other in (twin, loaded):
+            torch.testing.assert_close(other(x, (4, 4)), out, rtol=1e-5, atol=1e-5)

@@ -58,6 +58,19 @@ def test_layer_norm_on_a_sliced_view():
     torch.testing.assert_close(out.double(), F.layer_norm(x.double(), (200,), eps=1e-5), rtol=1e-5, atol=1e-5)
 
 
+def test_copies_leave_the_cached_launch_behind():
+    import copy
+    import pickle
+
+    norm = FastLayerNorm(8)
+    _, run = layer_norm_module._layer_norm(torch.randn(3, 8, device=DEVICE), norm.weight, norm.bias, 1e-5,
+                                           torch.float32)
+    norm.__dict__["_launch"] = ((), run)  # as a CUDA forward leaves it
+    for twin in (copy.deepcopy(norm), pickle.loads(pickle.dumps(norm))):
+        assert type(twin) is FastLayerNorm and "_launch" not in twin.__dict__
+        torch.testing.assert_close(twin.weight, norm.weight)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match=r"weight must be a \(8,\) tensor"):
         layer_norm(torch.randn(2, 8), torch.ones(9), None)
@@ -94,11 +107,16 @@ def test_agent_models_match_plain_layer_norm_cuda(name, monkeypatch):
     calls = []
     real = layer_norm_module._layer_norm
     monkeypatch.setattr(layer_norm_module, "_layer_norm", lambda *a: calls.append(1) or real(*a))
+    x2 = torch.randn(4, 3, 224, 224, device="cuda")
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         fast = model(x).float()
+        first_calls = len(calls)
+        fast2 = model(x2).float()  # the modules' cached launches
+        assert first_calls and len(calls) == first_calls
         for m in model.modules():
             if isinstance(m, FastLayerNorm):
                 m.__class__ = torch.nn.LayerNorm
-        ref = model(x).float()
-    err = ((fast - ref).norm() / ref.norm()).item()
-    assert calls and err < 1e-2, (len(calls), err)
+        ref, ref2 = model(x).float(), model(x2).float()
+    for out, expected in ((fast, ref), (fast2, ref2)):
+        err = ((out - expected).norm() / expected.norm()).item()
+        assert err < 1e-2, err

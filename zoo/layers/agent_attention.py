@@ -173,6 +173,13 @@ class AgentAttention(nn.Module):
             self.__dict__.pop("_plan", None)
         return super().train(mode)
 
+    def __getstate__(self):
+        """Copies and pickles (`copy.deepcopy` for EMA weights, `torch.save(model)`) leave the launch plan behind:
+        it holds Triton's compiled kernels and the original's tensors."""
+        state = self.__dict__.copy()
+        state.pop("_plan", None)
+        return state
+
     def _bias_params(self):
         return [p for p in (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias,
                             self.ac_bias, self.ca_bias) if p is not None]

@@ -67,25 +67,27 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.shape != (N,):
             raise ValueError(f"{name} must be a ({N},) tensor, got {tuple(t.shape)}")
-    return _layer_norm(x, weight, bias, eps, out_dtype or x.dtype)
+    return _layer_norm(x, weight, bias, eps, out_dtype or x.dtype)[0]
 
 
-def _layer_norm(x, weight, bias, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """`layer_norm` on checked arguments: one launch, repeated through a prepared `launch.Launch` per shape."""
+def _layer_norm(x, weight, bias, eps: float, out_dtype: torch.dtype):
+    """`layer_norm` on checked arguments: one launch, repeated through a prepared `launch.Launch` per shape.
+    Returns the output and that `Launch` (None for an empty input), whose pointers are (x rows, weight, bias,
+    output), absent weight/bias replaced by the x rows."""
     N = x.shape[-1]
     x2 = x.reshape(-1, N)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y = torch.empty(x.shape, device=x.device, dtype=out_dtype)
     if y.numel() == 0:
-        return y
+        return y, None
     w = weight if weight is not None else x2
     b = bias if bias is not None else x2
     key = (x2.shape, x2.stride(0), x2.dtype, out_dtype, x2.get_device(), eps, weight is None, bias is None)
     run = _LAUNCHES.get(key)
     if run is not None:  # a weight of another dtype than the first call's: the Launch takes Triton's path
         run(x2, w, b, y)
-        return y
+        return y, run
     rows = x2.shape[0]
     block_n = max(16, 1 << (N - 1).bit_length())
     block_m = max(1, min(64, 4096 // block_n))
@@ -95,7 +97,7 @@ def _layer_norm(x, weight, bias, eps: float, out_dtype: torch.dtype) -> torch.Te
     if len(_LAUNCHES) >= 64:  # shapes of a long-running process: keep the recent ones
         _LAUNCHES.pop(next(iter(_LAUNCHES)))
     _LAUNCHES[key] = run
-    return y
+    return y, run
 
 
 class FastLayerNorm(nn.LayerNorm):
@@ -103,13 +105,30 @@ class FastLayerNorm(nn.LayerNorm):
     autocast (module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.is_cuda and not torch.is_grad_enabled() and x.dtype in _DTYPES and len(self.normalized_shape) == 1
-                and x.shape[-1] == self.normalized_shape[0] <= MAX_WIDTH
-                and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not torch.jit.is_scripting()):
-            # x is float16/bfloat16/float32: autocast (when on) computes the next linear layer in its dtype
+        if (x.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing() and not torch.jit.is_scripting()):
+            # autocast (when on) computes the next linear layer in its dtype
             out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-            return _layer_norm(x, self.weight, self.bias, self.eps, out_dtype)
+            w, b = self.weight, self.bias
+            key = (x.shape, x.dtype, out_dtype, x.get_device(), self.eps, w is None, b is None)
+            cached = self.__dict__.get("_launch")
+            if cached is not None and cached[0] == key and x.is_contiguous():  # this module's last shape: no checks
+                y = torch.empty(x.shape, device=x.device, dtype=out_dtype)
+                cached[1](x, w if w is not None else x, b if b is not None else x, y)
+                return y
+            if (x.dtype in _DTYPES and len(self.normalized_shape) == 1
+                    and x.shape[-1] == self.normalized_shape[0] <= MAX_WIDTH):
+                y, run = _layer_norm(x, w, b, self.eps, out_dtype)
+                if run is not None and x.is_contiguous():
+                    self.__dict__["_launch"] = (key, run)
+                return y
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def __getstate__(self):
+        """Copies and pickles leave the cached launch behind (it holds Triton's compiled kernel)."""
+        state = self.__dict__.copy()
+        state.pop("_launch", None)
+        return state
 
 
 def enable_fast_layer_norm(block: nn.Module) -> int:
