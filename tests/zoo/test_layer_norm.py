@@ -62,7 +62,7 @@ def test_copies_leave_the_cached_launch_behind():
     import copy
     import pickle
 
-    norm = FastLayerNorm(8)
+    norm = FastLayerNorm(8, device=DEVICE)
     _, run = layer_norm_module._layer_norm(torch.randn(3, 8, device=DEVICE), norm.weight, norm.bias, 1e-5,
                                            torch.float32)
     norm.__dict__["_launch"] = ((), run)  # as a CUDA forward leaves it
