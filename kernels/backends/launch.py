@@ -103,8 +103,8 @@ class Launch:
 
 def prepare(kernel, grid: Sequence[int], args: Sequence, slots: Sequence[int], **meta) -> Launch:
     """Launch `kernel[grid](*args, **meta)` the ordinary way and return a `Launch` that repeats it with the
-    arguments at positions `slots` (pointers: tensors, or device addresses as ints of the same dtype) replaced (through Triton's ordinary path under its
-    interpreter).
+    arguments at positions `slots` replaced: pointers, as tensors or as device addresses (ints) of the first call's
+    dtypes. Under Triton's interpreter the repeats take its ordinary path.
 
     `grid` must be a tuple of ints (not a callable); `meta` holds the constexpr arguments and launch options
     (`num_warps`, `num_stages`). The caller guarantees the non-slot arguments still apply when it reuses the

@@ -278,7 +278,7 @@ def agent_fused_forward(q, k, v, grid, agent_grid, num_prefix_tokens, bias1, bia
         slots = [i for i in where if i is not None]
         prepared.append((launch.prepare(kernel, kgrid, args, slots, **meta),
                          tuple(j for j, i in enumerate(where) if i is not None)))
-    return out, FusedPlan(prepared, out_shape, scratch, q.dtype, q.device)
+    return out, FusedPlan(prepared, out_shape, scratch, q.new_empty(0))
 
 
 class FusedPlan:
@@ -286,17 +286,16 @@ class FusedPlan:
     and dtypes; tensors or device addresses) with that call's biases and conv weights: no argument checks and no
     Triton argument binding (`launch.Launch`)."""
 
-    __slots__ = ("launches", "out_shape", "scratch", "dtype", "device")
+    __slots__ = ("launches", "out_shape", "scratch", "like")
 
-    def __init__(self, launches, out_shape, scratch, dtype, device):
-        self.launches, self.out_shape, self.scratch, self.dtype, self.device = (launches, out_shape, scratch, dtype,
-                                                                                device)
+    def __init__(self, launches, out_shape, scratch, like: torch.Tensor):
+        # like: an empty tensor of q's dtype and device, for the buffers
+        self.launches, self.out_shape, self.scratch, self.like = launches, out_shape, scratch, like
 
     def __call__(self, q, k, v) -> torch.Tensor:
-        out = torch.empty(self.out_shape, device=self.device, dtype=self.dtype) if not ta._poison() else \
-            torch.full(self.out_shape, float("nan"), device=self.device, dtype=self.dtype)
+        out = ta._new(*self.out_shape, like=self.like)
         if self.scratch:
-            agents, agent_v = (torch.empty(s, device=self.device, dtype=self.dtype) for s in self.scratch)
+            agents, agent_v = (self.like.new_empty(s) for s in self.scratch)
         else:
             agents = agent_v = out
         buffers = (q, k, v, agents, agent_v, out)
