@@ -10,8 +10,9 @@ dtype; x's dtype without autocast): the same values, one read and one half-size 
 outside `torch.compile` and `torch.jit`, for float16/bfloat16/float32 inputs; otherwise `F.layer_norm`. Repeated
 shapes launch through a prepared `kernels.backends.launch.Launch`: Triton's ordinary launch cost ~100 us more host
 time than `F.layer_norm` on the device's CPU, which made small inputs slower (agent_deit_tiny @224, batch 256: GPU
-step 7.82 -> 5.76 ms, but wall 10.9 -> 14.3 ms, host-bound); the prepared launch costs about what
-`F.layer_norm` and the linear layer's input cast do. `enable_fast_layer_norm(block)`
+step 7.82 -> 5.76 ms, but wall 10.9 -> 14.3 ms, host-bound); with prepared launches, and each module repeating its
+last shape's launch without the argument checks, that step is GPU-bound (BENCHMARKS.md, tenth session).
+`enable_fast_layer_norm(block)`
 gives it to a pre-norm block's `norm1` / `norm2` (their outputs go straight into the attention's and the MLP's
 first linear layers; the model's final norm keeps its float32 output under autocast, as in timm).
 """
@@ -85,7 +86,7 @@ def _layer_norm(x, weight, bias, eps: float, out_dtype: torch.dtype):
     b = bias if bias is not None else x2
     key = (x2.shape, x2.stride(0), x2.dtype, out_dtype, x2.get_device(), eps, weight is None, bias is None)
     run = _LAUNCHES.get(key)
-    if run is not None:  # a weight of another dtype than the first call's: the Launch takes Triton's path
+    if run is not None:  # the prepared launch (Triton's ordinary one if a weight's dtype changed since)
         run(x2, w, b, y)
         return y, run
     rows = x2.shape[0]
