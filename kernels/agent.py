@@ -207,7 +207,8 @@ def agent_attention_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     """`agent_attention(...)` (keys on the query grid), also returning a plan for repeating it on new inputs.
 
     Returns `(out, plan)`. `plan(q, k, v)` reruns the fused kernels for q, k, v with this call's shapes, strides,
-    dtypes and device (tensors, or their device addresses as ints), with this call's biases and conv weights
+    dtypes and device (tensors; or their device addresses as ints where `plan.direct`: not under Triton's
+    interpreter), with this call's biases and conv weights
     (their current values), skipping the argument checks and Triton's per-call argument binding: for a layer that
     calls the op many times on inputs it lays out itself (host time decided agent_deit's step at 224 px). The caller
     keys its plans on what it changes; `plan` is None where the fused kernels did not run (the composition did)."""

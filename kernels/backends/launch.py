@@ -72,6 +72,12 @@ class Launch:
             if self._params is not None:
                 self._params[i] = None
 
+    @property
+    def direct(self) -> bool:
+        """Whether repeats can call the launcher directly (False under Triton's interpreter, whose ordinary launch
+        needs tensors, not addresses)."""
+        return self._run is not None
+
     def __call__(self, *pointers) -> None:
         if len(pointers) != len(self.slots):
             raise ValueError(f"expected {len(self.slots)} pointer arguments, got {len(pointers)}")

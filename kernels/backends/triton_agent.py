@@ -283,14 +283,15 @@ def agent_fused_forward(q, k, v, grid, agent_grid, num_prefix_tokens, bias1, bia
 
 class FusedPlan:
     """`agent_fused_forward`'s launches, repeated for q, k, v laid out as the first call's (same shapes, strides
-    and dtypes; tensors or device addresses) with that call's biases and conv weights: no argument checks and no
-    Triton argument binding (`launch.Launch`)."""
+    and dtypes; tensors, or device addresses where `direct`) with that call's biases and conv weights: no argument
+    checks and no Triton argument binding (`launch.Launch`)."""
 
-    __slots__ = ("launches", "out_shape", "scratch", "like")
+    __slots__ = ("launches", "out_shape", "scratch", "like", "direct")
 
     def __init__(self, launches, out_shape, scratch, like: torch.Tensor):
         # like: an empty tensor of q's dtype and device, for the buffers
         self.launches, self.out_shape, self.scratch, self.like = launches, out_shape, scratch, like
+        self.direct = all(run.direct for run, _ in launches)  # q, k, v may be passed as addresses
 
     def __call__(self, q, k, v) -> torch.Tensor:
         out = ta._new(*self.out_shape, like=self.like)

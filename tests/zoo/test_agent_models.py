@@ -375,3 +375,17 @@ def test_bias_cache_is_dropped_by_mode_switches_and_moves():
     torch.testing.assert_close(fresh, uncached.detach())
     torch.testing.assert_close(again, uncached.detach())
     assert not torch.allclose(stale, fresh)
+
+
+def test_block_identity_hooks_still_fire():
+    """AgentBlock skips its `nn.Identity` layer-scale/drop-path calls (host time) unless they carry hooks."""
+    model = zoo.create_model("test_agent_deit").eval()
+    block = model.blocks[0]
+    assert type(block.ls1) is torch.nn.Identity and type(block.drop_path2) is torch.nn.Identity
+    seen = []
+    block.ls1.register_forward_hook(lambda m, args, out: seen.append("ls1"))
+    block.drop_path2.register_forward_pre_hook(lambda m, args: seen.append("drop_path2"))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        model(x)
+    assert seen == ["ls1", "drop_path2"]

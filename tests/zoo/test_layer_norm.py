@@ -69,6 +69,8 @@ def test_copies_leave_the_cached_launch_behind():
     for twin in (copy.deepcopy(norm), pickle.loads(pickle.dumps(norm))):
         assert type(twin) is FastLayerNorm and "_launch" not in twin.__dict__
         torch.testing.assert_close(twin.weight, norm.weight)
+    norm.compile()  # as nn.Module: a copy does not keep the original's compiled forward (bound to its weights)
+    assert "_compiled_call_impl" in norm.__dict__ and "_compiled_call_impl" not in copy.deepcopy(norm).__dict__
 
 
 def test_bad_arguments():

@@ -176,7 +176,7 @@ class AgentAttention(nn.Module):
     def __getstate__(self):
         """Copies and pickles (`copy.deepcopy` for EMA weights, `torch.save(model)`) leave the launch plan behind:
         it holds Triton's compiled kernels and the original's tensors."""
-        state = self.__dict__.copy()
+        state = super().__getstate__()  # a copy of __dict__, without what `module.compile()` set
         state.pop("_plan", None)
         return state
 
@@ -276,7 +276,7 @@ class AgentAttention(nn.Module):
         if cached is not None and cached[0] == key:
             if cached[1] is None:
                 return None
-            if qkv.is_cuda:  # q, k, v by address: no view ops
+            if cached[1].direct:  # q, k, v by address: no view ops
                 address, step = qkv.data_ptr(), qkv.shape[-1] // 3 * qkv.element_size()
                 return cached[1](address, address + step, address + 2 * step)
             return cached[1](*self._split_heads(qkv))

@@ -84,9 +84,10 @@ def _layer_norm(x, weight, bias, eps: float, out_dtype: torch.dtype):
         return y, None
     w = weight if weight is not None else x2
     b = bias if bias is not None else x2
-    key = (x2.shape, x2.stride(0), x2.dtype, out_dtype, x2.get_device(), eps, weight is None, bias is None)
+    key = (x2.shape, x2.stride(0), x2.dtype, out_dtype, x2.get_device(), eps, w.dtype, b.dtype, weight is None,
+           bias is None)
     run = _LAUNCHES.get(key)
-    if run is not None:  # the prepared launch (Triton's ordinary one if a weight's dtype changed since)
+    if run is not None:
         run(x2, w, b, y)
         return y, run
     rows = x2.shape[0]
@@ -95,8 +96,8 @@ def _layer_norm(x, weight, bias, eps: float, out_dtype: torch.dtype):
     run = launch.prepare(_layer_norm_fwd, (-(-rows // block_m),), [x2, w, b, y, rows, N, x2.stride(0), eps],
                          (0, 1, 2, 3), HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_M=block_m,
                          BLOCK_N=block_n, num_warps=4)
-    if len(_LAUNCHES) >= 64:  # shapes of a long-running process: keep the recent ones
-        _LAUNCHES.pop(next(iter(_LAUNCHES)))
+    if len(_LAUNCHES) >= 64:  # shapes of a long-running process: drop the oldest (None: another thread did)
+        _LAUNCHES.pop(next(iter(_LAUNCHES), None), None)
     _LAUNCHES[key] = run
     return y, run
 
@@ -111,7 +112,8 @@ class FastLayerNorm(nn.LayerNorm):
             # autocast (when on) computes the next linear layer in its dtype
             out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
             w, b = self.weight, self.bias
-            key = (x.shape, x.dtype, out_dtype, x.get_device(), self.eps, w is None, b is None)
+            key = (x.shape, x.dtype, out_dtype, x.get_device(), self.eps, w is None, b is None,
+                   None if w is None else w.dtype, None if b is None else b.dtype)
             cached = self.__dict__.get("_launch")
             if cached is not None and cached[0] == key and x.is_contiguous():  # this module's last shape: no checks
                 y = torch.empty(x.shape, device=x.device, dtype=out_dtype)
@@ -127,7 +129,7 @@ class FastLayerNorm(nn.LayerNorm):
 
     def __getstate__(self):
         """Copies and pickles leave the cached launch behind (it holds Triton's compiled kernel)."""
-        state = self.__dict__.copy()
+        state = super().__getstate__()  # a copy of __dict__, without what `module.compile()` set
         state.pop("_launch", None)
         return state
 

@@ -80,11 +80,15 @@ class AgentBlock(nn.Module):
 
 
 def _residual(y: torch.Tensor, layer_scale: nn.Module, drop_path: nn.Module) -> torch.Tensor:
-    """drop_path(layer_scale(y)), not calling the `nn.Identity` ones (DeiT's defaults): a module call is several
-    microseconds of host time, and agent_deit's inference at 224 px waits on the host."""
-    if type(layer_scale) is not nn.Identity:
+    """drop_path(layer_scale(y)), not calling `nn.Identity` ones without hooks (DeiT's defaults): a module call is
+    several microseconds of host time, and agent_deit's inference at 224 px waits on the host."""
+    if not _bare_identity(layer_scale):
         y = layer_scale(y)
-    return y if type(drop_path) is nn.Identity else drop_path(y)
+    return y if _bare_identity(drop_path) else drop_path(y)
+
+
+def _bare_identity(module: nn.Module) -> bool:
+    return type(module) is nn.Identity and not (module._forward_hooks or module._forward_pre_hooks)
 
 
 class AgentDeiT(VisionTransformer):
