@@ -266,7 +266,7 @@ class AgentAttention(nn.Module):
         shape and dtype and on the biases' and conv's parameters (storage and version, as the bias cache). None
         where the fused kernels do not run (the caller takes the general path)."""
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or not qkv.is_contiguous() \
-                or active_frame() is not None:
+                or active_frame() is not None or qkv.is_cuda and qkv.get_device() != torch._C._cuda_getDevice():
             return None
         versions = version_key(self._bias_params() + [t for t in (self.dwc.weight, self.dwc.bias) if t is not None])
         if versions is None:

@@ -107,8 +107,10 @@ class FastLayerNorm(nn.LayerNorm):
     autocast (module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Triton launches on the current device: x elsewhere (multi-GPU without torch.cuda.set_device) takes torch's
         if (x.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and not torch.jit.is_tracing() and not torch.jit.is_scripting()):
+                and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+                and x.get_device() == torch._C._cuda_getDevice()):
             # autocast (when on) computes the next linear layer in its dtype
             out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
             w, b = self.weight, self.bias
