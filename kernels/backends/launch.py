@@ -50,15 +50,15 @@ class Launch:
     Built by `prepare`. The caller keys its cache of `Launch`es on everything that fixes the other arguments (shapes,
     strides, dtypes, flags), so only pointers (tensors or device addresses as ints) vary between calls."""
 
-    __slots__ = ("kernel", "grid", "args", "meta", "slots", "aligned", "dtypes", "device", "_run", "_grid3",
+    __slots__ = ("kernel", "grid", "args", "meta", "slots", "aligned", "dtypes", "device", "_run",
                  "_function", "_packed", "_params")
 
     def __init__(self, kernel, grid, args, meta, slots, compiled):
-        self.kernel, self.grid, self.args, self.meta, self.slots = kernel, grid, list(args), dict(meta), tuple(slots)
+        self.kernel, self.args, self.meta, self.slots = kernel, list(args), dict(meta), tuple(slots)
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))  # the launcher takes three; Triton's launch pads the same
         # Triton's specialization: a pointer that was 16-byte aligned at compile time is assumed aligned
         self.aligned = tuple(_address(self.args[i]) % 16 == 0 for i in self.slots)
         self.dtypes = tuple(self.args[i].dtype for i in self.slots)
-        self._grid3 = tuple(grid) + (1,) * (3 - len(grid))
         self._run = self._function = self._packed = self._params = None
         self.device = -1
         if compiled is not None and hasattr(compiled, "packed_metadata"):  # None under Triton's interpreter
@@ -85,7 +85,7 @@ class Launch:
             params = self._params.copy()
             for i, p in zip(self.slots, pointers):
                 params[i] = p
-            self._run(*self._grid3, torch._C._cuda_getCurrentRawStream(self.device), self._function, self._packed,
+            self._run(*self.grid, torch._C._cuda_getCurrentRawStream(self.device), self._function, self._packed,
                       None, None, None, *params)
             return
         args = self.args.copy()
