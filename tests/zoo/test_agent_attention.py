@@ -411,8 +411,8 @@ def test_inference_plan_follows_inputs_and_parameters():
 
 
 def test_copies_and_pickles_leave_the_launch_plan_behind():
-    """`copy.deepcopy` (EMA) and pickling (`torch.save(model)`) of a layer that has run inference: the plan (compiled kernels, the
-    original's tensors) is not copied; the copy builds its own and matches the original."""
+    """`copy.deepcopy` (EMA) and pickling (`torch.save(model)`) of a layer that has run inference: the plan
+    (compiled kernels, the original's tensors) is not copied; the copy builds its own and matches the original."""
     import copy
     import pickle
 

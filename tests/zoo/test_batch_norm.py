@@ -11,7 +11,8 @@ from zoo.layers.batch_norm import FastBatchNormAct2d, batch_norm_act_train, batc
 @pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 130, 6, 5), (1, 16, 40, 40)])
 def test_batch_stats_match_float64(shape):
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter (tests/conftest.py)
-    x = (torch.randn(shape, device=device) * 3 + 10).to(memory_format=torch.channels_last)  # |mean| >> std: cancellation check
+    # |mean| >> std: checks the statistics against cancellation
+    x = (torch.randn(shape, device=device) * 3 + 10).to(memory_format=torch.channels_last)
     running_mean, running_var = torch.randn(shape[1], device=device), torch.rand(shape[1], device=device) + 0.5
     rm_ref, rv_ref = running_mean.double().clone(), running_var.double().clone()
     mean, var, invstd = batch_stats(x, 1e-3, running_mean, running_var, 0.25)

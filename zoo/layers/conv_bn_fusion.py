@@ -11,8 +11,8 @@ activation pass is slower than timm's path, so only convs whose output goes thro
 When: a module and its conv-norm children in eval mode, without autograd (`torch.no_grad()` /
 `torch.inference_mode()`), outside `torch.compile` and `torch.jit` tracing, with `fused_inference` true (the
 default; `set_fused_inference(model, False)` turns it off). Anything else (training, norms in training mode,
-gradients, SiLU blocks, anti-aliasing, `Conv2dSame` padding, non-affine norms) runs timm's own forward. Folded weights are cached per module and recomputed when a parameter or running
-statistic changes (its storage or in-place version counter: `load_state_dict`, optimizer steps; a training-mode
+gradients, SiLU blocks, anti-aliasing, `Conv2dSame` padding, non-affine norms) runs timm's own forward. Folded
+weights are cached per module and recomputed when a parameter or running statistic changes (its storage or in-place version counter: `load_state_dict`, optimizer steps; a training-mode
 forward counts through `num_batches_tracked`), or the dtype or eps changes; `train()` clears them. Writes through
 `param.data` bypass the version counter: call `model.train().eval()` after them.
 
