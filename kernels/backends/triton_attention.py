@@ -558,7 +558,8 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
         stride_dks=dk.stride(0) if S > 1 else 0, stride_dvs=dv.stride(0) if S > 1 else 0,
         stride_duks=duk.stride(0) if (S > 1 and duk is not None) else 0, SPLIT_BLOCKS=per,
         HKV=HKV, GROUP=H // HKV, FULL_PTR=prob.lists(True)[0], FULL_IDX=prob.lists(True)[1],
-        PART_PTR=prob.lists(True)[2], PART_IDX=prob.lists(True)[3], STORE_DB=store_db, **prob.pair_args(True), **qkv,
+        PART_PTR=prob.lists(True)[2], PART_IDX=prob.lists(True)[3], STORE_DB=store_db,
+        BATCH_MINOR=B > 1 and ex.bias is not None and _bstrides(ex.bias)[0] == 0, **prob.pair_args(True), **qkv,
         **common)
     if S > 1:
         dk, dv = dk.sum(0).to(qp.dtype), dv.sum(0).to(qp.dtype)
@@ -577,13 +578,18 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
     dq0 = dq if S == 1 else dq[0]
     duq0 = None if duq is None else (duq if S == 1 else duq[0])
     sduq = _bstrides(duq0)
+    dq_args = {**qkv, **common}
+    if ds_stored(db, qp.dtype, ex.rel is not None):  # dQ = dS · K from the stored dS: no P / dP recompute
+        dq_args.update(BIAS=db, stride_bb=sdb[0], stride_bh=sdb[1], stride_bm=sdb[2], stride_bn=sdb[3],
+                       DS_STORED=True)
+        CALLS["general_dq_ds_stored"] += 1
     tk._attn_bwd_dq[(nqb, B * H, S)](
         DQ=dq0, DUQ=duq0 if duq0 is not None else delta,
         stride_dqb=dq0.stride(0), stride_dqh=dq0.stride(1), stride_dqn=dq0.stride(2),
         stride_duqb=sduq[0], stride_duqh=sduq[1], stride_duqn=sduq[2],
         stride_dqs=dq.stride(0) if S > 1 else 0, stride_duqs=duq.stride(0) if (S > 1 and duq is not None) else 0,
         SPLIT_BLOCKS=per, GROUP=H // HKV, FULL_PTR=prob.lists(False)[0], FULL_IDX=prob.lists(False)[1],
-        PART_PTR=prob.lists(False)[2], PART_IDX=prob.lists(False)[3], **prob.pair_args(False), **qkv, **common)
+        PART_PTR=prob.lists(False)[2], PART_IDX=prob.lists(False)[3], **prob.pair_args(False), **dq_args)
     if S > 1:
         dq = dq.sum(0).to(qp.dtype)
         duq = None if duq is None else duq.sum(0)
@@ -598,6 +604,14 @@ def ds_dtype(bias4: torch.Tensor, full: Tuple[int, int, int, int]) -> torch.dtyp
     if bias4.dtype == torch.float16 and tuple(bias4.shape) != tuple(full):
         return torch.float32
     return bias4.dtype
+
+
+def ds_stored(db: Optional[torch.Tensor], q_dtype: torch.dtype, rel: bool) -> bool:
+    """Whether the dQ kernel takes dS from the dK/dV kernel's bias-gradient buffer `db` (one load and one dot per
+    tile) instead of recomputing it. It rounds dS to q's dtype either way, so the result is the same when `db`
+    holds q's dtype or float32; a float16 buffer under bfloat16 q (or the reverse) would round twice. The
+    rel-pos term's dQ also needs the recomputed logits' factors."""
+    return db is not None and not rel and db.dtype in (q_dtype, torch.float32)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -827,11 +841,21 @@ def _forward(q, k, v, bias, qf, kf, gate, pattern, scale, rel: Optional[Rel] = N
 
 
 def _reduce_to(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Sum a full-size gradient over the dims where `like` broadcasts (size 1), in `like`'s dtype."""
+    """Sum a full-size gradient over the dims where `like` broadcasts (size 1), in `like`'s dtype. Leading dims of
+    a contiguous gradient (a bias shared by the batch, or by batch and heads) go through one streaming kernel
+    (`triton_kernels.sum_leading`), the rest through torch."""
+    from . import triton_kernels as tk
+
     dims = [i for i, (a, b) in enumerate(zip(like.shape, g.shape)) if a == 1 and b != 1]
-    if dims:
-        g = g.sum(dim=dims, keepdim=True)
-    return g.to(like.dtype)
+    if not dims:
+        return g.to(like.dtype)
+    lead = len(dims) if dims == list(range(len(dims))) else 0
+    if lead and g.is_contiguous() and (g.is_cuda or _interpret()) and g.numel() >= 2 ** 16:
+        rows = math.prod(g.shape[:lead])
+        out = _new(*((1,) * lead + tuple(g.shape[lead:])), like=g, dtype=like.dtype)
+        tk.sum_leading[(triton_cdiv(out.numel(), 4096),)](g, out, rows, out.numel(), BLOCK=4096, num_warps=8)
+        return out
+    return g.sum(dim=dims, keepdim=True).to(like.dtype)
 
 
 def _backward(do, q, k, v, out, lse, dlse, bias, qf, kf, gate, pattern, scale, need_db, need_lr,

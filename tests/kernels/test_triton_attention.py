@@ -226,6 +226,52 @@ def test_bias_float32_and_gate_together():
            bias_fn=_dense_bias((1, 2, 30, 30)))
 
 
+DS_STORED_CASES = [  # (id, pattern, B, H, HKV, NQ, NK, D, bias_fn, dS from the dK/dV kernel's buffer)
+    ("dense-full-gqa", Dense(), 2, 4, 2, 37, 45, 32, _dense_bias((2, 4, 37, 45)), True),
+    ("window-batch-broadcast-fp32", Window1d(6, 2), 3, 2, 2, 41, 41, 16, _dense_bias((1, 2, 41, 41), torch.float32),
+     True),
+    ("na2d-dil-head-broadcast", Neighborhood((6, 7), (3, 5), dilation=(2, 1)), 2, 2, 1, 42, 42, 16,
+     _dense_bias((2, 1, 42, 42)), True),
+    ("halo-grid", Halo((4, 6), block=2, halo=1), 2, 2, 2, 24, 48, 16, _dense_bias((2, 2, 24, 48)), True),
+    # a bfloat16 bias under float16 q: a bfloat16 dS buffer would round dS twice, so dQ recomputes it
+    ("bf16-bias-fp16-q", Dense(), 2, 2, 2, 30, 33, 16, _dense_bias((1, 2, 30, 33), torch.bfloat16), False),
+]
+
+
+@pytest.mark.parametrize("case", DS_STORED_CASES, ids=[c[0] for c in DS_STORED_CASES])
+def test_bias_backward_dq_from_stored_ds(case, monkeypatch):
+    """With a bias gradient, the general dQ kernel takes dS from the buffer the dK/dV kernel wrote (masked tiles
+    included) instead of recomputing it; results against float64 either way."""
+    from kernels.backends.triton_attention import CALLS
+
+    monkeypatch.setenv("ATTNZOO_SKINNY", "old")  # these shapes would otherwise also fit the few-keys kernels
+    _, pattern, B, H, HKV, NQ, NK, D, bias_fn, stored = case
+    before = CALLS["general_dq_ds_stored"]
+    _check(pattern, B, H, HKV, NQ, NK, D, D, torch.float16, bias_fn=bias_fn)
+    assert (CALLS["general_dq_ds_stored"] > before) == stored
+
+
+@pytest.mark.parametrize("g_shape,like_shape,g_dtype,like_dtype", [
+    ((3, 2, 130, 260), (1, 2, 130, 260), torch.float32, torch.float16),  # batch-shared, float32 dS buffer
+    ((2, 3, 120, 200), (1, 1, 120, 200), torch.bfloat16, torch.bfloat16),  # shared by batch and heads
+    ((2, 3, 120, 200), (2, 1, 120, 200), torch.float16, torch.float16),  # heads only: torch's sum
+    ((2, 3, 4, 5), (1, 3, 4, 5), torch.float16, torch.float16),  # small: torch's sum
+])
+def test_bias_gradient_sum_over_broadcast_dims(g_shape, like_shape, g_dtype, like_dtype):
+    """`_reduce_to` (the bias gradient summed where the bias broadcasts) against a float64 sum: within one unit in
+    the last place of the output dtype (float32 accumulation; Triton's interpreter also truncates to bfloat16)."""
+    from kernels.backends.triton_attention import _reduce_to
+
+    g = torch.randn(*g_shape, device=DEVICE).to(g_dtype)
+    like = torch.empty(like_shape, device=DEVICE, dtype=like_dtype)
+    dims = [i for i, (a, b) in enumerate(zip(like_shape, g_shape)) if a == 1 and b != 1]
+    ref = g.double().sum(dim=dims, keepdim=True)
+    out = _reduce_to(g, like)
+    assert out.shape == like.shape and out.dtype == like_dtype
+    ulp = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[like_dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=ulp, atol=1e-6)
+
+
 @pytest.mark.parametrize("pattern", [Window1d(4, 4), Neighborhood((5, 6), (3, 3))], ids=["window1d", "na2d"])
 @pytest.mark.parametrize("kind", ["head", "element"])
 def test_gate_fused(kind, pattern):
