@@ -226,6 +226,24 @@ def test_bias_float32_and_gate_together():
            bias_fn=_dense_bias((1, 2, 30, 30)))
 
 
+HALO_GRID_RELPOS = [  # (id, pattern, B, H, HKV, D, gate_shape(B, N, H))
+    ("block2-halo1-gqa-elem-gate", Halo((4, 6), block=2, halo=1), 2, 2, 1, 16, lambda B, N, H: (B, N, H, 16)),
+    ("block4-halo1-stride2-head-gate", Halo((4, 4), block=4, halo=1, query_stride=2), 1, 2, 2, 16,
+     lambda B, N, H: (B, N, H)),
+    ("block3-halo2-no-gate", Halo((6, 3), block=3, halo=2), 1, 1, 1, 32, None),
+]
+
+
+@pytest.mark.parametrize("case", HALO_GRID_RELPOS, ids=[c[0] for c in HALO_GRID_RELPOS])
+def test_relpos_on_halo_grid(case):
+    """A RelPosBias on a multi-block Halo grid with GQA, gates and an lse gradient: out, lse and every gradient
+    against float64."""
+    _, pattern, B, H, HKV, D, gate_fn = case
+    nq, nk = math.prod(pattern.grid), math.prod(pattern.key_grid)
+    _check(pattern, B, H, HKV, nq, nk, D, D, torch.float16, lse_grad=True, bias_fn=_rel_pos(pattern, D),
+           gate_shape=None if gate_fn is None else gate_fn(B, nq, H))
+
+
 DS_STORED_CASES = [  # (id, pattern, B, H, HKV, NQ, NK, D, bias_fn, dS from the dK/dV kernel's buffer)
     ("dense-full-gqa", Dense(), 2, 4, 2, 37, 45, 32, _dense_bias((2, 4, 37, 45)), True),
     ("window-batch-broadcast-fp32", Window1d(6, 2), 3, 2, 2, 41, 41, 16, _dense_bias((1, 2, 41, 41), torch.float32),
