@@ -599,8 +599,9 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
 def ds_dtype(bias4: torch.Tensor, full: Tuple[int, int, int, int]) -> torch.dtype:
     """dtype of the kernels' dS buffer for a dense bias `bias4` of a `full` (B, H, Nq, Nk) problem: the bias's own
     (a float32 buffer and its cast pass were the largest costs of a bias backward; a sum over broadcast dims,
-    `_reduce_to`, accumulates in float32 inside torch), except float16 summed over broadcast dims: its per-element
-    values would leave float16's range (subnormals below 6e-5) before the sum; float32 then."""
+    `_reduce_to`, accumulates in float32; the dQ kernel may read the buffer back, `ds_stored`), except float16
+    summed over broadcast dims: its per-element values would leave float16's range (subnormals below 6e-5) before
+    the sum; float32 then."""
     if bias4.dtype == torch.float16 and tuple(bias4.shape) != tuple(full):
         return torch.float32
     return bias4.dtype
