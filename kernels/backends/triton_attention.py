@@ -11,7 +11,8 @@ tile pairs, which is exact and free) and their mask mode (`ATTNZOO_GRID_VARIANTS
 pair-mask path, see `_grid_variants`).
 
 Fused terms: a dense additive bias (read through its strides, broadcast dims at stride 0; its gradient dS is
-written per (b, h) by the backward and summed over broadcast dims in torch), low-rank logits `U_q · U_kᵀ`
+written per (b, h) by the dK/dV kernel, read back by the dQ kernel, and summed over broadcast dims: leading ones
+by `triton_kernels.sum_leading`, others in torch), low-rank logits `U_q · U_kᵀ`
 (`kernels.LowRankBias`, and `kernels.RelPosBias` lowered to such factors in torch where it is not computed
 in-kernel, see below), and the sigmoid output gate
 (forward epilogue; the backward's delta kernel produces dO·sigmoid(g) and dg). Skinny 1-d problems (few query
@@ -579,7 +580,7 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
     duq0 = None if duq is None else (duq if S == 1 else duq[0])
     sduq = _bstrides(duq0)
     dq_args = {**qkv, **common}
-    if ds_stored(db, qp.dtype, ex.rel is not None):  # dQ = dS · K from the stored dS: no P / dP recompute
+    if ds_stored(db, qp.dtype, ex.rel is not None or r > 0):  # dQ = dS · K from the stored dS: no recompute
         dq_args.update(BIAS=db, stride_bb=sdb[0], stride_bh=sdb[1], stride_bm=sdb[2], stride_bn=sdb[3],
                        DS_STORED=True)
         CALLS["general_dq_ds_stored"] += 1
@@ -607,12 +608,13 @@ def ds_dtype(bias4: torch.Tensor, full: Tuple[int, int, int, int]) -> torch.dtyp
     return bias4.dtype
 
 
-def ds_stored(db: Optional[torch.Tensor], q_dtype: torch.dtype, rel: bool) -> bool:
+def ds_stored(db: Optional[torch.Tensor], q_dtype: torch.dtype, factors: bool) -> bool:
     """Whether the dQ kernel takes dS from the dK/dV kernel's bias-gradient buffer `db` (one load and one dot per
     tile) instead of recomputing it. It rounds dS to q's dtype either way, so the result is the same when `db`
-    holds q's dtype or float32; a float16 buffer under bfloat16 q (or the reverse) would round twice. The
-    rel-pos term's dQ also needs the recomputed logits' factors."""
-    return db is not None and not rel and db.dtype in (q_dtype, torch.float32)
+    holds q's dtype or float32; a float16 buffer under bfloat16 q (or the reverse) would round twice (a review
+    probe: 10x dq's error). Not with low-rank or rel-pos `factors` next to the bias (not reachable through
+    `kernels.attention`, which takes one bias): their dU_q would need the factor loads back."""
+    return db is not None and not factors and db.dtype in (q_dtype, torch.float32)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -850,11 +852,13 @@ def _reduce_to(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     dims = [i for i, (a, b) in enumerate(zip(like.shape, g.shape)) if a == 1 and b != 1]
     if not dims:
         return g.to(like.dtype)
-    lead = len(dims) if dims == list(range(len(dims))) else 0
-    if lead and g.is_contiguous() and (g.is_cuda or _interpret()) and g.numel() >= 2 ** 16:
-        rows = math.prod(g.shape[:lead])
+    lead = dims[-1] + 1  # summed dims (and size-1 ones) before every kept dim: a (rows, rest) view
+    if (all(i in dims or g.shape[i] == 1 for i in range(lead)) and g.is_contiguous()
+            and (g.is_cuda or _interpret()) and g.numel() >= 2 ** 16):
+        CALLS["bias_grad_sum_leading"] += 1
         out = _new(*((1,) * lead + tuple(g.shape[lead:])), like=g, dtype=like.dtype)
-        tk.sum_leading[(triton_cdiv(out.numel(), 4096),)](g, out, rows, out.numel(), BLOCK=4096, num_warps=8)
+        tk.sum_leading[(triton_cdiv(out.numel(), 4096),)](g, out, math.prod(g.shape[:lead]), out.numel(),
+                                                          BLOCK=4096, num_warps=8)
         return out
     return g.sum(dim=dims, keepdim=True).to(like.dtype)
 

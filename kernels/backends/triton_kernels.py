@@ -729,18 +729,15 @@ def _dq_step(dq, duq, q, uq, do, lse2, delta, k_base, v_base, kf_base, b_base, s
              DOT_PREC: tl.constexpr, bits=0, KB=None, PAIR_MASK: tl.constexpr = False, WIN: tl.constexpr = 1,
              BLOCK_W: tl.constexpr = 16, HAS_REL: tl.constexpr = False, LR_CHAIN: tl.constexpr = False,
              DS_STORED: tl.constexpr = False):
-    """One key tile of a query block's dQ (and dU_q). DS_STORED: `b_base` points at the dS the dK/dV kernel stored
-    for the bias gradient (zero where masked), so the tile is one load and one dot instead of recomputing P and dP
-    (two dots, the exponentials and the bias load)."""
+    """One key tile of a query block's dQ (and dU_q). DS_STORED (a dense bias, no factors): `b_base` points at the
+    dS the dK/dV kernel stored for the bias gradient (zero where masked), so the tile is one load and one dot
+    instead of recomputing P and dP (two dots, the exponentials and the bias load)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     check = MASKED and not GRID_MODE
     k = _load_rows(k_base, offs_n, stride_kn, offs_d, NK, D, BLOCK_D, check)
     if DS_STORED:
         ds = _load_tile(b_base, offs_m, offs_n, stride_bm, stride_bn, NQ, NK, GRID_MODE, False)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-        if HAS_LR:
-            uk = _load_rows(kf_base, offs_n, stride_kfn, offs_r, NK, R, BLOCK_R, check)
-            duq += tl.dot(ds.to(uk.dtype), uk, input_precision=DOT_PREC)
     else:
         v = _load_rows(v_base, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV, check)
         s, uk = _tile_logits(q, k, uq, kf_base, offs_n, offs_n, offs_r, stride_kfn, qk_scale, NK, check, WIN, R,
@@ -782,7 +779,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
                  LR_CHAIN: tl.constexpr = False, DS_STORED: tl.constexpr = False):
     """dQ (+ dU_q | the rel-pos tables' logit gradient) per query block. DS_STORED: BIAS and its strides point at
     the dS the dK/dV kernel stored (`_dq_step`): q, dO, lse and delta are not needed."""
-    tl.static_assert(not (DS_STORED and HAS_REL), "the rel-pos backward recomputes dS")
+    tl.static_assert(not (DS_STORED and (HAS_LR or HAS_REL)), "dQ with low-rank or rel-pos factors recomputes dS")
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)

@@ -269,17 +269,20 @@ def test_bias_backward_dq_from_stored_ds(case, monkeypatch):
     assert (CALLS["general_dq_ds_stored"] > before) == stored
 
 
-@pytest.mark.parametrize("g_shape,like_shape,g_dtype,like_dtype", [
-    ((3, 2, 130, 260), (1, 2, 130, 260), torch.float32, torch.float16),  # batch-shared, float32 dS buffer
-    ((2, 3, 120, 200), (1, 1, 120, 200), torch.bfloat16, torch.bfloat16),  # shared by batch and heads
-    ((2, 3, 120, 200), (2, 1, 120, 200), torch.float16, torch.float16),  # heads only: torch's sum
-    ((2, 3, 4, 5), (1, 3, 4, 5), torch.float16, torch.float16),  # small: torch's sum
+@pytest.mark.parametrize("g_shape,like_shape,g_dtype,like_dtype,streamed", [
+    ((3, 2, 130, 260), (1, 2, 130, 260), torch.float32, torch.float16, True),  # batch-shared, float32 dS buffer
+    ((2, 3, 120, 200), (1, 1, 120, 200), torch.bfloat16, torch.bfloat16, True),  # shared by batch and heads
+    ((1, 3, 120, 200), (1, 1, 120, 200), torch.float16, torch.float16, True),  # one image, heads shared
+    ((2, 3, 120, 200), (2, 1, 120, 200), torch.float16, torch.float16, False),  # heads only: torch's sum
+    ((2, 3, 4, 5), (1, 3, 4, 5), torch.float16, torch.float16, False),  # small: torch's sum
 ])
-def test_bias_gradient_sum_over_broadcast_dims(g_shape, like_shape, g_dtype, like_dtype):
+def test_bias_gradient_sum_over_broadcast_dims(g_shape, like_shape, g_dtype, like_dtype, streamed):
     """`_reduce_to` (the bias gradient summed where the bias broadcasts) against a float64 sum: within one unit in
-    the last place of the output dtype (float32 accumulation; Triton's interpreter also truncates to bfloat16)."""
-    from kernels.backends.triton_attention import _reduce_to
+    the last place of the output dtype (float32 accumulation; Triton's interpreter also truncates to bfloat16);
+    leading dims through the streaming kernel."""
+    from kernels.backends.triton_attention import CALLS, _reduce_to
 
+    before = CALLS["bias_grad_sum_leading"]
     g = torch.randn(*g_shape, device=DEVICE).to(g_dtype)
     like = torch.empty(like_shape, device=DEVICE, dtype=like_dtype)
     dims = [i for i, (a, b) in enumerate(zip(like_shape, g_shape)) if a == 1 and b != 1]
@@ -288,6 +291,7 @@ def test_bias_gradient_sum_over_broadcast_dims(g_shape, like_shape, g_dtype, lik
     assert out.shape == like.shape and out.dtype == like_dtype
     ulp = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[like_dtype]
     torch.testing.assert_close(out.double(), ref, rtol=ulp, atol=1e-6)
+    assert (CALLS["bias_grad_sum_leading"] > before) == streamed
 
 
 @pytest.mark.parametrize("pattern", [Window1d(4, 4), Neighborhood((5, 6), (3, 3))], ids=["window1d", "na2d"])
