@@ -941,6 +941,12 @@ def main():
     path = bench.write_results(args.name, rows, command, out_dir=args.out)
     cols = list(dict.fromkeys(c for r in rows for c in r))
     print(bench.markdown_table(rows, cols))
+    print_autotuned()
+    print(f"gpu checks {'passed' if checks_ok else 'FAILED'}; wrote {path}")
+
+
+def print_autotuned() -> None:
+    """Each tuned problem's chosen config and the fastest candidates' times."""
     from kernels.backends import triton_attention
 
     for key, cfg in triton_attention._BEST.items():
@@ -948,7 +954,6 @@ def main():
         tried = sorted(triton_attention._TIMINGS.get(key, {}).items(), key=lambda kv: kv[1])
         if len(tried) > 1:
             print("    tried (ms):", ", ".join(f"{c}: {t:.4f}" for c, t in tried[:8]))
-    print(f"gpu checks {'passed' if checks_ok else 'FAILED'}; wrote {path}")
 
 
 if __name__ == "__main__":

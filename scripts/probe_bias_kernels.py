@@ -46,7 +46,6 @@ def lowrank_full_tune() -> None:
     """The low-rank r16 rows and their no-bias anchors, both tuned over the full candidate lists."""
     os.environ["ATTNZOO_AUTOTUNE"] = "full"
     import bench_kernels as bk
-    from kernels.backends import triton_attention as ta
 
     for B, H, N, D in [(1, 16, 4096, 128), (2, 16, 4096, 64)]:
         q, k, v = bk._qkv(B, H, N, D)
@@ -55,10 +54,7 @@ def lowrank_full_tune() -> None:
         tlf, tlb = bk._fb(lambda: kernels.attention(q, k, v, bias=kernels.LowRankBias(uq, uk)), [q, k, v, uq, uk])
         print(f"full-tune B{B} H{H} N{N} d{D}: fwd {tlf:.4f} / {t0f:.4f} ms = {tlf / t0f:.3f}x; "
               f"bwd {tlb:.4f} / {t0b:.4f} ms = {tlb / t0b:.3f}x", flush=True)
-    for key, cfg in ta._BEST.items():
-        tried = sorted(ta._TIMINGS.get(key, {}).items(), key=lambda kv: kv[1])
-        print("autotuned", key[:2], key[2:], "->", cfg)
-        print("    tried (ms):", ", ".join(f"{c}: {t:.4f}" for c, t in tried[:8]))
+    bk.print_autotuned()
 
 
 if __name__ == "__main__":
