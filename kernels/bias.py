@@ -8,9 +8,10 @@ A dense tensor bias is the general form; these objects describe biases that the 
   timm's `HaloAttn` index), `logit(m, n) += scale · Σ_a q_m · tables[a][idx_a(m, n)]` with one `(2 w_a - 1, D)`
   table per grid axis, shared by the heads. Inside a window each key row/column has exactly one position, so the
   term is exactly rank `Σ_a w_a` on the visible pairs (per-axis query logits against one-hot key channels). On
-  HaloNet's blocked layout (a 2-d single-block `Halo`: q = one qb x qb block, k = its win x win window) the Triton
-  backend computes the term inside the few-keys kernel (`kernels.backends.triton_skinny`: `q · R_aᵀ` per query
-  block, shifted to the key classes in registers, table gradients accumulated per program); elsewhere, or with
+  HaloNet's blocked layout (a 2-d single-block `Halo`: q = one qb x qb block, k = its win x win window) and on a
+  2-d `Halo` grid the Triton backend computes the term inside its kernels (`q · R_aᵀ` per query block, shifted to
+  the key classes in registers; `kernels.backends.triton_kernels`, `HAS_REL`, and on the blocked layout also the
+  few-keys kernels of `kernels.backends.triton_skinny`); elsewhere (`Neighborhood` patterns), or with
   `ATTNZOO_RELPOS=lowrank`, it runs `kernel_factors` through the low-rank path and autograd carries the factors'
   gradients to q and the tables.
 

@@ -18,13 +18,15 @@ in-kernel, see below), and the sigmoid output gate
 (forward epilogue; the backward's delta kernel produces dO·sigmoid(g) and dg). Skinny 1-d problems (few query
 blocks, or few key blocks) split the long axis over a third program axis and combine the parts in torch.
 Dense skinny problems (Nk <= 256, or H/Hkv · Nq <= 256) also have the kernels of `triton_skinny` (autotune
-candidates, `ATTNZOO_SKINNY`). HaloNet's relative-position bias on its blocked layout is computed in-kernel
-(`attnzoo::relpos_fwd/bwd`, `ATTNZOO_RELPOS`): by the general kernels (`HAS_REL`: factors built from q and the tables,
-no factor tensor in memory) and, for few keys, the few-keys kernels, tuned against each other.
+candidates, `ATTNZOO_SKINNY`). HaloNet's relative-position bias on its blocked layout or a 2-d Halo grid is
+computed in-kernel (`attnzoo::relpos_fwd/bwd`, `ATTNZOO_RELPOS`): by the general kernels (`HAS_REL`: factors built
+from q and the tables, no factor tensor in memory) and, on the blocked layout, the few-keys kernels, tuned against
+each other.
 """
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 import os
@@ -228,8 +230,8 @@ class _Problem:
                 q_tile, k_tile = tiles.choose_tile_shapes(pattern, block_m, block_n, partial_cost)
                 self.map = tiles.grid_tile_map(pattern, q_tile, k_tile, str(device))
             self.nq, self.nk = self.map.q_layout.num_padded, self.map.k_layout.num_padded
-            # in_place (forward configs only): the kernel reads its inputs and writes o/lse in token order
-            # through the tiles' row tables instead of permuted copies (`_grid_input_modes`)
+            # in_place: the kernels read their inputs and write their outputs (o/lse, or the gradients) in token
+            # order through the tiles' row tables instead of permuted copies (`_grid_input_modes`)
             self.gather = in_place and not (self.map.q_layout.is_identity and self.map.k_layout.is_identity)
             self.off = self.left = self.right = 0
             self.dil = tuple(self.map.dilation) + (1,) * (3 - len(self.map.dilation))
@@ -286,10 +288,12 @@ class _Problem:
         return self.map.qlo, self.map.qhi, self.map.kc
 
     def gather_args(self, nq: int) -> dict:
-        """Forward kernel arguments that read unpermuted q/k/v (`nq` query tokens) through the row tables."""
-        if not self.gather:
+        """Kernel arguments that read unpermuted inputs (`nq` query rows) through the row tables under GATHER; grid
+        problems pass the tables either way (the in-kernel rel-pos term takes each slot's grid coordinates from
+        them)."""
+        if not self.grid:
             return dict(GATHER=False)
-        return dict(QROW=self.map.q_rows, KROW=self.map.k_rows, NQO=nq, GATHER=True)
+        return dict(QROW=self.map.q_rows, KROW=self.map.k_rows, NQO=nq, GATHER=self.gather)
 
     def pair_args(self, backward: bool) -> dict:
         """Kernel arguments of the pair mode (per-pair bits in partial-list order, key bias)."""
@@ -328,12 +332,15 @@ def _grid_variants() -> Tuple[str, ...]:
 
 
 def _grid_input_modes() -> Tuple[bool, ...]:
-    """How the grid forward reads q/k/v (and bias, factors, gate) and writes o/lse (env ATTNZOO_GRID_INPUTS):
-    "auto" (default) tunes both, "in-place" = in token order through the tiles' row tables, "permuted" = from
-    copies permuted into tile order. On the H200 in place ran the 2-d 128x128 / 33x33 call at 0.53 ms vs 0.77 with
-    the copies, and the 3-d FreeSwim window at 93 ms vs 82 (its gathered key rows are slower to stream than
-    the copies are to make); benchmarks/logs/device_r10_probe_na2d.log, kernels/NOTES.md. In place is the
-    untuned default. The backward always runs on permuted copies."""
+    """How the grid kernels read q/k/v (and bias, factors, gate, and in the backward o, dO, lse) and write their
+    outputs (o/lse, or dq/dk/dv and the extras' gradients) (env ATTNZOO_GRID_INPUTS): "auto" (default) tunes
+    both, "in-place" = in token order through the tiles' row tables, "permuted" = from copies permuted into tile
+    order. On the H200 in place ran the 2-d 128x128 / 33x33 forward at 0.53 ms vs 0.77 with the copies, and the
+    3-d FreeSwim window at 93 ms vs 82 (its gathered key rows are slower to stream than the copies are to make);
+    benchmarks/logs/device_r10_probe_na2d.log, kernels/NOTES.md. The backward's copies (five inputs in, three
+    gradients out) took 0.63 of its 0.93 ms on a Halo grid (64 x 64, B8 H8 d64); in place it ran in 0.36 ms, and
+    the 2-d 128x128 / 33x33 backward in 1.61 ms vs 1.86 (benchmarks/logs/probe_r38_grid_in_place_tuned.log). In
+    place is the untuned default."""
     modes = {"auto": (True, False), "in-place": (True,), "permuted": (False,)}
     name = os.environ.get("ATTNZOO_GRID_INPUTS", "auto")
     if name not in modes:
@@ -341,10 +348,10 @@ def _grid_input_modes() -> Tuple[bool, ...]:
     return modes[name]
 
 
-def _with_tile_costs(pattern, candidates, backward: bool = False):
+def _with_tile_costs(pattern, candidates):
     """Grid patterns also tune the tile shapes / mask mode: each block config with each variant of
-    `_grid_variants()` (the old path's variants are its partial-pair weights 1.25 and 2), and in the forward
-    each input mode of `_grid_input_modes()`."""
+    `_grid_variants()` (the old path's variants are its partial-pair weights 1.25 and 2) and each input mode of
+    `_grid_input_modes()`."""
     if not _is_grid(pattern):
         return candidates
     extra = []
@@ -353,8 +360,6 @@ def _with_tile_costs(pattern, candidates, backward: bool = False):
             extra += [2.0] if (_fast_tune() or len(candidates) == 1) else [1.25, 2.0]
         else:
             extra.append(v)
-    if backward:
-        return [c + (pc,) for c in candidates for pc in extra]
     return [c + (pc, in_place) for c in candidates for pc in extra for in_place in _grid_input_modes()]
 
 
@@ -380,13 +385,50 @@ def _gate4(gate: torch.Tensor) -> torch.Tensor:
 
 
 class Rel:
-    """HaloNet's rel-pos tables for the in-kernel term on the blocked layout (queries one qb x qb block, keys its
-    win x win window): tables (2 win - 1, D) in q's dtype, and the kernels' block sizes."""
+    """HaloNet's rel-pos tables for the in-kernel term: tables (2 win - 1, D) in q's dtype, the geometry and the
+    kernels' block sizes. On the blocked layout (queries one qb x qb block, keys its win x win window) `grid` is
+    None; on a 2-d `Halo` grid pattern it is (query grid width, key grid width, block)."""
 
-    def __init__(self, rh, rw, qb: int, win: int, scale: float):
+    def __init__(self, rh, rw, qb: int, win: int, scale: float, grid: Optional[Tuple[int, int, int]] = None):
         self.rh, self.rw, self.qb, self.win, self.scale = rh.contiguous(), rw.contiguous(), qb, win, scale
+        self.grid = grid
         self.nt = 2 * win - 1
         self.block_t, self.block_w = _block_d(self.nt), _block_d(win)
+
+    @property
+    def keys_loaded(self) -> bool:
+        """Whether the general kernels load the key one-hots (`rel_key_onehots`, REL_KF) instead of building them
+        in registers: always on the grid (its key classes are coordinates mod win); on the blocked layout as
+        ATTNZOO_REL_KEYS says ("computed", default, or "loaded")."""
+        if self.grid is not None:
+            return True
+        mode = os.environ.get("ATTNZOO_REL_KEYS", "computed")
+        if mode not in ("computed", "loaded"):
+            raise ValueError(f"ATTNZOO_REL_KEYS must be 'computed' or 'loaded'; got {mode!r}")
+        return mode == "loaded"
+
+    def key_onehots(self, nk: int, dtype, device) -> torch.Tensor:
+        """(1, 1, nk, 2 block_w) one-hots of each key's row class, then its column class (the rank-2 block_w key
+        factor): on the blocked layout the key's window row and column, on the grid its key-grid coordinates
+        mod win."""
+        kw = self.grid[1] if self.grid is not None else self.win
+        return _rel_key_onehots(nk, kw, self.win, self.block_w, dtype, str(device))
+
+    def kernel_args(self) -> dict:
+        """The general kernels' extra rel-pos arguments: the grid geometry (`triton_kernels._rel_query_place`)
+        and REL_KF."""
+        qw, _, block = self.grid or (1, 1, 0)
+        return dict(rel_qw=qw, rel_block=block, REL_KF=self.keys_loaded)
+
+
+@functools.lru_cache(maxsize=32)
+def _rel_key_onehots(nk: int, kw: int, win: int, block_w: int, dtype, device: str) -> torch.Tensor:
+    n = torch.arange(nk, device=device)
+    rows, cols = (n // kw) % win, (n % kw) % win
+    out = torch.zeros(nk, 2 * block_w, dtype=dtype, device=device)
+    out[n, rows] = 1
+    out[n, block_w + cols] = 1
+    return out[None, None]
 
 
 def rel_args(rel: Optional[Rel], dummy) -> dict:
@@ -417,6 +459,8 @@ class _Extras:
     def __init__(self, prob: _Problem, qp, bias, qf, kf, gate, nq, nk, rel=None):
         self.bias = None if bias is None else prob.bias_in(bias, nq, nk)
         self.qf = None if qf is None else prob.q_in(qf)
+        if rel is not None and rel.keys_loaded:
+            kf = rel.key_onehots(nk, qp.dtype, qp.device)
         self.kf = None if kf is None else prob.k_in(kf)
         self.gate = None if gate is None else prob.q_in(_gate4(gate))
         self.rel = rel
@@ -437,7 +481,8 @@ class _Extras:
                     stride_bb=sb[0], stride_bh=sb[1], stride_bm=sb[2], stride_bn=sb[3],
                     R=max(r, 1), BLOCK_R=_block_d(max(r, 1)), HAS_BIAS=self.bias is not None, HAS_LR=r > 0,
                     LR_CHAIN=lr_chain(self.dummy, "rel" if self.rel is not None else ("loaded" if r else None)),
-                    HAS_REL=self.rel is not None, **rel_args(self.rel, self.dummy)), sg
+                    HAS_REL=self.rel is not None, **rel_args(self.rel, self.dummy),
+                    **(self.rel.kernel_args() if self.rel is not None else {})), sg
 
 
 def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg):
@@ -494,18 +539,19 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
                 need_db: bool, need_lr: bool):
     from . import triton_kernels as tk
 
-    B, H, NQ, D = qp.shape
-    HKV, NK, DV = kp.shape[1], kp.shape[2], vp.shape[-1]
+    B, H, NQO, D = qp.shape  # NQO / NKO: rows of q / k and their gradients (tokens in place, else positions walked)
+    HKV, NKO, DV = kp.shape[1], kp.shape[2], vp.shape[-1]
+    NQ, NK = prob.nq, prob.nk
     BM, BN, warps, stages = cfg[:4]
     f32 = torch.float32
-    delta = _new(B, H, NQ, like=qp, dtype=f32)
+    delta = _new(B, H, NQO, like=qp, dtype=f32)
     gate = ex.gate
     doe, dg = dop, None
     if gate is not None:
-        doe = _new(B, H, NQ, DV, like=qp)
+        doe = _new(B, H, NQO, DV, like=qp)
         dg = _new(*gate.shape, like=gate)
     sg, se, sdg = _bstrides(gate), _bstrides(doe if gate is not None else None), _bstrides(dg)
-    tk._bwd_delta[(triton_cdiv(NQ, 64), B * H)](
+    tk._bwd_delta[(triton_cdiv(NQO, 64), B * H)](
         O=op, DO=dop, DLSE=dlsep if dlsep is not None else lsep, DELTA=delta, GATE=ex.ptr("gate"), DOE=doe,
         DG=dg if dg is not None else delta,
         stride_ob=op.stride(0), stride_oh=op.stride(1), stride_on=op.stride(2),
@@ -513,7 +559,7 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
         stride_gb=sg[0], stride_gh=sg[1], stride_gn=sg[2], stride_gd=sg[3],
         stride_eb=se[0], stride_eh=se[1], stride_en=se[2],
         stride_dgb=sdg[0], stride_dgh=sdg[1], stride_dgn=sdg[2], stride_dgd=sdg[3],
-        H=H, NQ=NQ, DV=DV, BLOCK_M=64, BLOCK_DV=_block_d(DV), HAS_DLSE=dlsep is not None,
+        H=H, NQ=NQO, DV=DV, BLOCK_M=64, BLOCK_DV=_block_d(DV), HAS_DLSE=dlsep is not None,
         HAS_GATE=gate is not None, GATE_ELEM=gate is not None and gate.shape[-1] > 1)
 
     kw, _ = ex.kw()
@@ -524,7 +570,7 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
                   RIGHT=prob.right, QLO=qlo, QHI=qhi, KC=kc, DIL0=prob.dil[0], DIL1=prob.dil[1], DIL2=prob.dil[2],
                   D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_block_d(D), BLOCK_DV=_block_d(DV),
                   GRID_MODE=prob.grid, MASK_AXES=prob.mask_axes, HAS_DIL=prob.has_dil, DOT_PREC=_dot_prec(qp.dtype),
-                  num_warps=warps, num_stages=stages, **kw)
+                  num_warps=warps, num_stages=stages, **{"NQO": NQO, **prob.gather_args(NQO)}, **kw)
     qkv = dict(Q=qp, K=kp, V=vp, DO=doe, LSE=lsep, DELTA=delta, QF=ex.ptr("qf"), KF=ex.ptr("kf"),
                BIAS=ex.ptr("bias"),
                stride_qb=qp.stride(0), stride_qh=qp.stride(1), stride_qn=qp.stride(2),
@@ -538,12 +584,12 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
     if store_db:  # unvisited (masked) tiles keep a zero gradient; dense patterns write every element
         db = (_new if isinstance(prob.pattern, Dense) else
               lambda *s, like, dtype: torch.zeros(s, device=like.device, dtype=dtype))(
-            B, H, NQ, NK, like=qp, dtype=ds_dtype(ex.bias, (B, H, NQ, NK)))
+            B, H, NQO, NKO, like=qp, dtype=ds_dtype(ex.bias, (B, H, NQO, NKO)))
     S, per = (1, max(nqb, 1)) if prob.grid else _splits(nkb * B * HKV, nqb, qp.device, min_blocks=4)
     r_k = 0 if ex.rel is not None else r  # the rel-pos key factor is a constant: no dU_k
     if S == 1:
-        dk, dv = _new(B, HKV, NK, D, like=qp), _new(B, HKV, NK, DV, like=qp)
-        duk = _new(B, H, NK, r_k, like=qp, dtype=f32) if r_k else None
+        dk, dv = _new(B, HKV, NKO, D, like=qp), _new(B, HKV, NKO, DV, like=qp)
+        duk = _new(B, H, NKO, r_k, like=qp, dtype=f32) if r_k else None
     else:
         dk, dv = _new(S, B, HKV, NK, D, like=qp, dtype=f32), _new(S, B, HKV, NK, DV, like=qp, dtype=f32)
         duk = _new(S, B, H, NK, r_k, like=qp, dtype=f32) if r_k else None
@@ -571,8 +617,8 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
     S, per = (1, max(nkb, 1)) if prob.grid else _splits(nqb * B * H, nkb, qp.device, min_blocks=4)
     r_q, dt_q = (2 * ex.rel.nt, qp.dtype) if ex.rel is not None else (r, f32)
     if S == 1:
-        dq = _new(B, H, NQ, D, like=qp)
-        duq = _new(B, H, NQ, r_q, like=qp, dtype=dt_q) if r else None
+        dq = _new(B, H, NQO, D, like=qp)
+        duq = _new(B, H, NQO, r_q, like=qp, dtype=dt_q) if r else None
     else:
         dq = _new(S, B, H, NQ, D, like=qp, dtype=f32)
         duq = _new(S, B, H, NQ, r_q, like=qp, dtype=f32) if r else None
@@ -624,7 +670,7 @@ def triton_cdiv(a: int, b: int) -> int:
 def _tune_key(kind, pattern, q, k, v, feats=()):
     shape_class = (q.shape[-1], v.shape[-1], q.dtype, q.shape[1] // k.shape[1] > 1) + tuple(feats)
     if _is_grid(pattern):
-        return (kind, pattern, _grid_variants(), _grid_input_modes() if kind == "fwd" else ()) + shape_class
+        return (kind, pattern, _grid_variants(), _grid_input_modes()) + shape_class
     if isinstance(pattern, Window1d):
         return (kind, pattern) + shape_class
     return (kind, type(pattern).__name__, _next_pow2(q.shape[2]), _next_pow2(k.shape[2])) + shape_class
@@ -820,7 +866,8 @@ def _skinny_run(cfg, backward, q, k, v, bias, gate, scale, do=None, out=None, ls
 
 
 def _forward(q, k, v, bias, qf, kf, gate, pattern, scale, rel: Optional[Rel] = None):
-    """(out, lse); `rel`: HaloNet's rel-pos tables for the in-kernel term (Dense pattern, no bias or factors)."""
+    """(out, lse); `rel`: HaloNet's rel-pos tables for the in-kernel term (Dense pattern on the blocked layout, or
+    a 2-d Halo grid; no bias or factors)."""
     nq, nk = q.shape[2], k.shape[2]
 
     def run(cfg):
@@ -868,7 +915,6 @@ def _backward(do, q, k, v, out, lse, dlse, bias, qf, kf, gate, pattern, scale, n
     """(dq, dk, dv, dbias, dqf, dkf, dgate); under `rel` (as `_forward`, with `need_lr`) the tables' gradients
     d R_h and d R_w take dqf's and dkf's places."""
     nq, nk = q.shape[2], k.shape[2]
-    cache = {}
 
     def run(cfg):
         """(problem, (dq, dk, dv, db, dU_q | d R_h, dU_k | d R_w, dg)) in kernel order."""
@@ -877,18 +923,14 @@ def _backward(do, q, k, v, out, lse, dlse, bias, qf, kf, gate, pattern, scale, n
         if rel is not None:
             CALLS["general_bwd_rel"] += 1
         prob = _problem(pattern, nq, nk, cfg, q.device)
-        ck = (cfg[:2], cfg[4:]) if prob.grid else None
-        ins = cache.get(ck)
-        if ins is None:
-            qp = prob.q_in(q)
-            ins = (prob.q_in(do), qp, prob.k_in(k), prob.k_in(v), prob.q_in(out),
-                   prob.q_in(lse[..., None])[..., 0].contiguous(),
-                   None if dlse is None else prob.q_in(dlse.float()[..., None])[..., 0].contiguous(),
-                   _Extras(prob, qp, bias, qf, kf, gate, nq, nk, rel))
-            cache[ck] = ins
+        qp = prob.q_in(q)  # a permuted config's copies are part of its call, and of its time when tuned
+        ins = (prob.q_in(do), qp, prob.k_in(k), prob.k_in(v), prob.q_in(out),
+               prob.q_in(lse[..., None])[..., 0].contiguous(),
+               None if dlse is None else prob.q_in(dlse.float()[..., None])[..., 0].contiguous(),
+               _Extras(prob, qp, bias, qf, kf, gate, nq, nk, rel))
         dq, dk, dv, db, duq, duk, dg = _launch_bwd(*ins, prob, scale, cfg, need_db, need_lr)
         if rel is not None:  # the dQ kernel stored dT: the tables' gradient is one GEMM (R_h's rows, then R_w's)
-            dr = torch.einsum("bhnt,bhnd->td", duq.to(q.dtype), q)
+            dr = torch.einsum("bhnt,bhnd->td", prob.q_out(duq).to(q.dtype), q)
             duq, duk = dr[:rel.nt].clone(), dr[rel.nt:].clone()  # a custom op's outputs must not alias
         return prob, (dq, dk, dv, db, duq, duk, dg)
 
@@ -896,8 +938,7 @@ def _backward(do, q, k, v, out, lse, dlse, bias, qf, kf, gate, pattern, scale, n
     feats = _feats(bias, qf, gate, q, rel) + (need_db,) + sk_feat
     cfg = _autotune(_tune_key("bwd", pattern, q, k, v, feats),
                     lambda: _with_tile_costs(pattern, _with_skinny(
-                        _skinny_candidates(_bwd_candidates(q.shape[-1], v.shape[-1]), nk), True, sk_feat, q, k, v),
-                        backward=True),
+                        _skinny_candidates(_bwd_candidates(q.shape[-1], v.shape[-1]), nk), True, sk_feat, q, k, v)),
                     run)
     prob, (dq, dk, dv, db, duq, duk, dg) = run(cfg)
     dq, dk, dv = prob.q_out(dq), prob.k_out(dk), prob.k_out(dv)
@@ -1011,16 +1052,25 @@ _AttentionFunction = _eager_twin("_AttentionFunction", _attention_fwd_impl, _set
                                  _attention_bwd_impl)
 
 
-# HaloNet's relative-position bias on the blocked layout, computed inside the kernels: the general ones (`HAS_REL`)
+# HaloNet's relative-position bias computed inside the kernels: on the blocked layout by the general ones (`HAS_REL`)
 # and, for few keys, the few-keys kernels of `triton_skinny` (autotune candidates of one key, as `ATTNZOO_SKINNY`
-# says; `_forward`/`_backward` with `rel` dispatch both); ATTNZOO_RELPOS=lowrank keeps the torch lowering to low-rank
-# factors
+# says; `_forward`/`_backward` with `rel` dispatch both); on a 2-d Halo grid by the general ones (`grid_key`: the
+# pattern's key; "" on the blocked layout). ATTNZOO_RELPOS=lowrank keeps the torch lowering to low-rank factors
+
+
+def _rel_problem(rh, rw, qb: int, win: int, rel_scale: float, grid_key: str):
+    """(pattern, Rel) of a relpos op call."""
+    if not grid_key:
+        return Dense(), Rel(rh, rw, qb, win, rel_scale)
+    p = pattern_from_key(grid_key)
+    return p, Rel(rh, rw, qb, win, rel_scale, (p.grid[1], p.key_grid[1], p.block))
 
 
 def _relpos_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rh: torch.Tensor, rw: torch.Tensor,
-                   gate: Optional[torch.Tensor], qb: int, win: int, rel_scale: float,
-                   scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _forward(q, k, v, None, None, None, gate, Dense(), scale, Rel(rh, rw, qb, win, rel_scale))
+                   gate: Optional[torch.Tensor], qb: int, win: int, rel_scale: float, scale: float,
+                   grid_key: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    pattern, rel = _rel_problem(rh, rw, qb, win, rel_scale, grid_key)
+    out, lse = _forward(q, k, v, None, None, None, gate, pattern, scale, rel)
     return out.contiguous(), lse.contiguous()
 
 
@@ -1028,17 +1078,18 @@ _relpos_fwd_op = torch.library.custom_op("attnzoo::relpos_fwd", mutates_args=())
 
 
 @_relpos_fwd_op.register_fake
-def _(q, k, v, rh, rw, gate, qb, win, rel_scale, scale):
+def _(q, k, v, rh, rw, gate, qb, win, rel_scale, scale, grid_key):
     B, H, NQ, _ = q.shape
     return q.new_empty(B, H, NQ, v.shape[-1]), q.new_empty(B, H, NQ, dtype=torch.float32)
 
 
 def _relpos_bwd_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, dlse: Optional[torch.Tensor], rh: torch.Tensor, rw: torch.Tensor,
-                   gate: Optional[torch.Tensor], qb: int, win: int, rel_scale: float,
-                   scale: float) -> List[torch.Tensor]:
-    dq, dk, dv, _, drh, drw, dg = _backward(do, q, k, v, out, lse, dlse, None, None, None, gate, Dense(), scale, False,
-                                            True, Rel(rh, rw, qb, win, rel_scale))
+                   gate: Optional[torch.Tensor], qb: int, win: int, rel_scale: float, scale: float,
+                   grid_key: str) -> List[torch.Tensor]:
+    pattern, rel = _rel_problem(rh, rw, qb, win, rel_scale, grid_key)
+    dq, dk, dv, _, drh, drw, dg = _backward(do, q, k, v, out, lse, dlse, None, None, None, gate, pattern, scale, False,
+                                            True, rel)
     return [g.contiguous() if g is not None else q.new_empty(0) for g in (dq, dk, dv, drh, drw, dg)]
 
 
@@ -1046,16 +1097,16 @@ _relpos_bwd_op = torch.library.custom_op("attnzoo::relpos_bwd", mutates_args=())
 
 
 @_relpos_bwd_op.register_fake
-def _(do, q, k, v, out, lse, dlse, rh, rw, gate, qb, win, rel_scale, scale):
+def _(do, q, k, v, out, lse, dlse, rh, rw, gate, qb, win, rel_scale, scale, grid_key):
     return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v, rh, rw)] + \
         [torch.empty_like(gate, memory_format=torch.contiguous_format) if gate is not None else q.new_empty(0)]
 
 
 def _relpos_setup_context(ctx, inputs, output):
-    q, k, v, rh, rw, gate, qb, win, rel_scale, scale = inputs
+    q, k, v, rh, rw, gate, qb, win, rel_scale, scale, grid_key = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, rh, rw, gate)
-    ctx.geom = (qb, win, rel_scale, scale)
+    ctx.geom = (qb, win, rel_scale, scale, grid_key)
 
 
 def _relpos_backward(ctx, dout, dlse, bwd=_relpos_bwd_op):
@@ -1063,7 +1114,7 @@ def _relpos_backward(ctx, dout, dlse, bwd=_relpos_bwd_op):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv, drh, drw, dgate = bwd(dout, q, k, v, out, lse, dlse, rh, rw, gate, *ctx.geom)
-    return dq, dk, dv, drh, drw, (dgate if gate is not None else None), None, None, None, None
+    return dq, dk, dv, drh, drw, (dgate if gate is not None else None), None, None, None, None, None
 
 
 _relpos_fwd_op.register_autograd(_relpos_backward, setup_context=_relpos_setup_context)
@@ -1080,20 +1131,19 @@ def _relpos_in_kernel_enabled() -> bool:
 
 
 def _relpos_args(bias, pattern, q, k, v):
-    """(qb, win) when `bias` is a RelPosBias the kernels compute in-kernel: HaloNet's blocked layout (a 2-d
-    single-block Halo, q = the qb x qb block, k = the win x win window, every pair visible), win <= 32 (the
-    factors' rank 2 next_pow2(win) <= 64); else None."""
+    """(qb, win, grid_key) when `bias` is a RelPosBias the kernels compute in-kernel, win <= 32 (the factors' rank
+    2 next_pow2(win) <= 64): HaloNet's blocked layout (a 2-d single-block Halo, q = the qb x qb block, k = the
+    win x win window, every pair visible; grid_key "") or the 2-d Halo grid itself (pattern == the bias's
+    pattern; grid_key its key); else None (Neighborhood patterns: the torch lowering)."""
     if not isinstance(bias, RelPosBias) or not _relpos_in_kernel_enabled():
         return None
     p = bias.pattern
-    if not isinstance(p, Halo) or len(p.grid) != 2 or any(g != p.query_block for g in p.grid):
-        return None
-    if not (isinstance(pattern, Dense) or pattern == p):
+    if not isinstance(p, Halo) or len(p.grid) != 2 or 2 * _block_d(p.window) > _MAX_RANK:
         return None
     qb, win = p.query_block, p.window
-    if q.shape[2] != qb * qb or k.shape[2] != win * win or 2 * _block_d(win) > _MAX_RANK:
-        return None
-    return qb, win
+    if all(g == qb for g in p.grid) and (isinstance(pattern, Dense) or pattern == p):  # one block: every pair visible
+        return (qb, win, "") if q.shape[2] == qb * qb and k.shape[2] == win * win else None
+    return (qb, win, pattern_key(p)) if pattern == p else None
 
 
 def _as4d(x: torch.Tensor) -> torch.Tensor:
@@ -1103,8 +1153,8 @@ def _as4d(x: torch.Tensor) -> torch.Tensor:
 def attention_triton(q, k, v, pattern=None, bias=None, gate=None, scale=None, return_lse=False):
     """Triton attention (differentiable); arguments as `kernels.attention`.
 
-    A tensor bias is fused as a dense bias. HaloNet's `RelPosBias` on its blocked layout is computed in-kernel
-    (`attnzoo::relpos_*`); other factorized biases (`LowRankBias`, `RelPosBias` elsewhere) are lowered by their
+    A tensor bias is fused as a dense bias. HaloNet's `RelPosBias` on its blocked layout or a 2-d Halo grid is
+    computed in-kernel (`attnzoo::relpos_*`); other factorized biases (`LowRankBias`, `RelPosBias` elsewhere) are lowered by their
     `kernel_factors(q, k)` to low-rank factors (differentiable torch ops) that the kernels add as a second dot.
     """
     pattern = Dense() if pattern is None else pattern
@@ -1117,7 +1167,7 @@ def attention_triton(q, k, v, pattern=None, bias=None, gate=None, scale=None, re
         if rel is not None:  # in-kernel relative logits (blocked HaloNet layout)
             rh, rw = (t.to(q.dtype) for t in bias.tables)
             fn = _relpos_fwd_op if torch.compiler.is_compiling() else _RelPosFunction.apply
-            out, lse = fn(q, k, v, rh, rw, gate, rel[0], rel[1], float(bias.scale), scale)
+            out, lse = fn(q, k, v, rh, rw, gate, rel[0], rel[1], float(bias.scale), scale, rel[2])
             return (out, lse) if return_lse else out
         qf, kf = bias.kernel_factors(q, k)
         qf, kf = qf.to(q.dtype), kf.to(q.dtype)

@@ -22,15 +22,20 @@ Optional terms (constexpr flags, absent ones cost nothing):
   `STORE_DB` writes dS (the logit gradient, natural units) per (b, h) from the dK/dV kernel.
 * `HAS_LR`: low-rank logits `U_q · U_kᵀ` (FlashBias), a second small dot per tile; gradients dU_k (dK/dV kernel,
   per query head) and dU_q (dQ kernel).
-* `HAS_REL` (with `HAS_LR`, 1-d patterns): HaloNet's relative-position logits on the blocked layout (queries one
-  QB x QB block, keys its WIN x WIN window, both row-major) as exact low-rank factors built in-kernel: the query
-  factor from `q · RTᵀ` (one small dot against both per-axis tables) shifted per row to the key classes
-  (`tl.gather`), the key factor a one-hot from iota. No factor tensor travels through memory. Backward: the dK/dV
-  kernel rebuilds both factors; the dQ kernel shifts dU back to dT (the tables' logit gradient), adds dT · RT to
-  dq and writes dT per row (the tables' gradient dTᵀ · q is one GEMM in torch).
+* `HAS_REL` (with `HAS_LR`): HaloNet's relative-position logits as exact low-rank factors, on the blocked layout
+  (queries one QB x QB block, keys its WIN x WIN window, both row-major) or a 2-d Halo grid: the query factor from
+  `q · RTᵀ` (one small dot against both per-axis tables) shifted per row to the key classes (`tl.gather`; on the
+  grid the shift follows each slot's token coordinates, read from QROW), the key factor a one-hot built from iota
+  (blocked) or loaded (REL_KF, always on the grid: a (Nk, 2 BLOCK_W) constant, as low-rank key factors are). No
+  query factor travels through memory. Backward: the dK/dV kernel rebuilds the query factor; the dQ kernel shifts
+  dU back to dT (the tables' logit gradient), adds dT · RT to dq and writes dT per row (the tables' gradient
+  dTᵀ · q is one GEMM in torch).
 * `HAS_GATE`: `out *= sigmoid(g)` in the forward epilogue (g per element, or with GATE_ELEM=False one per row,
   loaded before the key loop so its latency hides behind it); the backward's delta kernel turns dO into
   dO·sigmoid(g) and writes dg.
+* `GATHER` (grid patterns, forward and backward): inputs and outputs in token order, rows read and written through
+  the slot -> token tables QROW / KROW (-1 on padding: a padding slot reads row 0 and is neither weighted nor
+  stored), instead of copies permuted into tile order.
 * splits (1-d patterns only): a third program axis cuts the key blocks (forward, dQ) or query blocks (dK/dV)
   into chunks, so skinny problems (few query or few key blocks) still fill the GPU; partial results go to a
   float32 buffer with a per-split stride and are combined in torch.
@@ -206,41 +211,68 @@ def _rel_tables(RH, RW, stride_rt, WIN: tl.constexpr, offs_d, D: tl.constexpr, B
 
 
 @triton.jit
-def _rel_query_factor(q, rt, offs_m, QB: tl.constexpr, WIN: tl.constexpr, rel_scale, inv_scale,
-                      BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr):
-    """HAS_REL: (BM, 2 BLOCK_W) query factor in q's dtype, u[m, c] = rel_scale · q_m · R_h[c - qy(m) + WIN - 1]
-    for the row classes c < BLOCK_W, then the same with R_w and qx(m) for the column classes (qy, qx: the query's
-    position in its QB x QB block). Classes >= WIN hold finite values the key factor never selects. Under LR_CHAIN
-    also times `inv_scale` (1 / scale), as `_logits_lr` takes it (`_lr_chain_factor` for loaded factors)."""
+def _rel_query_place(q_tok, col, QB: tl.constexpr, WIN: tl.constexpr, REL_GRID: tl.constexpr, rel_qw, rel_block):
+    """HAS_REL: per query and axis (row where `col` is False, column where True; broadcast to col's shape), the
+    query's position in its QB x QB block and its window's shift: the window-local index of key class c is
+    (c - shift) mod WIN. Blocked layout (q_tok = the row in the block): no shift. Halo grid (REL_GRID; q_tok = the
+    token on a grid rel_qw wide): block i's window starts at key coordinate i · rel_block, key class = key
+    coordinate mod WIN, so the shift is that start mod WIN."""
+    if REL_GRID:
+        qy, qx = q_tok // rel_qw, q_tok % rel_qw
+        pos = tl.where(col, (qx % QB)[:, None], (qy % QB)[:, None])
+        shift = tl.where(col, ((qx // QB) * rel_block % WIN)[:, None], ((qy // QB) * rel_block % WIN)[:, None])
+    else:
+        pos = tl.where(col, (q_tok % QB)[:, None], (q_tok // QB)[:, None])
+        shift = 0
+    return pos, shift
+
+
+@triton.jit
+def _rel_query_factor(q, rt, q_tok, QB: tl.constexpr, WIN: tl.constexpr, rel_scale, inv_scale,
+                      BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr,
+                      REL_GRID: tl.constexpr = False, rel_qw=1, rel_block=0):
+    """HAS_REL: (BM, 2 BLOCK_W) query factor in q's dtype, u[m, c] = rel_scale · q_m · R_h[j - qy(m) + WIN - 1]
+    for the row classes c < BLOCK_W (j: class c's window-local index, `_rel_query_place`), then the same with R_w
+    and qx(m) for the column classes (qy, qx: the query's position in its QB x QB block). Classes >= WIN hold
+    finite values the key factor never selects. Under LR_CHAIN also times `inv_scale` (1 / scale), as
+    `_logits_lr` takes it (`_lr_chain_factor` for loaded factors)."""
     if LR_CHAIN:
         rel_scale = rel_scale * inv_scale
     t = tl.dot(q, tl.trans(rt), input_precision=DOT_PREC)  # (BM, 2 BLOCK_T) fp32
     c = tl.arange(0, 2 * BLOCK_W)[None, :]
     col = c >= BLOCK_W
-    pos = tl.where(col, (offs_m % QB)[:, None], (offs_m // QB)[:, None])
-    idx = tl.minimum(tl.maximum(tl.where(col, c - BLOCK_W, c) + WIN - 1 - pos, 0), BLOCK_T - 1)
+    pos, shift = _rel_query_place(q_tok, col, QB, WIN, REL_GRID, rel_qw, rel_block)
+    j = tl.where(col, c - BLOCK_W, c)
+    if REL_GRID:
+        j = (j - shift + WIN) % WIN
+    idx = tl.minimum(tl.maximum(j + WIN - 1 - pos, 0), BLOCK_T - 1)
     return (tl.gather(t, idx + tl.where(col, BLOCK_T, 0), 1) * rel_scale).to(q.dtype)
 
 
 @triton.jit
 def _rel_key_factor(offs_n, NK, WIN: tl.constexpr, dtype: tl.constexpr, BLOCK_W: tl.constexpr):
-    """HAS_REL: (BN, 2 BLOCK_W) one-hots of key n's window row n // WIN, then of its column n % WIN; zero past NK."""
+    """HAS_REL: (BN, 2 BLOCK_W) one-hots of key n's window row n // WIN, then of its column n % WIN; zero past NK.
+    Built in registers on the blocked layout; with REL_KF the kernels load such one-hots from memory instead
+    (`triton_attention.Rel.key_onehots`, any layout: on a grid each key coordinate mod WIN)."""
     c = tl.arange(0, 2 * BLOCK_W)[None, :]
     cls = tl.where(c >= BLOCK_W, (offs_n % WIN)[:, None] + BLOCK_W, (offs_n // WIN)[:, None])
     return ((cls == c) & (offs_n < NK)[:, None]).to(dtype)
 
 
 @triton.jit
-def _rel_table_logit_grad(duq, offs_m, QB: tl.constexpr, WIN: tl.constexpr, rel_scale, BLOCK_T: tl.constexpr,
-                          BLOCK_W: tl.constexpr):
+def _rel_table_logit_grad(duq, q_tok, QB: tl.constexpr, WIN: tl.constexpr, rel_scale, BLOCK_T: tl.constexpr,
+                          BLOCK_W: tl.constexpr, REL_GRID: tl.constexpr = False, rel_qw=1, rel_block=0):
     """HAS_REL: dT (BM, 2 BLOCK_T) fp32, the gradient of the table logits `q · RTᵀ` from the query factor's gradient
     `duq` (BM, 2 BLOCK_W): the inverse of `_rel_query_factor`'s shift (only classes < WIN carry a gradient)."""
     t = tl.arange(0, 2 * BLOCK_T)[None, :]
     col = t >= BLOCK_T
-    pos = tl.where(col, (offs_m % QB)[:, None], (offs_m // QB)[:, None])
-    c = tl.where(col, t - BLOCK_T, t) - (WIN - 1) + pos
+    pos, shift = _rel_query_place(q_tok, col, QB, WIN, REL_GRID, rel_qw, rel_block)
+    j = tl.where(col, t - BLOCK_T, t) - (WIN - 1) + pos  # window-local index
+    c = j
+    if REL_GRID:
+        c = (j + shift) % WIN
     idx = tl.minimum(tl.maximum(c, 0), BLOCK_W - 1) + tl.where(col, BLOCK_W, 0)
-    return tl.where((c >= 0) & (c < WIN), tl.gather(duq, idx, 1), 0.0) * rel_scale
+    return tl.where((j >= 0) & (j < WIN), tl.gather(duq, idx, 1), 0.0) * rel_scale
 
 
 @triton.jit
@@ -260,12 +292,13 @@ def _logits_lr(a, b, ua, ub, qk_scale, LR_CHAIN: tl.constexpr, DOT_PREC: tl.cons
 @triton.jit
 def _tile_logits(q, k, uq, kf_base, k_rows, offs_n, offs_r, stride_kfn, qk_scale, NK, check, WIN: tl.constexpr,
                  R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, HAS_LR: tl.constexpr,
-                 HAS_REL: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr):
+                 HAS_REL: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr, REL_KF: tl.constexpr = False):
     """Base-2 logits of a (query block, key tile) pair, forward and dQ: q·kᵀ, plus the low-rank term with the key
-    factor loaded (rows `k_rows`) or, under HAS_REL, the rel-pos one-hots of keys `offs_n`. Returns (s, key factor)."""
+    factor loaded (rows `k_rows`; the rel-pos one-hots too under REL_KF) or, under HAS_REL, the rel-pos one-hots
+    of keys `offs_n` built in registers. Returns (s, key factor)."""
     uk = k
     if HAS_LR:
-        if HAS_REL:
+        if HAS_REL and not REL_KF:
             uk = _rel_key_factor(offs_n, NK, WIN, k.dtype, BLOCK_W)
         else:
             uk = _load_rows(kf_base, k_rows, stride_kfn, offs_r, NK, R, BLOCK_R, check)
@@ -296,7 +329,7 @@ def _fwd_step(acc, m_i, l_i, q, uq, k_base, v_base, kf_base, b_base, stride_kn, 
               MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
               DOT_PREC: tl.constexpr, bits=0, KB=None, PAIR_MASK: tl.constexpr = False, KROW=None,
               GATHER: tl.constexpr = False, q_rows=None, WIN: tl.constexpr = 1, BLOCK_W: tl.constexpr = 16,
-              HAS_REL: tl.constexpr = False, LR_CHAIN: tl.constexpr = False):
+              HAS_REL: tl.constexpr = False, LR_CHAIN: tl.constexpr = False, REL_KF: tl.constexpr = False):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     check = MASKED and not GRID_MODE  # 1-d partial blocks may run past NK
     if GATHER:  # inputs unpermuted: this tile's rows through the slot -> token table (padding reads row 0, masked)
@@ -308,7 +341,7 @@ def _fwd_step(acc, m_i, l_i, q, uq, k_base, v_base, kf_base, b_base, stride_kn, 
     k = _load_rows(k_base, k_rows, stride_kn, offs_d, NK, D, BLOCK_D, check)
     v = _load_rows(v_base, k_rows, stride_vn, offs_dv, NK, DV, BLOCK_DV, check)
     s, _ = _tile_logits(q, k, uq, kf_base, k_rows, offs_n, offs_r, stride_kfn, qk_scale, NK, check, WIN, R, BLOCK_R,
-                        BLOCK_W, HAS_LR, HAS_REL, LR_CHAIN, DOT_PREC)
+                        BLOCK_W, HAS_LR, HAS_REL, LR_CHAIN, DOT_PREC, REL_KF)
     if HAS_BIAS:
         s += _bias_tile(b_base, bias_rows, k_rows, stride_bm, stride_bn, NQ, NK, GRID_MODE, False)
     if MASKED and PAIR_MASK:
@@ -372,7 +405,8 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
               PAIR_MASK: tl.constexpr = False, QROW=None, KROW=None, NQO=0, GATHER: tl.constexpr = False,
               RH=None, RW=None, stride_rt=0, QB: tl.constexpr = 1, WIN: tl.constexpr = 1, rel_scale=0.0,
               BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16, HAS_REL: tl.constexpr = False,
-              LR_CHAIN: tl.constexpr = False):
+              LR_CHAIN: tl.constexpr = False, rel_qw=1, rel_block=0, REL_KF: tl.constexpr = False):
+    tl.static_assert(not (HAS_REL and GRID_MODE and not REL_KF), "grid rel-pos loads its key one-hots (REL_KF)")
     pid_m = tl.program_id(0)
     if REVERSE:  # heavy (late, causal) query blocks first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -401,8 +435,11 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
     uq = q
     inv_scale = 1.4426950408889634 / qk_scale
     if HAS_REL:
-        uq = _rel_query_factor(q, _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T), offs_m, QB, WIN,
-                               rel_scale, inv_scale, BLOCK_T, BLOCK_W, LR_CHAIN, DOT_PREC)
+        r_tok = q_tok
+        if GRID_MODE and not GATHER:
+            r_tok = tl.load(QROW + offs_m)
+        uq = _rel_query_factor(q, _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T), r_tok, QB, WIN,
+                               rel_scale, inv_scale, BLOCK_T, BLOCK_W, LR_CHAIN, DOT_PREC, GRID_MODE, rel_qw, rel_block)
     elif HAS_LR:
         uq = _lr_chain_factor(_load_rows(QF + b * stride_qfb + h * stride_qfh, q_rows, stride_qfn, offs_r, NQ, R,
                                          BLOCK_R, not GRID_MODE), inv_scale, LR_CHAIN)
@@ -422,7 +459,7 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
                                       qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
                                       D, DV, R, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, False, GRID_MODE, MASK_AXES,
                                       HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC, 0, KB, False, KROW, GATHER, q_rows,
-                                      LR_CHAIN=LR_CHAIN)
+                                      WIN=WIN, BLOCK_W=BLOCK_W, HAS_REL=HAS_REL, LR_CHAIN=LR_CHAIN, REL_KF=REL_KF)
         for it in range(tl.load(PART_PTR + pid_m), tl.load(PART_PTR + pid_m + 1)):
             start_n = tl.load(PART_IDX + it) * BLOCK_N
             bits = 0
@@ -433,7 +470,8 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
                                       qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, NQ, NK, DIL0, DIL1, DIL2,
                                       D, DV, R, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES,
                                       HAS_DIL, HAS_BIAS, HAS_LR, DOT_PREC, bits, KB, PAIR_MASK, KROW, GATHER,
-                                      q_rows, LR_CHAIN=LR_CHAIN)
+                                      q_rows, WIN=WIN, BLOCK_W=BLOCK_W, HAS_REL=HAS_REL, LR_CHAIN=LR_CHAIN,
+                                      REL_KF=REL_KF)
     else:
         nb_lo, nb_hi, f_lo, f_hi = _ranges_q(pid_m, NQ, NK, OFF, LEFT, RIGHT, BLOCK_M, BLOCK_N)
         a, e = _chunk(f_lo, f_hi, pid_s, SPLIT_BLOCKS)
@@ -530,12 +568,23 @@ def _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_
                STORE_DB: tl.constexpr, DOT_PREC: tl.constexpr, bits=0, KB=None, PAIR_MASK: tl.constexpr = False,
                RH=None, RW=None, stride_rt=0, QB: tl.constexpr = 1, WIN: tl.constexpr = 1, rel_scale=0.0,
                BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16, HAS_REL: tl.constexpr = False,
-               LR_CHAIN: tl.constexpr = False):
+               LR_CHAIN: tl.constexpr = False, GATHER: tl.constexpr = False, QROW=None, k_rows=None, k_ok=None,
+               rel_qw=1, rel_block=0):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     check = MASKED and not GRID_MODE
-    q = _load_rows(q_base, offs_m, stride_qn, offs_d, NQ, D, BLOCK_D, check)
-    do = _load_rows(do_base, offs_m, stride_dn, offs_dv, NQ, DV, BLOCK_DV, check)
-    if check:
+    q_rows = offs_m
+    if GATHER:  # token-order inputs through the slot -> token table; a padding slot reads row 0 with lse = +inf
+        q_tok = tl.load(QROW + offs_m)
+        q_ok = q_tok >= 0
+        q_rows = tl.maximum(q_tok, 0)
+    else:
+        k_rows = offs_n
+    q = _load_rows(q_base, q_rows, stride_qn, offs_d, NQ, D, BLOCK_D, check)
+    do = _load_rows(do_base, q_rows, stride_dn, offs_dv, NQ, DV, BLOCK_DV, check)
+    if GATHER:
+        lse2 = tl.load(lse_base + q_rows, mask=q_ok, other=float("inf"))
+        delta = tl.load(delta_base + q_rows, mask=q_ok, other=0.0)
+    elif check:
         lse2 = tl.load(lse_base + offs_m, mask=offs_m < NQ, other=float("inf"))
         delta = tl.load(delta_base + offs_m, mask=offs_m < NQ, other=0.0)
     else:
@@ -546,17 +595,23 @@ def _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_
     if HAS_LR:
         inv_scale = 1.4426950408889634 / qk_scale
         if HAS_REL:
-            uq = _rel_query_factor(q, _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T), offs_m, QB,
-                                   WIN, rel_scale, inv_scale, BLOCK_T, BLOCK_W, LR_CHAIN, DOT_PREC)
+            r_tok = offs_m
+            if GATHER:
+                r_tok = q_tok
+            elif GRID_MODE:
+                r_tok = tl.load(QROW + offs_m)
+            uq = _rel_query_factor(q, _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T), r_tok, QB,
+                                   WIN, rel_scale, inv_scale, BLOCK_T, BLOCK_W, LR_CHAIN, DOT_PREC, GRID_MODE, rel_qw,
+                                   rel_block)
             uq_s = uq
         else:
-            uq = _load_rows(qf_base, offs_m, stride_qfn, offs_r, NQ, R, BLOCK_R, check)
+            uq = _load_rows(qf_base, q_rows, stride_qfn, offs_r, NQ, R, BLOCK_R, check)
             uq_s = _lr_chain_factor(uq, inv_scale, LR_CHAIN)
         s_t = _logits_lr(k, q, uk, uq_s, qk_scale, LR_CHAIN, DOT_PREC)  # (BN, BM)
     else:
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BN, BM)
     if HAS_BIAS:
-        s_t += _bias_tile(b_base, offs_m, offs_n, stride_bm, stride_bn, NQ, NK, GRID_MODE, True)
+        s_t += _bias_tile(b_base, q_rows, k_rows, stride_bm, stride_bn, NQ, NK, GRID_MODE, True)
     if MASKED and PAIR_MASK:
         s_t = _pair_mask(s_t, bits, offs_m, offs_n, QLO, QHI, KC, KB, NQ, NK, DIL0, DIL1, DIL2, MASK_AXES, HAS_DIL,
                          True)
@@ -572,8 +627,10 @@ def _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_
     if HAS_LR and not HAS_REL:  # the rel-pos key factor is a constant one-hot
         duk += tl.dot(ds_t.to(uq.dtype), uq, input_precision=DOT_PREC)
     if STORE_DB:
-        db_ptrs = db_base + offs_n[:, None] * stride_dbn + offs_m[None, :].to(tl.int64) * stride_dbm
-        if GRID_MODE:
+        db_ptrs = db_base + k_rows[:, None] * stride_dbn + q_rows[None, :].to(tl.int64) * stride_dbm
+        if GATHER:
+            tl.store(db_ptrs, ds_t, mask=k_ok[:, None] & q_ok[None, :])
+        elif GRID_MODE:
             tl.store(db_ptrs, ds_t)
         else:
             tl.store(db_ptrs, ds_t, mask=(offs_n < NK)[:, None] & (offs_m < NQ)[None, :])
@@ -596,10 +653,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
                    STORE_DB: tl.constexpr, DOT_PREC: tl.constexpr, PART_BITS=None, KB=None,
                    PAIR_MASK: tl.constexpr = False, RH=None, RW=None, stride_rt=0, QB: tl.constexpr = 1,
                    WIN: tl.constexpr = 1, rel_scale=0.0, BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16,
-                   HAS_REL: tl.constexpr = False, LR_CHAIN: tl.constexpr = False, BATCH_MINOR: tl.constexpr = False):
+                   HAS_REL: tl.constexpr = False, LR_CHAIN: tl.constexpr = False, BATCH_MINOR: tl.constexpr = False,
+                   NQO=0, QROW=None, KROW=None, GATHER: tl.constexpr = False, rel_qw=1, rel_block=0,
+                   REL_KF: tl.constexpr = False):
     """dK/dV (+ dS for the bias gradient, dU_k) per key block. BATCH_MINOR (a bias broadcast over the batch): the
     batch index varies fastest over the programs, so a head's batch elements run side by side and read each bias
-    tile once from memory (the others hit L2) instead of once per batch element."""
+    tile once from memory (the others hit L2) instead of once per batch element. GATHER (grid patterns): every
+    input and output in token order (NQO query rows; lse, delta too), rows through the slot -> token tables
+    QROW / KROW as in the forward, padding slots neither weighted nor stored."""
+    tl.static_assert(not (HAS_REL and GRID_MODE and not REL_KF), "grid rel-pos loads its key one-hots (REL_KF)")
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -614,9 +676,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_r = tl.arange(0, BLOCK_R)
-    rows = offs_n < NK
-    k = _load_rows(K + b * stride_kb + hk * stride_kh, offs_n, stride_kn, offs_d, NK, D, BLOCK_D, not GRID_MODE)
-    v = _load_rows(V + b * stride_vb + hk * stride_vh, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV,
+    if GATHER:
+        k_tok = tl.load(KROW + offs_n)
+        rows = k_tok >= 0
+        k_rows = tl.maximum(k_tok, 0)
+    else:
+        rows = offs_n < NK
+        k_rows = offs_n
+    k = _load_rows(K + b * stride_kb + hk * stride_kh, k_rows, stride_kn, offs_d, NK, D, BLOCK_D, not GRID_MODE)
+    v = _load_rows(V + b * stride_vb + hk * stride_vh, k_rows, stride_vn, offs_dv, NK, DV, BLOCK_DV,
                    not GRID_MODE)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
@@ -649,14 +717,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
         qf_base = QF + b * stride_qfb + h * stride_qfh
         b_base = BIAS + b * stride_bb + h * stride_bh
         db_base = DB + b * stride_dbb + h * stride_dbh
-        lse_base = LSE + bh * NQ
-        delta_base = DELTA + bh * NQ
+        lse_base = LSE + bh * NQO
+        delta_base = DELTA + bh * NQO
         uk = k
         duk = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
-        if HAS_REL:
+        if HAS_REL and not REL_KF:
             uk = _rel_key_factor(offs_n, NK, WIN, k.dtype, BLOCK_W)
         elif HAS_LR:
-            uk = _load_rows(KF + b * stride_kfb + h * stride_kfh, offs_n, stride_kfn, offs_r, NK, R, BLOCK_R,
+            uk = _load_rows(KF + b * stride_kfb + h * stride_kfh, k_rows, stride_kfn, offs_r, NK, R, BLOCK_R,
                             not GRID_MODE)
         if GRID_MODE:
             for it in range(f_s, f_e):
@@ -666,7 +734,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
                                          stride_dbm, stride_dbn, start_m, offs_n, offs_d, offs_dv, offs_r, qk_scale,
                                          NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R, BLOCK_M,
                                          BLOCK_D, BLOCK_DV, BLOCK_R, False, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
-                                         HAS_LR, STORE_DB, DOT_PREC, LR_CHAIN=LR_CHAIN)
+                                         HAS_LR, STORE_DB, DOT_PREC, RH=RH, RW=RW, stride_rt=stride_rt, QB=QB,
+                                         WIN=WIN, rel_scale=rel_scale, BLOCK_T=BLOCK_T, BLOCK_W=BLOCK_W,
+                                         HAS_REL=HAS_REL, LR_CHAIN=LR_CHAIN, GATHER=GATHER, QROW=QROW,
+                                         k_rows=k_rows, k_ok=rows, rel_qw=rel_qw, rel_block=rel_block)
             for it in range(p_s, p_e):
                 start_m = tl.load(PART_IDX + it) * BLOCK_M
                 bits = 0
@@ -677,7 +748,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
                                          stride_dbm, stride_dbn, start_m, offs_n, offs_d, offs_dv, offs_r, qk_scale,
                                          NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R, BLOCK_M,
                                          BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
-                                         HAS_LR, STORE_DB, DOT_PREC, bits, KB, PAIR_MASK, LR_CHAIN=LR_CHAIN)
+                                         HAS_LR, STORE_DB, DOT_PREC, bits, KB, PAIR_MASK, RH=RH, RW=RW,
+                                         stride_rt=stride_rt, QB=QB, WIN=WIN, rel_scale=rel_scale, BLOCK_T=BLOCK_T,
+                                         BLOCK_W=BLOCK_W, HAS_REL=HAS_REL, LR_CHAIN=LR_CHAIN, GATHER=GATHER,
+                                         QROW=QROW, k_rows=k_rows, k_ok=rows, rel_qw=rel_qw, rel_block=rel_block)
         else:
             for mb in range(fa, fe):
                 dk, dv, duk = _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_base,
@@ -708,14 +782,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
                                          HAS_REL=HAS_REL, LR_CHAIN=LR_CHAIN)
         if HAS_LR and not HAS_REL:
             duk_ptrs = DUK + pid_s.to(tl.int64) * stride_duks + b * stride_dukb + h * stride_dukh + \
-                offs_n[:, None] * stride_dukn + offs_r[None, :]
+                k_rows[:, None] * stride_dukn + offs_r[None, :]
             tl.store(duk_ptrs, duk.to(DUK.dtype.element_ty), mask=rows[:, None] & (offs_r < R)[None, :])
 
     dk_ptrs = DK + pid_s.to(tl.int64) * stride_dks + b * stride_dkb + hk * stride_dkh + \
-        offs_n[:, None] * stride_dkn + offs_d[None, :]
+        k_rows[:, None] * stride_dkn + offs_d[None, :]
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=rows[:, None] & (offs_d < D)[None, :])
     dv_ptrs = DV_ + pid_s.to(tl.int64) * stride_dvs + b * stride_dvb + hk * stride_dvh + \
-        offs_n[:, None] * stride_dvn + offs_dv[None, :]
+        k_rows[:, None] * stride_dvn + offs_dv[None, :]
     tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty), mask=rows[:, None] & (offs_dv < DV)[None, :])
 
 
@@ -728,22 +802,31 @@ def _dq_step(dq, duq, q, uq, do, lse2, delta, k_base, v_base, kf_base, b_base, s
              MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
              DOT_PREC: tl.constexpr, bits=0, KB=None, PAIR_MASK: tl.constexpr = False, WIN: tl.constexpr = 1,
              BLOCK_W: tl.constexpr = 16, HAS_REL: tl.constexpr = False, LR_CHAIN: tl.constexpr = False,
-             DS_STORED: tl.constexpr = False):
+             DS_STORED: tl.constexpr = False, GATHER: tl.constexpr = False, KROW=None, q_rows=None,
+             REL_KF: tl.constexpr = False):
     """One key tile of a query block's dQ (and dU_q). DS_STORED (a dense bias, no factors): `b_base` points at the
     dS the dK/dV kernel stored for the bias gradient (zero where masked), so the tile is one load and one dot
     instead of recomputing P and dP (two dots, the exponentials and the bias load)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     check = MASKED and not GRID_MODE
-    k = _load_rows(k_base, offs_n, stride_kn, offs_d, NK, D, BLOCK_D, check)
+    if GATHER:  # token-order inputs (`_attn_bwd_dkdv`); a padding slot reads key row 0, masked out of p
+        k_tok = tl.load(KROW + offs_n)
+        k_rows = tl.maximum(k_tok, 0)
+    else:
+        k_rows = offs_n
+        q_rows = offs_m
+    k = _load_rows(k_base, k_rows, stride_kn, offs_d, NK, D, BLOCK_D, check)
     if DS_STORED:
-        ds = _load_tile(b_base, offs_m, offs_n, stride_bm, stride_bn, NQ, NK, GRID_MODE, False)
+        ds = _load_tile(b_base, q_rows, k_rows, stride_bm, stride_bn, NQ, NK, GRID_MODE, False)
+        if GATHER:  # the stored dS of a padding slot's row-0 stand-in is a real pair's
+            ds = tl.where((k_tok >= 0)[None, :], ds, 0.0)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     else:
-        v = _load_rows(v_base, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV, check)
-        s, uk = _tile_logits(q, k, uq, kf_base, offs_n, offs_n, offs_r, stride_kfn, qk_scale, NK, check, WIN, R,
-                             BLOCK_R, BLOCK_W, HAS_LR, HAS_REL, LR_CHAIN, DOT_PREC)
+        v = _load_rows(v_base, k_rows, stride_vn, offs_dv, NK, DV, BLOCK_DV, check)
+        s, uk = _tile_logits(q, k, uq, kf_base, k_rows, offs_n, offs_r, stride_kfn, qk_scale, NK, check, WIN, R,
+                             BLOCK_R, BLOCK_W, HAS_LR, HAS_REL, LR_CHAIN, DOT_PREC, REL_KF)
         if HAS_BIAS:
-            s += _bias_tile(b_base, offs_m, offs_n, stride_bm, stride_bn, NQ, NK, GRID_MODE, False)
+            s += _bias_tile(b_base, q_rows, k_rows, stride_bm, stride_bn, NQ, NK, GRID_MODE, False)
         if MASKED and PAIR_MASK:
             s = _pair_mask(s, bits, offs_m, offs_n, QLO, QHI, KC, KB, NQ, NK, DIL0, DIL1, DIL2, MASK_AXES, HAS_DIL,
                            False)
@@ -776,10 +859,13 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
                  DOT_PREC: tl.constexpr, PART_BITS=None, KB=None, PAIR_MASK: tl.constexpr = False, RH=None,
                  RW=None, stride_rt=0, QB: tl.constexpr = 1, WIN: tl.constexpr = 1, rel_scale=0.0,
                  BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16, HAS_REL: tl.constexpr = False,
-                 LR_CHAIN: tl.constexpr = False, DS_STORED: tl.constexpr = False):
+                 LR_CHAIN: tl.constexpr = False, DS_STORED: tl.constexpr = False, NQO=0, QROW=None, KROW=None,
+                 GATHER: tl.constexpr = False, rel_qw=1, rel_block=0, REL_KF: tl.constexpr = False):
     """dQ (+ dU_q | the rel-pos tables' logit gradient) per query block. DS_STORED: BIAS and its strides point at
-    the dS the dK/dV kernel stored (`_dq_step`): q, dO, lse and delta are not needed."""
+    the dS the dK/dV kernel stored (`_dq_step`): q, dO, lse and delta are not needed. GATHER: token order, as
+    `_attn_bwd_dkdv`."""
     tl.static_assert(not (DS_STORED and (HAS_LR or HAS_REL)), "dQ with low-rank or rel-pos factors recomputes dS")
+    tl.static_assert(not (HAS_REL and GRID_MODE and not REL_KF), "grid rel-pos loads its key one-hots (REL_KF)")
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -794,7 +880,16 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_r = tl.arange(0, BLOCK_R)
-    rows = offs_m < NQ
+    if GATHER:
+        q_tok = tl.load(QROW + offs_m)
+        rows = q_tok >= 0
+        q_rows = tl.maximum(q_tok, 0)
+    else:
+        rows = offs_m < NQ
+        q_rows = offs_m
+        q_tok = offs_m
+        if HAS_REL and GRID_MODE:  # the rel-pos shift comes from the query's grid coordinates
+            q_tok = tl.load(QROW + offs_m)
     if DS_STORED:
         q = 0.0
         do = 0.0
@@ -802,18 +897,19 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
         lse2 = 0.0
         delta = 0.0
     else:
-        q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, NQ, D, BLOCK_D, True)
-        do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, stride_dn, offs_dv, NQ, DV, BLOCK_DV, True)
+        q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, stride_qn, offs_d, NQ, D, BLOCK_D, True)
+        do = _load_rows(DO + b * stride_db + h * stride_dh, q_rows, stride_dn, offs_dv, NQ, DV, BLOCK_DV, True)
         uq = q  # the query factor as the logits take it (pre-scaled under LR_CHAIN); dU_q does not depend on it
         if HAS_REL:
-            uq = _rel_query_factor(q, _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T), offs_m, QB,
-                                   WIN, rel_scale, 1.0 / sm_scale, BLOCK_T, BLOCK_W, LR_CHAIN, DOT_PREC)
+            uq = _rel_query_factor(q, _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T), q_tok, QB,
+                                   WIN, rel_scale, 1.0 / sm_scale, BLOCK_T, BLOCK_W, LR_CHAIN, DOT_PREC, GRID_MODE,
+                                   rel_qw, rel_block)
         elif HAS_LR:
-            uq = _lr_chain_factor(_load_rows(QF + b * stride_qfb + h * stride_qfh, offs_m, stride_qfn, offs_r, NQ, R,
+            uq = _lr_chain_factor(_load_rows(QF + b * stride_qfb + h * stride_qfh, q_rows, stride_qfn, offs_r, NQ, R,
                                              BLOCK_R, True), 1.0 / sm_scale, LR_CHAIN)
-        lse2 = tl.load(LSE + pid_bh.to(tl.int64) * NQ + offs_m, mask=rows, other=float("inf"))
+        lse2 = tl.load(LSE + pid_bh.to(tl.int64) * NQO + q_rows, mask=rows, other=float("inf"))
         lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 1.4426950408889634)
-        delta = tl.load(DELTA + pid_bh.to(tl.int64) * NQ + offs_m, mask=rows, other=0.0)
+        delta = tl.load(DELTA + pid_bh.to(tl.int64) * NQO + q_rows, mask=rows, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     duq = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
     if GRID_MODE:
@@ -823,8 +919,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
                                stride_vn, stride_kfn, stride_bm, stride_bn, start_n, offs_m, offs_d, offs_dv, offs_r,
                                qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
                                BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, False, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
-                               HAS_LR, DOT_PREC, LR_CHAIN=LR_CHAIN,
-                               DS_STORED=DS_STORED)
+                               HAS_LR, DOT_PREC, WIN=WIN, BLOCK_W=BLOCK_W, HAS_REL=HAS_REL, LR_CHAIN=LR_CHAIN,
+                               DS_STORED=DS_STORED, GATHER=GATHER, KROW=KROW, q_rows=q_rows, REL_KF=REL_KF)
         for it in range(tl.load(PART_PTR + pid_m), tl.load(PART_PTR + pid_m + 1)):
             start_n = tl.load(PART_IDX + it) * BLOCK_N
             bits = 0
@@ -834,8 +930,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
                                stride_vn, stride_kfn, stride_bm, stride_bn, start_n, offs_m, offs_d, offs_dv, offs_r,
                                qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
                                BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
-                               HAS_LR, DOT_PREC, bits, KB, PAIR_MASK, LR_CHAIN=LR_CHAIN,
-                               DS_STORED=DS_STORED)
+                               HAS_LR, DOT_PREC, bits, KB, PAIR_MASK, WIN=WIN, BLOCK_W=BLOCK_W, HAS_REL=HAS_REL,
+                               LR_CHAIN=LR_CHAIN, DS_STORED=DS_STORED, GATHER=GATHER, KROW=KROW, q_rows=q_rows,
+                               REL_KF=REL_KF)
     else:
         nb_lo, nb_hi, f_lo, f_hi = _ranges_q(pid_m, NQ, NK, OFF, LEFT, RIGHT, BLOCK_M, BLOCK_N)
         a, e = _chunk(f_lo, f_hi, pid_s, SPLIT_BLOCKS)
@@ -864,19 +961,19 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
                                DS_STORED=DS_STORED)
     dq = dq * sm_scale
     if HAS_REL:  # dT = the table logits' gradient: dq += dT · RT here, dRT = dTᵀ · q in torch (dT stored per row)
-        dt = _rel_table_logit_grad(duq, offs_m, QB, WIN, rel_scale, BLOCK_T, BLOCK_W)
+        dt = _rel_table_logit_grad(duq, q_tok, QB, WIN, rel_scale, BLOCK_T, BLOCK_W, GRID_MODE, rel_qw, rel_block)
         rt = _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T)  # reloaded: not live in the loop
         dq += tl.dot(dt.to(rt.dtype), rt, input_precision=DOT_PREC)
         _, t, packed = _rel_rows(WIN, BLOCK_T)
         dt_ptrs = DUQ + pid_s.to(tl.int64) * stride_duqs + b * stride_duqb + h * stride_duqh + \
-            offs_m[:, None] * stride_duqn + packed[None, :]
+            q_rows[:, None] * stride_duqn + packed[None, :]
         tl.store(dt_ptrs, dt.to(DUQ.dtype.element_ty), mask=rows[:, None] & (t < 2 * WIN - 1)[None, :])
-    dq_ptrs = DQ + pid_s.to(tl.int64) * stride_dqs + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + \
+    dq_ptrs = DQ + pid_s.to(tl.int64) * stride_dqs + b * stride_dqb + h * stride_dqh + q_rows[:, None] * stride_dqn + \
         offs_d[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=rows[:, None] & (offs_d < D)[None, :])
     if HAS_LR and not HAS_REL:
         duq_ptrs = DUQ + pid_s.to(tl.int64) * stride_duqs + b * stride_duqb + h * stride_duqh + \
-            offs_m[:, None] * stride_duqn + offs_r[None, :]
+            q_rows[:, None] * stride_duqn + offs_r[None, :]
         tl.store(duq_ptrs, duq.to(DUQ.dtype.element_ty), mask=rows[:, None] & (offs_r < R)[None, :])
 
 

@@ -234,14 +234,25 @@ HALO_GRID_RELPOS = [  # (id, pattern, B, H, HKV, D, gate_shape(B, N, H))
 ]
 
 
+@pytest.mark.parametrize("route", ["kernel-in-place", "kernel-permuted", "lowrank"])
 @pytest.mark.parametrize("case", HALO_GRID_RELPOS, ids=[c[0] for c in HALO_GRID_RELPOS])
-def test_relpos_on_halo_grid(case):
+def test_relpos_on_halo_grid(case, route, monkeypatch):
     """A RelPosBias on a multi-block Halo grid with GQA, gates and an lse gradient: out, lse and every gradient
-    against float64."""
+    against float64; computed in the general kernels (`HAS_REL` on the grid: each slot's window shift and key
+    classes from its grid coordinates; inputs in token order or permuted copies), or by the torch lowering to
+    low-rank factors (ATTNZOO_RELPOS=lowrank). Asserts which path ran."""
+    from kernels.backends import triton_attention as ta
+
     _, pattern, B, H, HKV, D, gate_fn = case
+    monkeypatch.setenv("ATTNZOO_RELPOS", "lowrank" if route == "lowrank" else "kernel")
+    monkeypatch.setenv("ATTNZOO_GRID_INPUTS", "permuted" if route == "kernel-permuted" else "in-place")
     nq, nk = math.prod(pattern.grid), math.prod(pattern.key_grid)
+    before = dict(ta.CALLS)
     _check(pattern, B, H, HKV, nq, nk, D, D, torch.float16, lse_grad=True, bias_fn=_rel_pos(pattern, D),
            gate_shape=None if gate_fn is None else gate_fn(B, nq, H))
+    ran = {key for key, n in ta.CALLS.items() if n > before.get(key, 0)}
+    in_kernel = {"general_fwd_rel", "general_bwd_rel"}
+    assert (ran & in_kernel) == (set() if route == "lowrank" else in_kernel), ran
 
 
 DS_STORED_CASES = [  # (id, pattern, B, H, HKV, NQ, NK, D, bias_fn, dS from the dK/dV kernel's buffer)
@@ -420,8 +431,9 @@ def test_grid_variant_env(monkeypatch):
     from kernels.backends.triton_attention import _grid_variants, _with_tile_costs
 
     monkeypatch.setenv("ATTNZOO_GRID_VARIANTS", "pair,old")
-    cands = _with_tile_costs(Neighborhood((5, 6), (3, 3)), [(64, 64, 4, 3), (128, 64, 4, 3)], backward=True)
-    assert cands[0] == (64, 64, 4, 3, "pair") and (128, 64, 4, 3, 1.25) in cands and len(cands) == 6
+    monkeypatch.setenv("ATTNZOO_GRID_INPUTS", "in-place")
+    cands = _with_tile_costs(Neighborhood((5, 6), (3, 3)), [(64, 64, 4, 3), (128, 64, 4, 3)])
+    assert cands[0] == (64, 64, 4, 3, "pair", True) and (128, 64, 4, 3, 1.25, True) in cands and len(cands) == 6
     assert _with_tile_costs(Dense(), [(64, 64, 4, 3)]) == [(64, 64, 4, 3)]
     monkeypatch.setenv("ATTNZOO_GRID_VARIANTS", "new")
     with pytest.raises(ValueError, match="ATTNZOO_GRID_VARIANTS"):
@@ -514,30 +526,40 @@ def test_warm_shard_compiles_only_its_share_untimed(monkeypatch, fake_gpu_launch
 
 @pytest.mark.parametrize("inputs", ["in-place", "permuted"])
 @pytest.mark.parametrize("variant", ["pair", "old"])
-def test_grid_forward_reads_tokens_in_place(variant, inputs, monkeypatch):
-    """In place, the grid forward reads q/k/v and writes o/lse in token order through the tiles' row tables
-    (no permuted copy); permuted, from copies in tile order. Strided (B, N, H, D) views, a padded grid with dead
-    slots, GQA."""
+def test_grid_reads_tokens_in_place(variant, inputs, monkeypatch):
+    """In place, the grid kernels read q/k/v (and o, dO, lse) and write o/lse and dq/dk/dv in token order through
+    the tiles' row tables (no permuted copy, forward or backward); permuted, from copies in tile order. Strided
+    (B, N, H, D) views, a padded grid with dead slots, GQA, an lse gradient; poisoned outputs (every gradient row
+    written)."""
     from kernels import tiles
 
     monkeypatch.setenv("ATTNZOO_GRID_VARIANTS", variant)
     monkeypatch.setenv("ATTNZOO_GRID_INPUTS", inputs)
+    monkeypatch.setenv("ATTNZOO_KERNEL_POISON", "1")
     pattern = Neighborhood((5, 7), (3, 5))
-    xq = torch.randn(2, 35, 4, 16, device=DEVICE, dtype=torch.float16)
-    xkv = torch.randn(2, 35, 2, 2, 16, device=DEVICE, dtype=torch.float16)
+    xq = torch.randn(2, 35, 4, 16, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    xkv = torch.randn(2, 35, 2, 2, 16, device=DEVICE, dtype=torch.float16, requires_grad=True)
     q, k, v = xq.transpose(1, 2), xkv[:, :, 0].transpose(1, 2), xkv[:, :, 1].transpose(1, 2)
     assert not q.is_contiguous() and not k.is_contiguous()
     permuted = []
     real_permute = tiles.GridLayout.permute
     monkeypatch.setattr(tiles.GridLayout, "permute",
                         lambda self, x: permuted.append(tuple(x.shape)) or real_permute(self, x))
-    with torch.no_grad():
-        out, lse = kernels.attention(q, k, v, pattern, return_lse=True, backend="triton")
+    out, lse = kernels.attention(q, k, v, pattern, return_lse=True, backend="triton")
     assert (permuted == []) == (inputs == "in-place")
-    ro, rl = attention_reference(q.double(), k.double(), v.double(), pattern, return_lse=True)
+    do, dlse = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad((out * do).sum() + (lse * dlse).sum(), (xq, xkv))
+    assert (permuted == []) == (inputs == "in-place")
+    x64 = [x.detach().double().requires_grad_() for x in (xq, xkv)]
+    q64, k64, v64 = x64[0].transpose(1, 2), x64[1][:, :, 0].transpose(1, 2), x64[1][:, :, 1].transpose(1, 2)
+    ro, rl = attention_reference(q64, k64, v64, pattern, return_lse=True)
+    rgrads = torch.autograd.grad((ro * do.double()).sum() + (rl * dlse.double()).sum(), x64)
     assert out.shape == (2, 4, 35, 16) and lse.shape == (2, 4, 35)
     assert _rel(out, ro) < TOL[torch.float16]
     assert (lse.double() - rl).abs().max() < LSE_TOL[torch.float16]
+    for name, g, rg in zip(("dq", "dkv"), grads, rgrads):
+        assert torch.isfinite(g).all(), f"{name} not fully written"
+        assert _rel(g, rg) < TOL[torch.float16], name
 
 
 IN_PLACE_GRID = Neighborhood((5, 7), (3, 5))  # padded tiles and dead slots at the interpreter's blocks
@@ -556,21 +578,22 @@ IN_PLACE_EXTRAS = [  # (id, kwargs of _check): every optional input the grid for
 @pytest.mark.parametrize("extra", IN_PLACE_EXTRAS, ids=[e[0] for e in IN_PLACE_EXTRAS])
 def test_grid_forward_extras_in_token_order(extra, variant, inputs, monkeypatch):
     """Gate, dense bias (broadcast or per head), low-rank factors and rel-pos on a padded grid with GQA, read in
-    token order or from permuted copies by the forward (the backward always permutes); against float64."""
+    token order or from permuted copies, forward and backward; against float64."""
     monkeypatch.setenv("ATTNZOO_GRID_VARIANTS", variant)
     monkeypatch.setenv("ATTNZOO_GRID_INPUTS", inputs)
     _check(IN_PLACE_GRID, 2, 4, 2, 35, 35, 16, 16, torch.float16, **extra[1])
 
 
-def test_grid_input_modes_are_forward_candidates(monkeypatch):
-    """Both input modes are forward candidates (in place first: the untuned default); the backward's are not
-    doubled; a bad ATTNZOO_GRID_INPUTS is refused by name."""
+def test_grid_input_modes_are_candidates(monkeypatch):
+    """Both input modes are candidates, forward and backward alike (in place first: the untuned default); a bad
+    ATTNZOO_GRID_INPUTS is refused by name."""
     from kernels.backends import triton_attention as ta
 
     cands = [(64, 64, 4, 3)]
     monkeypatch.setenv("ATTNZOO_GRID_VARIANTS", "pair")
     assert ta._with_tile_costs(IN_PLACE_GRID, cands) == [(64, 64, 4, 3, "pair", True), (64, 64, 4, 3, "pair", False)]
-    assert ta._with_tile_costs(IN_PLACE_GRID, cands, backward=True) == [(64, 64, 4, 3, "pair")]
+    monkeypatch.setenv("ATTNZOO_GRID_INPUTS", "permuted")
+    assert ta._with_tile_costs(IN_PLACE_GRID, cands) == [(64, 64, 4, 3, "pair", False)]
     assert ta._with_tile_costs(Dense(), cands) == cands
     monkeypatch.setenv("ATTNZOO_GRID_INPUTS", "copies")
     with pytest.raises(ValueError, match="ATTNZOO_GRID_INPUTS"):
