@@ -2,6 +2,7 @@
 
     python scripts/probe_bias_kernels.py              # dense-bias backward: CUDA time per kernel (torch.profiler)
     python scripts/probe_bias_kernels.py --lowrank    # low-rank r16 rows with the full autotune lists
+    python scripts/probe_bias_kernels.py --relpos     # rel-pos rows (Halo grid and blocked): CUDA time per kernel
 """
 import argparse
 import os
@@ -17,7 +18,25 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 import kernels  # noqa: E402
 
 
-def breakdown(calls: int = 5) -> None:
+def _per_kernel(label: str, fn, calls: int = 5) -> None:
+    """Print the CUDA time per kernel of one `fn()` call (after three calls for autotuning and compilation)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    print(f"== {label}: per call")
+    total = 0.0
+    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
+        if e.device_time_total > 0:
+            total += e.device_time_total / calls
+            print(f"   {e.device_time_total / calls / 1e3:8.3f} ms  x{e.count // calls:<3d} {e.key[:90]}")
+    print(f"   total {total / 1e3:.3f} ms", flush=True)
+
+
+def breakdown() -> None:
     """CUDA time per kernel of one backward call, without and with a dense (H, N, N) bias."""
     for B, H, N, D in [(2, 16, 4096, 64), (1, 16, 4096, 128)]:
         q, k, v = [torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qkv"]
@@ -26,20 +45,62 @@ def breakdown(calls: int = 5) -> None:
             leaves = [q, k, v] + ([bias] if with_bias else [])
             out = kernels.attention(q, k, v, bias=bias if with_bias else None)
             do = torch.randn_like(out)
-            for _ in range(3):  # autotuning and compilation
-                torch.autograd.grad(out, leaves, do, retain_graph=True)
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(calls):
-                    torch.autograd.grad(out, leaves, do, retain_graph=True)
-                torch.cuda.synchronize()
-            print(f"== B{B} H{H} N{N} d{D} bias={with_bias}: per backward call")
-            total = 0.0
-            for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
-                if e.device_time_total > 0:
-                    total += e.device_time_total / calls
-                    print(f"   {e.device_time_total / calls / 1e3:8.3f} ms  x{e.count // calls:<3d} {e.key[:90]}")
-            print(f"   total {total / 1e3:.3f} ms", flush=True)
+            _per_kernel(f"B{B} H{H} N{N} d{D} bias={with_bias} backward",
+                        lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
+
+
+def _lowered(fn):
+    """`fn` run with ATTNZOO_RELPOS=lowrank: a RelPosBias through the torch lowering to low-rank factors."""
+    def run():
+        os.environ["ATTNZOO_RELPOS"] = "lowrank"
+        try:
+            return fn()
+        finally:
+            os.environ.pop("ATTNZOO_RELPOS")
+    return run
+
+
+def relpos_breakdown(only=None) -> None:
+    """The rel-pos rows of `bench_kernels --only bias` and `--only relpos` (HaloNet's form on the Halo grid and on
+    the blocked layout), with their no-bias anchors and, on the grid, the torch lowering to low-rank factors and a
+    random rank-24 low-rank bias (the lowering's kernel part): graph-timed totals, then CUDA time per kernel,
+    forward and backward. `only`: the labels of the cases to run (default all)."""
+    import bench_kernels as bk
+
+    torch.cuda.set_stream(torch.cuda.Stream())  # CUDA graphs need a side stream
+    D = 64
+    th, tw = [(0.125 * torch.randn(23, D, device="cuda", dtype=torch.bfloat16)).requires_grad_() for _ in "hw"]
+    grid = kernels.Halo((64, 64), 8, 2)
+    q = torch.randn(8, 8, 64 * 64, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = [torch.randn(8, 8, 68 * 68, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv"]
+    uq = torch.randn(8, 8, 64 * 64, 24, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    uk = torch.randn(1, 1, 68 * 68, 24, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    blocked = kernels.Halo((8, 8), 8, 2)
+    qb = torch.randn(512, 8, 64, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    kb, vb = [torch.randn(512, 8, 144, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv"]
+    cases = [
+        ("grid no bias", lambda: kernels.attention(q, k, v, grid), [q, k, v]),
+        ("grid rel-pos", lambda: kernels.attention(q, k, v, grid, bias=kernels.RelPosBias(grid, (th, tw))),
+         [q, k, v, th, tw]),
+        ("grid rel-pos lowering", _lowered(lambda: kernels.attention(
+            q, k, v, grid, bias=kernels.RelPosBias(grid, (th, tw)))), [q, k, v, th, tw]),
+        ("grid low-rank r24", lambda: kernels.attention(q, k, v, grid, bias=kernels.LowRankBias(uq, uk)),
+         [q, k, v, uq, uk]),
+        ("blocked no bias", lambda: kernels.attention(qb, kb, vb), [qb, kb, vb]),
+        ("blocked rel-pos", lambda: kernels.attention(qb, kb, vb, bias=kernels.RelPosBias(blocked, (th, tw))),
+         [qb, kb, vb, th, tw]),
+    ]
+    cases = [c for c in cases if only is None or c[0] in only]
+    for label, fn, leaves in cases:
+        tf, tb = bk._fb(fn, leaves)
+        print(f"{label:22s} graph-timed fwd {tf:.4f} ms  bwd {tb:.4f} ms", flush=True)
+    for label, fn, leaves in cases:
+        with torch.no_grad():
+            _per_kernel(f"{label} forward", fn)
+        out = fn()
+        do = torch.randn_like(out)
+        _per_kernel(f"{label} backward", lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
+    bk.print_autotuned()
 
 
 def lowrank_full_tune() -> None:
@@ -60,11 +121,15 @@ def lowrank_full_tune() -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lowrank", action="store_true", help="the low-rank rows under the full autotune lists")
+    ap.add_argument("--relpos", action="store_true", help="the rel-pos rows: CUDA time per kernel")
+    ap.add_argument("--cases", default=None, help="with --relpos: comma list of case labels (default all)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     os.environ.setdefault("ATTNZOO_AUTOTUNE", "fast")
     if args.lowrank:
         lowrank_full_tune()
+    elif args.relpos:
+        relpos_breakdown(None if args.cases is None else args.cases.split(","))
     else:
         breakdown()
