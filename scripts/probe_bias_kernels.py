@@ -52,11 +52,15 @@ def breakdown() -> None:
 def _lowered(fn):
     """`fn` run with ATTNZOO_RELPOS=lowrank: a RelPosBias through the torch lowering to low-rank factors."""
     def run():
+        before = os.environ.get("ATTNZOO_RELPOS")
         os.environ["ATTNZOO_RELPOS"] = "lowrank"
         try:
             return fn()
         finally:
-            os.environ.pop("ATTNZOO_RELPOS")
+            if before is None:
+                os.environ.pop("ATTNZOO_RELPOS")
+            else:
+                os.environ["ATTNZOO_RELPOS"] = before
     return run
 
 

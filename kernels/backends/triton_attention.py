@@ -246,7 +246,7 @@ class _Problem:
 
     @property
     def permuted(self) -> bool:
-        """The kernels take copies in tile order (grid patterns, unless the forward reads tokens in place)."""
+        """The kernels take copies in tile order (grid patterns, unless the config reads tokens in place)."""
         return self.grid and not self.gather
 
     def q_in(self, x):
@@ -397,15 +397,11 @@ class Rel:
 
     @property
     def keys_loaded(self) -> bool:
-        """Whether the general kernels load the key one-hots (`rel_key_onehots`, REL_KF) instead of building them
-        in registers: always on the grid (its key classes are coordinates mod win); on the blocked layout as
-        ATTNZOO_REL_KEYS says ("computed", default, or "loaded")."""
-        if self.grid is not None:
-            return True
-        mode = os.environ.get("ATTNZOO_REL_KEYS", "computed")
-        if mode not in ("computed", "loaded"):
-            raise ValueError(f"ATTNZOO_REL_KEYS must be 'computed' or 'loaded'; got {mode!r}")
-        return mode == "loaded"
+        """Whether the general kernels load the key one-hots (`key_onehots`, REL_KF) instead of building them in
+        registers: on the grid (its key classes are coordinates mod win). On the blocked layout loading them ran
+        as fast as building them (H200, general kernels: forward 0.1148 vs 0.1145-0.1151 ms, backward 0.489 vs
+        0.500 ms; benchmarks/logs/device_r39_grid_relpos_final.log), so they stay built there."""
+        return self.grid is not None
 
     def key_onehots(self, nk: int, dtype, device) -> torch.Tensor:
         """(1, 1, nk, 2 block_w) one-hots of each key's row class, then its column class (the rank-2 block_w key
@@ -453,8 +449,8 @@ def lr_chain(q: torch.Tensor, factors: Optional[str]) -> bool:
 
 
 class _Extras:
-    """Optional kernel inputs (bias, low-rank factors, gate, in-kernel rel-pos tables `rel`, 1-d problems only)
-    in kernel order, with pointer/stride arguments."""
+    """Optional kernel inputs (bias, low-rank factors, gate, in-kernel rel-pos tables `rel` with, on the grid,
+    their key one-hots) in kernel order, with pointer/stride arguments."""
 
     def __init__(self, prob: _Problem, qp, bias, qf, kf, gate, nq, nk, rel=None):
         self.bias = None if bias is None else prob.bias_in(bias, nq, nk)
@@ -917,13 +913,14 @@ def _backward(do, q, k, v, out, lse, dlse, bias, qf, kf, gate, pattern, scale, n
     nq, nk = q.shape[2], k.shape[2]
 
     def run(cfg):
-        """(problem, (dq, dk, dv, db, dU_q | d R_h, dU_k | d R_w, dg)) in kernel order."""
+        """The gradients in token order and the inputs' layouts: a permuted config's copies, in and out, are part
+        of its call, and of its time when tuned."""
         if cfg[0] == "skinny":  # kernels.backends.triton_skinny: few keys / few queries
-            return _skinny_run(cfg, True, q, k, v, bias, gate, scale, do, out, lse, dlse, need_db, rel)
+            return _grads_out(*_skinny_run(cfg, True, q, k, v, bias, gate, scale, do, out, lse, dlse, need_db, rel))
         if rel is not None:
             CALLS["general_bwd_rel"] += 1
         prob = _problem(pattern, nq, nk, cfg, q.device)
-        qp = prob.q_in(q)  # a permuted config's copies are part of its call, and of its time when tuned
+        qp = prob.q_in(q)
         ins = (prob.q_in(do), qp, prob.k_in(k), prob.k_in(v), prob.q_in(out),
                prob.q_in(lse[..., None])[..., 0].contiguous(),
                None if dlse is None else prob.q_in(dlse.float()[..., None])[..., 0].contiguous(),
@@ -932,7 +929,23 @@ def _backward(do, q, k, v, out, lse, dlse, bias, qf, kf, gate, pattern, scale, n
         if rel is not None:  # the dQ kernel stored dT: the tables' gradient is one GEMM (R_h's rows, then R_w's)
             dr = torch.einsum("bhnt,bhnd->td", prob.q_out(duq).to(q.dtype), q)
             duq, duk = dr[:rel.nt].clone(), dr[rel.nt:].clone()  # a custom op's outputs must not alias
-        return prob, (dq, dk, dv, db, duq, duk, dg)
+        return _grads_out(prob, (dq, dk, dv, db, duq, duk, dg))
+
+    def _grads_out(prob, grads):
+        """(dq, dk, dv, db, dU_q | d R_h, dU_k | d R_w, dg) in kernel order -> the returned gradients."""
+        dq, dk, dv, db, duq, duk, dg = grads
+        dq, dk, dv = prob.q_out(dq), prob.k_out(dk), prob.k_out(dv)
+        dbias = dqf = dkf = dgate = None
+        if db is not None:
+            dbias = _reduce_to(prob.bias_out(db), bias)
+        if rel is not None:
+            dqf, dkf = duq.to(rel.rh.dtype), duk.to(rel.rw.dtype)
+        elif qf is not None and need_lr:
+            dqf = _reduce_to(prob.q_out(duq), qf)
+            dkf = _reduce_to(prob.k_out(duk), kf)
+        if dg is not None:
+            dgate = _gate_grad(prob.q_out(dg), gate)
+        return dq, dk, dv, dbias, dqf, dkf, dgate
 
     sk_feat = _skinny_feat(pattern, q, k, v, qf, rel)
     feats = _feats(bias, qf, gate, q, rel) + (need_db,) + sk_feat
@@ -940,19 +953,7 @@ def _backward(do, q, k, v, out, lse, dlse, bias, qf, kf, gate, pattern, scale, n
                     lambda: _with_tile_costs(pattern, _with_skinny(
                         _skinny_candidates(_bwd_candidates(q.shape[-1], v.shape[-1]), nk), True, sk_feat, q, k, v)),
                     run)
-    prob, (dq, dk, dv, db, duq, duk, dg) = run(cfg)
-    dq, dk, dv = prob.q_out(dq), prob.k_out(dk), prob.k_out(dv)
-    dbias = dqf = dkf = dgate = None
-    if db is not None:
-        dbias = _reduce_to(prob.bias_out(db), bias)
-    if rel is not None:
-        dqf, dkf = duq.to(rel.rh.dtype), duk.to(rel.rw.dtype)
-    elif qf is not None and need_lr:
-        dqf = _reduce_to(prob.q_out(duq), qf)
-        dkf = _reduce_to(prob.k_out(duk), kf)
-    if dg is not None:
-        dgate = _gate_grad(prob.q_out(dg), gate)
-    return dq, dk, dv, dbias, dqf, dkf, dgate
+    return run(cfg)
 
 
 def _gate_grad(dg: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -1164,7 +1165,7 @@ def attention_triton(q, k, v, pattern=None, bias=None, gate=None, scale=None, re
         dense = _as4d(bias)
     elif bias is not None:
         rel = _relpos_args(bias, pattern, q, k, v)
-        if rel is not None:  # in-kernel relative logits (blocked HaloNet layout)
+        if rel is not None:  # in-kernel relative logits (blocked HaloNet layout, or the 2-d Halo grid)
             rh, rw = (t.to(q.dtype) for t in bias.tables)
             fn = _relpos_fwd_op if torch.compiler.is_compiling() else _RelPosFunction.apply
             out, lse = fn(q, k, v, rh, rw, gate, rel[0], rel[1], float(bias.scale), scale, rel[2])

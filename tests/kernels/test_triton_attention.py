@@ -562,8 +562,41 @@ def test_grid_reads_tokens_in_place(variant, inputs, monkeypatch):
         assert _rel(g, rg) < TOL[torch.float16], name
 
 
+def test_grid_candidates_time_their_copies(monkeypatch):
+    """What the tuner times per candidate is the whole call in token order: a permuted backward config's runs copy
+    the inputs into tile order and the gradients (dq, dk, dv, the bias's and the gate's) back out; an in-place one
+    copies nothing."""
+    from kernels import tiles
+    from kernels.backends import triton_attention as ta
+
+    monkeypatch.setenv("ATTNZOO_GRID_VARIANTS", "pair")
+    calls = []
+    for name in ("permute", "unpermute"):
+        real = getattr(tiles.GridLayout, name)
+        monkeypatch.setattr(tiles.GridLayout, name, lambda self, x, _n=name, _f=real: calls.append(_n) or _f(self, x))
+    seen = {}
+
+    def every_candidate(key, candidates, run):
+        candidates = candidates() if callable(candidates) else candidates
+        if key[0] == "bwd":
+            for cfg in candidates:
+                calls.clear()
+                grads = run(cfg)
+                seen[cfg[-1]] = (calls.count("permute"), calls.count("unpermute"), grads[0].shape)
+        return candidates[0]
+
+    monkeypatch.setattr(ta, "_autotune", every_candidate)
+    q, k, v = (_rand(1, 2, 35, 16, dtype=torch.float16) for _ in "qkv")
+    bias, gate = _rand(1, 2, 35, 35, dtype=torch.float16), _rand(1, 35, 2, dtype=torch.float16)
+    out = kernels.attention(q, k, v, IN_PLACE_GRID, bias=bias, gate=gate, backend="triton")
+    torch.autograd.grad(out.sum(), (q, k, v, bias, gate))
+    assert seen[True] == (0, 0, (1, 2, 35, 16))
+    permutes, unpermutes, shape = seen[False]
+    assert shape == (1, 2, 35, 16) and permutes >= 5 and unpermutes >= 5  # dq, dk, dv, dbias (2 axes), dgate
+
+
 IN_PLACE_GRID = Neighborhood((5, 7), (3, 5))  # padded tiles and dead slots at the interpreter's blocks
-IN_PLACE_EXTRAS = [  # (id, kwargs of _check): every optional input the grid forward reads through the row tables
+IN_PLACE_EXTRAS = [  # (id, kwargs of _check): every optional input the grid kernels read through the row tables
     ("gate-element", dict(gate_shape=(2, 35, 4, 16))),
     ("gate-head", dict(gate_shape=(2, 35, 4))),
     ("bias-per-head", dict(bias_fn=_dense_bias((1, 4, 35, 35)))),
