@@ -592,6 +592,9 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
     dk0, dv0 = (dk, dv) if S == 1 else (dk[0], dv[0])
     duk0 = None if duk is None else (duk if S == 1 else duk[0])
     sdb, sduk = _bstrides(db), _bstrides(duk0)
+    dkdv_args = {**qkv, **common}
+    if ex.rel is not None:  # the rel-pos query factor, once per query block, which the dK/dV kernel then loads
+        dkdv_args.update(_rel_query_factors(qp, ex.rel, prob, NQ, scale, kw["LR_CHAIN"]))
     tk._attn_bwd_dkdv[(nkb, B * HKV, S)](
         DK=dk0, DV_=dv0, DB=db if db is not None else delta, DUK=duk0 if duk0 is not None else delta,
         stride_dkb=dk0.stride(0), stride_dkh=dk0.stride(1), stride_dkn=dk0.stride(2),
@@ -602,8 +605,8 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
         stride_duks=duk.stride(0) if (S > 1 and duk is not None) else 0, SPLIT_BLOCKS=per,
         HKV=HKV, GROUP=H // HKV, FULL_PTR=prob.lists(True)[0], FULL_IDX=prob.lists(True)[1],
         PART_PTR=prob.lists(True)[2], PART_IDX=prob.lists(True)[3], STORE_DB=store_db,
-        BATCH_MINOR=B > 1 and ex.bias is not None and _bstrides(ex.bias)[0] == 0, **prob.pair_args(True), **qkv,
-        **common)
+        BATCH_MINOR=B > 1 and ex.bias is not None and _bstrides(ex.bias)[0] == 0, **prob.pair_args(True),
+        **dkdv_args)
     if S > 1:
         dk, dv = dk.sum(0).to(qp.dtype), dv.sum(0).to(qp.dtype)
         duk = None if duk is None else duk.sum(0)
@@ -637,6 +640,26 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
         dq = dq.sum(0).to(qp.dtype)
         duq = None if duq is None else duq.sum(0)
     return dq, dk, dv, db, duq, duk, dg
+
+
+def _rel_query_factors(qp, rel: Rel, prob: _Problem, nq: int, scale: float, lr_chain_: bool) -> dict:
+    """The rel-pos query factor of every query row (`triton_kernels._rel_factor_bwd`: (B, H, rows, 2 block_w) in
+    q's dtype, pre-scaled as the logits take it), as the dK/dV kernel's QF arguments. That kernel visits each query
+    block once per key block that sees it, and rebuilding the factor there (a dot against the tables and a gather
+    per visit) doubled its time on the Halo grid."""
+    from . import triton_kernels as tk
+
+    B, H, rows, D = qp.shape
+    uq = _new(B, H, rows, 2 * rel.block_w, like=qp)
+    qw, _, block = rel.grid or (1, 1, 0)
+    tk._rel_factor_bwd[(triton_cdiv(nq, 64), B * H)](
+        Q=qp, RH=rel.rh, RW=rel.rw, UQ=uq, QROW=prob.map.q_rows if prob.grid else _dummy_int(qp.device),
+        stride_qb=qp.stride(0), stride_qh=qp.stride(1), stride_qn=qp.stride(2),
+        stride_ub=uq.stride(0), stride_uh=uq.stride(1), stride_un=uq.stride(2), stride_rt=rel.rh.stride(0),
+        H=H, NQ=nq, rel_scale=float(rel.scale), inv_scale=1.0 / scale, rel_qw=qw, rel_block=block,
+        D=D, BLOCK_M=64, BLOCK_D=_block_d(D), QB=rel.qb, WIN=rel.win, BLOCK_T=rel.block_t, BLOCK_W=rel.block_w,
+        LR_CHAIN=lr_chain_, DOT_PREC=_dot_prec(qp.dtype), GRID_MODE=prob.grid, GATHER=prob.gather, num_warps=4)
+    return dict(QF=uq, stride_qfb=uq.stride(0), stride_qfh=uq.stride(1), stride_qfn=uq.stride(2))
 
 
 def ds_dtype(bias4: torch.Tensor, full: Tuple[int, int, int, int]) -> torch.dtype:

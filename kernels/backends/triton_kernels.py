@@ -276,6 +276,38 @@ def _rel_table_logit_grad(duq, q_tok, QB: tl.constexpr, WIN: tl.constexpr, rel_s
 
 
 @triton.jit
+def _rel_factor_bwd(Q, RH, RW, UQ, QROW, stride_qb, stride_qh, stride_qn, stride_ub, stride_uh, stride_un, stride_rt,
+                    H, NQ, rel_scale, inv_scale, rel_qw, rel_block, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_D: tl.constexpr, QB: tl.constexpr, WIN: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_W: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr, GRID_MODE: tl.constexpr,
+                    GATHER: tl.constexpr):
+    """HAS_REL backward: the query factor `_rel_query_factor` of every query block, written once (B, H, rows,
+    2 BLOCK_W) for the dK/dV kernel, which would otherwise rebuild it (a dot and a gather) for each of the many
+    key blocks that visit the query block. Rows and token coordinates as the kernels take them (GATHER: token
+    order through QROW; grid: coordinates from QROW either way)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = offs_m < NQ
+    q_rows = offs_m
+    r_tok = offs_m
+    if GRID_MODE:
+        r_tok = tl.load(QROW + offs_m, mask=rows, other=0)
+        if GATHER:
+            rows = rows & (r_tok >= 0)
+            q_rows = tl.maximum(r_tok, 0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, stride_qn, offs_d, NQ, D, BLOCK_D, True)
+    uq = _rel_query_factor(q, _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T), r_tok, QB, WIN,
+                           rel_scale, inv_scale, BLOCK_T, BLOCK_W, LR_CHAIN, DOT_PREC, GRID_MODE, rel_qw, rel_block)
+    offs_c = tl.arange(0, 2 * BLOCK_W)
+    tl.store(UQ + b * stride_ub + h * stride_uh + q_rows[:, None] * stride_un + offs_c[None, :], uq,
+             mask=rows[:, None])
+
+
+@triton.jit
 def _logits_lr(a, b, ua, ub, qk_scale, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr):
     """Base-2 logits `a · bᵀ` plus low-rank `ua · ubᵀ`. LR_CHAIN: ua comes pre-scaled by 1 / scale and the second
     dot accumulates into the first (one accumulator, one scale; two separate dots and a sum cost the blocked
@@ -566,10 +598,8 @@ def _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_
                BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr, MASKED: tl.constexpr, GRID_MODE: tl.constexpr,
                MASK_AXES: tl.constexpr, HAS_DIL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
                STORE_DB: tl.constexpr, DOT_PREC: tl.constexpr, bits=0, KB=None, PAIR_MASK: tl.constexpr = False,
-               RH=None, RW=None, stride_rt=0, QB: tl.constexpr = 1, WIN: tl.constexpr = 1, rel_scale=0.0,
-               BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16, HAS_REL: tl.constexpr = False,
-               LR_CHAIN: tl.constexpr = False, GATHER: tl.constexpr = False, QROW=None, k_rows=None, k_ok=None,
-               rel_qw=1, rel_block=0):
+               HAS_REL: tl.constexpr = False, LR_CHAIN: tl.constexpr = False, GATHER: tl.constexpr = False, QROW=None,
+               k_rows=None, k_ok=None):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     check = MASKED and not GRID_MODE
     q_rows = offs_m
@@ -594,15 +624,8 @@ def _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_
     uq = q
     if HAS_LR:
         inv_scale = 1.4426950408889634 / qk_scale
-        if HAS_REL:
-            r_tok = offs_m
-            if GATHER:
-                r_tok = q_tok
-            elif GRID_MODE:
-                r_tok = tl.load(QROW + offs_m)
-            uq = _rel_query_factor(q, _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T), r_tok, QB,
-                                   WIN, rel_scale, inv_scale, BLOCK_T, BLOCK_W, LR_CHAIN, DOT_PREC, GRID_MODE, rel_qw,
-                                   rel_block)
+        if HAS_REL:  # built once per query block by `_rel_factor_bwd`, already as `_logits_lr` takes it
+            uq = _load_rows(qf_base, q_rows, stride_qfn, offs_r, NQ, R, BLOCK_R, check)
             uq_s = uq
         else:
             uq = _load_rows(qf_base, q_rows, stride_qfn, offs_r, NQ, R, BLOCK_R, check)
@@ -734,10 +757,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
                                          stride_dbm, stride_dbn, start_m, offs_n, offs_d, offs_dv, offs_r, qk_scale,
                                          NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R, BLOCK_M,
                                          BLOCK_D, BLOCK_DV, BLOCK_R, False, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
-                                         HAS_LR, STORE_DB, DOT_PREC, RH=RH, RW=RW, stride_rt=stride_rt, QB=QB,
-                                         WIN=WIN, rel_scale=rel_scale, BLOCK_T=BLOCK_T, BLOCK_W=BLOCK_W,
-                                         HAS_REL=HAS_REL, LR_CHAIN=LR_CHAIN, GATHER=GATHER, QROW=QROW,
-                                         k_rows=k_rows, k_ok=rows, rel_qw=rel_qw, rel_block=rel_block)
+                                         HAS_LR, STORE_DB, DOT_PREC, HAS_REL=HAS_REL, LR_CHAIN=LR_CHAIN,
+                                         GATHER=GATHER, QROW=QROW, k_rows=k_rows, k_ok=rows)
             for it in range(p_s, p_e):
                 start_m = tl.load(PART_IDX + it) * BLOCK_M
                 bits = 0
@@ -748,10 +769,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
                                          stride_dbm, stride_dbn, start_m, offs_n, offs_d, offs_dv, offs_r, qk_scale,
                                          NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R, BLOCK_M,
                                          BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES, HAS_DIL, HAS_BIAS,
-                                         HAS_LR, STORE_DB, DOT_PREC, bits, KB, PAIR_MASK, RH=RH, RW=RW,
-                                         stride_rt=stride_rt, QB=QB, WIN=WIN, rel_scale=rel_scale, BLOCK_T=BLOCK_T,
-                                         BLOCK_W=BLOCK_W, HAS_REL=HAS_REL, LR_CHAIN=LR_CHAIN, GATHER=GATHER,
-                                         QROW=QROW, k_rows=k_rows, k_ok=rows, rel_qw=rel_qw, rel_block=rel_block)
+                                         HAS_LR, STORE_DB, DOT_PREC, bits, KB, PAIR_MASK, HAS_REL=HAS_REL,
+                                         LR_CHAIN=LR_CHAIN, GATHER=GATHER, QROW=QROW, k_rows=k_rows, k_ok=rows)
         else:
             for mb in range(fa, fe):
                 dk, dv, duk = _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_base,
@@ -759,27 +778,24 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
                                          stride_dbm, stride_dbn, mb * BLOCK_M, offs_n, offs_d, offs_dv, offs_r,
                                          qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
                                          BLOCK_M, BLOCK_D, BLOCK_DV, BLOCK_R, False, GRID_MODE, MASK_AXES, HAS_DIL,
-                                         HAS_BIAS, HAS_LR, STORE_DB, DOT_PREC, RH=RH, RW=RW, stride_rt=stride_rt,
-                                         QB=QB, WIN=WIN, rel_scale=rel_scale, BLOCK_T=BLOCK_T, BLOCK_W=BLOCK_W,
-                                         HAS_REL=HAS_REL, LR_CHAIN=LR_CHAIN)
+                                         HAS_BIAS, HAS_LR, STORE_DB, DOT_PREC, HAS_REL=HAS_REL,
+                                         LR_CHAIN=LR_CHAIN)
             for mb in range(pa, pe):
                 dk, dv, duk = _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_base,
                                          b_base, db_base, stride_qn, stride_dn, stride_qfn, stride_bm, stride_bn,
                                          stride_dbm, stride_dbn, mb * BLOCK_M, offs_n, offs_d, offs_dv, offs_r,
                                          qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
                                          BLOCK_M, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES, HAS_DIL,
-                                         HAS_BIAS, HAS_LR, STORE_DB, DOT_PREC, RH=RH, RW=RW, stride_rt=stride_rt,
-                                         QB=QB, WIN=WIN, rel_scale=rel_scale, BLOCK_T=BLOCK_T, BLOCK_W=BLOCK_W,
-                                         HAS_REL=HAS_REL, LR_CHAIN=LR_CHAIN)
+                                         HAS_BIAS, HAS_LR, STORE_DB, DOT_PREC, HAS_REL=HAS_REL,
+                                         LR_CHAIN=LR_CHAIN)
             for mb in range(qa, qe):
                 dk, dv, duk = _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_base,
                                          b_base, db_base, stride_qn, stride_dn, stride_qfn, stride_bm, stride_bn,
                                          stride_dbm, stride_dbn, mb * BLOCK_M, offs_n, offs_d, offs_dv, offs_r,
                                          qk_scale, NQ, NK, OFF, LEFT, RIGHT, QLO, QHI, KC, DIL0, DIL1, DIL2, D, DV, R,
                                          BLOCK_M, BLOCK_D, BLOCK_DV, BLOCK_R, True, GRID_MODE, MASK_AXES, HAS_DIL,
-                                         HAS_BIAS, HAS_LR, STORE_DB, DOT_PREC, RH=RH, RW=RW, stride_rt=stride_rt,
-                                         QB=QB, WIN=WIN, rel_scale=rel_scale, BLOCK_T=BLOCK_T, BLOCK_W=BLOCK_W,
-                                         HAS_REL=HAS_REL, LR_CHAIN=LR_CHAIN)
+                                         HAS_BIAS, HAS_LR, STORE_DB, DOT_PREC, HAS_REL=HAS_REL,
+                                         LR_CHAIN=LR_CHAIN)
         if HAS_LR and not HAS_REL:
             duk_ptrs = DUK + pid_s.to(tl.int64) * stride_duks + b * stride_dukb + h * stride_dukh + \
                 k_rows[:, None] * stride_dukn + offs_r[None, :]
