@@ -3,6 +3,7 @@
     python scripts/probe_bias_kernels.py              # dense-bias backward: CUDA time per kernel (torch.profiler)
     python scripts/probe_bias_kernels.py --lowrank    # low-rank r16 rows with the full autotune lists
     python scripts/probe_bias_kernels.py --relpos     # rel-pos rows (Halo grid and blocked): CUDA time per kernel
+    python scripts/probe_bias_kernels.py --grid-inputs   # grid patterns tuned in place vs on permuted copies
 """
 import argparse
 import os
@@ -107,6 +108,35 @@ def relpos_breakdown(only=None) -> None:
     bk.print_autotuned()
 
 
+def grid_inputs() -> None:
+    """A Halo grid (with and without the rel-pos bias) and the 2-d neighbourhood row, tuned with both input modes
+    (ATTNZOO_GRID_INPUTS=auto: in place or permuted copies, per kernel) and with permuted copies only."""
+    import bench_kernels as bk
+    from kernels.backends import triton_attention as ta
+
+    torch.cuda.set_stream(torch.cuda.Stream())  # CUDA graphs need a side stream
+    halo = kernels.Halo((64, 64), 8, 2)
+    q = torch.randn(8, 8, 4096, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = [torch.randn(8, 8, 68 * 68, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv"]
+    th, tw = [(0.125 * torch.randn(23, 64, device="cuda", dtype=torch.bfloat16)).requires_grad_() for _ in "hw"]
+    na = kernels.Neighborhood((128, 128), (33, 33))
+    q2, k2, v2 = [torch.randn(1, 12, 128 * 128, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                  for _ in "qkv"]
+    for mode in ("auto", "permuted"):
+        os.environ["ATTNZOO_GRID_INPUTS"] = mode
+        ta._BEST.clear()
+        cases = [("halo grid (64,64) b8 h2 B8 H8 d64", lambda: kernels.attention(q, k, v, halo), [q, k, v]),
+                 ("na2d (128,128) w33 B1 H12 d128", lambda: kernels.attention(q2, k2, v2, na), [q2, k2, v2])]
+        if mode == "auto":
+            cases.insert(1, ("  + rel-pos in-kernel", lambda: kernels.attention(
+                q, k, v, halo, bias=kernels.RelPosBias(halo, (th, tw))), [q, k, v, th, tw]))
+        for label, fn, leaves in cases:
+            tf, tb = bk._fb(fn, leaves)
+            print(f"tuned inputs={mode:8s} {label:36s} fwd {tf:.4f} ms  bwd {tb:.4f} ms", flush=True)
+        bk.print_autotuned()
+    os.environ.pop("ATTNZOO_GRID_INPUTS")
+
+
 def lowrank_full_tune() -> None:
     """The low-rank r16 rows and their no-bias anchors, both tuned over the full candidate lists."""
     os.environ["ATTNZOO_AUTOTUNE"] = "full"
@@ -127,12 +157,15 @@ if __name__ == "__main__":
     ap.add_argument("--lowrank", action="store_true", help="the low-rank rows under the full autotune lists")
     ap.add_argument("--relpos", action="store_true", help="the rel-pos rows: CUDA time per kernel")
     ap.add_argument("--cases", default=None, help="with --relpos: comma list of case labels (default all)")
+    ap.add_argument("--grid-inputs", action="store_true", help="grid patterns in place vs on permuted copies")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     os.environ.setdefault("ATTNZOO_AUTOTUNE", "fast")
     if args.lowrank:
         lowrank_full_tune()
+    elif args.grid_inputs:
+        grid_inputs()
     elif args.relpos:
         relpos_breakdown(None if args.cases is None else args.cases.split(","))
     else:
