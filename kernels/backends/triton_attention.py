@@ -806,10 +806,12 @@ _TIMINGS: Dict[tuple, Dict[tuple, float]] = {}  # per tune key: best time (ms) o
 
 
 def _feats(bias, qf, gate, q, rel=None):
-    """Tune-key features of the optional terms. The in-kernel rel-pos term's: its geometry and the (b, h) count
-    (the few-keys kernels it is tuned against walk (b, h) items)."""
-    return ("bias" if bias is not None else "", _block_d(qf.shape[-1]) if qf is not None else 0,
-            "gate" if gate is not None else "") + \
+    """Tune-key features of the optional terms. A dense bias's: its dtype (which decides whether the dQ kernel
+    reads the stored dS back, `ds_stored`) and whether the batch shares it (the dK/dV kernel's batch-minor order).
+    The in-kernel rel-pos term's: its geometry and the (b, h) count (the few-keys kernels it is tuned against walk
+    (b, h) items)."""
+    bias_feat = "" if bias is None else f"bias:{str(bias.dtype)[6:]}:{'shared' if bias.shape[0] < q.shape[0] else 'b'}"
+    return (bias_feat, _block_d(qf.shape[-1]) if qf is not None else 0, "gate" if gate is not None else "") + \
         (() if rel is None else ("rel", rel.qb, rel.win, _next_pow2(q.shape[0] * q.shape[1])))
 
 

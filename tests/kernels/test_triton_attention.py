@@ -633,6 +633,19 @@ def test_grid_input_modes_are_candidates(monkeypatch):
         ta._with_tile_costs(IN_PLACE_GRID, cands)
 
 
+def test_tune_key_tells_bias_dtype_and_batch_sharing():
+    """Configs are tuned per bias dtype (it decides whether the dQ kernel reads the stored dS back) and per batch
+    sharing (the dK/dV kernel's batch-minor order): each gets its own tune key, a repeat call the same one."""
+    from kernels.backends import triton_attention as ta
+
+    q = torch.zeros(2, 4, 8, 16, dtype=torch.bfloat16)
+    feats = {(dt, b): ta._feats(torch.zeros(b, 4, 8, 8, dtype=dt), None, None, q)
+             for dt in (torch.bfloat16, torch.float32) for b in (1, 2)}
+    assert len(set(feats.values())) == 4
+    assert feats[(torch.bfloat16, 1)] == ta._feats(torch.ones(1, 4, 8, 8, dtype=torch.bfloat16), None, None, q)
+    assert ta._feats(None, None, None, q)[0] == ""
+
+
 def test_inputs_past_int32_rows_are_copied(monkeypatch):
     """The kernels index rows in int32: a strided view whose row offsets pass 2^31 (a packed qkv projection of a
     long sequence) is copied before launch, on the 1-d, grid (in place or permuted) and skinny paths alike. The
