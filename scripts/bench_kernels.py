@@ -289,6 +289,24 @@ def _qkv(B, H, N, D, dtype=torch.bfloat16):
     return [torch.randn(B, H, N, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
 
 
+def relpos_inputs(layout: str, D: int = 64):
+    """The rel-pos rows' problem: (pattern, q, k, v, (R_h, R_w)), bf16 leaves, tables shared by the heads (rank
+    2 x 12). "grid": HaloNet's form on the full grid, Halo((64, 64), block 8, halo 2), B8 H8 (keys on the padded
+    68 x 68 grid); "blocked": the HaloNet layer's blocked-dense layout, (B * 64 blocks, heads, 8 x 8 queries,
+    12 x 12 keys), with the single-block pattern the bias is defined on (the attention itself is Dense)."""
+    def leaf(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, device="cuda", dtype=torch.bfloat16)).requires_grad_()
+
+    if layout == "grid":
+        pattern, q, k, v = kernels.Halo((64, 64), 8, 2), leaf(8, 8, 64 * 64, D), leaf(8, 8, 68 * 68, D), \
+            leaf(8, 8, 68 * 68, D)
+    elif layout == "blocked":
+        pattern, q, k, v = kernels.Halo((8, 8), 8, 2), leaf(512, 8, 64, D), leaf(512, 8, 144, D), leaf(512, 8, 144, D)
+    else:
+        raise ValueError(f"relpos_inputs: layout must be 'grid' or 'blocked', got {layout!r}")
+    return pattern, q, k, v, (leaf(23, D, scale=0.125), leaf(23, D, scale=0.125))
+
+
 def _grid_case(grid, window, H=12, D=128):
     """One neighbourhood benchmark problem: (pattern, q, k, v, useful forward FLOPs, FlexAttention block mask,
     seconds to build the mask)."""
@@ -402,23 +420,16 @@ def bench_bias(rows):
             tlf, tlb = _fb(lambda: kernels.attention(q, k, v, bias=kernels.LowRankBias(uq, uk)), [q, k, v, uq, uk])
             _rel_row(rows, f"low-rank r{R} {base}", "fwd", tlf, "ours, no bias", t0f, 1.15)
             _rel_row(rows, f"low-rank r{R} {base}", "bwd", tlb, "ours, no bias", t0b, 1.15)
-    # HaloNet form on the full grid: Halo((64, 64), block 8, halo 2), tables shared by heads (rank 2 x 12); computed
-    # in the general kernels since the twelfth session (before: the torch lowering to low-rank factors)
-    pattern = kernels.Halo((64, 64), 8, 2)
-    B, H, D = 8, 8, 64
-    q = torch.randn(B, H, 64 * 64, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k, v = [torch.randn(B, H, 68 * 68, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv"]
-    th, tw = [(0.125 * torch.randn(23, D, device="cuda", dtype=torch.bfloat16)).requires_grad_() for _ in "hw"]
+    # HaloNet form on the full grid: computed in the general kernels since the twelfth session (before: the torch
+    # lowering to low-rank factors)
+    pattern, q, k, v, (th, tw) = relpos_inputs("grid")
     t0f, t0b = _fb(lambda: kernels.attention(q, k, v, pattern), [q, k, v])
     trf, trb = _fb(lambda: kernels.attention(q, k, v, pattern, bias=kernels.RelPosBias(pattern, (th, tw))),
                    [q, k, v, th, tw])
     case = "relpos halo grid(64,64) b8 h2 B8 H8 d64 in-kernel"
     _rel_row(rows, case, "fwd", trf, "ours, no bias", t0f, 1.15)
     _rel_row(rows, case, "bwd", trb, "ours, no bias", t0b, 1.15)
-    # the HaloNet layer's blocked-dense layout: (B * 64 blocks, heads, 8 x 8 queries, 12 x 12 keys)
-    hb = kernels.Halo((8, 8), 8, 2)
-    q = torch.randn(512, 8, 64, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k, v = [torch.randn(512, 8, 144, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv"]
+    hb, q, k, v, (th, tw) = relpos_inputs("blocked")
     t0f, t0b = _fb(lambda: kernels.attention(q, k, v), [q, k, v])
     trf, trb = _fb(lambda: kernels.attention(q, k, v, bias=kernels.RelPosBias(hb, (th, tw))), [q, k, v, th, tw])
     case = "relpos halo blocked (512,8,64,144) d64"
@@ -632,11 +643,7 @@ def bench_relpos(rows):
     case = "relpos halo blocked (512,8,64,144) d64"
 
     def one():
-        hb = kernels.Halo((8, 8), 8, 2)
-        D = 64
-        q = torch.randn(512, 8, 64, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        k, v = [torch.randn(512, 8, 144, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv"]
-        th, tw = [(0.125 * torch.randn(23, D, device="cuda", dtype=torch.bfloat16)).requires_grad_() for _ in "hw"]
+        hb, q, k, v, (th, tw) = relpos_inputs("blocked")
         plain = lambda: kernels.attention(q, k, v)  # noqa: E731
         rel = lambda: kernels.attention(q, k, v, bias=kernels.RelPosBias(hb, (th, tw)))  # noqa: E731
         t = {}

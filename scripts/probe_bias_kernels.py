@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import kernels  # noqa: E402
+from pipelines.benchmark import set_env  # noqa: E402
 
 
 def _per_kernel(label: str, fn, calls: int = 5) -> None:
@@ -54,14 +55,11 @@ def _lowered(fn):
     """`fn` run with ATTNZOO_RELPOS=lowrank: a RelPosBias through the torch lowering to low-rank factors."""
     def run():
         before = os.environ.get("ATTNZOO_RELPOS")
-        os.environ["ATTNZOO_RELPOS"] = "lowrank"
+        set_env(ATTNZOO_RELPOS="lowrank")
         try:
             return fn()
         finally:
-            if before is None:
-                os.environ.pop("ATTNZOO_RELPOS")
-            else:
-                os.environ["ATTNZOO_RELPOS"] = before
+            set_env(ATTNZOO_RELPOS=before)
     return run
 
 
@@ -73,16 +71,10 @@ def relpos_breakdown(only=None) -> None:
     import bench_kernels as bk
 
     torch.cuda.set_stream(torch.cuda.Stream())  # CUDA graphs need a side stream
-    D = 64
-    th, tw = [(0.125 * torch.randn(23, D, device="cuda", dtype=torch.bfloat16)).requires_grad_() for _ in "hw"]
-    grid = kernels.Halo((64, 64), 8, 2)
-    q = torch.randn(8, 8, 64 * 64, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k, v = [torch.randn(8, 8, 68 * 68, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv"]
+    grid, q, k, v, (th, tw) = bk.relpos_inputs("grid")
+    blocked, qb, kb, vb, _ = bk.relpos_inputs("blocked")
     uq = torch.randn(8, 8, 64 * 64, 24, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     uk = torch.randn(1, 1, 68 * 68, 24, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    blocked = kernels.Halo((8, 8), 8, 2)
-    qb = torch.randn(512, 8, 64, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    kb, vb = [torch.randn(512, 8, 144, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv"]
     cases = [
         ("grid no bias", lambda: kernels.attention(q, k, v, grid), [q, k, v]),
         ("grid rel-pos", lambda: kernels.attention(q, k, v, grid, bias=kernels.RelPosBias(grid, (th, tw))),
@@ -115,15 +107,12 @@ def grid_inputs() -> None:
     from kernels.backends import triton_attention as ta
 
     torch.cuda.set_stream(torch.cuda.Stream())  # CUDA graphs need a side stream
-    halo = kernels.Halo((64, 64), 8, 2)
-    q = torch.randn(8, 8, 4096, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k, v = [torch.randn(8, 8, 68 * 68, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv"]
-    th, tw = [(0.125 * torch.randn(23, 64, device="cuda", dtype=torch.bfloat16)).requires_grad_() for _ in "hw"]
+    halo, q, k, v, (th, tw) = bk.relpos_inputs("grid")
     na = kernels.Neighborhood((128, 128), (33, 33))
     q2, k2, v2 = [torch.randn(1, 12, 128 * 128, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                   for _ in "qkv"]
     for mode in ("auto", "permuted"):
-        os.environ["ATTNZOO_GRID_INPUTS"] = mode
+        set_env(ATTNZOO_GRID_INPUTS=mode)
         ta._BEST.clear()
         cases = [("halo grid (64,64) b8 h2 B8 H8 d64", lambda: kernels.attention(q, k, v, halo), [q, k, v]),
                  ("na2d (128,128) w33 B1 H12 d128", lambda: kernels.attention(q2, k2, v2, na), [q2, k2, v2])]
@@ -134,7 +123,7 @@ def grid_inputs() -> None:
             tf, tb = bk._fb(fn, leaves)
             print(f"tuned inputs={mode:8s} {label:36s} fwd {tf:.4f} ms  bwd {tb:.4f} ms", flush=True)
         bk.print_autotuned()
-    os.environ.pop("ATTNZOO_GRID_INPUTS")
+    set_env(ATTNZOO_GRID_INPUTS=None)
 
 
 def lowrank_full_tune() -> None:
