@@ -19,7 +19,7 @@ PTR = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "
 FLOATS = {"qk_scale", "sm_scale", "rel_scale"}
 
 
-def compile_one(fn, consts, num_warps, num_stages, ptx=False, ptr=None):
+def compile_one(fn, consts, num_warps, num_stages, ptx=False, ptr=None, maxnreg=None):
     sig = {}
     params = inspect.signature(fn.fn).parameters
     # constexpr flags with a default (e.g. GATHER) keep it unless the caller sets them
@@ -41,7 +41,8 @@ def compile_one(fn, consts, num_warps, num_stages, ptx=False, ptr=None):
              if sig[name].startswith("*") or (name.startswith("stride_") and sig[name] == "i32")}
     src = ASTSource(fn, signature=sig, constexprs=consts, attrs=attrs)
     t = time.time()
-    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg))
     if ptx:
         return c.asm["ptx"]
     return time.time() - t, len(c.asm["cubin"]), c.metadata.shared
@@ -72,15 +73,17 @@ if "--registers" in sys.argv:
     for d in (64, 128):
         base = dict(D=d, DV=d, R=1, BLOCK_D=d, BLOCK_DV=d, BLOCK_R=16, GRID_MODE=False, HAS_DIL=False,
                     HAS_BIAS=False, HAS_LR=False, DOT_PREC="tf32", MASK_AXES=0, PAIR_MASK=False)
-        for bm, bn, w, st in ta._fwd_candidates(d, d):
+        for cand in ta._fwd_candidates(d, d):
+            bm, bn, w, st, cap = cand[:4] + (cand[4:] or (None,))
             c = dict(base, BLOCK_M=bm, BLOCK_N=bn, REVERSE=False, HAS_GATE=False)
-            print(f"fwd  d{d} {(bm, bn, w, st)}: {ptxas_report(compile_one(tk._attn_fwd, c, w, st, ptx=True))}",
+            print(f"fwd  d{d} {cand}: {ptxas_report(compile_one(tk._attn_fwd, c, w, st, ptx=True, maxnreg=cap))}",
                   flush=True)
-        for bm, bn, w, st in ta._bwd_candidates(d, d):
+        for cand in ta._bwd_candidates(d, d):
+            bm, bn, w, st, cap = cand[:4] + (cand[4:] or (None,))
             c = dict(base, BLOCK_M=bm, BLOCK_N=bn)
-            print(f"dkdv d{d} {(bm, bn, w, st)}: "
-                  f"{ptxas_report(compile_one(tk._attn_bwd_dkdv, dict(c, STORE_DB=False), w, st, ptx=True))}; "
-                  f"dq {ptxas_report(compile_one(tk._attn_bwd_dq, c, w, st, ptx=True))}", flush=True)
+            print(f"dkdv d{d} {cand}: "
+                  f"{ptxas_report(compile_one(tk._attn_bwd_dkdv, dict(c, STORE_DB=False), w, st, True, maxnreg=cap))}"
+                  f"; dq {ptxas_report(compile_one(tk._attn_bwd_dq, c, w, st, ptx=True, maxnreg=cap))}", flush=True)
     sys.exit(0)
 
 

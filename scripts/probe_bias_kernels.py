@@ -4,6 +4,7 @@
     python scripts/probe_bias_kernels.py --lowrank    # low-rank r16 rows with the full autotune lists
     python scripts/probe_bias_kernels.py --relpos     # rel-pos rows (Halo grid and blocked): CUDA time per kernel
     python scripts/probe_bias_kernels.py --grid-inputs   # grid patterns tuned in place vs on permuted copies
+    python scripts/probe_bias_kernels.py --maxnreg    # the bias rows with register caps on the tuned kernels
 """
 import argparse
 import os
@@ -126,6 +127,54 @@ def grid_inputs() -> None:
     set_env(ATTNZOO_GRID_INPUTS=None)
 
 
+# per-thread register caps (Triton's `maxnreg`) tried on the tuned kernels: at 4 warps, <= 128 registers let 4
+# programs share an SM, <= 168 three (ptxas on the grid rel-pos kernels: forward 158 -> 128 spills 20 B; dQ 222
+# and dK/dV 218 -> 168 spill 156 / 244 B)
+REGISTER_CAPS = [{}, {"_attn_fwd": 128, "_keys_fwd": 128},
+                 {"_attn_bwd_dq": 168, "_attn_bwd_dkdv": 168, "_keys_bwd": 168},
+                 {"_attn_bwd_dq": 128, "_attn_bwd_dkdv": 128, "_keys_bwd": 128}]
+
+
+def register_caps() -> None:
+    """The rel-pos and low-rank rows and their no-bias anchors, tuned without a cap, then re-timed on the same
+    configs with each of `REGISTER_CAPS` (the launches get `maxnreg`; one compile per capped kernel)."""
+    import bench_kernels as bk
+    from triton.runtime.jit import JITFunction
+
+    torch.cuda.set_stream(torch.cuda.Stream())  # CUDA graphs need a side stream
+    caps = {}
+    run = JITFunction.run
+
+    def capped_run(self, *args, **kwargs):
+        cap = caps.get(self.fn.__name__)
+        if cap:
+            kwargs["maxnreg"] = cap
+        return run(self, *args, **kwargs)
+
+    JITFunction.run = capped_run
+    grid, q, k, v, (th, tw) = bk.relpos_inputs("grid")
+    blocked, qb, kb, vb, _ = bk.relpos_inputs("blocked")
+    cases = [("grid no bias", lambda: kernels.attention(q, k, v, grid), [q, k, v]),
+             ("grid rel-pos", lambda: kernels.attention(q, k, v, grid, bias=kernels.RelPosBias(grid, (th, tw))),
+              [q, k, v, th, tw]),
+             ("blocked no bias", lambda: kernels.attention(qb, kb, vb), [qb, kb, vb]),
+             ("blocked rel-pos", lambda: kernels.attention(qb, kb, vb, bias=kernels.RelPosBias(blocked, (th, tw))),
+              [qb, kb, vb, th, tw])]
+    for B, D in [(2, 64), (1, 128)]:
+        ql, kl, vl = bk._qkv(B, 16, 4096, D)
+        uq, uk = [torch.randn(B, 16, 4096, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "ab"]
+        cases += [(f"B{B} d{D} no bias", lambda ql=ql, kl=kl, vl=vl: kernels.attention(ql, kl, vl), [ql, kl, vl]),
+                  (f"B{B} d{D} low-rank r16", lambda ql=ql, kl=kl, vl=vl, uq=uq, uk=uk: kernels.attention(
+                      ql, kl, vl, bias=kernels.LowRankBias(uq, uk)), [ql, kl, vl, uq, uk])]
+    for setting in REGISTER_CAPS:
+        caps.clear()
+        caps.update(setting)
+        for label, fn, leaves in cases:
+            tf, tb = bk._fb(fn, leaves)
+            print(f"caps {str(setting):78s} {label:22s} fwd {tf:.4f} ms  bwd {tb:.4f} ms", flush=True)
+    bk.print_autotuned()
+
+
 def lowrank_full_tune() -> None:
     """The low-rank r16 rows and their no-bias anchors, both tuned over the full candidate lists."""
     os.environ["ATTNZOO_AUTOTUNE"] = "full"
@@ -147,6 +196,7 @@ if __name__ == "__main__":
     ap.add_argument("--relpos", action="store_true", help="the rel-pos rows: CUDA time per kernel")
     ap.add_argument("--cases", default=None, help="with --relpos: comma list of case labels (default all)")
     ap.add_argument("--grid-inputs", action="store_true", help="grid patterns in place vs on permuted copies")
+    ap.add_argument("--maxnreg", action="store_true", help="the bias rows with register caps on the tuned kernels")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -155,6 +205,8 @@ if __name__ == "__main__":
         lowrank_full_tune()
     elif args.grid_inputs:
         grid_inputs()
+    elif args.maxnreg:
+        register_caps()
     elif args.relpos:
         relpos_breakdown(None if args.cases is None else args.cases.split(","))
     else:

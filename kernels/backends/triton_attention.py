@@ -144,8 +144,11 @@ def _fast_tune() -> bool:
 
 
 def _fwd_candidates(d: int, dv: int) -> List[tuple]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the forward autotuner. At head dim 128 a 128x64 block
-    on 4 warps spills (ptxas: 255 registers + 632 B of spill stores, Triton 3.6, sm_90a); 8 warps do not."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) tried by the forward autotuner. At head dim 128 a
+    128x64 block on 4 warps spills (ptxas: 255 registers + 632 B of spill stores, Triton 3.6, sm_90a); 8 warps do
+    not. At head dims <= 64 the 64x64 block is also tried capped at 128 registers (`maxnreg`): four programs per
+    SM instead of three (H200: the blocked HaloNet layout 0.079 -> 0.071 ms, dense B2 H16 N4096 0.345 -> 0.322 ms,
+    rel-pos on the Halo grid 0.154 -> 0.145 ms; at head dim 128 the cap spills and runs slower)."""
     if _interpret():
         return [(32, 16, 4, 1)]
     bd = max(_block_d(d), _block_d(dv))
@@ -157,20 +160,26 @@ def _fwd_candidates(d: int, dv: int) -> List[tuple]:
         return [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 64, 4, 3),
                 (64, 64, 4, 2), (64, 32, 4, 3)]
     if _fast_tune():
-        return [(64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)]
-    return [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
+        return [(64, 64, 4, 3), (64, 64, 4, 3, 128), (128, 64, 4, 3), (128, 128, 8, 3)]
+    return [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+            (64, 64, 4, 3, 128)]
 
 
 def _bwd_candidates(d: int, dv: int) -> List[tuple]:
+    """As `_fwd_candidates`, for the dK/dV and dQ kernels (one config for both). At head dims <= 64 the 64x64
+    block is also tried capped at 168 registers: three dK/dV programs per SM instead of two (H200: dense B2 H16
+    N4096 1.074 -> 0.988 ms, the Halo grid 0.359 -> 0.335 ms; with low-rank factors the spills made it slower)."""
     if _interpret():
         return [(16, 32, 4, 1)]
-    if _fast_tune() and max(_block_d(d), _block_d(dv)) < 256:
-        return [(64, 64, 4, 2), (64, 128, 8, 2), (128, 128, 8, 2)]
+    bd = max(_block_d(d), _block_d(dv))
+    if _fast_tune() and bd < 256:
+        return [(64, 64, 4, 2)] + ([(64, 64, 4, 2, 168)] if bd <= 64 else []) + [(64, 128, 8, 2), (128, 128, 8, 2)]
     if max(_block_d(d), _block_d(dv)) >= 256:
         return [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)]
     # dK/dV at head dim 128 spills in every config (ptxas: 436 B at 64x128/8 warps, 5-9 KB at 128-row blocks);
     # 32-row query blocks under 128 keys spill 40 B
-    return [(64, 128, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 8, 2), (32, 128, 8, 2)]
+    return [(64, 128, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 8, 2), (32, 128, 8, 2)] + \
+        ([(64, 64, 4, 2, 168)] if bd <= 64 else [])
 
 
 def _skinny_candidates(cands: List[tuple], nk: int) -> List[tuple]:
@@ -314,7 +323,14 @@ def _dummy_int(device) -> torch.Tensor:
 
 
 def _problem(pattern, nq, nk, cfg, device) -> _Problem:
-    return _Problem(pattern, nq, nk, cfg[0], cfg[1], device, *cfg[4:])
+    return _Problem(pattern, nq, nk, cfg[0], cfg[1], device, *(cfg[4:6] if _is_grid(pattern) else ()))
+
+
+def _launch_opts(cfg, prob: _Problem) -> dict:
+    """A general-kernel config's launch options: (BLOCK_M, BLOCK_N, num_warps, num_stages), then a grid pattern's
+    (variant, input mode) (`_with_tile_costs`), then an optional register cap (`maxnreg`)."""
+    cap = cfg[6 if prob.grid else 4:]
+    return dict(num_warps=cfg[2], num_stages=cfg[3], **({"maxnreg": cap[0]} if cap else {}))
 
 
 def _grid_variants() -> Tuple[str, ...]:
@@ -360,7 +376,7 @@ def _with_tile_costs(pattern, candidates):
             extra += [2.0] if (_fast_tune() or len(candidates) == 1) else [1.25, 2.0]
         else:
             extra.append(v)
-    return [c + (pc, in_place) for c in candidates for pc in extra for in_place in _grid_input_modes()]
+    return [c[:4] + (pc, in_place) + c[4:] for c in candidates for pc in extra for in_place in _grid_input_modes()]
 
 
 def _poison() -> bool:
@@ -487,7 +503,7 @@ def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg):
     B, H, NQO, D = qp.shape  # NQO: rows of q and o/lse (tokens in place, else the positions the kernel walks)
     HKV, DV = kp.shape[1], vp.shape[-1]
     NQ, NK = prob.nq, prob.nk  # positions the kernel walks (permuted, padded for grid patterns)
-    BM, BN, warps, stages = cfg[:4]
+    BM, BN = cfg[:2]
     nqb, nkb = triton_cdiv(NQ, BM), triton_cdiv(NK, BN)
     S, per = (1, max(nkb, 1)) if prob.grid else _splits(nqb * B * H, nkb, qp.device)
     if S == 1:
@@ -519,7 +535,7 @@ def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg):
         GRID_MODE=prob.grid, MASK_AXES=prob.mask_axes, HAS_DIL=prob.has_dil,
         REVERSE=isinstance(prob.pattern, Causal), HAS_GATE=fuse_gate, DOT_PREC=_dot_prec(qp.dtype),
         GATE_ELEM=not fuse_gate or ex.gate.shape[-1] > 1,
-        num_warps=warps, num_stages=stages, **prob.pair_args(False), **prob.gather_args(NQO), **kw)
+        **_launch_opts(cfg, prob), **prob.pair_args(False), **prob.gather_args(NQO), **kw)
     if S == 1:
         return out, lse
     # combine the splits: weights exp(lse_s - lse); rows without any key stay zero with lse = -inf
@@ -538,7 +554,7 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
     B, H, NQO, D = qp.shape  # NQO / NKO: rows of q / k and their gradients (tokens in place, else positions walked)
     HKV, NKO, DV = kp.shape[1], kp.shape[2], vp.shape[-1]
     NQ, NK = prob.nq, prob.nk
-    BM, BN, warps, stages = cfg[:4]
+    BM, BN = cfg[:2]
     f32 = torch.float32
     delta = _new(B, H, NQO, like=qp, dtype=f32)
     gate = ex.gate
@@ -566,7 +582,7 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
                   RIGHT=prob.right, QLO=qlo, QHI=qhi, KC=kc, DIL0=prob.dil[0], DIL1=prob.dil[1], DIL2=prob.dil[2],
                   D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_block_d(D), BLOCK_DV=_block_d(DV),
                   GRID_MODE=prob.grid, MASK_AXES=prob.mask_axes, HAS_DIL=prob.has_dil, DOT_PREC=_dot_prec(qp.dtype),
-                  num_warps=warps, num_stages=stages, **{"NQO": NQO, **prob.gather_args(NQO)}, **kw)
+                  **_launch_opts(cfg, prob), **{"NQO": NQO, **prob.gather_args(NQO)}, **kw)
     qkv = dict(Q=qp, K=kp, V=vp, DO=doe, LSE=lsep, DELTA=delta, QF=ex.ptr("qf"), KF=ex.ptr("kf"),
                BIAS=ex.ptr("bias"),
                stride_qb=qp.stride(0), stride_qh=qp.stride(1), stride_qn=qp.stride(2),

@@ -663,3 +663,34 @@ def test_inputs_past_int32_rows_are_copied(monkeypatch):
         out = kernels.attention(q, k, v, pattern, backend="triton")
         ref = attention_reference(q.double(), k.double(), v.double(), pattern)
         assert _rel(out, ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("pattern", [Dense(), IN_PLACE_GRID], ids=["dense", "grid"])
+def test_register_capped_configs(pattern, monkeypatch):
+    """A config's optional register cap (after a grid pattern's variant and input mode) reaches every general
+    kernel launch as `maxnreg`, and leaves the result unchanged: the capped candidates compete in the autotuner."""
+    from kernels.backends import triton_attention as ta
+    from kernels.backends import triton_kernels as tk
+
+    monkeypatch.setattr(ta, "_fwd_candidates", lambda d, dv: [(32, 16, 4, 1, 128)])
+    monkeypatch.setattr(ta, "_bwd_candidates", lambda d, dv: [(16, 32, 4, 1, 168)])
+    monkeypatch.setenv("ATTNZOO_GRID_VARIANTS", "pair")
+    monkeypatch.setenv("ATTNZOO_SKINNY", "old")  # 35 keys: the general kernels, not the few-keys ones
+    caps = {}
+    kernel_type = type(tk._attn_fwd)  # JITFunction, or the interpreter's stand-in
+    run = kernel_type.run
+
+    def recording_run(self, *args, **kwargs):
+        caps.setdefault(self.fn.__name__, set()).add(kwargs.get("maxnreg"))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_type, "run", recording_run)
+    n = 35
+    _check(pattern, 2, 4, 2, n, n, 16, 16, torch.float16, gate_shape=(2, n, 4))
+    assert caps["_attn_fwd"] == {128}
+    assert caps["_attn_bwd_dkdv"] == caps["_attn_bwd_dq"] == {168}
+    assert caps["_bwd_delta"] == {None}
+    cfg = ta._with_tile_costs(pattern, [(32, 16, 4, 1, 128)])[0]
+    prob = ta._problem(pattern, n, n, cfg, torch.device(DEVICE))
+    assert ta._launch_opts(cfg, prob) == dict(num_warps=4, num_stages=1, maxnreg=128)
+    assert ta._launch_opts(cfg[:-1], prob) == dict(num_warps=4, num_stages=1)
