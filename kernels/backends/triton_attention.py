@@ -4,11 +4,11 @@ custom ops (`attnzoo::attention_fwd` / `attnzoo::attention_bwd`, with fake imple
 
 Runs CUDA tensors; CPU tensors too when `TRITON_INTERPRET=1` (Triton's interpreter, used by the tests).
 Grid patterns (`Neighborhood`, `Halo`) run on tokens permuted into N-d tiles (`kernels.tiles`); 1-d patterns
-(`Dense`, `Causal`, `Window1d`) run in place. Block sizes, warps and stages are autotuned per problem class on
-first use (CUDA events, minimum of a few repeats per candidate, a second round for long kernels;
-`ATTNZOO_AUTOTUNE=0` takes the first candidate), as are the tile shapes of grid patterns (by counting the visited
-tile pairs, which is exact and free) and their mask mode (`ATTNZOO_GRID_VARIANTS`: the first grid path and the
-pair-mask path, see `_grid_variants`).
+(`Dense`, `Causal`, `Window1d`) run in place. Block sizes, warps, stages and, at head dims <= 64, a register
+cap are autotuned per problem class on first use (CUDA events, minimum of a few repeats per candidate, a
+second round for long kernels; `ATTNZOO_AUTOTUNE=0` takes the first candidate), as are the tile shapes of grid
+patterns (by counting the visited tile pairs, which is exact and free) and their mask mode
+(`ATTNZOO_GRID_VARIANTS`: the first grid path and the pair-mask path, see `_grid_variants`).
 
 Fused terms: a dense additive bias (read through its strides, broadcast dims at stride 0; its gradient dS is
 written per (b, h) by the dK/dV kernel, read back by the dQ kernel, and summed over broadcast dims: leading ones
@@ -1197,8 +1197,9 @@ def attention_triton(q, k, v, pattern=None, bias=None, gate=None, scale=None, re
     """Triton attention (differentiable); arguments as `kernels.attention`.
 
     A tensor bias is fused as a dense bias. HaloNet's `RelPosBias` on its blocked layout or a 2-d Halo grid is
-    computed in-kernel (`attnzoo::relpos_*`); other factorized biases (`LowRankBias`, `RelPosBias` elsewhere) are lowered by their
-    `kernel_factors(q, k)` to low-rank factors (differentiable torch ops) that the kernels add as a second dot.
+    computed in-kernel (`attnzoo::relpos_*`); other factorized biases (`LowRankBias`, `RelPosBias` elsewhere) are
+    lowered by their `kernel_factors(q, k)` to low-rank factors (differentiable torch ops) that the kernels add as a
+    second dot.
     """
     pattern = Dense() if pattern is None else pattern
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
