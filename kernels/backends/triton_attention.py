@@ -538,13 +538,9 @@ def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg):
         **_launch_opts(cfg, prob), **prob.pair_args(False), **prob.gather_args(NQO), **kw)
     if S == 1:
         return out, lse
-    # combine the splits: weights exp(lse_s - lse); rows without any key stay zero with lse = -inf
-    lse_all = torch.logsumexp(lse, dim=0)
-    w = torch.exp(lse - torch.where(torch.isfinite(lse_all), lse_all, 0.0))
-    o = (w[..., None] * out).sum(0)
-    if ex.gate is not None:
-        o = o * torch.sigmoid(ex.gate.float())
-    return o.to(qp.dtype), lse_all
+    from .triton_combine import combine_splits
+
+    return combine_splits(out, lse, ex.gate, qp.dtype)  # rows without any key: zeros, lse = -inf
 
 
 def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, scale: float, cfg,

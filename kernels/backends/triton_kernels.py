@@ -38,7 +38,7 @@ Optional terms (constexpr flags, absent ones cost nothing):
   stored), instead of copies permuted into tile order.
 * splits (1-d patterns only): a third program axis cuts the key blocks (forward, dQ) or query blocks (dK/dV)
   into chunks, so skinny problems (few query or few key blocks) still fill the GPU; partial results go to a
-  float32 buffer with a per-split stride and are combined in torch.
+  float32 buffer with a per-split stride and are merged by `triton_combine.combine_splits`.
 """
 import triton
 import triton.language as tl

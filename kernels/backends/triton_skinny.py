@@ -14,7 +14,7 @@ latency with nothing to overlap (0.86 TB/s on an H200 where SDPA reaches 1.58). 
   dense bias.
 * `_queries_fwd` / `_queries_bwd` (few queries): the query rows of one KV head (GQA groups folded into the rows:
   row r = g · Nq + m) form one or two tiles; the keys are split over a program axis, each program looping over
-  a chunk of key blocks; forward partials are lse-combined in torch, dQ partials summed; dK/dV of a key chunk
+  a chunk of key blocks; forward partials merged by `combine_splits`, dQ partials summed; dK/dV of a key chunk
   belong to one program (no atomics).
 * Relative positions (`HAS_REL`, keys path): HaloNet's blocked layout (queries a qb x qb block, keys the
   win x win window, both row-major) with the general kernels' factors (`triton_kernels._rel_query_factor`: the
@@ -736,12 +736,9 @@ def queries_forward(q, k, v, bias, gate, scale, cfg):
         DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages)
     if S == 1:
         return out[0], lse[0]
-    lse_all = torch.logsumexp(lse, dim=0)
-    w = torch.exp(lse - torch.where(torch.isfinite(lse_all), lse_all, 0.0))
-    o = (w[..., None] * out).sum(0)
-    if gate is not None:
-        o = o * torch.sigmoid(ta._gate4(gate).float())
-    return o.to(q.dtype), lse_all
+    from .triton_combine import combine_splits  # here: an import line on top shifts the kernels' cache keys
+
+    return combine_splits(out, lse, None if gate is None else ta._gate4(gate), q.dtype)
 
 
 def queries_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db):

@@ -1,0 +1,50 @@
+"""`triton_combine.combine_splits` (the merge of a forward's key splits) against float64 on fresh inputs."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernels.backends.triton_combine import combine_splits  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter (tests/conftest.py)
+
+
+def _reference(out, lse, gate):
+    """The definition: softmax weights of the splits' lse per row; rows that no split saw stay 0 with lse -inf."""
+    out, lse = out.double(), lse.double()
+    lse_all = torch.logsumexp(lse, dim=0)
+    w = torch.where(torch.isfinite(lse_all), torch.exp(lse - lse_all), 0.0)
+    o = (w[..., None] * out).sum(0)
+    if gate is not None:
+        o = o * torch.sigmoid(gate.double())
+    return o, lse_all
+
+
+@pytest.mark.parametrize("dv,gate_width", [(16, None), (24, 1), (16, 16)], ids=["plain", "head-gate", "elem-gate"])
+def test_combine_splits_matches_float64(dv, gate_width):
+    S, B, H, N = 3, 2, 3, 37
+    out = torch.randn(S, B, H, N, dv, device=DEVICE)
+    lse = torch.randn(S, B, H, N, device=DEVICE) * 4
+    lse[1, 0, 1, :5] = float("-inf")  # a split that saw no key of these rows
+    lse[:, 1, 2, 7] = float("-inf")  # a row no split saw (its partials are the kernels' zeros)
+    out[:, 1, 2, 7] = 0.0
+    gate = None
+    if gate_width is not None:  # the (B, H, N, 1 | Dv) view of a (B, N, H[, Dv]) gate, as the callers pass it
+        g = torch.randn(B, N, H, gate_width, device=DEVICE)
+        gate = g.permute(0, 2, 1, 3)
+    o, lse_all = combine_splits(out, lse, gate, torch.float16)
+    ro, rl = _reference(out, lse, gate)
+    assert o.dtype == torch.float16 and o.shape == (B, H, N, dv) and lse_all.dtype == torch.float32
+    torch.testing.assert_close(o.double(), ro, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(lse_all.double(), rl, rtol=1e-5, atol=1e-5)
+    assert lse_all[1, 2, 7] == float("-inf") and (o[1, 2, 7] == 0).all()
+
+
+def test_combine_splits_validates_its_inputs():
+    out, lse = torch.randn(2, 1, 2, 5, 8, device=DEVICE), torch.randn(2, 1, 2, 5, device=DEVICE)
+    with pytest.raises(ValueError, match="lse"):
+        combine_splits(out, lse[:, :, :, :4])
+    with pytest.raises(ValueError, match="float32"):
+        combine_splits(out.half(), lse)
+    with pytest.raises(ValueError, match="gate"):
+        combine_splits(out, lse, torch.randn(1, 2, 5, 3, device=DEVICE))
