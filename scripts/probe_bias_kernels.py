@@ -5,6 +5,7 @@
     python scripts/probe_bias_kernels.py --relpos     # rel-pos rows (Halo grid and blocked): CUDA time per kernel
     python scripts/probe_bias_kernels.py --grid-inputs   # grid patterns tuned in place vs on permuted copies
     python scripts/probe_bias_kernels.py --maxnreg    # the bias rows with register caps on the tuned kernels
+    python scripts/probe_bias_kernels.py --splits     # few-query forwards (merged key splits) vs SDPA, per kernel
 """
 import argparse
 import os
@@ -175,6 +176,23 @@ def register_caps() -> None:
     bk.print_autotuned()
 
 
+def split_forwards() -> None:
+    """Few-query forwards, whose key splits `triton_combine.combine_splits` merges: graph-timed against SDPA, then
+    CUDA time per kernel."""
+    import bench_kernels as bk
+
+    torch.cuda.set_stream(torch.cuda.Stream())  # CUDA graphs need a side stream
+    for nq, nk in ((49, 4096), (64, 16384), (256, 16384)):
+        q = torch.randn(8, 8, nq, 64, device="cuda", dtype=torch.bfloat16)
+        k, v = [torch.randn(8, 8, nk, 64, device="cuda", dtype=torch.bfloat16) for _ in "kv"]
+        with torch.no_grad():
+            t_o = bk._time(lambda: kernels.attention(q, k, v))
+            t_s = bk._time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+            print(f"nq{nq} nk{nk}: ours {t_o:.4f} ms  SDPA {t_s:.4f} ms  x{t_s / t_o:.2f}", flush=True)
+            _per_kernel(f"nq{nq} nk{nk} forward", lambda: kernels.attention(q, k, v))
+    bk.print_autotuned()
+
+
 def lowrank_full_tune() -> None:
     """The low-rank r16 rows and their no-bias anchors, both tuned over the full candidate lists."""
     os.environ["ATTNZOO_AUTOTUNE"] = "full"
@@ -197,6 +215,7 @@ if __name__ == "__main__":
     ap.add_argument("--cases", default=None, help="with --relpos: comma list of case labels (default all)")
     ap.add_argument("--grid-inputs", action="store_true", help="grid patterns in place vs on permuted copies")
     ap.add_argument("--maxnreg", action="store_true", help="the bias rows with register caps on the tuned kernels")
+    ap.add_argument("--splits", action="store_true", help="few-query forwards (merged key splits) vs SDPA")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -207,6 +226,8 @@ if __name__ == "__main__":
         grid_inputs()
     elif args.maxnreg:
         register_caps()
+    elif args.splits:
+        split_forwards()
     elif args.relpos:
         relpos_breakdown(None if args.cases is None else args.cases.split(","))
     else:
