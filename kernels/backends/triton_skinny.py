@@ -688,8 +688,8 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
     if direct:
         dk, dv = dk[0], dv[0]
     else:  # sum the per-program partials and the GQA group
-        dk = dk.sum(0).reshape(B, HKV, GROUP, NK, D).sum(2).to(q.dtype)
-        dv = dv.sum(0).reshape(B, HKV, GROUP, NK, DV).sum(2).to(q.dtype)
+        dk = ta.sum_over_leading(dk).reshape(B, HKV, GROUP, NK, D).sum(2).to(q.dtype)
+        dv = ta.sum_over_leading(dv).reshape(B, HKV, GROUP, NK, DV).sum(2).to(q.dtype)
     # one sum per table, separate outputs: a custom op's outputs must not alias
     drel = None if drt is None else (drt[:, :rel.nt].sum(0), drt[:, rel.nt:].sum(0))
     return dq, dk, dv, db, dg, drel
@@ -787,5 +787,4 @@ def queries_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_d
         BLOCK_D=ta._block_d(D), BLOCK_DV=ta._block_d(DV), ACCUM=accum, HAS_BIAS=bias_k is not None,
         STORE_DB=store_db, HAS_GATE=gate is not None, GATE_ELEM=gate is not None and g4.shape[-1] > 1,
         HAS_DLSE=dlse is not None, DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages)
-    dq = dq.sum(0).to(q.dtype)
-    return dq, dk.to(q.dtype), dv.to(q.dtype), db, dg
+    return ta.sum_over_leading(dq, q.dtype), dk.to(q.dtype), dv.to(q.dtype), db, dg

@@ -1,4 +1,5 @@
-"""`triton_combine.combine_splits` (the merge of a forward's key splits) against float64 on fresh inputs."""
+"""The merges of split partials against float64 on fresh inputs: `triton_combine.combine_splits` (a forward's key
+splits) and `triton_attention.sum_over_leading` (backward partials, batch-summed gradients)."""
 import pytest
 import torch
 
@@ -48,3 +49,16 @@ def test_combine_splits_validates_its_inputs():
         combine_splits(out.half(), lse)
     with pytest.raises(ValueError, match="gate"):
         combine_splits(out, lse, torch.randn(1, 2, 5, 3, device=DEVICE))
+
+
+def test_sum_over_leading_matches_float64():
+    """Per-split partials (and batch-summed gradients) summed over leading dims in one pass, one rounding."""
+    from kernels.backends.triton_attention import sum_over_leading
+
+    x = torch.randn(3, 2, 5, 7, device=DEVICE)
+    y = sum_over_leading(x, torch.float16)
+    assert y.shape == (2, 5, 7) and y.dtype == torch.float16
+    torch.testing.assert_close(y.double(), x.double().sum(0), rtol=1e-3, atol=2e-3)
+    torch.testing.assert_close(sum_over_leading(x, lead=2).double(), x.double().sum((0, 1)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="contiguous"):
+        sum_over_leading(x.transpose(0, 1))
