@@ -400,6 +400,14 @@ def _gate4(gate: torch.Tensor) -> torch.Tensor:
     return gate.permute(0, 2, 1)[..., None] if gate.dim() == 3 else gate.permute(0, 2, 1, 3)
 
 
+def _gate_grad_buffer(gate4: torch.Tensor) -> torch.Tensor:
+    """An empty (B, H, N, 1 | Dv) gate gradient laid out as the gate is, (B, N, H[, Dv]): the kernels write it
+    through its strides and `_gate_grad` hands it back without a copy (H200: transposing the element-wise gate's
+    gradient took 0.047 ms of a 1.80 ms backward)."""
+    B, H, N, W = gate4.shape
+    return _new(B, N, H, W, like=gate4).permute(0, 2, 1, 3)
+
+
 class Rel:
     """HaloNet's rel-pos tables for the in-kernel term: tables (2 win - 1, D) in q's dtype, the geometry and the
     kernels' block sizes. On the blocked layout (queries one qb x qb block, keys its win x win window) `grid` is
@@ -557,7 +565,7 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
     doe, dg = dop, None
     if gate is not None:
         doe = _new(B, H, NQO, DV, like=qp)
-        dg = _new(*gate.shape, like=gate)
+        dg = _gate_grad_buffer(gate)
     sg, se, sdg = _bstrides(gate), _bstrides(doe if gate is not None else None), _bstrides(dg)
     tk._bwd_delta[(triton_cdiv(NQO, 64), B * H)](
         O=op, DO=dop, DLSE=dlsep if dlsep is not None else lsep, DELTA=delta, GATE=ex.ptr("gate"), DOE=doe,

@@ -62,3 +62,16 @@ def test_sum_over_leading_matches_float64():
     torch.testing.assert_close(sum_over_leading(x, lead=2).double(), x.double().sum((0, 1)), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="contiguous"):
         sum_over_leading(x.transpose(0, 1))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3), (2, 5, 3, 8)], ids=["head-wise", "element-wise"])
+def test_gate_gradient_needs_no_transpose(shape):
+    """The kernels write the gate's gradient into a buffer laid out as the gate is, so handing it back in the gate's
+    (B, N, H[, Dv]) layout is a view of the same memory, not a transposing copy."""
+    from kernels.backends.triton_attention import _gate4, _gate_grad, _gate_grad_buffer
+
+    gate = torch.randn(*shape, device=DEVICE)
+    buf = _gate_grad_buffer(_gate4(gate))
+    assert buf.shape == _gate4(gate).shape
+    grad = _gate_grad(buf, gate)
+    assert grad.shape == gate.shape and grad.is_contiguous() and grad.data_ptr() == buf.data_ptr()
