@@ -5,7 +5,8 @@
     python scripts/probe_bias_kernels.py --relpos     # rel-pos rows (Halo grid and blocked): CUDA time per kernel
     python scripts/probe_bias_kernels.py --grid-inputs   # grid patterns tuned in place vs on permuted copies
     python scripts/probe_bias_kernels.py --maxnreg    # the bias rows with register caps on the tuned kernels
-    python scripts/probe_bias_kernels.py --splits     # few-query forwards (merged key splits) vs SDPA, per kernel
+    python scripts/probe_bias_kernels.py --splits     # few-query problems (merged key splits) vs SDPA, per kernel
+    python scripts/probe_bias_kernels.py --gate       # the gate rows: CUDA time per kernel, forward and backward
 """
 import argparse
 import os
@@ -176,20 +177,47 @@ def register_caps() -> None:
     bk.print_autotuned()
 
 
-def split_forwards() -> None:
-    """Few-query forwards, whose key splits `triton_combine.combine_splits` merges: graph-timed against SDPA, then
-    CUDA time per kernel."""
+def split_problems() -> None:
+    """Few-query problems, whose key splits `triton_combine.combine_splits` merges (forward) and
+    `triton_attention.sum_over_leading` sums (backward): graph-timed against SDPA, then CUDA time per kernel."""
     import bench_kernels as bk
 
     torch.cuda.set_stream(torch.cuda.Stream())  # CUDA graphs need a side stream
+    sdpa = torch.nn.functional.scaled_dot_product_attention
     for nq, nk in ((49, 4096), (64, 16384), (256, 16384)):
-        q = torch.randn(8, 8, nq, 64, device="cuda", dtype=torch.bfloat16)
-        k, v = [torch.randn(8, 8, nk, 64, device="cuda", dtype=torch.bfloat16) for _ in "kv"]
+        q = torch.randn(8, 8, nq, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = [torch.randn(8, 8, nk, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv"]
+        (tf, tb), (sf, sb) = bk._fb(lambda: kernels.attention(q, k, v), [q, k, v]), bk._fb(lambda: sdpa(q, k, v),
+                                                                                            [q, k, v])
+        print(f"nq{nq} nk{nk}: fwd ours {tf:.4f} ms  SDPA {sf:.4f} ms  x{sf / tf:.2f};  bwd ours {tb:.4f} ms  "
+              f"SDPA {sb:.4f} ms  x{sb / tb:.2f}", flush=True)
         with torch.no_grad():
-            t_o = bk._time(lambda: kernels.attention(q, k, v))
-            t_s = bk._time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
-            print(f"nq{nq} nk{nk}: ours {t_o:.4f} ms  SDPA {t_s:.4f} ms  x{t_s / t_o:.2f}", flush=True)
             _per_kernel(f"nq{nq} nk{nk} forward", lambda: kernels.attention(q, k, v))
+        out = kernels.attention(q, k, v)
+        do = torch.randn_like(out)
+        _per_kernel(f"nq{nq} nk{nk} backward", lambda: torch.autograd.grad(out, [q, k, v], do, retain_graph=True))
+    bk.print_autotuned()
+
+
+def gate_breakdown() -> None:
+    """The gate rows of `bench_kernels --only gate` (B2 H16 N4096 d128; no gate, head-wise, element-wise):
+    graph-timed, then CUDA time per kernel, forward and backward."""
+    import bench_kernels as bk
+
+    torch.cuda.set_stream(torch.cuda.Stream())  # CUDA graphs need a side stream
+    B, H, N, D = 2, 16, 4096, 128
+    q, k, v = bk._qkv(B, H, N, D)
+    for kind, shape in (("none", None), ("head-wise", (B, N, H)), ("element-wise", (B, N, H, D))):
+        g = None if shape is None else torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        leaves = [q, k, v] + ([g] if g is not None else [])
+        fn = lambda g=g: kernels.attention(q, k, v, gate=g)  # noqa: E731
+        tf, tb = bk._fb(fn, leaves)
+        print(f"gate {kind}: fwd {tf:.4f} ms  bwd {tb:.4f} ms", flush=True)
+        with torch.no_grad():
+            _per_kernel(f"gate {kind} forward", fn)
+        out = fn()
+        do = torch.randn_like(out)
+        _per_kernel(f"gate {kind} backward", lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
     bk.print_autotuned()
 
 
@@ -215,7 +243,8 @@ if __name__ == "__main__":
     ap.add_argument("--cases", default=None, help="with --relpos: comma list of case labels (default all)")
     ap.add_argument("--grid-inputs", action="store_true", help="grid patterns in place vs on permuted copies")
     ap.add_argument("--maxnreg", action="store_true", help="the bias rows with register caps on the tuned kernels")
-    ap.add_argument("--splits", action="store_true", help="few-query forwards (merged key splits) vs SDPA")
+    ap.add_argument("--splits", action="store_true", help="few-query problems (merged key splits) vs SDPA")
+    ap.add_argument("--gate", action="store_true", help="the gate rows: CUDA time per kernel")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -227,7 +256,9 @@ if __name__ == "__main__":
     elif args.maxnreg:
         register_caps()
     elif args.splits:
-        split_forwards()
+        split_problems()
+    elif args.gate:
+        gate_breakdown()
     elif args.relpos:
         relpos_breakdown(None if args.cases is None else args.cases.split(","))
     else:
