@@ -41,6 +41,15 @@ def _per_kernel(label: str, fn, calls: int = 5) -> None:
     print(f"   total {total / 1e3:.3f} ms", flush=True)
 
 
+def _per_kernel_fb(label: str, fn, leaves) -> None:
+    """`_per_kernel` of one forward (no autograd) and of one backward of `fn()` with respect to `leaves`."""
+    with torch.no_grad():
+        _per_kernel(f"{label} forward", fn)
+    out = fn()
+    do = torch.randn_like(out)
+    _per_kernel(f"{label} backward", lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
+
+
 def breakdown() -> None:
     """CUDA time per kernel of one backward call, without and with a dense (H, N, N) bias."""
     for B, H, N, D in [(2, 16, 4096, 64), (1, 16, 4096, 128)]:
@@ -95,11 +104,7 @@ def relpos_breakdown(only=None) -> None:
         tf, tb = bk._fb(fn, leaves)
         print(f"{label:22s} graph-timed fwd {tf:.4f} ms  bwd {tb:.4f} ms", flush=True)
     for label, fn, leaves in cases:
-        with torch.no_grad():
-            _per_kernel(f"{label} forward", fn)
-        out = fn()
-        do = torch.randn_like(out)
-        _per_kernel(f"{label} backward", lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
+        _per_kernel_fb(label, fn, leaves)
     bk.print_autotuned()
 
 
@@ -191,11 +196,7 @@ def split_problems() -> None:
                                                                                             [q, k, v])
         print(f"nq{nq} nk{nk}: fwd ours {tf:.4f} ms  SDPA {sf:.4f} ms  x{sf / tf:.2f};  bwd ours {tb:.4f} ms  "
               f"SDPA {sb:.4f} ms  x{sb / tb:.2f}", flush=True)
-        with torch.no_grad():
-            _per_kernel(f"nq{nq} nk{nk} forward", lambda: kernels.attention(q, k, v))
-        out = kernels.attention(q, k, v)
-        do = torch.randn_like(out)
-        _per_kernel(f"nq{nq} nk{nk} backward", lambda: torch.autograd.grad(out, [q, k, v], do, retain_graph=True))
+        _per_kernel_fb(f"nq{nq} nk{nk}", lambda: kernels.attention(q, k, v), [q, k, v])
     bk.print_autotuned()
 
 
@@ -213,11 +214,7 @@ def gate_breakdown() -> None:
         fn = lambda g=g: kernels.attention(q, k, v, gate=g)  # noqa: E731
         tf, tb = bk._fb(fn, leaves)
         print(f"gate {kind}: fwd {tf:.4f} ms  bwd {tb:.4f} ms", flush=True)
-        with torch.no_grad():
-            _per_kernel(f"gate {kind} forward", fn)
-        out = fn()
-        do = torch.randn_like(out)
-        _per_kernel(f"gate {kind} backward", lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
+        _per_kernel_fb(f"gate {kind}", fn, leaves)
     bk.print_autotuned()
 
 

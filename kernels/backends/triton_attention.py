@@ -174,7 +174,7 @@ def _bwd_candidates(d: int, dv: int) -> List[tuple]:
     bd = max(_block_d(d), _block_d(dv))
     if _fast_tune() and bd < 256:
         return [(64, 64, 4, 2)] + ([(64, 64, 4, 2, 168)] if bd <= 64 else []) + [(64, 128, 8, 2), (128, 128, 8, 2)]
-    if max(_block_d(d), _block_d(dv)) >= 256:
+    if bd >= 256:
         return [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)]
     # dK/dV at head dim 128 spills in every config (ptxas: 436 B at 64x128/8 warps, 5-9 KB at 128-row blocks);
     # 32-row query blocks under 128 keys spill 40 B

@@ -687,9 +687,11 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
         LR_CHAIN=ta.lr_chain(q, None if rel is None else "rel"), **ta.rel_args(rel, q))
     if direct:
         dk, dv = dk[0], dv[0]
-    else:  # sum the per-program partials and the GQA group
-        dk = ta.sum_over_leading(dk).reshape(B, HKV, GROUP, NK, D).sum(2).to(q.dtype)
-        dv = ta.sum_over_leading(dv).reshape(B, HKV, GROUP, NK, DV).sum(2).to(q.dtype)
+    else:  # sum the per-program partials (one pass, cast included without GQA), then the GQA group
+        dk, dv = (ta.sum_over_leading(t, q.dtype if GROUP == 1 else None) for t in (dk, dv))
+        if GROUP > 1:
+            dk = dk.reshape(B, HKV, GROUP, NK, D).sum(2).to(q.dtype)
+            dv = dv.reshape(B, HKV, GROUP, NK, DV).sum(2).to(q.dtype)
     # one sum per table, separate outputs: a custom op's outputs must not alias
     drel = None if drt is None else (drt[:, :rel.nt].sum(0), drt[:, rel.nt:].sum(0))
     return dq, dk, dv, db, dg, drel
