@@ -571,9 +571,11 @@ def queries_candidates(rows: int, d: int = 64, backward: bool = False) -> List[t
         return [(_FORCE.get("block_m", 16), _FORCE.get("block_n", 16), 4, 1, 2)]
     keep = 2 if ta._fast_tune() else None
     wide = ta._block_d(d) > 64
-    if backward:
+    if backward:  # more waves than the forward: each program loops over fewer key blocks (H200, d64, 8 x 8 heads: Nq49
+        # Nk4096 0.081 -> 0.066 ms at 4 waves, Nq64 Nk16384 0.291 -> 0.222 ms at 8; benchmarks/logs/probe_r47_*)
         bmb = min(bm, 64) if wide else bm
-        return [(bmb, 64, 4, 2, 2), (bmb, 32, 4, 2, 2), (bmb, 64, 8, 1, 4)][:keep]
+        return [(bmb, 64, 4, 2, 4), (bmb, 64, 4, 2, 8), (bmb, 64, 4, 2, 2), (bmb, 32, 4, 2, 2), (bmb, 64, 8, 1, 4),
+                (bmb, 64, 4, 2, 16)][:keep]
     if wide:
         return [(bm, 64, 4, 3, 2), (bm, 128, 8, 2, 2), (min(bm, 64), 128, 4, 2, 4)][:keep]
     return [(bm, 128, 4, 3, 2), (bm, 64, 4, 3, 2), (bm, 128, 8, 3, 4)][:keep]
