@@ -547,9 +547,12 @@ def keys_candidates(nq: int, nk: int, d: int, dv: int, backward: bool = False) -
     # Measured (fourth session, H200, d64, Nq 16384, CUDA-graph timing, full lists): 64 keys (64, 4, 3, res, 4)
     # 0.094 ms = 2.9 TB/s; 128 keys (128, 4, 3, res, 4) 0.144 ms; 256 keys (64, 4, 3, res, 4) 0.216 ms. The
     # 64-key-chunk loops ran 10-25% behind the one-tile configs here (they win on the small blocked layouts).
+    # 128 keys: 64-row blocks at 8 waves (thirteenth session: 0.136 -> 0.127 ms; 4 waves stay best at 64 and 256 keys,
+    # benchmarks/logs/probe_r49_keys_fwd_waves.log)
     if chunked:
         one = [(64, 4, 3, "res", 4), (128, 8, 3, "res", 4), (64, 8, 3, "res", 4), (32, 4, 3, "res", 4)] if wide \
-            else [(128, 4, 3, "res", 4), (64, 4, 3, "res", 4), (64, 4, 2, "flat", 64), (32, 4, 3, "res", 4)]
+            else [(128, 4, 3, "res", 4), (64, 4, 3, "res", 8), (64, 4, 2, "flat", 64), (32, 4, 3, "res", 4),
+                  (64, 4, 3, "res", 4)]
         loop = [(64, 4, 3, "flat", 64, 64), (128, 4, 3, "flat", 64, 64), (128, 8, 3, "flat", 64, 64),
                 (128, 8, 3, "flat", 64, 128), (128, 4, 2, "flat", 8, 64)]
         return one[:2] + loop[:1] if fast else one + loop
