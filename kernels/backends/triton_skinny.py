@@ -538,8 +538,9 @@ def keys_candidates(nq: int, nk: int, d: int, dv: int, backward: bool = False) -
     if backward:  # several query blocks per (b, h): one key tile (dK/dV accumulate in registers)
         if wide:
             cands = [(64, 8, 2, "res", 4), (32, 4, 2, "res", 4), (64, 4, 2, "res", 4)]
-        else:
-            cands = [(64, 4, 2, "res", 4), (128, 8, 2, "res", 4), (64, 8, 2, "res", 4)]
+        else:  # 2 waves: fewer programs summing fewer dK/dV partials (Nk64 0.277 -> 0.264 ms, Nk128 0.464 -> 0.444;
+            # benchmarks/logs/probe_r51_keys_bwd_waves.log)
+            cands = [(64, 4, 2, "res", 2), (128, 8, 2, "res", 2), (64, 8, 2, "res", 4), (64, 4, 2, "res", 4)]
         return cands[:2] if fast else cands
     # ptxas (Triton 3.6, d64): 128x64 at 4 warps takes 210 registers a thread, 2 blocks (8 warps) per SM; a 64x256
     # tile takes 255 and spills at 128 rows; 32-row blocks take 96 (64 keys) / 168 (256 keys): more warps in
