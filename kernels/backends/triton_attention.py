@@ -16,12 +16,13 @@ by `sum_over_leading`, others in torch), low-rank logits `U_q · U_kᵀ`
 (`kernels.LowRankBias`, and `kernels.RelPosBias` lowered to such factors in torch where it is not computed
 in-kernel, see below), and the sigmoid output gate
 (forward epilogue; the backward's delta kernel produces dO·sigmoid(g) and dg). Skinny 1-d problems (few query
-blocks, or few key blocks) split the long axis over a third program axis and combine the parts in torch.
+blocks, or few key blocks) split the long axis over a third program axis; `triton_combine.combine_splits` merges
+the forward's parts and `sum_over_leading` sums the backward's.
 Dense skinny problems (Nk <= 256, or H/Hkv · Nq <= 256) also have the kernels of `triton_skinny` (autotune
 candidates, `ATTNZOO_SKINNY`). HaloNet's relative-position bias on its blocked layout or a 2-d Halo grid is
 computed in-kernel (`attnzoo::relpos_fwd/bwd`, `ATTNZOO_RELPOS`): by the general kernels (`HAS_REL`: factors built
-from q and the tables, no factor tensor in memory) and, on the blocked layout, the few-keys kernels, tuned against
-each other.
+from q and the tables; only the backward writes the query factor, once, for its dK/dV kernel) and, on the blocked
+layout, the few-keys kernels, tuned against each other.
 """
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ def _reference(out, lse, gate):
 
 
 @pytest.mark.parametrize("dv,gate_width", [(16, None), (24, 1), (16, 16)], ids=["plain", "head-gate", "elem-gate"])
-def test_combine_splits_matches_float64(dv, gate_width):
+def test_combine_splits_matches_float64(dv, gate_width, monkeypatch):
+    monkeypatch.setenv("ATTNZOO_KERNEL_POISON", "1")  # outputs start as NaN: an unwritten element fails
     S, B, H, N = 3, 2, 3, 37
     out = torch.randn(S, B, H, N, dv, device=DEVICE)
     lse = torch.randn(S, B, H, N, device=DEVICE) * 4
@@ -51,8 +52,9 @@ def test_combine_splits_validates_its_inputs():
         combine_splits(out, lse, torch.randn(1, 2, 5, 3, device=DEVICE))
 
 
-def test_sum_over_leading_matches_float64():
+def test_sum_over_leading_matches_float64(monkeypatch):
     """Per-split partials (and batch-summed gradients) summed over leading dims in one pass, one rounding."""
+    monkeypatch.setenv("ATTNZOO_KERNEL_POISON", "1")
     from kernels.backends.triton_attention import sum_over_leading
 
     x = torch.randn(3, 2, 5, 7, device=DEVICE)
