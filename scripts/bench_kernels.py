@@ -143,6 +143,8 @@ def extra_check_cases():
          dict(bias_fn=_dense_bias((1, 4, 1000, 1000)))),
         ("causal bias fp32-under-bf16 (N,N) d64", kernels.Causal(), 1, 4, 4, 777, 800, 64, 64, bf,
          dict(bias_fn=_dense_bias((777, 800), torch.float32))),
+        ("window1d bias (1,H,N,N) batch of two d64", kernels.Window1d(300, 200), 2, 4, 4, 1500, 1500, 64, 64, bf,
+         dict(bias_fn=_dense_bias((1, 4, 1500, 1500)))),
         ("na2d (30,37) w(7,9) bias (H,N,N) d64", kernels.Neighborhood((30, 37), (7, 9)), 1, 2, 2, 1110, 1110, 64,
          64, bf, dict(bias_fn=_dense_bias((2, 1110, 1110)))),
         ("low-rank r16 dense d64 n900", kernels.Dense(), 2, 4, 2, 900, 1000, 64, 64, bf,

@@ -5,6 +5,7 @@
     python scripts/probe_bias_kernels.py --relpos     # rel-pos rows (Halo grid and blocked): CUDA time per kernel
     python scripts/probe_bias_kernels.py --grid-inputs   # grid patterns tuned in place vs on permuted copies
     python scripts/probe_bias_kernels.py --maxnreg    # the bias rows with register caps on the tuned kernels
+        [--fwd-caps 128,168 --bwd-caps 168 --cases "d64 low-rank,d64 no bias"]
     python scripts/probe_bias_kernels.py --splits     # few-query problems (merged key splits) vs SDPA, per kernel
     python scripts/probe_bias_kernels.py --gate       # the gate rows: CUDA time per kernel, forward and backward
 """
@@ -137,15 +138,20 @@ def grid_inputs() -> None:
 # per-thread register caps (Triton's `maxnreg`) tried on the tuned kernels: at 4 warps, <= 128 registers let 4
 # programs share an SM, <= 168 three (ptxas on the grid rel-pos kernels: forward 158 -> 128 spills 20 B; dQ 222
 # and dK/dV 218 -> 168 spill 156 / 244 B)
-REGISTER_CAPS = [{}, {"_attn_fwd": 128, "_keys_fwd": 128},
-                 {"_attn_bwd_dq": 168, "_attn_bwd_dkdv": 168, "_keys_bwd": 168},
-                 {"_attn_bwd_dq": 128, "_attn_bwd_dkdv": 128, "_keys_bwd": 128}]
+FWD_KERNELS, BWD_KERNELS = ("_attn_fwd", "_keys_fwd"), ("_attn_bwd_dq", "_attn_bwd_dkdv", "_keys_bwd")
 
 
-def register_caps() -> None:
-    """The rel-pos and low-rank rows and their no-bias anchors, tuned without a cap (the autotuner's own capped
-    candidates left out), then re-timed on the same configs with each of `REGISTER_CAPS` (the launches get
-    `maxnreg`; one compile per capped kernel)."""
+def _cap_settings(fwd_caps, bwd_caps):
+    """[{kernel name: cap}]: no cap first, then each forward cap on the forward kernels and each backward cap on
+    the backward kernels."""
+    return ([{}] + [dict.fromkeys(FWD_KERNELS, c) for c in fwd_caps] +
+            [dict.fromkeys(BWD_KERNELS, c) for c in bwd_caps])
+
+
+def register_caps(fwd_caps=(128,), bwd_caps=(168, 128), only=None) -> None:
+    """The rel-pos, low-rank and dense-bias rows and their no-bias anchors (labels containing one of `only`, all
+    by default), tuned without a cap (the autotuner's own capped candidates left out), then re-timed on the same
+    configs under each cap (`_cap_settings`; the launches get `maxnreg`; one compile per capped kernel)."""
     import bench_kernels as bk
     from triton.runtime.jit import JITFunction
 
@@ -176,10 +182,14 @@ def register_caps() -> None:
     for B, D in [(2, 64), (1, 128)]:
         ql, kl, vl = bk._qkv(B, 16, 4096, D)
         uq, uk = [torch.randn(B, 16, 4096, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "ab"]
+        bias = torch.randn(16, 4096, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         cases += [(f"B{B} d{D} no bias", lambda ql=ql, kl=kl, vl=vl: kernels.attention(ql, kl, vl), [ql, kl, vl]),
                   (f"B{B} d{D} low-rank r16", lambda ql=ql, kl=kl, vl=vl, uq=uq, uk=uk: kernels.attention(
-                      ql, kl, vl, bias=kernels.LowRankBias(uq, uk)), [ql, kl, vl, uq, uk])]
-    for setting in REGISTER_CAPS:
+                      ql, kl, vl, bias=kernels.LowRankBias(uq, uk)), [ql, kl, vl, uq, uk]),
+                  (f"B{B} d{D} dense bias", lambda ql=ql, kl=kl, vl=vl, bias=bias: kernels.attention(
+                      ql, kl, vl, bias=bias), [ql, kl, vl, bias])]
+    cases = [c for c in cases if only is None or any(o in c[0] for o in only)]
+    for setting in _cap_settings(fwd_caps, bwd_caps):
         caps.clear()
         caps.update(setting)
         for label, fn, leaves in cases:
@@ -243,9 +253,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lowrank", action="store_true", help="the low-rank rows under the full autotune lists")
     ap.add_argument("--relpos", action="store_true", help="the rel-pos rows: CUDA time per kernel")
-    ap.add_argument("--cases", default=None, help="with --relpos: comma list of case labels (default all)")
+    ap.add_argument("--cases", default=None, help="with --relpos (labels) or --maxnreg (label parts): comma list")
     ap.add_argument("--grid-inputs", action="store_true", help="grid patterns in place vs on permuted copies")
     ap.add_argument("--maxnreg", action="store_true", help="the bias rows with register caps on the tuned kernels")
+    ap.add_argument("--fwd-caps", default="128", help="with --maxnreg: comma list of forward caps")
+    ap.add_argument("--bwd-caps", default="168,128", help="with --maxnreg: comma list of backward caps")
     ap.add_argument("--splits", action="store_true", help="few-query problems (merged key splits) vs SDPA")
     ap.add_argument("--gate", action="store_true", help="the gate rows: CUDA time per kernel")
     args = ap.parse_args()
@@ -257,7 +269,8 @@ if __name__ == "__main__":
     elif args.grid_inputs:
         grid_inputs()
     elif args.maxnreg:
-        register_caps()
+        ints = lambda text: tuple(int(c) for c in text.split(",") if c)  # noqa: E731
+        register_caps(ints(args.fwd_caps), ints(args.bwd_caps), args.cases and args.cases.split(","))
     elif args.splits:
         split_problems()
     elif args.gate:

@@ -632,6 +632,10 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
         dk, dv = sum_over_leading(dk, qp.dtype), sum_over_leading(dv, qp.dtype)
         duk = None if duk is None else sum_over_leading(duk)
 
+    if pair_sum(db, ex.bias, prob, qp.dtype, ex.rel is not None or r > 0):
+        dq, dbias = _dq_pair(qkv, db, ex.bias.dtype, prob, cfg, common, nqb, nkb)
+        return dq, dk, dv, dbias, None, None, dg
+
     # dQ (+ dU_q, or the rel-pos tables' logit gradient dT, (2 win - 1) columns per table): one program per
     # query block, key blocks split when queries are few
     S, per = (1, max(nkb, 1)) if prob.grid else _splits(nqb * B * H, nkb, qp.device, min_blocks=4)
@@ -661,6 +665,43 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
         dq = sum_over_leading(dq, qp.dtype)
         duq = None if duq is None else sum_over_leading(duq)
     return dq, dk, dv, db, duq, duk, dg
+
+
+def pair_sum(db: Optional[torch.Tensor], bias4: Optional[torch.Tensor], prob: "_Problem", q_dtype: torch.dtype,
+             factors: bool) -> bool:
+    """Whether the dQ kernel of a batch of two also writes the gradient of a bias the pair shares per head
+    (`triton_kernels._attn_bwd_dq_pair`): dS stored (`ds_stored`), a 1-d pattern, the bias (1, H, Nq, Nk)."""
+    return (ds_stored(db, q_dtype, factors) and not prob.grid and db.shape[0] == 2 and bias4.shape[0] == 1
+            and bias4.shape[1] == db.shape[1])
+
+
+def _dq_pair(qkv: dict, db: torch.Tensor, bias_dtype: torch.dtype, prob: "_Problem", cfg, common: dict, nqb: int,
+             nkb: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dq, the pair's bias gradient (1, H, Nq, Nk)) from the stored dS `db` of a batch of two (`pair_sum`)."""
+    from . import triton_kernels as tk
+
+    kp, qp = qkv["K"], qkv["Q"]
+    _, H, NQ, NK = db.shape
+    D = qp.shape[-1]
+    S, per = _splits(nqb * H, nkb, qp.device, min_blocks=4)
+    dq = _new(2, H, NQ, D, like=qp) if S == 1 else _new(S, 2, H, NQ, D, like=qp, dtype=torch.float32)
+    dq0 = dq if S == 1 else dq[0]
+    dbias = (_new if isinstance(prob.pattern, Dense) else
+             lambda *s, like, dtype: torch.zeros(s, device=like.device, dtype=dtype))(1, H, NQ, NK, like=qp,
+                                                                                       dtype=bias_dtype)
+    tk._attn_bwd_dq_pair[(nqb, H, S)](
+        DS=db, K=kp, DQ=dq0, DB=dbias, stride_sb=db.stride(0), stride_sh=db.stride(1), stride_sm=db.stride(2),
+        stride_sn=db.stride(3), stride_kb=kp.stride(0), stride_kh=kp.stride(1), stride_kn=kp.stride(2),
+        stride_dqb=dq0.stride(0), stride_dqh=dq0.stride(1), stride_dqn=dq0.stride(2),
+        stride_dqs=dq.stride(0) if S > 1 else 0, stride_dbh=dbias.stride(1), stride_dbm=dbias.stride(2),
+        stride_dbn=dbias.stride(3), SPLIT_BLOCKS=per, GROUP=H // kp.shape[1], NQ=NQ, NK=NK,
+        sm_scale=common["sm_scale"], OFF=prob.off, LEFT=prob.left, RIGHT=prob.right, D=D,
+        BLOCK_M=common["BLOCK_M"], BLOCK_N=common["BLOCK_N"], BLOCK_D=common["BLOCK_D"],
+        DOT_PREC=common["DOT_PREC"], **_launch_opts(cfg, prob))
+    CALLS["general_dq_pair_sum"] += 1
+    if S > 1:
+        dq = sum_over_leading(dq, qp.dtype)
+    return dq, dbias
 
 
 def _rel_query_factors(qp, rel: Rel, prob: _Problem, nq: int, scale: float, lr_chain_: bool) -> dict:

@@ -255,29 +255,38 @@ def test_relpos_on_halo_grid(case, route, monkeypatch):
     assert (ran & in_kernel) == (set() if route == "lowrank" else in_kernel), ran
 
 
-DS_STORED_CASES = [  # (id, pattern, B, H, HKV, NQ, NK, D, bias_fn, dS from the dK/dV kernel's buffer)
-    ("dense-full-gqa", Dense(), 2, 4, 2, 37, 45, 32, _dense_bias((2, 4, 37, 45)), True),
+DS_STORED_CASES = [  # (id, pattern, B, H, HKV, NQ, NK, D, bias_fn, dS from the dK/dV kernel's buffer, and with
+    # it the dQ kernel of a batch of two writes the shared bias's gradient: `_attn_bwd_dq_pair`)
+    ("dense-full-gqa", Dense(), 2, 4, 2, 37, 45, 32, _dense_bias((2, 4, 37, 45)), True, False),
     ("window-batch-broadcast-fp32", Window1d(6, 2), 3, 2, 2, 41, 41, 16, _dense_bias((1, 2, 41, 41), torch.float32),
-     True),
+     True, False),
     ("na2d-dil-head-broadcast", Neighborhood((6, 7), (3, 5), dilation=(2, 1)), 2, 2, 1, 42, 42, 16,
-     _dense_bias((2, 1, 42, 42)), True),
-    ("halo-grid", Halo((4, 6), block=2, halo=1), 2, 2, 2, 24, 48, 16, _dense_bias((2, 2, 24, 48)), True),
+     _dense_bias((2, 1, 42, 42)), True, False),
+    ("halo-grid", Halo((4, 6), block=2, halo=1), 2, 2, 2, 24, 48, 16, _dense_bias((2, 2, 24, 48)), True, False),
     # a bfloat16 bias under float16 q: a bfloat16 dS buffer would round dS twice, so dQ recomputes it
-    ("bf16-bias-fp16-q", Dense(), 2, 2, 2, 30, 33, 16, _dense_bias((1, 2, 30, 33), torch.bfloat16), False),
+    ("bf16-bias-fp16-q", Dense(), 2, 2, 2, 30, 33, 16, _dense_bias((1, 2, 30, 33), torch.bfloat16), False, False),
+    ("pair-dense-gqa", Dense(), 2, 4, 2, 37, 45, 32, _dense_bias((1, 4, 37, 45)), True, True),
+    ("pair-causal-fp32-bias", Causal(), 2, 2, 2, 90, 90, 16, _dense_bias((1, 2, 90, 90), torch.float32), True,
+     True),  # unvisited tiles keep a zero gradient
+    ("pair-window-nq-ne-nk", Window1d(5, 9), 2, 2, 1, 70, 83, 16, _dense_bias((1, 2, 70, 83)), True, True),
+    ("pair-few-queries-splits", Dense(), 2, 2, 2, 9, 300, 16, _dense_bias((1, 2, 9, 300)), True, True),
+    ("pair-shared-by-heads", Dense(), 2, 2, 2, 33, 40, 16, _dense_bias((1, 1, 33, 40)), True, False),
 ]
 
 
 @pytest.mark.parametrize("case", DS_STORED_CASES, ids=[c[0] for c in DS_STORED_CASES])
 def test_bias_backward_dq_from_stored_ds(case, monkeypatch):
     """With a bias gradient, the general dQ kernel takes dS from the buffer the dK/dV kernel wrote (masked tiles
-    included) instead of recomputing it; results against float64 either way."""
+    included) instead of recomputing it; for a batch of two sharing a per-head bias it also writes the bias's
+    gradient. Results against float64 either way."""
     from kernels.backends.triton_attention import CALLS
 
     monkeypatch.setenv("ATTNZOO_SKINNY", "old")  # these shapes would otherwise also fit the few-keys kernels
-    _, pattern, B, H, HKV, NQ, NK, D, bias_fn, stored = case
-    before = CALLS["general_dq_ds_stored"]
+    _, pattern, B, H, HKV, NQ, NK, D, bias_fn, stored, pair = case
+    before = dict(CALLS)
     _check(pattern, B, H, HKV, NQ, NK, D, D, torch.float16, bias_fn=bias_fn)
-    assert (CALLS["general_dq_ds_stored"] > before) == stored
+    assert (CALLS["general_dq_ds_stored"] > before.get("general_dq_ds_stored", 0)) == (stored and not pair)
+    assert (CALLS["general_dq_pair_sum"] > before.get("general_dq_pair_sum", 0)) == pair
 
 
 @pytest.mark.parametrize("g_shape,like_shape,g_dtype,like_dtype,streamed", [
