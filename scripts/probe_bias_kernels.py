@@ -2,6 +2,7 @@
 
     python scripts/probe_bias_kernels.py              # dense-bias backward: CUDA time per kernel (torch.profiler)
     python scripts/probe_bias_kernels.py --lowrank    # low-rank r16 rows with the full autotune lists
+    python scripts/probe_bias_kernels.py --lr-chain [--full]   # low-rank rows, the chained dot on / off
     python scripts/probe_bias_kernels.py --relpos     # rel-pos rows (Halo grid and blocked): CUDA time per kernel
     python scripts/probe_bias_kernels.py --grid-inputs   # grid patterns tuned in place vs on permuted copies
     python scripts/probe_bias_kernels.py --maxnreg    # the bias rows with register caps on the tuned kernels
@@ -234,6 +235,34 @@ def gate_breakdown() -> None:
     bk.print_autotuned()
 
 
+def lowrank_chain(full: bool = False) -> None:
+    """The low-rank r16 rows with loaded factors chained into q·kᵀ (`LR_CHAIN`) as the rule says
+    (`triton_attention.lr_chain`: head dims <= 64), always, and never; each setting tuned afresh, on the fast
+    candidate lists (or the full ones)."""
+    os.environ["ATTNZOO_AUTOTUNE"] = "full" if full else "fast"
+    import bench_kernels as bk
+
+    from kernels.backends import triton_attention as ta
+
+    torch.cuda.set_stream(torch.cuda.Stream())  # CUDA graphs need a side stream
+    rule = ta.lr_chain
+    for setting in ("rule", "always", "never"):
+        ta.lr_chain = rule if setting == "rule" else (
+            lambda q, factors, on=setting == "always": rule(q, factors) if factors != "loaded" else on)
+        ta._BEST.clear()
+        for B, H, N, D in [(2, 16, 4096, 64), (1, 16, 4096, 128)]:
+            q, k, v = bk._qkv(B, H, N, D)
+            uq, uk = [torch.randn(B, H, N, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                      for _ in "ab"]
+            t0f, t0b = bk._fb(lambda: kernels.attention(q, k, v), [q, k, v])
+            tlf, tlb = bk._fb(lambda: kernels.attention(q, k, v, bias=kernels.LowRankBias(uq, uk)),
+                              [q, k, v, uq, uk])
+            print(f"chain {setting:6s} B{B} d{D}: fwd {tlf:.4f} / {t0f:.4f} ms = {tlf / t0f:.3f}x; "
+                  f"bwd {tlb:.4f} / {t0b:.4f} ms = {tlb / t0b:.3f}x", flush=True)
+        bk.print_autotuned()
+    ta.lr_chain = rule
+
+
 def lowrank_full_tune() -> None:
     """The low-rank r16 rows and their no-bias anchors, both tuned over the full candidate lists."""
     os.environ["ATTNZOO_AUTOTUNE"] = "full"
@@ -252,6 +281,8 @@ def lowrank_full_tune() -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lowrank", action="store_true", help="the low-rank rows under the full autotune lists")
+    ap.add_argument("--lr-chain", action="store_true", help="the low-rank rows with the chained dot on and off")
+    ap.add_argument("--full", action="store_true", help="with --lr-chain: the full candidate lists")
     ap.add_argument("--relpos", action="store_true", help="the rel-pos rows: CUDA time per kernel")
     ap.add_argument("--cases", default=None, help="with --relpos (labels) or --maxnreg (label parts): comma list")
     ap.add_argument("--grid-inputs", action="store_true", help="grid patterns in place vs on permuted copies")
@@ -266,6 +297,8 @@ if __name__ == "__main__":
     os.environ.setdefault("ATTNZOO_AUTOTUNE", "fast")
     if args.lowrank:
         lowrank_full_tune()
+    elif args.lr_chain:
+        lowrank_chain(args.full)
     elif args.grid_inputs:
         grid_inputs()
     elif args.maxnreg:

@@ -149,7 +149,9 @@ def _fwd_candidates(d: int, dv: int) -> List[tuple]:
     128x64 block on 4 warps spills (ptxas: 255 registers + 632 B of spill stores, Triton 3.6, sm_90a); 8 warps do
     not. At head dims <= 64 the 64x64 block is also tried capped at 128 registers (`maxnreg`): four programs per
     SM instead of three (H200: the blocked HaloNet layout 0.079 -> 0.071 ms, dense B2 H16 N4096 0.345 -> 0.322 ms,
-    rel-pos on the Halo grid 0.154 -> 0.145 ms; at head dim 128 the cap spills and runs slower)."""
+    rel-pos on the Halo grid 0.154 -> 0.145 ms; at head dim 128 the cap spills and runs slower), and capped with 2
+    stages: with rel-pos or low-rank operands next to them, three stages of k and v take more than a quarter of
+    the SM's 228 KB of shared memory (rel-pos on the Halo grid 0.151 -> 0.138 ms, blocked 0.119 -> 0.106 ms)."""
     if _interpret():
         return [(32, 16, 4, 1)]
     bd = max(_block_d(d), _block_d(dv))
@@ -161,9 +163,9 @@ def _fwd_candidates(d: int, dv: int) -> List[tuple]:
         return [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 64, 4, 3),
                 (64, 64, 4, 2), (64, 32, 4, 3)]
     if _fast_tune():
-        return [(64, 64, 4, 3), (64, 64, 4, 3, 128), (128, 64, 4, 3), (128, 128, 8, 3)]
+        return [(64, 64, 4, 3), (64, 64, 4, 3, 128), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 2, 128)]
     return [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-            (64, 64, 4, 3, 128)]
+            (64, 64, 4, 3, 128), (64, 64, 4, 2, 128)]
 
 
 def _bwd_candidates(d: int, dv: int) -> List[tuple]:
