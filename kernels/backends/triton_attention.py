@@ -600,10 +600,8 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
     # dK/dV (+ dS for the bias, + dU_k): one program per key block, query blocks split when keys are few
     store_db = need_db and ex.bias is not None
     db = None
-    if store_db:  # unvisited (masked) tiles keep a zero gradient; dense patterns write every element
-        db = (_new if isinstance(prob.pattern, Dense) else
-              lambda *s, like, dtype: torch.zeros(s, device=like.device, dtype=dtype))(
-            B, H, NQO, NKO, like=qp, dtype=ds_dtype(ex.bias, (B, H, NQO, NKO)))
+    if store_db:
+        db = _bias_grad_buffer(prob, (B, H, NQO, NKO), qp, ds_dtype(ex.bias, (B, H, NQO, NKO)))
     S, per = (1, max(nqb, 1)) if prob.grid else _splits(nkb * B * HKV, nqb, qp.device, min_blocks=4)
     r_k = 0 if ex.rel is not None else r  # the rel-pos key factor is a constant: no dU_k
     if S == 1:
@@ -669,6 +667,14 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
     return dq, dk, dv, db, duq, duk, dg
 
 
+def _bias_grad_buffer(prob: "_Problem", shape: Tuple[int, ...], like: torch.Tensor, dtype: torch.dtype):
+    """A buffer the kernels write a bias gradient (or dS) into: uninitialised under a dense pattern, whose tiles
+    are all written; zeros otherwise, since tiles no query sees are never visited."""
+    if isinstance(prob.pattern, Dense):
+        return _new(*shape, like=like, dtype=dtype)
+    return torch.zeros(shape, device=like.device, dtype=dtype)
+
+
 def pair_sum(db: Optional[torch.Tensor], bias4: Optional[torch.Tensor], prob: "_Problem", q_dtype: torch.dtype,
              factors: bool) -> bool:
     """Whether the dQ kernel of a batch of two also writes the gradient of a bias the pair shares per head
@@ -688,9 +694,7 @@ def _dq_pair(qkv: dict, db: torch.Tensor, bias_dtype: torch.dtype, prob: "_Probl
     S, per = _splits(nqb * H, nkb, qp.device, min_blocks=4)
     dq = _new(2, H, NQ, D, like=qp) if S == 1 else _new(S, 2, H, NQ, D, like=qp, dtype=torch.float32)
     dq0 = dq if S == 1 else dq[0]
-    dbias = (_new if isinstance(prob.pattern, Dense) else
-             lambda *s, like, dtype: torch.zeros(s, device=like.device, dtype=dtype))(1, H, NQ, NK, like=qp,
-                                                                                       dtype=bias_dtype)
+    dbias = _bias_grad_buffer(prob, (1, H, NQ, NK), qp, bias_dtype)
     tk._attn_bwd_dq_pair[(nqb, H, S)](
         DS=db, K=kp, DQ=dq0, DB=dbias, stride_sb=db.stride(0), stride_sh=db.stride(1), stride_sm=db.stride(2),
         stride_sn=db.stride(3), stride_kb=kp.stride(0), stride_kh=kp.stride(1), stride_kn=kp.stride(2),

@@ -1016,8 +1016,8 @@ def _attn_bwd_dq_pair(DS, K, DQ, DB, stride_sb, stride_sh, stride_sm, stride_sn,
                       DOT_PREC: tl.constexpr):
     """dQ of a batch of two from the dS the dK/dV kernel stored (as `_attn_bwd_dq` under DS_STORED), and the
     gradient of a bias the pair shares: DB = dS[0] + dS[1] (float32 sum, one rounding, as `sum_leading`), written
-    while both tiles are in registers. The separate sum pass re-read all of dS: 1.07 of its 1.61 GB at 2 x 16
-    heads x 4096^2. 1-d patterns; one program per (query block, head, split)."""
+    while both tiles are in registers. The separate sum pass (`sum_leading`) read all of dS again: 1.07 GB at
+    2 x 16 heads x 4096^2. 1-d patterns; one program per (query block, head, split)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
