@@ -7,6 +7,7 @@
     python scripts/probe_bias_kernels.py --grid-inputs   # grid patterns tuned in place vs on permuted copies
     python scripts/probe_bias_kernels.py --maxnreg    # the bias rows with register caps on the tuned kernels
         [--fwd-caps 128,168 --bwd-caps 168 --cases "d64 low-rank,d64 no bias"]
+    python scripts/probe_bias_kernels.py --rel-factor # the rel-pos query-factor kernel's launch options
     python scripts/probe_bias_kernels.py --splits     # few-query problems (merged key splits) vs SDPA, per kernel
     python scripts/probe_bias_kernels.py --gate       # the gate rows: CUDA time per kernel, forward and backward
 """
@@ -199,6 +200,35 @@ def register_caps(fwd_caps=(128,), bwd_caps=(168, 128), only=None) -> None:
     bk.print_autotuned()
 
 
+def rel_factor_launch() -> None:
+    """The rel-pos Halo grid backward under each (BLOCK_M, num_warps) of the query-factor kernel
+    (`triton_attention.REL_FACTOR_LAUNCH`): graph-timed, and that kernel's CUDA time."""
+    import bench_kernels as bk
+
+    from kernels.backends import triton_attention as ta
+
+    torch.cuda.set_stream(torch.cuda.Stream())  # CUDA graphs need a side stream
+    grid, q, k, v, (th, tw) = bk.relpos_inputs("grid")
+    leaves = [q, k, v, th, tw]
+    out = kernels.attention(q, k, v, grid, bias=kernels.RelPosBias(grid, (th, tw)))
+    do = torch.randn_like(out)
+    default = ta.REL_FACTOR_LAUNCH
+    for launch in ((64, 4), (64, 2), (64, 8), (128, 4), (128, 8), (32, 4), (32, 2)):
+        ta.REL_FACTOR_LAUNCH = launch
+        bwd = lambda: torch.autograd.grad(out, leaves, do, retain_graph=True)  # noqa: E731
+        for _ in range(3):
+            bwd()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                bwd()
+            torch.cuda.synchronize()
+        factor = sum(e.device_time_total for e in prof.key_averages() if e.key.startswith("_rel_factor_bwd")) / 5
+        _, tb = bk._fb(lambda: kernels.attention(q, k, v, grid, bias=kernels.RelPosBias(grid, (th, tw))), leaves)
+        print(f"rel factor launch {launch}: backward {tb:.4f} ms, _rel_factor_bwd {factor / 1e3:.4f} ms", flush=True)
+    ta.REL_FACTOR_LAUNCH = default
+
+
 def split_problems() -> None:
     """Few-query problems, whose key splits `triton_combine.combine_splits` merges (forward) and
     `triton_attention.sum_over_leading` sums (backward): graph-timed against SDPA, then CUDA time per kernel."""
@@ -289,6 +319,7 @@ if __name__ == "__main__":
     ap.add_argument("--maxnreg", action="store_true", help="the bias rows with register caps on the tuned kernels")
     ap.add_argument("--fwd-caps", default="128", help="with --maxnreg: comma list of forward caps")
     ap.add_argument("--bwd-caps", default="168,128", help="with --maxnreg: comma list of backward caps")
+    ap.add_argument("--rel-factor", action="store_true", help="the rel-pos query-factor kernel's launch options")
     ap.add_argument("--splits", action="store_true", help="few-query problems (merged key splits) vs SDPA")
     ap.add_argument("--gate", action="store_true", help="the gate rows: CUDA time per kernel")
     args = ap.parse_args()
@@ -301,6 +332,8 @@ if __name__ == "__main__":
         lowrank_chain(args.full)
     elif args.grid_inputs:
         grid_inputs()
+    elif args.rel_factor:
+        rel_factor_launch()
     elif args.maxnreg:
         ints = lambda text: tuple(int(c) for c in text.split(",") if c)  # noqa: E731
         register_caps(ints(args.fwd_caps), ints(args.bwd_caps), args.cases and args.cases.split(","))
