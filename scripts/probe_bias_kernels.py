@@ -8,6 +8,7 @@
     python scripts/probe_bias_kernels.py --maxnreg    # the bias rows with register caps on the tuned kernels
         [--fwd-caps 128,168 --bwd-caps 168 --cases "d64 low-rank,d64 no bias"]
     python scripts/probe_bias_kernels.py --rel-factor # the rel-pos query-factor kernel's launch options
+    python scripts/probe_bias_kernels.py --keys-grid  # the blocked HaloNet rows over a grid of few-keys configs
     python scripts/probe_bias_kernels.py --splits     # few-query problems (merged key splits) vs SDPA, per kernel
     python scripts/probe_bias_kernels.py --gate       # the gate rows: CUDA time per kernel, forward and backward
 """
@@ -229,6 +230,39 @@ def rel_factor_launch() -> None:
     ta.REL_FACTOR_LAUNCH = default
 
 
+def blocked_keys_grid() -> None:
+    """The blocked HaloNet rows (no bias and rel-pos, (512, 8, 64, 144) d64) with the few-keys kernels tuned over
+    a grid of configs (key chunks of 32 / 64, 4 / 8 warps, 1 / 2 stages, 4 / 16 / 64 waves) instead of
+    `triton_skinny.keys_candidates`' lists."""
+    import itertools
+
+    import bench_kernels as bk
+
+    from kernels.backends import triton_attention as ta
+    from kernels.backends import triton_skinny as sk
+
+    torch.cuda.set_stream(torch.cuda.Stream())  # CUDA graphs need a side stream
+    listed = sk.keys_candidates
+
+    def grid(nq, nk, d, dv, backward=False):
+        if nq > 128:
+            return listed(nq, nk, d, dv, backward)
+        return [(64, w, st, "flat", waves, chunk) for chunk, w, st, waves in
+                itertools.product((32, 64), (4, 8), (1, 2), (4, 16, 64))]
+
+    sk.keys_candidates = grid
+    ta._BEST.clear()
+    blocked, q, k, v, (th, tw) = bk.relpos_inputs("blocked")
+    for label, fn, leaves in (
+            ("blocked no bias", lambda: kernels.attention(q, k, v), [q, k, v]),
+            ("blocked rel-pos", lambda: kernels.attention(q, k, v, bias=kernels.RelPosBias(blocked, (th, tw))),
+             [q, k, v, th, tw])):
+        tf, tb = bk._fb(fn, leaves)
+        print(f"keys grid {label:16s} fwd {tf:.4f} ms  bwd {tb:.4f} ms", flush=True)
+    sk.keys_candidates = listed
+    bk.print_autotuned()
+
+
 def split_problems() -> None:
     """Few-query problems, whose key splits `triton_combine.combine_splits` merges (forward) and
     `triton_attention.sum_over_leading` sums (backward): graph-timed against SDPA, then CUDA time per kernel."""
@@ -320,6 +354,7 @@ if __name__ == "__main__":
     ap.add_argument("--fwd-caps", default="128", help="with --maxnreg: comma list of forward caps")
     ap.add_argument("--bwd-caps", default="168,128", help="with --maxnreg: comma list of backward caps")
     ap.add_argument("--rel-factor", action="store_true", help="the rel-pos query-factor kernel's launch options")
+    ap.add_argument("--keys-grid", action="store_true", help="the blocked HaloNet rows over a grid of few-keys configs")
     ap.add_argument("--splits", action="store_true", help="few-query problems (merged key splits) vs SDPA")
     ap.add_argument("--gate", action="store_true", help="the gate rows: CUDA time per kernel")
     args = ap.parse_args()
@@ -332,6 +367,8 @@ if __name__ == "__main__":
         lowrank_chain(args.full)
     elif args.grid_inputs:
         grid_inputs()
+    elif args.keys_grid:
+        blocked_keys_grid()
     elif args.rel_factor:
         rel_factor_launch()
     elif args.maxnreg:

@@ -534,6 +534,9 @@ def keys_candidates(nq: int, nk: int, d: int, dv: int, backward: bool = False) -
                 (bm, 8, 2, "flat", 16, 128)]
         if not chunked:
             return one[:2] if fast else one
+        if backward:  # an unpipelined 64-key loop at 64 waves: the blocked HaloNet layout (64 x 144) 0.178 ->
+            # 0.170 ms, with rel-pos 0.345 -> 0.334 (benchmarks/logs/probe_r58_blocked_keys_grid.log)
+            return [(bm, 4, 1, "flat", 64, 64)] + (loop[:2] + one[:1] if fast else loop + one)
         return loop[:2] + one[:1] if fast else loop + one
     if backward:  # several query blocks per (b, h): one key tile (dK/dV accumulate in registers)
         if wide:
