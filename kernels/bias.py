@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Tuple
 
 import torch
 
-from .patterns import Dense, Halo, Neighborhood
+from .patterns import Dense, Halo, Neighborhood, tensor_cache
 
 __all__ = ["LowRankBias", "RelPosBias"]
 
@@ -98,7 +97,7 @@ def _coords(grid) -> torch.Tensor:
     return torch.stack(torch.unravel_index(torch.arange(math.prod(grid)), tuple(grid)))
 
 
-@lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _factor_index(pattern, device: str):
     """Per axis: the (Nq, w) table index of each query's one-hot key class, and the (Nk,) key classes."""
     qc, kc = _coords(pattern.grid), _coords(getattr(pattern, "key_grid", pattern.grid))
@@ -113,7 +112,7 @@ def _factor_index(pattern, device: str):
     return gathers, classes
 
 
-@lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _dense_index(pattern, device: str):
     """Per axis: (Nq, Nk) table index from the definition, and where it lies inside the table."""
     qc, kc = _coords(pattern.grid), _coords(getattr(pattern, "key_grid", pattern.grid))

@@ -8,6 +8,7 @@ Token order on a grid is row-major (last axis fastest), as `x.flatten(2)` of a `
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, fields
@@ -266,7 +267,29 @@ class Neighborhood(Pattern):
         return total
 
 
-@lru_cache(maxsize=256)
+def outside_inference_mode(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` with inference mode switched off: tensors it builds for a cache can then be saved for
+    backward by a later training step (a tensor made under `torch.inference_mode()` cannot). Not checked under
+    torch.compile, which cannot trace `torch.is_inference_mode_enabled`."""
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+    return fn(*args, **kwargs)
+
+
+def tensor_cache(maxsize: int):
+    """`functools.lru_cache` for builders of constant tensors (index maps, masks, one-hots), run
+    `outside_inference_mode`: a cache first filled by an inference call would otherwise break every later
+    training step that gathers or masks with it."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def build(*args, **kwargs):
+            return outside_inference_mode(fn, *args, **kwargs)
+        return lru_cache(maxsize=maxsize)(build)
+    return decorate
+
+
+@tensor_cache(maxsize=256)
 def _axis_mask_cached(length, window, stride, dilation, inward, causal, device):
     return neighborhood_axis_mask(length, window, stride, dilation, inward, causal, device)
 

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .patterns import tensor_cache
+
 __all__ = ["GridLayout", "TileMap", "grid_tile_map", "axis_tile_status", "tile_shape_candidates",
            "choose_tile_shapes", "slot_tile_candidates", "tile_work", "pair_cost", "choose_tile_shapes_pair"]
 
@@ -244,7 +246,7 @@ def _short_tiles(k_len: int, k_tile: int) -> np.ndarray:
     return np.minimum(k0 + k_tile, k_len) - k0 < k_tile
 
 
-@lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def grid_tile_map(pattern, q_tile: Tuple[int, ...], k_tile: Tuple[int, ...], device: str = "cpu",
                   q_slot: int = 0, k_slot: int = 0, pair_mask: bool = False) -> TileMap:
     """Build (and cache) the tile map of a grid pattern for the given tile shapes on `device`.

@@ -9,6 +9,7 @@
         [--fwd-caps 128,168 --bwd-caps 168 --cases "d64 low-rank,d64 no bias"]
     python scripts/probe_bias_kernels.py --rel-factor # the rel-pos query-factor kernel's launch options
     python scripts/probe_bias_kernels.py --keys-grid  # the blocked HaloNet rows over a grid of few-keys configs
+    python scripts/probe_bias_kernels.py --extra-bwd "64,64,4,1,168"   # the grid and d64 rows with extra configs
     python scripts/probe_bias_kernels.py --splits     # few-query problems (merged key splits) vs SDPA, per kernel
     python scripts/probe_bias_kernels.py --gate       # the gate rows: CUDA time per kernel, forward and backward
 """
@@ -263,6 +264,36 @@ def blocked_keys_grid() -> None:
     bk.print_autotuned()
 
 
+def extra_candidates(fwd=(), bwd=()) -> None:
+    """The grid and d64 bias rows with extra general-kernel configs appended to the candidates at head dims
+    <= 64 (`fwd` to `_fwd_candidates`, `bwd` to `_bwd_candidates`), tuned afresh."""
+    import bench_kernels as bk
+
+    from kernels.backends import triton_attention as ta
+
+    torch.cuda.set_stream(torch.cuda.Stream())  # CUDA graphs need a side stream
+    listed = ta._fwd_candidates, ta._bwd_candidates
+    ta._fwd_candidates = lambda d, dv: listed[0](d, dv) + (list(fwd) if d <= 64 else [])
+    ta._bwd_candidates = lambda d, dv: listed[1](d, dv) + (list(bwd) if d <= 64 else [])
+    ta._BEST.clear()
+    grid, q, k, v, (th, tw) = bk.relpos_inputs("grid")
+    ql, kl, vl = bk._qkv(2, 16, 4096, 64)
+    uq, uk = [torch.randn(2, 16, 4096, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "ab"]
+    bias = torch.randn(16, 4096, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for label, fn, leaves in (
+            ("grid no bias", lambda: kernels.attention(q, k, v, grid), [q, k, v]),
+            ("grid rel-pos", lambda: kernels.attention(q, k, v, grid, bias=kernels.RelPosBias(grid, (th, tw))),
+             [q, k, v, th, tw]),
+            ("B2 d64 no bias", lambda: kernels.attention(ql, kl, vl), [ql, kl, vl]),
+            ("B2 d64 low-rank r16", lambda: kernels.attention(ql, kl, vl, bias=kernels.LowRankBias(uq, uk)),
+             [ql, kl, vl, uq, uk]),
+            ("B2 d64 dense bias", lambda: kernels.attention(ql, kl, vl, bias=bias), [ql, kl, vl, bias])):
+        tf, tb = bk._fb(fn, leaves)
+        print(f"extra candidates {label:20s} fwd {tf:.4f} ms  bwd {tb:.4f} ms", flush=True)
+    ta._fwd_candidates, ta._bwd_candidates = listed
+    bk.print_autotuned()
+
+
 def split_problems() -> None:
     """Few-query problems, whose key splits `triton_combine.combine_splits` merges (forward) and
     `triton_attention.sum_over_leading` sums (backward): graph-timed against SDPA, then CUDA time per kernel."""
@@ -355,6 +386,9 @@ if __name__ == "__main__":
     ap.add_argument("--bwd-caps", default="168,128", help="with --maxnreg: comma list of backward caps")
     ap.add_argument("--rel-factor", action="store_true", help="the rel-pos query-factor kernel's launch options")
     ap.add_argument("--keys-grid", action="store_true", help="the blocked HaloNet rows over a grid of few-keys configs")
+    ap.add_argument("--extra-fwd", default=None, help="configs added to the forward candidates, e.g. '64,64,4,1,128'"
+                    " (';' between configs)")
+    ap.add_argument("--extra-bwd", default=None, help="configs added to the backward candidates, as --extra-fwd")
     ap.add_argument("--splits", action="store_true", help="few-query problems (merged key splits) vs SDPA")
     ap.add_argument("--gate", action="store_true", help="the gate rows: CUDA time per kernel")
     args = ap.parse_args()
@@ -367,6 +401,9 @@ if __name__ == "__main__":
         lowrank_chain(args.full)
     elif args.grid_inputs:
         grid_inputs()
+    elif args.extra_fwd or args.extra_bwd:
+        configs = lambda text: [tuple(int(x) for x in c.split(",")) for c in (text or "").split(";") if c]  # noqa
+        extra_candidates(configs(args.extra_fwd), configs(args.extra_bwd))
     elif args.keys_grid:
         blocked_keys_grid()
     elif args.rel_factor:

@@ -27,7 +27,6 @@ layout, the few-keys kernels, tuned against each other.
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import math
 import os
@@ -38,7 +37,8 @@ import torch
 from .. import tiles
 from ..bias import RelPosBias
 from ..checks import _fail
-from ..patterns import Causal, Dense, Halo, Neighborhood, Pattern, Window1d, pattern_from_key, pattern_key
+from ..patterns import (Causal, Dense, Halo, Neighborhood, Pattern, Window1d, pattern_from_key, pattern_key,
+                        tensor_cache)
 
 NAME = "triton"
 logger = logging.getLogger("kernels")
@@ -171,18 +171,21 @@ def _fwd_candidates(d: int, dv: int) -> List[tuple]:
 def _bwd_candidates(d: int, dv: int) -> List[tuple]:
     """As `_fwd_candidates`, for the dK/dV and dQ kernels (one config for both). At head dims <= 64 the 64x64
     block is also tried capped at 168 registers: three dK/dV programs per SM instead of two (H200: dense B2 H16
-    N4096 1.074 -> 0.988 ms, the Halo grid 0.359 -> 0.335 ms; with low-rank factors the spills made it slower)."""
+    N4096 1.074 -> 0.988 ms, the Halo grid 0.359 -> 0.335 ms; with low-rank factors the spills made it slower),
+    and so capped with one stage, for the few tiles a grid pattern's programs loop over (Halo grid 0.342 ->
+    0.300 ms, with rel-pos 0.553 -> 0.505 ms; slower on dense problems)."""
     if _interpret():
         return [(16, 32, 4, 1)]
     bd = max(_block_d(d), _block_d(dv))
+    capped = [(64, 64, 4, 2, 168), (64, 64, 4, 1, 168)] if bd <= 64 else []
     if _fast_tune() and bd < 256:
-        return [(64, 64, 4, 2)] + ([(64, 64, 4, 2, 168)] if bd <= 64 else []) + [(64, 128, 8, 2), (128, 128, 8, 2)]
+        return [(64, 64, 4, 2)] + capped + [(64, 128, 8, 2), (128, 128, 8, 2)]
     if bd >= 256:
         return [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)]
     # dK/dV at head dim 128 spills in every config (ptxas: 436 B at 64x128/8 warps, 5-9 KB at 128-row blocks);
     # 32-row query blocks under 128 keys spill 40 B
     return [(64, 128, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 8, 2), (32, 128, 8, 2)] + \
-        ([(64, 64, 4, 2, 168)] if bd <= 64 else [])
+        capped
 
 
 def _skinny_candidates(cands: List[tuple], nk: int) -> List[tuple]:
@@ -444,7 +447,7 @@ class Rel:
         return dict(rel_qw=qw, rel_block=block, REL_KF=self.keys_loaded)
 
 
-@functools.lru_cache(maxsize=32)
+@tensor_cache(maxsize=32)
 def _rel_key_onehots(nk: int, kw: int, win: int, block_w: int, dtype, device: str) -> torch.Tensor:
     n = torch.arange(nk, device=device)
     rows, cols = (n // kw) % win, (n % kw) % win

@@ -205,6 +205,39 @@ def test_factorized_bias_gradients_on_reference():
         q, k, v, bias=kernels.LowRankBias(uq, uk), backend="reference"), (q, k, v, uq, uk))
 
 
+@pytest.mark.parametrize("pattern", REL_PATTERNS[:1] + REL_PATTERNS[2:3], ids=repr)
+def test_cached_index_tensors_survive_an_inference_call(pattern):
+    """The index maps and masks behind a pattern and a RelPosBias are cached per pattern. Filled first under
+    torch.inference_mode(), they must still serve a later training step (gather and where save them for
+    backward; an inference tensor cannot be saved), with the same gradients as from a fresh cache."""
+    from kernels import bias as bias_mod
+    from kernels import patterns
+
+    windows = [pattern.window] * len(pattern.grid) if isinstance(pattern, kernels.Halo) else list(pattern.window)
+    nq, nk = math.prod(pattern.grid), math.prod(getattr(pattern, "key_grid", pattern.grid))
+    leaves = [torch.randn(1, 2, nq, 8, dtype=torch.float64), torch.randn(1, 2, nk, 8, dtype=torch.float64),
+              torch.randn(1, 2, nk, 8, dtype=torch.float64)] + [torch.randn(2 * w - 1, 8, dtype=torch.float64)
+                                                                 for w in windows]
+
+    def grads():  # the dense bias (reference path) and the factors (the Triton path's torch lowering)
+        xs = [x.clone().requires_grad_() for x in leaves]
+        bias = kernels.RelPosBias(pattern, xs[3:])
+        out = kernels.attention(*xs[:3], pattern, bias=bias, backend="reference")
+        uq, _ = bias.kernel_factors(xs[0], xs[1])
+        return torch.autograd.grad(out.square().sum() + uq.square().sum(), xs)
+
+    for cached in (bias_mod._dense_index, bias_mod._factor_index, patterns._axis_mask_cached):
+        cached.cache_clear()
+    fresh = grads()
+    for cached in (bias_mod._dense_index, bias_mod._factor_index, patterns._axis_mask_cached):
+        cached.cache_clear()
+    with torch.inference_mode():
+        kernels.attention(*leaves[:3], pattern, bias=kernels.RelPosBias(pattern, leaves[3:]), backend="reference")
+        bias_mod.RelPosBias(pattern, leaves[3:]).kernel_factors(leaves[0], leaves[1])
+    for g, f in zip(grads(), fresh):
+        torch.testing.assert_close(g, f, rtol=0, atol=0)
+
+
 def test_autocast_casts_inputs_like_sdpa():
     """Under autocast, mixed-precision inputs (a float32 parameter as queries, bf16 activations) work and the
     result is the reference computed on the autocast-dtype inputs."""

@@ -255,3 +255,18 @@ def test_symmetric_model_built_on_meta_then_loaded_matches():
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+
+
+def test_symmetric_layer_trains_after_an_inference_call():
+    """The symmetric form's triangle index is cached per device; filled by a forward under torch.inference_mode(),
+    it must still serve training (index_copy saves it for backward), with the gradients of a fresh layer."""
+    torch.manual_seed(0)
+    layer = MinimalAttention(32, num_heads=2, qk="symmetric").double()
+    fresh = MinimalAttention(32, num_heads=2, qk="symmetric").double()
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 10, 32, dtype=F64)
+    with torch.inference_mode():
+        layer(x)
+    grads = torch.autograd.grad(layer(x).square().sum(), layer.qk_tril)
+    expected = torch.autograd.grad(fresh(x).square().sum(), fresh.qk_tril)
+    torch.testing.assert_close(grads[0], expected[0], rtol=0, atol=0)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import kernels
+from kernels.patterns import outside_inference_mode
 
 __all__ = ["MinimalAttention"]
 
@@ -100,9 +101,11 @@ class MinimalAttention(nn.Module):
         """Flat positions of the lower triangle, per device. Not a buffer: a model built on the meta device and
         filled by `load_state_dict` would keep a non-persistent buffer's garbage."""
         cache = self.__dict__.setdefault("_tril_cache", {})
-        if device not in cache:
-            rows, cols = torch.tril_indices(self.head_dim, self.head_dim, device=device)
-            cache[device] = rows * self.head_dim + cols
+        if device not in cache:  # not an inference tensor, which index_copy's backward could not save
+            def flat_positions():
+                rows, cols = torch.tril_indices(self.head_dim, self.head_dim, device=device)
+                return rows * self.head_dim + cols
+            cache[device] = outside_inference_mode(flat_positions)
         return cache[device]
 
     def qk_matrix(self) -> torch.Tensor:
