@@ -278,14 +278,25 @@ def outside_inference_mode(fn, *args, **kwargs):
 
 
 def tensor_cache(maxsize: int):
-    """`functools.lru_cache` for builders of constant tensors (index maps, masks, one-hots), run
-    `outside_inference_mode`: a cache first filled by an inference call would otherwise break every later
-    training step that gathers or masks with it."""
+    """`functools.lru_cache` for builders of constant tensors (index maps, masks, one-hots). Built
+    `outside_inference_mode`: a cache first filled by an inference call would otherwise break every later training
+    step that gathers or masks with it. Not cached under `torch.jit.trace`: the trace would record the build and
+    its check run a constant, and the two graphs would differ."""
     def decorate(fn):
         @functools.wraps(fn)
         def build(*args, **kwargs):
             return outside_inference_mode(fn, *args, **kwargs)
-        return lru_cache(maxsize=maxsize)(build)
+
+        cached = lru_cache(maxsize=maxsize)(build)
+
+        @functools.wraps(fn)
+        def get(*args, **kwargs):
+            if not torch.compiler.is_compiling() and torch.jit.is_tracing():
+                return fn(*args, **kwargs)
+            return cached(*args, **kwargs)
+
+        get.cache_clear, get.cache_info = cached.cache_clear, cached.cache_info
+        return get
     return decorate
 
 
