@@ -139,6 +139,41 @@ def grid_inputs() -> None:
     set_env(ATTNZOO_GRID_INPUTS=None)
 
 
+def _bias_cases(only=None):
+    """(label, fn, leaves) of the rows the probes time, those whose label contains one of `only` (all by default):
+    the Halo grid and the blocked layout without and with rel-pos (`bench_kernels.relpos_inputs`), and B2 d64 /
+    B1 d128 H16 N4096 problems without a bias, with a rank-16 bias and with a dense (H, N, N) bias."""
+    import bench_kernels as bk
+
+    def wanted(*labels):
+        return any(only is None or any(o in label for o in only) for label in labels)
+
+    cases = []
+    for layout in ("grid", "blocked"):
+        if not wanted(f"{layout} no bias", f"{layout} rel-pos"):
+            continue
+        pattern, q, k, v, tables = bk.relpos_inputs(layout)
+        attend = pattern if layout == "grid" else None  # the blocked layout is dense attention
+        cases += [(f"{layout} no bias", lambda q=q, k=k, v=v, p=attend: kernels.attention(q, k, v, p), [q, k, v]),
+                  (f"{layout} rel-pos", lambda q=q, k=k, v=v, p=attend, rel=pattern, t=tables: kernels.attention(
+                      q, k, v, p, bias=kernels.RelPosBias(rel, t)), [q, k, v, *tables])]
+    for B, D in [(2, 64), (1, 128)]:
+        if not wanted(f"B{B} d{D} no bias", f"B{B} d{D} low-rank r16", f"B{B} d{D} dense bias"):
+            continue
+        q, k, v = bk._qkv(B, 16, 4096, D)
+        cases.append((f"B{B} d{D} no bias", lambda q=q, k=k, v=v: kernels.attention(q, k, v), [q, k, v]))
+        if wanted(f"B{B} d{D} low-rank r16"):
+            uq, uk = [torch.randn(B, 16, 4096, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                      for _ in "ab"]
+            cases.append((f"B{B} d{D} low-rank r16", lambda q=q, k=k, v=v, uq=uq, uk=uk: kernels.attention(
+                q, k, v, bias=kernels.LowRankBias(uq, uk)), [q, k, v, uq, uk]))
+        if wanted(f"B{B} d{D} dense bias"):  # 0.5 GB
+            bias = torch.randn(16, 4096, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            cases.append((f"B{B} d{D} dense bias", lambda q=q, k=k, v=v, bias=bias: kernels.attention(
+                q, k, v, bias=bias), [q, k, v, bias]))
+    return [c for c in cases if wanted(c[0])]
+
+
 # per-thread register caps (Triton's `maxnreg`) tried on the tuned kernels: at 4 warps, <= 128 registers let 4
 # programs share an SM, <= 168 three (ptxas on the grid rel-pos kernels: forward 158 -> 128 spills 20 B; dQ 222
 # and dK/dV 218 -> 168 spill 156 / 244 B)
@@ -175,24 +210,7 @@ def register_caps(fwd_caps=(128,), bwd_caps=(168, 128), only=None) -> None:
         return run(self, *args, **kwargs)
 
     JITFunction.run = capped_run
-    grid, q, k, v, (th, tw) = bk.relpos_inputs("grid")
-    blocked, qb, kb, vb, _ = bk.relpos_inputs("blocked")
-    cases = [("grid no bias", lambda: kernels.attention(q, k, v, grid), [q, k, v]),
-             ("grid rel-pos", lambda: kernels.attention(q, k, v, grid, bias=kernels.RelPosBias(grid, (th, tw))),
-              [q, k, v, th, tw]),
-             ("blocked no bias", lambda: kernels.attention(qb, kb, vb), [qb, kb, vb]),
-             ("blocked rel-pos", lambda: kernels.attention(qb, kb, vb, bias=kernels.RelPosBias(blocked, (th, tw))),
-              [qb, kb, vb, th, tw])]
-    for B, D in [(2, 64), (1, 128)]:
-        ql, kl, vl = bk._qkv(B, 16, 4096, D)
-        uq, uk = [torch.randn(B, 16, 4096, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "ab"]
-        bias = torch.randn(16, 4096, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        cases += [(f"B{B} d{D} no bias", lambda ql=ql, kl=kl, vl=vl: kernels.attention(ql, kl, vl), [ql, kl, vl]),
-                  (f"B{B} d{D} low-rank r16", lambda ql=ql, kl=kl, vl=vl, uq=uq, uk=uk: kernels.attention(
-                      ql, kl, vl, bias=kernels.LowRankBias(uq, uk)), [ql, kl, vl, uq, uk]),
-                  (f"B{B} d{D} dense bias", lambda ql=ql, kl=kl, vl=vl, bias=bias: kernels.attention(
-                      ql, kl, vl, bias=bias), [ql, kl, vl, bias])]
-    cases = [c for c in cases if only is None or any(o in c[0] for o in only)]
+    cases = _bias_cases(only)
     for setting in _cap_settings(fwd_caps, bwd_caps):
         caps.clear()
         caps.update(setting)
@@ -253,11 +271,7 @@ def blocked_keys_grid() -> None:
 
     sk.keys_candidates = grid
     ta._BEST.clear()
-    blocked, q, k, v, (th, tw) = bk.relpos_inputs("blocked")
-    for label, fn, leaves in (
-            ("blocked no bias", lambda: kernels.attention(q, k, v), [q, k, v]),
-            ("blocked rel-pos", lambda: kernels.attention(q, k, v, bias=kernels.RelPosBias(blocked, (th, tw))),
-             [q, k, v, th, tw])):
+    for label, fn, leaves in _bias_cases(["blocked"]):
         tf, tb = bk._fb(fn, leaves)
         print(f"keys grid {label:16s} fwd {tf:.4f} ms  bwd {tb:.4f} ms", flush=True)
     sk.keys_candidates = listed
@@ -276,18 +290,7 @@ def extra_candidates(fwd=(), bwd=()) -> None:
     ta._fwd_candidates = lambda d, dv: listed[0](d, dv) + (list(fwd) if d <= 64 else [])
     ta._bwd_candidates = lambda d, dv: listed[1](d, dv) + (list(bwd) if d <= 64 else [])
     ta._BEST.clear()
-    grid, q, k, v, (th, tw) = bk.relpos_inputs("grid")
-    ql, kl, vl = bk._qkv(2, 16, 4096, 64)
-    uq, uk = [torch.randn(2, 16, 4096, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "ab"]
-    bias = torch.randn(16, 4096, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    for label, fn, leaves in (
-            ("grid no bias", lambda: kernels.attention(q, k, v, grid), [q, k, v]),
-            ("grid rel-pos", lambda: kernels.attention(q, k, v, grid, bias=kernels.RelPosBias(grid, (th, tw))),
-             [q, k, v, th, tw]),
-            ("B2 d64 no bias", lambda: kernels.attention(ql, kl, vl), [ql, kl, vl]),
-            ("B2 d64 low-rank r16", lambda: kernels.attention(ql, kl, vl, bias=kernels.LowRankBias(uq, uk)),
-             [ql, kl, vl, uq, uk]),
-            ("B2 d64 dense bias", lambda: kernels.attention(ql, kl, vl, bias=bias), [ql, kl, vl, bias])):
+    for label, fn, leaves in _bias_cases(["grid", "B2 d64"]):
         tf, tb = bk._fb(fn, leaves)
         print(f"extra candidates {label:20s} fwd {tf:.4f} ms  bwd {tb:.4f} ms", flush=True)
     ta._fwd_candidates, ta._bwd_candidates = listed
@@ -330,6 +333,18 @@ def gate_breakdown() -> None:
     bk.print_autotuned()
 
 
+def _lowrank_ratios(tag: str) -> None:
+    """Print the low-rank r16 rows (`_bias_cases`) against their no-bias anchors, forward and backward."""
+    import bench_kernels as bk
+
+    for shape in ("B2 d64", "B1 d128"):
+        (_, f0, l0), (_, fl, ll) = _bias_cases([f"{shape} no bias", f"{shape} low-rank"])
+        t0f, t0b = bk._fb(f0, l0)
+        tlf, tlb = bk._fb(fl, ll)
+        print(f"{tag} {shape}: fwd {tlf:.4f} / {t0f:.4f} ms = {tlf / t0f:.3f}x; "
+              f"bwd {tlb:.4f} / {t0b:.4f} ms = {tlb / t0b:.3f}x", flush=True)
+
+
 def lowrank_chain(full: bool = False) -> None:
     """The low-rank r16 rows with loaded factors chained into q·kᵀ (`LR_CHAIN`) as the rule says
     (`triton_attention.lr_chain`: head dims <= 64), always, and never; each setting tuned afresh, on the fast
@@ -345,15 +360,7 @@ def lowrank_chain(full: bool = False) -> None:
         ta.lr_chain = rule if setting == "rule" else (
             lambda q, factors, on=setting == "always": rule(q, factors) if factors != "loaded" else on)
         ta._BEST.clear()
-        for B, H, N, D in [(2, 16, 4096, 64), (1, 16, 4096, 128)]:
-            q, k, v = bk._qkv(B, H, N, D)
-            uq, uk = [torch.randn(B, H, N, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                      for _ in "ab"]
-            t0f, t0b = bk._fb(lambda: kernels.attention(q, k, v), [q, k, v])
-            tlf, tlb = bk._fb(lambda: kernels.attention(q, k, v, bias=kernels.LowRankBias(uq, uk)),
-                              [q, k, v, uq, uk])
-            print(f"chain {setting:6s} B{B} d{D}: fwd {tlf:.4f} / {t0f:.4f} ms = {tlf / t0f:.3f}x; "
-                  f"bwd {tlb:.4f} / {t0b:.4f} ms = {tlb / t0b:.3f}x", flush=True)
+        _lowrank_ratios(f"chain {setting:6s}")
         bk.print_autotuned()
     ta.lr_chain = rule
 
@@ -363,13 +370,7 @@ def lowrank_full_tune() -> None:
     os.environ["ATTNZOO_AUTOTUNE"] = "full"
     import bench_kernels as bk
 
-    for B, H, N, D in [(1, 16, 4096, 128), (2, 16, 4096, 64)]:
-        q, k, v = bk._qkv(B, H, N, D)
-        uq, uk = [torch.randn(B, H, N, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "ab"]
-        t0f, t0b = bk._fb(lambda: kernels.attention(q, k, v), [q, k, v])
-        tlf, tlb = bk._fb(lambda: kernels.attention(q, k, v, bias=kernels.LowRankBias(uq, uk)), [q, k, v, uq, uk])
-        print(f"full-tune B{B} H{H} N{N} d{D}: fwd {tlf:.4f} / {t0f:.4f} ms = {tlf / t0f:.3f}x; "
-              f"bwd {tlb:.4f} / {t0b:.4f} ms = {tlb / t0b:.3f}x", flush=True)
+    _lowrank_ratios("full-tune")
     bk.print_autotuned()
 
 

@@ -670,7 +670,7 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
     return dq, dk, dv, db, duq, duk, dg
 
 
-def _bias_grad_buffer(prob: "_Problem", shape: Tuple[int, ...], like: torch.Tensor, dtype: torch.dtype):
+def _bias_grad_buffer(prob: _Problem, shape: Tuple[int, ...], like: torch.Tensor, dtype: torch.dtype):
     """A buffer the kernels write a bias gradient (or dS) into: uninitialised under a dense pattern, whose tiles
     are all written; zeros otherwise, since tiles no query sees are never visited."""
     if isinstance(prob.pattern, Dense):
@@ -678,7 +678,7 @@ def _bias_grad_buffer(prob: "_Problem", shape: Tuple[int, ...], like: torch.Tens
     return torch.zeros(shape, device=like.device, dtype=dtype)
 
 
-def pair_sum(db: Optional[torch.Tensor], bias4: Optional[torch.Tensor], prob: "_Problem", q_dtype: torch.dtype,
+def pair_sum(db: Optional[torch.Tensor], bias4: Optional[torch.Tensor], prob: _Problem, q_dtype: torch.dtype,
              factors: bool) -> bool:
     """Whether the dQ kernel of a batch of two also writes the gradient of a bias the pair shares per head
     (`triton_kernels._attn_bwd_dq_pair`): dS stored (`ds_stored`), a 1-d pattern, the bias (1, H, Nq, Nk)."""
@@ -686,7 +686,7 @@ def pair_sum(db: Optional[torch.Tensor], bias4: Optional[torch.Tensor], prob: "_
             and bias4.shape[1] == db.shape[1])
 
 
-def _dq_pair(qkv: dict, db: torch.Tensor, bias_dtype: torch.dtype, prob: "_Problem", cfg, common: dict, nqb: int,
+def _dq_pair(qkv: dict, db: torch.Tensor, bias_dtype: torch.dtype, prob: _Problem, cfg, common: dict, nqb: int,
              nkb: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(dq, the pair's bias gradient (1, H, Nq, Nk)) from the stored dS `db` of a batch of two (`pair_sum`)."""
     from . import triton_kernels as tk
