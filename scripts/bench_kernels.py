@@ -171,7 +171,37 @@ def run_checks_ii():
     _set_autotune("0")
     cases = extra_check_cases()
     ok = all([check_extra(*c[:10], **c[10]) for c in cases])
+    ok &= check_short_loop_configs()
     _restore_autotune()
+    return ok
+
+
+def check_short_loop_configs(configs=((64, 32, 4, 3), (64, 32, 4, 2, 128), (64, 16, 4, 3))):
+    """The Halo and rel-pos checks with each forward config that only the tuner picks
+    (`triton_attention._short_loop_candidates`) forced: untuned checks run the first candidate alone. Fails too
+    when a config is not offered for these problems."""
+    from kernels.backends import triton_attention as ta
+
+    halo = next(c for c in core_check_cases() if c[0].startswith("halo"))
+    rel = [c for c in extra_check_cases() if c[0].startswith("relpos")]
+    tune, ok = ta._autotune, True
+    for cfg in configs:
+        def forced(key, candidates, run, cfg=cfg):
+            if key[0] != "fwd":
+                return tune(key, candidates, run)
+            offered = candidates() if callable(candidates) else candidates
+            # grid candidates carry (tile variant, in place) after the block config
+            match = [c for c in offered if c == cfg or (c[0] != "skinny" and len(c) >= 6 and c[:4] + c[6:] == cfg)]
+            if not match:
+                raise ValueError(f"forward config {cfg} not offered for {key}")
+            return match[0]
+
+        ta._autotune = forced
+        try:
+            ok &= check_case(f"{halo[0]} fwd {cfg}", *halo[1:])
+            ok &= all([check_extra(f"{c[0]} fwd {cfg}", *c[1:10], **c[10]) for c in rel])
+        finally:
+            ta._autotune = tune
     return ok
 
 

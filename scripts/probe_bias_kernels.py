@@ -278,19 +278,21 @@ def blocked_keys_grid() -> None:
     bk.print_autotuned()
 
 
-def extra_candidates(fwd=(), bwd=()) -> None:
-    """The grid and d64 bias rows with extra general-kernel configs appended to the candidates at head dims
-    <= 64 (`fwd` to `_fwd_candidates`, `bwd` to `_bwd_candidates`), tuned afresh."""
+def extra_candidates(fwd=(), bwd=(), head_dim=64, only=None) -> None:
+    """The rows whose label contains one of `only` (default: the grid and B2 d64 rows) with extra general-kernel
+    configs appended to the candidates at head dim `head_dim` (64: every head dim <= 64; `fwd` to
+    `_fwd_candidates`, `bwd` to `_bwd_candidates`), tuned afresh."""
     import bench_kernels as bk
 
     from kernels.backends import triton_attention as ta
 
     torch.cuda.set_stream(torch.cuda.Stream())  # CUDA graphs need a side stream
     listed = ta._fwd_candidates, ta._bwd_candidates
-    ta._fwd_candidates = lambda d, dv: listed[0](d, dv) + (list(fwd) if d <= 64 else [])
-    ta._bwd_candidates = lambda d, dv: listed[1](d, dv) + (list(bwd) if d <= 64 else [])
+    applies = (lambda d: d <= 64) if head_dim <= 64 else (lambda d: ta._block_d(d) == head_dim)  # noqa: E731
+    ta._fwd_candidates = lambda d, dv: listed[0](d, dv) + (list(fwd) if applies(max(d, dv)) else [])
+    ta._bwd_candidates = lambda d, dv: listed[1](d, dv) + (list(bwd) if applies(max(d, dv)) else [])
     ta._BEST.clear()
-    for label, fn, leaves in _bias_cases(["grid", "B2 d64"]):
+    for label, fn, leaves in _bias_cases(only or ["grid", "B2 d64"]):
         tf, tb = bk._fb(fn, leaves)
         print(f"extra candidates {label:20s} fwd {tf:.4f} ms  bwd {tb:.4f} ms", flush=True)
     ta._fwd_candidates, ta._bwd_candidates = listed
@@ -380,7 +382,8 @@ if __name__ == "__main__":
     ap.add_argument("--lr-chain", action="store_true", help="the low-rank rows with the chained dot on and off")
     ap.add_argument("--full", action="store_true", help="with --lr-chain: the full candidate lists")
     ap.add_argument("--relpos", action="store_true", help="the rel-pos rows: CUDA time per kernel")
-    ap.add_argument("--cases", default=None, help="with --relpos (labels) or --maxnreg (label parts): comma list")
+    ap.add_argument("--cases", default=None, help="with --relpos (labels), --maxnreg or --extra-fwd/--extra-bwd "
+                    "(label parts): comma list")
     ap.add_argument("--grid-inputs", action="store_true", help="grid patterns in place vs on permuted copies")
     ap.add_argument("--maxnreg", action="store_true", help="the bias rows with register caps on the tuned kernels")
     ap.add_argument("--fwd-caps", default="128", help="with --maxnreg: comma list of forward caps")
@@ -390,6 +393,8 @@ if __name__ == "__main__":
     ap.add_argument("--extra-fwd", default=None, help="configs added to the forward candidates, e.g. '64,64,4,1,128'"
                     " (';' between configs)")
     ap.add_argument("--extra-bwd", default=None, help="configs added to the backward candidates, as --extra-fwd")
+    ap.add_argument("--extra-head-dim", type=int, default=64, help="with --extra-fwd/--extra-bwd: the head dim the "
+                    "configs are added at (64: every head dim <= 64)")
     ap.add_argument("--splits", action="store_true", help="few-query problems (merged key splits) vs SDPA")
     ap.add_argument("--gate", action="store_true", help="the gate rows: CUDA time per kernel")
     args = ap.parse_args()
@@ -404,7 +409,8 @@ if __name__ == "__main__":
         grid_inputs()
     elif args.extra_fwd or args.extra_bwd:
         configs = lambda text: [tuple(int(x) for x in c.split(",")) for c in (text or "").split(";") if c]  # noqa
-        extra_candidates(configs(args.extra_fwd), configs(args.extra_bwd))
+        extra_candidates(configs(args.extra_fwd), configs(args.extra_bwd), args.extra_head_dim,
+                         args.cases and args.cases.split(","))
     elif args.keys_grid:
         blocked_keys_grid()
     elif args.rel_factor:

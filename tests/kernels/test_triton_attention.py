@@ -449,6 +449,22 @@ def test_grid_variant_env(monkeypatch):
         _grid_variants()
 
 
+def test_short_loop_candidates(monkeypatch):
+    """32- and 16-key forward tiles are tried where programs visit a few key tiles (Halo windows, <= 256 keys) at head
+    dims <= 64, and nowhere else."""
+    from kernels.backends import triton_attention as ta
+
+    monkeypatch.setattr(ta, "_interpret", lambda: False)
+    base = [(64, 64, 4, 3), (64, 32, 4, 3)]
+    narrow = [(64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2, 128), (64, 16, 4, 3)]
+    assert ta._short_loop_candidates(base, Halo((64, 64), 8, 2), 64, 64, 4096) == narrow
+    assert ta._short_loop_candidates(base, Halo((64, 64), 8, 2), 48, 32, 4096) == narrow
+    assert ta._short_loop_candidates(base, None, 64, 64, 144) == narrow
+    assert ta._short_loop_candidates(base, Dense(), 64, 64, 4096) == base
+    assert ta._short_loop_candidates(base, Window1d(64, 64), 64, 64, 4096) == base
+    assert ta._short_loop_candidates(base, Halo((64, 64), 8, 2), 64, 128, 4096) == base
+
+
 # ----------------------------------------------------------------------------------------------------------
 # dispatch plumbing: the eager autograd.Function twin of the custom ops, and the untuned config fallback
 
