@@ -10,6 +10,9 @@
     python scripts/probe_bias_kernels.py --rel-factor # the rel-pos query-factor kernel's launch options
     python scripts/probe_bias_kernels.py --keys-grid  # the blocked HaloNet rows over a grid of few-keys configs
     python scripts/probe_bias_kernels.py --extra-bwd "64,64,4,1,168"   # the grid and d64 rows with extra configs
+        [--extra-head-dim 128 --cases "B1 d128"]
+    ATTNZOO_AUTOTUNE=0 ATTNZOO_SKINNY=old ncu -k regex:_attn_fwd --launch-skip 2 --launch-count 1 \
+        python scripts/probe_bias_kernels.py --forced-forward grid,rel,64,16,4,3   # one forward for a profiler
     python scripts/probe_bias_kernels.py --splits     # few-query problems (merged key splits) vs SDPA, per kernel
     python scripts/probe_bias_kernels.py --gate       # the gate rows: CUDA time per kernel, forward and backward
 """
@@ -299,6 +302,26 @@ def extra_candidates(fwd=(), bwd=(), head_dim=64, only=None) -> None:
     bk.print_autotuned()
 
 
+def forced_forward(layout: str, kind: str, cfg: tuple) -> None:
+    """Three inference forwards of the grid or blocked row (`kind` "rel" or "nobias") on the forward config `cfg`
+    alone, for a profiler (under ATTNZOO_AUTOTUNE=0 the first call launches the kernel twice)."""
+    import bench_kernels as bk
+
+    from kernels.backends import triton_attention as ta
+
+    if kind not in ("rel", "nobias"):
+        raise ValueError(f"forced_forward: kind must be 'rel' or 'nobias', got {kind!r}")
+    ta._fwd_candidates = lambda d, dv: [cfg]
+    pattern, q, k, v, tables = bk.relpos_inputs(layout)
+    attend = pattern if layout == "grid" else None  # the blocked layout is dense attention
+    bias = kernels.RelPosBias(pattern, tables) if kind == "rel" else None
+    with torch.no_grad():
+        for _ in range(3):
+            kernels.attention(q, k, v, attend, bias=bias)
+    torch.cuda.synchronize()
+    print("forced forward", layout, kind, dict(ta._BEST), flush=True)
+
+
 def split_problems() -> None:
     """Few-query problems, whose key splits `triton_combine.combine_splits` merges (forward) and
     `triton_attention.sum_over_leading` sums (backward): graph-timed against SDPA, then CUDA time per kernel."""
@@ -395,6 +418,8 @@ if __name__ == "__main__":
     ap.add_argument("--extra-bwd", default=None, help="configs added to the backward candidates, as --extra-fwd")
     ap.add_argument("--extra-head-dim", type=int, default=64, help="with --extra-fwd/--extra-bwd: the head dim the "
                     "configs are added at (64: every head dim <= 64)")
+    ap.add_argument("--forced-forward", default=None, help="LAYOUT,KIND,BM,BN,WARPS,STAGES[,CAP]: three forwards of "
+                    "the grid or blocked row (KIND rel or nobias) on that config, for ncu")
     ap.add_argument("--splits", action="store_true", help="few-query problems (merged key splits) vs SDPA")
     ap.add_argument("--gate", action="store_true", help="the gate rows: CUDA time per kernel")
     args = ap.parse_args()
@@ -418,6 +443,9 @@ if __name__ == "__main__":
     elif args.maxnreg:
         ints = lambda text: tuple(int(c) for c in text.split(",") if c)  # noqa: E731
         register_caps(ints(args.fwd_caps), ints(args.bwd_caps), args.cases and args.cases.split(","))
+    elif args.forced_forward:
+        layout, kind, *cfg = args.forced_forward.split(",")
+        forced_forward(layout, kind, tuple(int(c) for c in cfg))
     elif args.splits:
         split_problems()
     elif args.gate:

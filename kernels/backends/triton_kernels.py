@@ -211,18 +211,22 @@ def _rel_tables(RH, RW, stride_rt, WIN: tl.constexpr, offs_d, D: tl.constexpr, B
 
 
 @triton.jit
-def _rel_query_place(q_tok, col, QB: tl.constexpr, WIN: tl.constexpr, REL_GRID: tl.constexpr, rel_qw, rel_block):
+def _rel_query_place(q_tok, col, QB: tl.constexpr, WIN: tl.constexpr, REL_GRID: tl.constexpr, rel_qw: tl.constexpr,
+                     rel_block: tl.constexpr):
     """HAS_REL: per query and axis (row where `col` is False, column where True; broadcast to col's shape), the
     query's position in its QB x QB block and its window's shift: the window-local index of key class c is
     (c - shift) mod WIN. Blocked layout (q_tok = the row in the block): no shift. Halo grid (REL_GRID; q_tok = the
     token on a grid rel_qw wide): block i's window starts at key coordinate i · rel_block, key class = key
     coordinate mod WIN, so the shift is that start mod WIN."""
     if REL_GRID:
-        qy, qx = q_tok // rel_qw, q_tok % rel_qw
-        pos = tl.where(col, (qx % QB)[:, None], (qy % QB)[:, None])
-        shift = tl.where(col, ((qx // QB) * rel_block % WIN)[:, None], ((qy // QB) * rel_block % WIN)[:, None])
+        tok = tl.maximum(q_tok, 0).to(tl.uint32)  # unsigned: divisions by constants without sign fix-ups
+        qy, qx = tok // rel_qw, tok % rel_qw
+        pos = tl.where(col, (qx % QB).to(tl.int32)[:, None], (qy % QB).to(tl.int32)[:, None])
+        shift = tl.where(col, ((qx // QB) * rel_block % WIN).to(tl.int32)[:, None],
+                         ((qy // QB) * rel_block % WIN).to(tl.int32)[:, None])
     else:
-        pos = tl.where(col, (q_tok % QB)[:, None], (q_tok // QB)[:, None])
+        tok = tl.maximum(q_tok, 0).to(tl.uint32)
+        pos = tl.where(col, (tok % QB).to(tl.int32)[:, None], (tok // QB).to(tl.int32)[:, None])
         shift = 0
     return pos, shift
 
@@ -230,7 +234,7 @@ def _rel_query_place(q_tok, col, QB: tl.constexpr, WIN: tl.constexpr, REL_GRID: 
 @triton.jit
 def _rel_query_factor(q, rt, q_tok, QB: tl.constexpr, WIN: tl.constexpr, rel_scale, inv_scale,
                       BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr,
-                      REL_GRID: tl.constexpr = False, rel_qw=1, rel_block=0):
+                      REL_GRID: tl.constexpr = False, rel_qw: tl.constexpr = 1, rel_block: tl.constexpr = 0):
     """HAS_REL: (BM, 2 BLOCK_W) query factor in q's dtype, u[m, c] = rel_scale · q_m · R_h[j - qy(m) + WIN - 1]
     for the row classes c < BLOCK_W (j: class c's window-local index, `_rel_query_place`), then the same with R_w
     and qx(m) for the column classes (qy, qx: the query's position in its QB x QB block). Classes >= WIN hold
@@ -244,7 +248,7 @@ def _rel_query_factor(q, rt, q_tok, QB: tl.constexpr, WIN: tl.constexpr, rel_sca
     pos, shift = _rel_query_place(q_tok, col, QB, WIN, REL_GRID, rel_qw, rel_block)
     j = tl.where(col, c - BLOCK_W, c)
     if REL_GRID:
-        j = (j - shift + WIN) % WIN
+        j = tl.where(j < shift, j - shift + WIN, j - shift)  # (j - shift) mod WIN: no integer division
     idx = tl.minimum(tl.maximum(j + WIN - 1 - pos, 0), BLOCK_T - 1)
     return (tl.gather(t, idx + tl.where(col, BLOCK_T, 0), 1) * rel_scale).to(q.dtype)
 
@@ -255,13 +259,15 @@ def _rel_key_factor(offs_n, NK, WIN: tl.constexpr, dtype: tl.constexpr, BLOCK_W:
     Built in registers on the blocked layout; with REL_KF the kernels load such one-hots from memory instead
     (`triton_attention.Rel.key_onehots`, any layout: on a grid each key coordinate mod WIN)."""
     c = tl.arange(0, 2 * BLOCK_W)[None, :]
-    cls = tl.where(c >= BLOCK_W, (offs_n % WIN)[:, None] + BLOCK_W, (offs_n // WIN)[:, None])
+    n = offs_n.to(tl.uint32)  # unsigned: division by WIN without sign fix-ups
+    cls = tl.where(c >= BLOCK_W, (n % WIN).to(tl.int32)[:, None] + BLOCK_W, (n // WIN).to(tl.int32)[:, None])
     return ((cls == c) & (offs_n < NK)[:, None]).to(dtype)
 
 
 @triton.jit
 def _rel_table_logit_grad(duq, q_tok, QB: tl.constexpr, WIN: tl.constexpr, rel_scale, BLOCK_T: tl.constexpr,
-                          BLOCK_W: tl.constexpr, REL_GRID: tl.constexpr = False, rel_qw=1, rel_block=0):
+                          BLOCK_W: tl.constexpr, REL_GRID: tl.constexpr = False, rel_qw: tl.constexpr = 1,
+                          rel_block: tl.constexpr = 0):
     """HAS_REL: dT (BM, 2 BLOCK_T) fp32, the gradient of the table logits `q · RTᵀ` from the query factor's gradient
     `duq` (BM, 2 BLOCK_W): the inverse of `_rel_query_factor`'s shift (only classes < WIN carry a gradient)."""
     t = tl.arange(0, 2 * BLOCK_T)[None, :]
@@ -270,14 +276,15 @@ def _rel_table_logit_grad(duq, q_tok, QB: tl.constexpr, WIN: tl.constexpr, rel_s
     j = tl.where(col, t - BLOCK_T, t) - (WIN - 1) + pos  # window-local index
     c = j
     if REL_GRID:
-        c = (j + shift) % WIN
+        c = tl.where(j + shift >= WIN, j + shift - WIN, j + shift)  # mod WIN for the j in [0, WIN) kept
     idx = tl.minimum(tl.maximum(c, 0), BLOCK_W - 1) + tl.where(col, BLOCK_W, 0)
     return tl.where((j >= 0) & (j < WIN), tl.gather(duq, idx, 1), 0.0) * rel_scale
 
 
 @triton.jit
 def _rel_factor_bwd(Q, RH, RW, UQ, QROW, stride_qb, stride_qh, stride_qn, stride_ub, stride_uh, stride_un, stride_rt,
-                    H, NQ, rel_scale, inv_scale, rel_qw, rel_block, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    H, NQ, rel_scale, inv_scale, rel_qw: tl.constexpr, rel_block: tl.constexpr, D: tl.constexpr,
+                    BLOCK_M: tl.constexpr,
                     BLOCK_D: tl.constexpr, QB: tl.constexpr, WIN: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_W: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr, GRID_MODE: tl.constexpr,
                     GATHER: tl.constexpr):
@@ -437,7 +444,8 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
               PAIR_MASK: tl.constexpr = False, QROW=None, KROW=None, NQO=0, GATHER: tl.constexpr = False,
               RH=None, RW=None, stride_rt=0, QB: tl.constexpr = 1, WIN: tl.constexpr = 1, rel_scale=0.0,
               BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16, HAS_REL: tl.constexpr = False,
-              LR_CHAIN: tl.constexpr = False, rel_qw=1, rel_block=0, REL_KF: tl.constexpr = False):
+              LR_CHAIN: tl.constexpr = False, rel_qw: tl.constexpr = 1, rel_block: tl.constexpr = 0,
+              REL_KF: tl.constexpr = False):
     tl.static_assert(not (HAS_REL and GRID_MODE and not REL_KF), "grid rel-pos loads its key one-hots (REL_KF)")
     pid_m = tl.program_id(0)
     if REVERSE:  # heavy (late, causal) query blocks first
@@ -677,7 +685,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
                    PAIR_MASK: tl.constexpr = False, RH=None, RW=None, stride_rt=0, QB: tl.constexpr = 1,
                    WIN: tl.constexpr = 1, rel_scale=0.0, BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16,
                    HAS_REL: tl.constexpr = False, LR_CHAIN: tl.constexpr = False, BATCH_MINOR: tl.constexpr = False,
-                   NQO=0, QROW=None, KROW=None, GATHER: tl.constexpr = False, rel_qw=1, rel_block=0,
+                   NQO=0, QROW=None, KROW=None, GATHER: tl.constexpr = False, rel_qw: tl.constexpr = 1,
+                   rel_block: tl.constexpr = 0,
                    REL_KF: tl.constexpr = False):
     """dK/dV (+ dS for the bias gradient, dU_k) per key block. BATCH_MINOR (a bias broadcast over the batch): the
     batch index varies fastest over the programs, so a head's batch elements run side by side and read each bias
@@ -876,7 +885,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
                  RW=None, stride_rt=0, QB: tl.constexpr = 1, WIN: tl.constexpr = 1, rel_scale=0.0,
                  BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16, HAS_REL: tl.constexpr = False,
                  LR_CHAIN: tl.constexpr = False, DS_STORED: tl.constexpr = False, NQO=0, QROW=None, KROW=None,
-                 GATHER: tl.constexpr = False, rel_qw=1, rel_block=0, REL_KF: tl.constexpr = False):
+                 GATHER: tl.constexpr = False, rel_qw: tl.constexpr = 1, rel_block: tl.constexpr = 0,
+                 REL_KF: tl.constexpr = False):
     """dQ (+ dU_q | the rel-pos tables' logit gradient) per query block. DS_STORED: BIAS and its strides point at
     the dS the dK/dV kernel stored (`_dq_step`): q, dO, lse and delta are not needed. GATHER: token order, as
     `_attn_bwd_dkdv`."""

@@ -1,0 +1,103 @@
+"""Where a forward kernel's instructions come from, without a GPU: the general forward of the rel-pos rows (Halo
+grid or HaloNet's blocked layout, d64) compiled for sm_90 on a forced config, without and with the rel-pos term;
+per kernel the static SASS instruction count, the loop bodies' sizes and the source lines with the most
+instructions (Triton's line info through its bundled nvdisasm). Use the device's Triton:
+
+    PYTHONPATH=<triton 3.6 install> python scripts/sass_lines.py grid 64,16,4,3
+
+The ncu profile of the same kernels (`probe_bias_kernels.py --forced-forward`) counts the executed ones."""
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+os.environ.update(ATTNZOO_AUTOTUNE="0", ATTNZOO_SKINNY="old")
+
+import torch  # noqa: E402
+
+import prebuild_triton_cache as pb  # noqa: E402
+
+OPCODE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*?);")
+
+
+def compiled_forwards(layout: str, cfg: tuple) -> dict:
+    """{has rel-pos: compiled `_attn_fwd`} of the row's no-bias and rel-pos forwards on `cfg` (fake sm_90 device)."""
+    from triton.runtime.jit import JITFunction
+
+    pb.install_fake_device(None)
+    run, got = JITFunction.run, {}
+
+    def record(self, *args, grid, warmup, **kw):
+        k = run(self, *args, grid=grid, warmup=True, **kw)
+        if self.fn.__name__ == "_attn_fwd":
+            got[bool(kw.get("HAS_REL"))] = k
+        return k
+
+    JITFunction.run = record
+    import kernels
+    from kernels.backends import triton_attention as ta
+
+    ta._fwd_candidates = lambda d, dv: [cfg]
+    rand = lambda *s: torch.randn(*s, dtype=torch.bfloat16)  # noqa: E731
+    if layout == "grid":
+        pattern = kernels.Halo((64, 64), 8, 2)
+        q, k, v, attend = rand(8, 8, 4096, 64), rand(8, 8, 68 * 68, 64), rand(8, 8, 68 * 68, 64), pattern
+    elif layout == "blocked":
+        pattern = kernels.Halo((8, 8), 8, 2)
+        q, k, v, attend = rand(512, 8, 64, 64), rand(512, 8, 144, 64), rand(512, 8, 144, 64), None
+    else:
+        raise ValueError(f"layout must be 'grid' or 'blocked', got {layout!r}")
+    with torch.no_grad():
+        kernels.attention(q, k, v, attend)
+        kernels.attention(q, k, v, attend, bias=kernels.RelPosBias(pattern, (rand(23, 64), rand(23, 64))))
+    JITFunction.run = run
+    return got
+
+
+def report(kernel, top: int = 10) -> str:
+    """Static instruction count, loop bodies (backward branches) and the `top` source lines by instruction count."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = os.path.join(os.path.dirname(getattr(get_ptxas(90), "path", get_ptxas(90))), "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        text = subprocess.run([tool, "-gi", f.name], capture_output=True, text=True, check=True).stdout
+    ins, labels, per_line, line = [], {}, collections.Counter(), None
+    for row in text.splitlines():
+        m = re.search(r'//## File "[^"]*?([^/"]+)", line (\d+)', row)
+        if m:
+            line = f"{m.group(1)}:{m.group(2)}"
+            continue
+        m = re.match(r"(\.L_x_\d+):", row)
+        if m:
+            labels[m.group(1)] = len(ins)  # the next instruction's index
+            continue
+        m = OPCODE.match(row)
+        if m:
+            ins.append((m.group(2), m.group(3)))
+            per_line[line] += 1
+    loops = []  # backward branches: loop bodies
+    for i, (op, rest) in enumerate(ins):
+        target = re.search(r"\((\.L_x_\d+)\)", rest) if op == "BRA" else None
+        if target and labels.get(target.group(1), i + 1) <= i:
+            loops.append(i - labels[target.group(1)] + 1)
+    lines = ", ".join(f"{k} {v}" for k, v in per_line.most_common(top))
+    return f"{len(ins)} instructions; loop bodies {loops}; by source line: {lines}"
+
+
+def main() -> None:
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    cfg = tuple(int(c) for c in sys.argv[2].split(","))
+    for rel, kernel in sorted(compiled_forwards(sys.argv[1], cfg).items()):
+        print(f"{sys.argv[1]} {'rel-pos' if rel else 'no bias'} {cfg}: {report(kernel)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
