@@ -451,8 +451,8 @@ class Rel:
         return _rel_key_onehots(nk, kw, self.win, self.block_w, dtype, str(device))
 
     def kernel_args(self) -> dict:
-        """The general kernels' extra rel-pos arguments: the grid geometry (`triton_kernels._rel_query_place`)
-        and REL_KF."""
+        """The general kernels' extra rel-pos arguments: the grid geometry (`triton_kernels._rel_query_place`;
+        constexpr, so its divisions compile to shifts and multiplies: one compile per grid width) and REL_KF."""
         qw, _, block = self.grid or (1, 1, 0)
         return dict(rel_qw=qw, rel_block=block, REL_KF=self.keys_loaded)
 
