@@ -1,9 +1,10 @@
-"""Where a forward kernel's instructions come from, without a GPU: the general forward of the rel-pos rows (Halo
-grid or HaloNet's blocked layout, d64) compiled for sm_90 on a forced config, without and with the rel-pos term;
-per kernel the static SASS instruction count, the loop bodies' sizes and the source lines with the most
-instructions (Triton's line info through its bundled nvdisasm). Use the device's Triton:
+"""Where a kernel's instructions come from, without a GPU: a general kernel of the rel-pos rows (Halo grid or
+HaloNet's blocked layout, d64; `_attn_fwd` by default, or a backward kernel) compiled for sm_90 on a forced
+config, without and with the rel-pos term; per kernel the static SASS instruction count, the loop bodies' sizes
+and the source lines with the most instructions (Triton's line info through its bundled nvdisasm). Use the
+device's Triton:
 
-    PYTHONPATH=<triton 3.6 install> python scripts/sass_lines.py grid 64,16,4,3
+    PYTHONPATH=<triton 3.6 install> python scripts/sass_lines.py grid 64,16,4,3 [_attn_bwd_dq]
 
 The ncu profile of the same kernels (`probe_bias_kernels.py --forced-forward`) counts the executed ones."""
 import collections
@@ -25,8 +26,9 @@ import prebuild_triton_cache as pb  # noqa: E402
 OPCODE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*?);")
 
 
-def compiled_forwards(layout: str, cfg: tuple) -> dict:
-    """{has rel-pos: compiled `_attn_fwd`} of the row's no-bias and rel-pos forwards on `cfg` (fake sm_90 device)."""
+def compiled_kernels(layout: str, cfg: tuple, name: str = "_attn_fwd") -> dict:
+    """{has rel-pos: compiled kernel `name`} of the row's no-bias and rel-pos calls on `cfg` (forward, and backward
+    when `name` is not the forward; fake sm_90 device)."""
     from triton.runtime.jit import JITFunction
 
     pb.install_fake_device(None)
@@ -34,7 +36,7 @@ def compiled_forwards(layout: str, cfg: tuple) -> dict:
 
     def record(self, *args, grid, warmup, **kw):
         k = run(self, *args, grid=grid, warmup=True, **kw)
-        if self.fn.__name__ == "_attn_fwd":
+        if self.fn.__name__ == name:
             got[bool(kw.get("HAS_REL"))] = k
         return k
 
@@ -42,8 +44,8 @@ def compiled_forwards(layout: str, cfg: tuple) -> dict:
     import kernels
     from kernels.backends import triton_attention as ta
 
-    ta._fwd_candidates = lambda d, dv: [cfg]
-    rand = lambda *s: torch.randn(*s, dtype=torch.bfloat16)  # noqa: E731
+    ta._fwd_candidates = ta._bwd_candidates = lambda d, dv: [cfg]
+    rand = lambda *s: torch.randn(*s, dtype=torch.bfloat16, requires_grad=name != "_attn_fwd")  # noqa: E731
     if layout == "grid":
         pattern = kernels.Halo((64, 64), 8, 2)
         q, k, v, attend = rand(8, 8, 4096, 64), rand(8, 8, 68 * 68, 64), rand(8, 8, 68 * 68, 64), pattern
@@ -52,9 +54,10 @@ def compiled_forwards(layout: str, cfg: tuple) -> dict:
         q, k, v, attend = rand(512, 8, 64, 64), rand(512, 8, 144, 64), rand(512, 8, 144, 64), None
     else:
         raise ValueError(f"layout must be 'grid' or 'blocked', got {layout!r}")
-    with torch.no_grad():
-        kernels.attention(q, k, v, attend)
-        kernels.attention(q, k, v, attend, bias=kernels.RelPosBias(pattern, (rand(23, 64), rand(23, 64))))
+    for bias in (None, kernels.RelPosBias(pattern, (rand(23, 64), rand(23, 64)))):
+        out = kernels.attention(q, k, v, attend, bias=bias)
+        if out.requires_grad:
+            out.backward(torch.randn_like(out))
     JITFunction.run = run
     return got
 
@@ -92,10 +95,10 @@ def report(kernel, top: int = 10) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4):
         sys.exit(__doc__)
     cfg = tuple(int(c) for c in sys.argv[2].split(","))
-    for rel, kernel in sorted(compiled_forwards(sys.argv[1], cfg).items()):
+    for rel, kernel in sorted(compiled_kernels(sys.argv[1], cfg, *sys.argv[3:]).items()):
         print(f"{sys.argv[1]} {'rel-pos' if rel else 'no bias'} {cfg}: {report(kernel)}", flush=True)
 
 

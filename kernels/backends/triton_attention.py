@@ -626,9 +626,9 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
     dk0, dv0 = (dk, dv) if S == 1 else (dk[0], dv[0])
     duk0 = None if duk is None else (duk if S == 1 else duk[0])
     sdb, sduk = _bstrides(db), _bstrides(duk0)
-    dkdv_args = {**qkv, **common}
-    if ex.rel is not None:  # the rel-pos query factor, once per query block, which the dK/dV kernel then loads
-        dkdv_args.update(_rel_query_factors(qp, ex.rel, prob, NQ, scale, kw["LR_CHAIN"]))
+    # the rel-pos query factor, once per query block, which the dK/dV and dQ kernels load
+    rel_qf = {} if ex.rel is None else _rel_query_factors(qp, ex.rel, prob, NQ, scale, kw["LR_CHAIN"])
+    dkdv_args = {**qkv, **common, **rel_qf}
     tk._attn_bwd_dkdv[(nkb, B * HKV, S)](
         DK=dk0, DV_=dv0, DB=db if db is not None else delta, DUK=duk0 if duk0 is not None else delta,
         stride_dkb=dk0.stride(0), stride_dkh=dk0.stride(1), stride_dkn=dk0.stride(2),
@@ -662,7 +662,7 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
     dq0 = dq if S == 1 else dq[0]
     duq0 = None if duq is None else (duq if S == 1 else duq[0])
     sduq = _bstrides(duq0)
-    dq_args = {**qkv, **common}
+    dq_args = {**qkv, **common, **rel_qf}
     if ds_stored(db, qp.dtype, ex.rel is not None or r > 0):  # dQ = dS · K from the stored dS: no recompute
         dq_args.update(BIAS=db, stride_bb=sdb[0], stride_bh=sdb[1], stride_bm=sdb[2], stride_bn=sdb[3],
                        DS_STORED=True)
@@ -728,9 +728,10 @@ REL_FACTOR_LAUNCH = (128, 4)  # `_rel_factor_bwd`'s (BLOCK_M, num_warps): H200, 
 
 def _rel_query_factors(qp, rel: Rel, prob: _Problem, nq: int, scale: float, lr_chain_: bool) -> dict:
     """The rel-pos query factor of every query row (`triton_kernels._rel_factor_bwd`: (B, H, rows, 2 block_w) in
-    q's dtype, pre-scaled as the logits take it), as the dK/dV kernel's QF arguments. That kernel visits each query
-    block once per key block that sees it, and rebuilding the factor there (a dot against the tables and a gather
-    per visit) doubled its time on the Halo grid."""
+    q's dtype, pre-scaled as the logits take it), as the dK/dV and dQ kernels' QF arguments. The dK/dV kernel visits
+    each query block once per key block that sees it, and rebuilding the factor there (a dot against the tables
+    and a gather per visit) doubled its time on the Halo grid; the dQ kernel's rebuild was ~650 SASS instructions
+    per warp of index arithmetic and gather (`scripts/sass_lines.py`)."""
     from . import triton_kernels as tk
 
     B, H, rows, D = qp.shape

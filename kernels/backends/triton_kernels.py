@@ -926,13 +926,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
         q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, stride_qn, offs_d, NQ, D, BLOCK_D, True)
         do = _load_rows(DO + b * stride_db + h * stride_dh, q_rows, stride_dn, offs_dv, NQ, DV, BLOCK_DV, True)
         uq = q  # the query factor as the logits take it (pre-scaled under LR_CHAIN); dU_q does not depend on it
-        if HAS_REL:
-            uq = _rel_query_factor(q, _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T), q_tok, QB,
-                                   WIN, rel_scale, 1.0 / sm_scale, BLOCK_T, BLOCK_W, LR_CHAIN, DOT_PREC, GRID_MODE,
-                                   rel_qw, rel_block)
-        elif HAS_LR:
-            uq = _lr_chain_factor(_load_rows(QF + b * stride_qfb + h * stride_qfh, q_rows, stride_qfn, offs_r, NQ, R,
-                                             BLOCK_R, True), 1.0 / sm_scale, LR_CHAIN)
+        if HAS_LR:  # with HAS_REL: the rel-pos factor `_rel_factor_bwd` wrote (rebuilding it cost ~650 instructions)
+            uq = _load_rows(QF + b * stride_qfb + h * stride_qfh, q_rows, stride_qfn, offs_r, NQ, R, BLOCK_R, True)
+            if not HAS_REL:
+                uq = _lr_chain_factor(uq, 1.0 / sm_scale, LR_CHAIN)
         lse2 = tl.load(LSE + pid_bh.to(tl.int64) * NQO + q_rows, mask=rows, other=float("inf"))
         lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 1.4426950408889634)
         delta = tl.load(DELTA + pid_bh.to(tl.int64) * NQO + q_rows, mask=rows, other=0.0)
