@@ -218,14 +218,13 @@ def _rel_query_place(q_tok, col, QB: tl.constexpr, WIN: tl.constexpr, REL_GRID: 
     (c - shift) mod WIN. Blocked layout (q_tok = the row in the block): no shift. Halo grid (REL_GRID; q_tok = the
     token on a grid rel_qw wide): block i's window starts at key coordinate i · rel_block, key class = key
     coordinate mod WIN, so the shift is that start mod WIN."""
+    tok = tl.maximum(q_tok, 0).to(tl.uint32)  # unsigned: divisions by constants without sign fix-ups
     if REL_GRID:
-        tok = tl.maximum(q_tok, 0).to(tl.uint32)  # unsigned: divisions by constants without sign fix-ups
         qy, qx = tok // rel_qw, tok % rel_qw
         pos = tl.where(col, (qx % QB).to(tl.int32)[:, None], (qy % QB).to(tl.int32)[:, None])
         shift = tl.where(col, ((qx // QB) * rel_block % WIN).to(tl.int32)[:, None],
                          ((qy // QB) * rel_block % WIN).to(tl.int32)[:, None])
     else:
-        tok = tl.maximum(q_tok, 0).to(tl.uint32)
         pos = tl.where(col, (tok % QB).to(tl.int32)[:, None], (tok // QB).to(tl.int32)[:, None])
         shift = 0
     return pos, shift
@@ -284,10 +283,9 @@ def _rel_table_logit_grad(duq, q_tok, QB: tl.constexpr, WIN: tl.constexpr, rel_s
 @triton.jit
 def _rel_factor_bwd(Q, RH, RW, UQ, QROW, stride_qb, stride_qh, stride_qn, stride_ub, stride_uh, stride_un, stride_rt,
                     H, NQ, rel_scale, inv_scale, rel_qw: tl.constexpr, rel_block: tl.constexpr, D: tl.constexpr,
-                    BLOCK_M: tl.constexpr,
-                    BLOCK_D: tl.constexpr, QB: tl.constexpr, WIN: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_W: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr, GRID_MODE: tl.constexpr,
-                    GATHER: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, QB: tl.constexpr, WIN: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr,
+                    GRID_MODE: tl.constexpr, GATHER: tl.constexpr):
     """HAS_REL backward: the query factor `_rel_query_factor` of every query block, written once (B, H, rows,
     2 BLOCK_W) for the dK/dV kernel, which would otherwise rebuild it (a dot and a gather) for each of the many
     key blocks that visit the query block. Rows and token coordinates as the kernels take them (GATHER: token
@@ -686,8 +684,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
                    WIN: tl.constexpr = 1, rel_scale=0.0, BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16,
                    HAS_REL: tl.constexpr = False, LR_CHAIN: tl.constexpr = False, BATCH_MINOR: tl.constexpr = False,
                    NQO=0, QROW=None, KROW=None, GATHER: tl.constexpr = False, rel_qw: tl.constexpr = 1,
-                   rel_block: tl.constexpr = 0,
-                   REL_KF: tl.constexpr = False):
+                   rel_block: tl.constexpr = 0, REL_KF: tl.constexpr = False):
     """dK/dV (+ dS for the bias gradient, dU_k) per key block. BATCH_MINOR (a bias broadcast over the batch): the
     batch index varies fastest over the programs, so a head's batch elements run side by side and read each bias
     tile once from memory (the others hit L2) instead of once per batch element. GATHER (grid patterns): every
