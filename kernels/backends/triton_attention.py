@@ -21,8 +21,8 @@ the forward's parts and `sum_over_leading` sums the backward's.
 Dense skinny problems (Nk <= 256, or H/Hkv · Nq <= 256) also have the kernels of `triton_skinny` (autotune
 candidates, `ATTNZOO_SKINNY`). HaloNet's relative-position bias on its blocked layout or a 2-d Halo grid is
 computed in-kernel (`attnzoo::relpos_fwd/bwd`, `ATTNZOO_RELPOS`): by the general kernels (`HAS_REL`: factors built
-from q and the tables; only the backward writes the query factor, once, for its dK/dV kernel) and, on the blocked
-layout, the few-keys kernels, tuned against each other.
+from q and the tables; only the backward writes the query factor, once, for its dK/dV and dQ kernels) and, on the
+blocked layout, the few-keys kernels, tuned against each other.
 """
 from __future__ import annotations
 

@@ -27,9 +27,9 @@ Optional terms (constexpr flags, absent ones cost nothing):
   `q · RTᵀ` (one small dot against both per-axis tables) shifted per row to the key classes (`tl.gather`; on the
   grid the shift follows each slot's token coordinates, read from QROW), the key factor a one-hot built from iota
   (blocked) or loaded (REL_KF, always on the grid: a (Nk, 2 BLOCK_W) constant, as low-rank key factors are).
-  Backward: `_rel_factor_bwd` writes the query factor once per query block and the dK/dV kernel loads it; the dQ
-  kernel builds it, shifts dU back to dT (the tables' logit gradient), adds dT · RT to dq and writes dT per row
-  (the tables' gradient dTᵀ · q is one GEMM in torch).
+  Backward: `_rel_factor_bwd` writes the query factor once per query block and the dK/dV and dQ kernels load it;
+  the dQ kernel shifts dU back to dT (the tables' logit gradient), adds dT · RT to dq and writes dT per row (the
+  tables' gradient dTᵀ · q is one GEMM in torch).
 * `HAS_GATE`: `out *= sigmoid(g)` in the forward epilogue (g per element, or with GATE_ELEM=False one per row,
   loaded before the key loop so its latency hides behind it); the backward's delta kernel turns dO into
   dO·sigmoid(g) and writes dg.
