@@ -156,7 +156,7 @@ def _bias_cases(only=None):
         if not wanted(f"{layout} no bias", f"{layout} rel-pos"):
             continue
         pattern, q, k, v, tables = bk.relpos_inputs(layout)
-        attend = pattern if layout == "grid" else None  # the blocked layout is dense attention
+        attend = bk.relpos_attend(layout, pattern)
         cases += [(f"{layout} no bias", lambda q=q, k=k, v=v, p=attend: kernels.attention(q, k, v, p), [q, k, v]),
                   (f"{layout} rel-pos", lambda q=q, k=k, v=v, p=attend, rel=pattern, t=tables: kernels.attention(
                       q, k, v, p, bias=kernels.RelPosBias(rel, t)), [q, k, v, *tables])]
@@ -313,7 +313,7 @@ def forced_forward(layout: str, kind: str, cfg: tuple) -> None:
         raise ValueError(f"forced_forward: kind must be 'rel' or 'nobias', got {kind!r}")
     ta._fwd_candidates = lambda d, dv: [cfg]
     pattern, q, k, v, tables = bk.relpos_inputs(layout)
-    attend = pattern if layout == "grid" else None  # the blocked layout is dense attention
+    attend = bk.relpos_attend(layout, pattern)
     bias = kernels.RelPosBias(pattern, tables) if kind == "rel" else None
     with torch.no_grad():
         for _ in range(3):

@@ -41,23 +41,17 @@ def compiled_kernels(layout: str, cfg: tuple, name: str = "_attn_fwd") -> dict:
         return k
 
     JITFunction.run = record
+    import bench_kernels as bk
     import kernels
     from kernels.backends import triton_attention as ta
 
     ta._fwd_candidates = ta._bwd_candidates = lambda d, dv: [cfg]
-    rand = lambda *s: torch.randn(*s, dtype=torch.bfloat16, requires_grad=name != "_attn_fwd")  # noqa: E731
-    if layout == "grid":
-        pattern = kernels.Halo((64, 64), 8, 2)
-        q, k, v, attend = rand(8, 8, 4096, 64), rand(8, 8, 68 * 68, 64), rand(8, 8, 68 * 68, 64), pattern
-    elif layout == "blocked":
-        pattern = kernels.Halo((8, 8), 8, 2)
-        q, k, v, attend = rand(512, 8, 64, 64), rand(512, 8, 144, 64), rand(512, 8, 144, 64), None
-    else:
-        raise ValueError(f"layout must be 'grid' or 'blocked', got {layout!r}")
-    for bias in (None, kernels.RelPosBias(pattern, (rand(23, 64), rand(23, 64)))):
-        out = kernels.attention(q, k, v, attend, bias=bias)
-        if out.requires_grad:
-            out.backward(torch.randn_like(out))
+    pattern, q, k, v, tables = bk.relpos_inputs(layout, device="cpu")
+    with torch.set_grad_enabled(name != "_attn_fwd"):
+        for bias in (None, kernels.RelPosBias(pattern, tables)):
+            out = kernels.attention(q, k, v, bk.relpos_attend(layout, pattern), bias=bias)
+            if out.requires_grad:
+                out.backward(torch.randn_like(out))
     JITFunction.run = run
     return got
 
