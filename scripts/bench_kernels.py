@@ -183,7 +183,7 @@ def check_short_loop_configs():
     from kernels.backends import triton_attention as ta
 
     halo = next(c for c in core_check_cases() if c[0].startswith("halo"))
-    configs = ta._short_loop_candidates([], halo[1], halo[7], halo[8], halo[6])
+    configs = ta._short_loop_candidates([], halo[1], halo[7], halo[8], halo[6], rel=True)
     rel = [c for c in extra_check_cases() if c[0].startswith("relpos")]
     tune, ok = ta._autotune, True
     for cfg in configs:

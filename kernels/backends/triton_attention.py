@@ -188,14 +188,21 @@ def _bwd_candidates(d: int, dv: int) -> List[tuple]:
         capped
 
 
-def _short_loop_candidates(cands: List[tuple], pattern, d: int, dv: int, nk: int) -> List[tuple]:
+def _short_loop_candidates(cands: List[tuple], pattern, d: int, dv: int, nk: int, rel: bool = False) -> List[tuple]:
     """Forward programs that visit a few key tiles (a `Halo` pattern's windows, <= 256 keys) at head dims <= 64:
     add 32- and 16-key tiles, which pad less of each window (H200, d64: the Halo grid (64, 64) b8 h2 0.093 ->
     0.066 ms, with rel-pos 0.133 -> 0.115; HaloNet's blocked layout (64 queries x 144 keys) 0.073 -> 0.062, with
-    rel-pos 0.102 -> 0.096; slower on long dense rows)."""
+    rel-pos 0.102 -> 0.096; slower on long dense rows). Register caps (`maxnreg`) let more of these short programs
+    share an SM: 72 is the no-bias kernel's own count (blocked 0.063 -> 0.061 ms). The rel-pos forward's
+    query-factor prologue lifts it to 94 (16-key tiles) and 119 (32-key tiles) registers; capped at 80 and 96
+    without spills, six and five programs fit instead of five and four (Halo grid 0.100 -> 0.094 ms, blocked
+    0.095 -> 0.091)."""
     if _interpret() or max(_block_d(d), _block_d(dv)) > 64 or not (isinstance(pattern, Halo) or nk <= 256):
         return cands
-    return list(dict.fromkeys(cands + [(64, 32, 4, 3), (64, 32, 4, 2, 128), (64, 16, 4, 3)]))
+    extra = [(64, 32, 4, 3), (64, 32, 4, 2, 128), (64, 16, 4, 3), (64, 16, 4, 3, 72)]
+    if rel:
+        extra += [(64, 16, 4, 2, 80), (64, 16, 4, 3, 80), (64, 32, 4, 3, 96)]
+    return list(dict.fromkeys(cands + extra))
 
 
 def _skinny_candidates(cands: List[tuple], nk: int) -> List[tuple]:
@@ -995,7 +1002,7 @@ def _forward(q, k, v, bias, qf, kf, gate, pattern, scale, rel: Optional[Rel] = N
     cfg = _autotune(_tune_key("fwd", pattern, q, k, v, _feats(bias, qf, gate, q, rel) + sk_feat),
                     lambda: _with_tile_costs(pattern, _with_skinny(_short_loop_candidates(
                         _skinny_candidates(_fwd_candidates(q.shape[-1], v.shape[-1]), nk), pattern, q.shape[-1],
-                        v.shape[-1], nk), False, sk_feat, q, k, v)),
+                        v.shape[-1], nk, rel is not None), False, sk_feat, q, k, v)),
                     run)
     return run(cfg)
 

@@ -451,13 +451,16 @@ def test_grid_variant_env(monkeypatch):
 
 def test_short_loop_candidates(monkeypatch):
     """32- and 16-key forward tiles are tried where programs visit a few key tiles (Halo windows, <= 256 keys) at head
-    dims <= 64, and nowhere else."""
+    dims <= 64, and nowhere else; with rel-pos also under the register caps that fit its prologue."""
     from kernels.backends import triton_attention as ta
 
     monkeypatch.setattr(ta, "_interpret", lambda: False)
     base = [(64, 64, 4, 3), (64, 32, 4, 3)]
-    narrow = [(64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2, 128), (64, 16, 4, 3)]
+    narrow = [(64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2, 128), (64, 16, 4, 3), (64, 16, 4, 3, 72)]
+    capped = narrow + [(64, 16, 4, 2, 80), (64, 16, 4, 3, 80), (64, 32, 4, 3, 96)]
     assert ta._short_loop_candidates(base, Halo((64, 64), 8, 2), 64, 64, 4096) == narrow
+    assert ta._short_loop_candidates(base, Halo((64, 64), 8, 2), 64, 64, 4096, rel=True) == capped
+    assert ta._short_loop_candidates(base, Dense(), 64, 64, 4096, rel=True) == base
     assert ta._short_loop_candidates(base, Halo((64, 64), 8, 2), 48, 32, 4096) == narrow
     assert ta._short_loop_candidates(base, None, 64, 64, 144) == narrow
     assert ta._short_loop_candidates(base, Dense(), 64, 64, 4096) == base
