@@ -211,21 +211,23 @@ def _rel_tables(RH, RW, stride_rt, WIN: tl.constexpr, offs_d, D: tl.constexpr, B
 
 
 @triton.jit
-def _rel_query_place(q_tok, col, QB: tl.constexpr, WIN: tl.constexpr, REL_GRID: tl.constexpr, rel_qw: tl.constexpr,
+def _rel_query_place(q_tok, QB: tl.constexpr, WIN: tl.constexpr, REL_GRID: tl.constexpr, rel_qw: tl.constexpr,
                      rel_block: tl.constexpr):
-    """HAS_REL: per query and axis (row where `col` is False, column where True; broadcast to col's shape), the
-    query's position in its QB x QB block and its window's shift: the window-local index of key class c is
-    (c - shift) mod WIN. Blocked layout (q_tok = the row in the block): no shift. Halo grid (REL_GRID; q_tok = the
-    token on a grid rel_qw wide): block i's window starts at key coordinate i · rel_block, key class = key
-    coordinate mod WIN, so the shift is that start mod WIN."""
+    """HAS_REL: per query (BM, 2, 1), for its row (axis 1 index 0) and its column (index 1), the query's position
+    in its QB x QB block and its window's shift: the window-local index of key class c is (c - shift) mod WIN.
+    Blocked layout (q_tok = the row in the block): no shift. Halo grid (REL_GRID; q_tok = the token on a grid
+    rel_qw wide): block i's window starts at key coordinate i · rel_block, key class = key coordinate mod WIN, so
+    the shift is that start mod WIN."""
+    is_col = (tl.arange(0, 2) == 1)[None, :, None]
     tok = tl.maximum(q_tok, 0).to(tl.uint32)  # unsigned: divisions by constants without sign fix-ups
     if REL_GRID:
         qy, qx = tok // rel_qw, tok % rel_qw
-        pos = tl.where(col, (qx % QB).to(tl.int32)[:, None], (qy % QB).to(tl.int32)[:, None])
-        shift = tl.where(col, ((qx // QB) * rel_block % WIN).to(tl.int32)[:, None],
-                         ((qy // QB) * rel_block % WIN).to(tl.int32)[:, None])
+        pos = tl.where(is_col, (qx % QB).to(tl.int32)[:, None, None], (qy % QB).to(tl.int32)[:, None, None])
+        shift = tl.where(is_col, ((qx // QB) * rel_block % WIN).to(tl.int32)[:, None, None],
+                         ((qy // QB) * rel_block % WIN).to(tl.int32)[:, None, None])
     else:
-        pos = tl.where(col, (tok % QB).to(tl.int32)[:, None], (tok // QB).to(tl.int32)[:, None])
+        qy = tl.minimum(tok // QB, QB - 1)  # rows past the block (padding) stay inside the tables
+        pos = tl.where(is_col, (tok % QB).to(tl.int32)[:, None, None], qy.to(tl.int32)[:, None, None])
         shift = 0
     return pos, shift
 
@@ -238,18 +240,23 @@ def _rel_query_factor(q, rt, q_tok, QB: tl.constexpr, WIN: tl.constexpr, rel_sca
     for the row classes c < BLOCK_W (j: class c's window-local index, `_rel_query_place`), then the same with R_w
     and qx(m) for the column classes (qy, qx: the query's position in its QB x QB block). Classes >= WIN hold
     finite values the key factor never selects. Under LR_CHAIN also times `inv_scale` (1 / scale), as
-    `_logits_lr` takes it (`_lr_chain_factor` for loaded factors)."""
+    `_logits_lr` takes it (`_lr_chain_factor` for loaded factors). The gather runs per table, on (BM, 2, .) views:
+    half the shuffles of one over both tables' columns."""
     if LR_CHAIN:
         rel_scale = rel_scale * inv_scale
     t = tl.dot(q, tl.trans(rt), input_precision=DOT_PREC)  # (BM, 2 BLOCK_T) fp32
-    c = tl.arange(0, 2 * BLOCK_W)[None, :]
-    col = c >= BLOCK_W
-    pos, shift = _rel_query_place(q_tok, col, QB, WIN, REL_GRID, rel_qw, rel_block)
-    j = tl.where(col, c - BLOCK_W, c)
+    bm: tl.constexpr = t.shape[0]
+    pos, shift = _rel_query_place(q_tok, QB, WIN, REL_GRID, rel_qw, rel_block)
+    j = tl.arange(0, BLOCK_W)[None, None, :]
     if REL_GRID:
         j = tl.where(j < shift, j - shift + WIN, j - shift)  # (j - shift) mod WIN: no integer division
-    idx = tl.minimum(tl.maximum(j + WIN - 1 - pos, 0), BLOCK_T - 1)
-    return (tl.gather(t, idx + tl.where(col, BLOCK_T, 0), 1) * rel_scale).to(q.dtype)
+    idx = j + WIN - 1 - pos  # in [WIN - QB, BLOCK_W + WIN - 2]: clamped where that leaves the table
+    if WIN < QB:
+        idx = tl.maximum(idx, 0)
+    if BLOCK_W + WIN - 2 >= BLOCK_T:
+        idx = tl.minimum(idx, BLOCK_T - 1)
+    u = tl.gather(tl.reshape(t, (bm, 2, BLOCK_T)), idx, 2)
+    return (tl.reshape(u, (bm, 2 * BLOCK_W)) * rel_scale).to(q.dtype)
 
 
 @triton.jit
@@ -269,15 +276,14 @@ def _rel_table_logit_grad(duq, q_tok, QB: tl.constexpr, WIN: tl.constexpr, rel_s
                           rel_block: tl.constexpr = 0):
     """HAS_REL: dT (BM, 2 BLOCK_T) fp32, the gradient of the table logits `q · RTᵀ` from the query factor's gradient
     `duq` (BM, 2 BLOCK_W): the inverse of `_rel_query_factor`'s shift (only classes < WIN carry a gradient)."""
-    t = tl.arange(0, 2 * BLOCK_T)[None, :]
-    col = t >= BLOCK_T
-    pos, shift = _rel_query_place(q_tok, col, QB, WIN, REL_GRID, rel_qw, rel_block)
-    j = tl.where(col, t - BLOCK_T, t) - (WIN - 1) + pos  # window-local index
+    bm: tl.constexpr = duq.shape[0]
+    pos, shift = _rel_query_place(q_tok, QB, WIN, REL_GRID, rel_qw, rel_block)
+    j = tl.arange(0, BLOCK_T)[None, None, :] - (WIN - 1) + pos  # window-local index
     c = j
     if REL_GRID:
         c = tl.where(j + shift >= WIN, j + shift - WIN, j + shift)  # mod WIN for the j in [0, WIN) kept
-    idx = tl.minimum(tl.maximum(c, 0), BLOCK_W - 1) + tl.where(col, BLOCK_W, 0)
-    return tl.where((j >= 0) & (j < WIN), tl.gather(duq, idx, 1), 0.0) * rel_scale
+    dt = tl.gather(tl.reshape(duq, (bm, 2, BLOCK_W)), tl.minimum(tl.maximum(c, 0), BLOCK_W - 1), 2)
+    return tl.reshape(tl.where((j >= 0) & (j < WIN), dt, 0.0), (bm, 2 * BLOCK_T)) * rel_scale
 
 
 @triton.jit
