@@ -213,23 +213,22 @@ def _rel_tables(RH, RW, stride_rt, WIN: tl.constexpr, offs_d, D: tl.constexpr, B
 @triton.jit
 def _rel_query_place(q_tok, QB: tl.constexpr, WIN: tl.constexpr, REL_GRID: tl.constexpr, rel_qw: tl.constexpr,
                      rel_block: tl.constexpr):
-    """HAS_REL: per query (BM, 2, 1), for its row (axis 1 index 0) and its column (index 1), the query's position
-    in its QB x QB block and its window's shift: the window-local index of key class c is (c - shift) mod WIN.
-    Blocked layout (q_tok = the row in the block): no shift. Halo grid (REL_GRID; q_tok = the token on a grid
+    """HAS_REL: per query (1-d), its row and column in its QB x QB block, then its window's row and column shifts:
+    the window-local index of key class c is (c - shift) mod WIN. Blocked layout (q_tok = the row in the block;
+    rows past the block, padding, stay inside it): no shift. Halo grid (REL_GRID; q_tok = the token on a grid
     rel_qw wide): block i's window starts at key coordinate i · rel_block, key class = key coordinate mod WIN, so
     the shift is that start mod WIN."""
-    is_col = (tl.arange(0, 2) == 1)[None, :, None]
     tok = tl.maximum(q_tok, 0).to(tl.uint32)  # unsigned: divisions by constants without sign fix-ups
     if REL_GRID:
         qy, qx = tok // rel_qw, tok % rel_qw
-        pos = tl.where(is_col, (qx % QB).to(tl.int32)[:, None, None], (qy % QB).to(tl.int32)[:, None, None])
-        shift = tl.where(is_col, ((qx // QB) * rel_block % WIN).to(tl.int32)[:, None, None],
-                         ((qy // QB) * rel_block % WIN).to(tl.int32)[:, None, None])
+        pos_y, pos_x = (qy % QB).to(tl.int32), (qx % QB).to(tl.int32)
+        shift_y = ((qy // QB) * rel_block % WIN).to(tl.int32)
+        shift_x = ((qx // QB) * rel_block % WIN).to(tl.int32)
     else:
-        qy = tl.minimum(tok // QB, QB - 1)  # rows past the block (padding) stay inside the tables
-        pos = tl.where(is_col, (tok % QB).to(tl.int32)[:, None, None], qy.to(tl.int32)[:, None, None])
-        shift = 0
-    return pos, shift
+        pos_y, pos_x = tl.minimum(tok // QB, QB - 1).to(tl.int32), (tok % QB).to(tl.int32)
+        shift_y = 0
+        shift_x = 0
+    return pos_y, pos_x, shift_y, shift_x
 
 
 @triton.jit
@@ -246,9 +245,12 @@ def _rel_query_factor(q, rt, q_tok, QB: tl.constexpr, WIN: tl.constexpr, rel_sca
         rel_scale = rel_scale * inv_scale
     t = tl.dot(q, tl.trans(rt), input_precision=DOT_PREC)  # (BM, 2 BLOCK_T) fp32
     bm: tl.constexpr = t.shape[0]
-    pos, shift = _rel_query_place(q_tok, QB, WIN, REL_GRID, rel_qw, rel_block)
+    pos_y, pos_x, shift_y, shift_x = _rel_query_place(q_tok, QB, WIN, REL_GRID, rel_qw, rel_block)
+    is_col = (tl.arange(0, 2) == 1)[None, :, None]
+    pos = tl.where(is_col, pos_x[:, None, None], pos_y[:, None, None])
     j = tl.arange(0, BLOCK_W)[None, None, :]
     if REL_GRID:
+        shift = tl.where(is_col, shift_x[:, None, None], shift_y[:, None, None])
         j = tl.where(j < shift, j - shift + WIN, j - shift)  # (j - shift) mod WIN: no integer division
     idx = j + WIN - 1 - pos  # in [WIN - QB, BLOCK_W + WIN - 2]: clamped where that leaves the table
     if WIN < QB:
@@ -275,15 +277,18 @@ def _rel_table_logit_grad(duq, q_tok, QB: tl.constexpr, WIN: tl.constexpr, rel_s
                           BLOCK_W: tl.constexpr, REL_GRID: tl.constexpr = False, rel_qw: tl.constexpr = 1,
                           rel_block: tl.constexpr = 0):
     """HAS_REL: dT (BM, 2 BLOCK_T) fp32, the gradient of the table logits `q · RTᵀ` from the query factor's gradient
-    `duq` (BM, 2 BLOCK_W): the inverse of `_rel_query_factor`'s shift (only classes < WIN carry a gradient)."""
-    bm: tl.constexpr = duq.shape[0]
-    pos, shift = _rel_query_place(q_tok, QB, WIN, REL_GRID, rel_qw, rel_block)
-    j = tl.arange(0, BLOCK_T)[None, None, :] - (WIN - 1) + pos  # window-local index
+    `duq` (BM, 2 BLOCK_W): the inverse of `_rel_query_factor`'s shift (only classes < WIN carry a gradient). One
+    gather over both tables: per table on (BM, 2, .) views, as the forward's, the few-keys backward spilled more."""
+    t = tl.arange(0, 2 * BLOCK_T)[None, :]
+    col = t >= BLOCK_T
+    pos_y, pos_x, shift_y, shift_x = _rel_query_place(q_tok, QB, WIN, REL_GRID, rel_qw, rel_block)
+    j = tl.where(col, t - BLOCK_T, t) - (WIN - 1) + tl.where(col, pos_x[:, None], pos_y[:, None])  # window index
     c = j
     if REL_GRID:
+        shift = tl.where(col, shift_x[:, None], shift_y[:, None])
         c = tl.where(j + shift >= WIN, j + shift - WIN, j + shift)  # mod WIN for the j in [0, WIN) kept
-    dt = tl.gather(tl.reshape(duq, (bm, 2, BLOCK_W)), tl.minimum(tl.maximum(c, 0), BLOCK_W - 1), 2)
-    return tl.reshape(tl.where((j >= 0) & (j < WIN), dt, 0.0), (bm, 2 * BLOCK_T)) * rel_scale
+    idx = tl.minimum(tl.maximum(c, 0), BLOCK_W - 1) + tl.where(col, BLOCK_W, 0)
+    return tl.where((j >= 0) & (j < WIN), tl.gather(duq, idx, 1), 0.0) * rel_scale
 
 
 @triton.jit

@@ -199,7 +199,7 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
               KEY_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
               BLOCK_W: tl.constexpr, RESIDENT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DB: tl.constexpr,
               HAS_GATE: tl.constexpr, GATE_ELEM: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_REL: tl.constexpr,
-              LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr):
+              LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr, ONE_ITEM: tl.constexpr = False):
     """Few-keys backward, one fused kernel. RESIDENT (one key chunk): dK/dV of a (b, h) accumulate over the
     program's query blocks. Otherwise every (b, h) has one query block (the host's rule), and each key chunk's
     dK/dV are final when written."""
@@ -222,7 +222,11 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
     rt = 0.0
     if HAS_REL:
         rt = _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T)
-        dr = tl.zeros([2 * BLOCK_T, BLOCK_D], tl.float32)  # both tables' gradient, R_h's rows then R_w's
+        _, t_row, packed = _rel_rows(WIN, BLOCK_T)
+        dr_ptrs = DRT + pid.to(tl.int64) * (2 * (2 * WIN - 1)) * D + packed[:, None] * D + offs_d[None, :]
+        dr_mask = (t_row < 2 * WIN - 1)[:, None] & (offs_d < D)[None, :]
+        if not ONE_ITEM:
+            dr = tl.zeros([2 * BLOCK_T, BLOCK_D], tl.float32)  # both tables' gradient, R_h's rows then R_w's
     inv_scale = 1.4426950408889634 / qk_scale
     for it in range(lo, hi):
         bh = it // NQB
@@ -283,7 +287,10 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
         if HAS_REL:  # the tables' logit gradient dT: dq += dT · RT, dRT += dTᵀ · q
             dt = _rel_table_logit_grad(duq, offs_m, QB, WIN, rel_scale, BLOCK_T, BLOCK_W).to(q.dtype)
             dq += tl.dot(dt, rt, input_precision=DOT_PREC)
-            dr += tl.dot(tl.trans(dt), q, input_precision=DOT_PREC)
+            if ONE_ITEM:  # no accumulator live across the key loop (32 registers per thread, where it spills)
+                tl.store(dr_ptrs, tl.dot(tl.trans(dt), q, input_precision=DOT_PREC), mask=dr_mask)
+            else:
+                dr += tl.dot(tl.trans(dt), q, input_precision=DOT_PREC)
         tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
                  dq.to(DQ.dtype.element_ty), mask=rows[:, None] & (offs_d < D)[None, :])
     if RESIDENT:
@@ -294,10 +301,8 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
                  mask=col_ok[:, None] & (offs_d < D)[None, :])
         tl.store(DV_ + split * stride_dvs + b0 * stride_dvb + h0 * stride_dvh + offs_n[:, None] * stride_dvn +
                  offs_dv[None, :], dv.to(DV_.dtype.element_ty), mask=col_ok[:, None] & cols[None, :])
-    if HAS_REL:  # per-program partials (2 (2 WIN - 1), D) of both tables (R_h's rows, then R_w's), summed in torch
-        _, t, packed = _rel_rows(WIN, BLOCK_T)
-        offs = pid.to(tl.int64) * (2 * (2 * WIN - 1)) * D + packed[:, None] * D + offs_d[None, :]
-        tl.store(DRT + offs, dr, mask=(t < 2 * WIN - 1)[:, None] & (offs_d < D)[None, :])
+    if HAS_REL and not ONE_ITEM:  # per-program partials of both tables, summed in torch
+        tl.store(dr_ptrs, dr, mask=dr_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -670,7 +675,8 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
     sdb = ta._bstrides(db)
     # the tables' gradient: per-program partials of both, R_h's rows then R_w's (as the general dQ kernel's dT)
     drt = None if rel is None else torch.empty(nprog, 2 * rel.nt, D, device=q.device, dtype=f32)
-    CALLS["keys_bwd_" + mode + ("_chunked" if key_chunks > 1 else "") + ("_rel" if rel is not None else "")] += 1
+    CALLS["keys_bwd_" + mode + ("_chunked" if key_chunks > 1 else "") + ("_rel" if rel is not None else "") +
+          ("_items" if rel is not None and items > 1 else "")] += 1  # several items: dRT partials accumulated
     _keys_bwd[(nprog,)](
         q, k, v, out, do, lse, dlse if dlse is not None else lse, bias_k if bias_k is not None else q,
         g4 if g4 is not None else q, DQ=dq, DK=dk, DV_=dv, DB=db if db is not None else lse,
@@ -693,7 +699,8 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
         RESIDENT=mode == "res", HAS_BIAS=bias_k is not None, STORE_DB=store_db, HAS_GATE=gate is not None,
         GATE_ELEM=gate is not None and g4.shape[-1] > 1, HAS_DLSE=dlse is not None,
         DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages, HAS_REL=rel is not None,
-        LR_CHAIN=ta.lr_chain(q, None if rel is None else "rel"), **ta.rel_args(rel, q))
+        LR_CHAIN=ta.lr_chain(q, None if rel is None else "rel"), ONE_ITEM=rel is not None and items == 1,
+        **ta.rel_args(rel, q))
     if direct:
         dk, dv = dk[0], dv[0]
     else:  # sum the per-program partials (one pass, cast included without GQA), then the GQA group

@@ -279,6 +279,14 @@ def test_relpos_blocked_chunked_keys(dtype, force):
            expect=("keys_fwd_flat_chunked_rel", "keys_bwd_flat_chunked_rel"))
 
 
+def test_relpos_blocked_several_items_per_program():
+    # 40 (b, h) items over the interpreter's 16 programs: each program sums the tables' gradient over its items
+    # (with one item per program the kernel writes it directly)
+    hb = Halo((4, 4), block=4, halo=1)
+    _check(10, 4, 4, 16, 36, 16, 16, torch.float32, bias_fn=_rel_pos(hb, 16),
+           expect=("keys_fwd_flat_rel", "keys_bwd_flat_rel_items"))
+
+
 def test_relpos_resident_several_query_blocks():
     hb = Halo((6, 6), block=6, halo=1)  # 36 queries = 3 query blocks of 16 (RESIDENT), 8 x 8 keys
     _check(1, 2, 1, 36, 64, 16, 16, torch.float16, bias_fn=_rel_pos(hb, 16),
