@@ -708,8 +708,11 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
         if GROUP > 1:
             dk = dk.reshape(B, HKV, GROUP, NK, D).sum(2).to(q.dtype)
             dv = dv.reshape(B, HKV, GROUP, NK, DV).sum(2).to(q.dtype)
-    # one sum per table, separate outputs: a custom op's outputs must not alias
-    drel = None if drt is None else (drt[:, :rel.nt].sum(0), drt[:, rel.nt:].sum(0))
+    drel = None
+    if drt is not None:  # one reduction over the contiguous partials (one per table read strided slices: 2x the
+        # time), then separate outputs: a custom op's outputs must not alias
+        dr = drt.sum(0)
+        drel = dr[:rel.nt].clone(), dr[rel.nt:].clone()
     return dq, dk, dv, db, dg, drel
 
 
