@@ -10,6 +10,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels.backends import triton_kernels as tk
+from prebuild_triton_cache import ptxas_report  # noqa: E402
 
 PTR = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "QF": "*bf16", "KF": "*bf16",
        "BIAS": "*bf16", "GATE": "*bf16", "FULL_PTR": "*i32", "FULL_IDX": "*i32", "PART_PTR": "*i32",
@@ -46,24 +47,6 @@ def compile_one(fn, consts, num_warps, num_stages, ptx=False, ptr=None, maxnreg=
     if ptx:
         return c.asm["ptx"]
     return time.time() - t, len(c.asm["cubin"]), c.metadata.shared
-
-
-def ptxas_report(ptx_text):
-    """'registers, spill stores' of a PTX through Triton's bundled ptxas (sm_90a)."""
-    import re
-    import subprocess
-    import tempfile
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    tool = get_ptxas(90)
-    tool = getattr(tool, "path", tool)
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx_text)
-    err = subprocess.run([tool, "--gpu-name", "sm_90a", "-v", f.name, "-o", "/dev/null"], capture_output=True,
-                         text=True).stderr
-    regs = re.search(r"Used (\d+) registers", err)
-    spill = re.search(r"(\d+) bytes spill stores", err)
-    return f"{regs.group(1) if regs else '?'} registers, {spill.group(1) if spill else '?'} B spill stores"
 
 
 if "--registers" in sys.argv:

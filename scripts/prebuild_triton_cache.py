@@ -80,6 +80,26 @@ def install_fake_device(device_libtriton=None):
     os.environ["ATTNZOO_WARM"] = "0/1"
 
 
+def ptxas_report(ptx_text):
+    """'registers, spill stores' of a PTX through Triton's bundled ptxas (sm_90a)."""
+    import re
+    import subprocess
+    import tempfile
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = get_ptxas(90)
+    tool = getattr(tool, "path", tool)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx_text)
+        err = subprocess.run([tool, "--gpu-name", "sm_90a", "-v", path, "-o", "/dev/null"], capture_output=True,
+                             text=True).stderr
+    regs = re.search(r"Used (\d+) registers", err)
+    spill = re.search(r"(\d+) bytes spill stores", err)
+    return f"{regs.group(1) if regs else '?'} registers, {spill.group(1) if spill else '?'} B spill stores"
+
+
 def _script(name: str):
     """Another script of this folder as a module (the benches whose calls the cases replay)."""
     spec = importlib.util.spec_from_file_location(f"_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))

@@ -5,8 +5,10 @@ and the source lines with the most instructions (Triton's line info through its 
 device's Triton:
 
     PYTHONPATH=<triton 3.6 install> python scripts/sass_lines.py grid 64,16,4,3 [_attn_bwd_dq]
+    PYTHONPATH=<triton 3.6 install> python scripts/sass_lines.py blocked 64,4,1,flat,64,64 _keys_bwd
 
-The ncu profile of the same kernels (`probe_bias_kernels.py --forced-forward`) counts the executed ones."""
+(a few-keys kernel takes a `triton_skinny.keys_candidates` config). Each line also gives ptxas's register count
+and spill stores. The ncu profile of the same kernels (`probe_bias_kernels.py --forced-forward`) counts the executed ones."""
 import collections
 import os
 import re
@@ -44,8 +46,13 @@ def compiled_kernels(layout: str, cfg: tuple, name: str = "_attn_fwd") -> dict:
     import bench_kernels as bk
     import kernels
     from kernels.backends import triton_attention as ta
+    from kernels.backends import triton_skinny as ts
 
-    ta._fwd_candidates = ta._bwd_candidates = lambda d, dv: [cfg]
+    if name.startswith("_keys"):  # the few-keys kernels on their own config family
+        os.environ["ATTNZOO_SKINNY"] = "new"
+        ts.keys_candidates = lambda *args, **kw: [cfg]
+    else:
+        ta._fwd_candidates = ta._bwd_candidates = lambda d, dv: [cfg]
     pattern, q, k, v, tables = bk.relpos_inputs(layout, device="cpu")
     with torch.set_grad_enabled(name != "_attn_fwd"):
         for bias in (None, kernels.RelPosBias(pattern, tables)):
@@ -85,13 +92,13 @@ def report(kernel, top: int = 10) -> str:
         if target and labels.get(target.group(1), i + 1) <= i:
             loops.append(i - labels[target.group(1)] + 1)
     lines = ", ".join(f"{k} {v}" for k, v in per_line.most_common(top))
-    return f"{len(ins)} instructions; loop bodies {loops}; by source line: {lines}"
+    return f"{len(ins)} instructions ({pb.ptxas_report(kernel.asm['ptx'])}); loop bodies {loops}; by source line: {lines}"
 
 
 def main() -> None:
     if len(sys.argv) not in (3, 4):
         sys.exit(__doc__)
-    cfg = tuple(int(c) for c in sys.argv[2].split(","))
+    cfg = tuple(int(c) if c.isdigit() else c for c in sys.argv[2].split(","))
     for rel, kernel in sorted(compiled_kernels(sys.argv[1], cfg, *sys.argv[3:]).items()):
         print(f"{sys.argv[1]} {'rel-pos' if rel else 'no bias'} {cfg}: {report(kernel)}", flush=True)
 
