@@ -8,7 +8,8 @@ device's Triton:
     PYTHONPATH=<triton 3.6 install> python scripts/sass_lines.py blocked 64,4,1,flat,64,64 _keys_bwd
 
 (a few-keys kernel takes a `triton_skinny.keys_candidates` config). Each line also gives ptxas's register count
-and spill stores. The ncu profile of the same kernels (`probe_bias_kernels.py --forced-forward`) counts the executed ones."""
+and spill stores. The ncu profile of the same kernels (`probe_bias_kernels.py --forced-forward`) counts the
+executed ones."""
 import collections
 import os
 import re
@@ -92,7 +93,8 @@ def report(kernel, top: int = 10) -> str:
         if target and labels.get(target.group(1), i + 1) <= i:
             loops.append(i - labels[target.group(1)] + 1)
     lines = ", ".join(f"{k} {v}" for k, v in per_line.most_common(top))
-    return f"{len(ins)} instructions ({pb.ptxas_report(kernel.asm['ptx'])}); loop bodies {loops}; by source line: {lines}"
+    registers = pb.ptxas_report(kernel.asm["ptx"])
+    return f"{len(ins)} instructions ({registers}); loop bodies {loops}; by source line: {lines}"
 
 
 def main() -> None:

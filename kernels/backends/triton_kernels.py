@@ -278,7 +278,7 @@ def _rel_table_logit_grad(duq, q_tok, QB: tl.constexpr, WIN: tl.constexpr, rel_s
                           rel_block: tl.constexpr = 0):
     """HAS_REL: dT (BM, 2 BLOCK_T) fp32, the gradient of the table logits `q · RTᵀ` from the query factor's gradient
     `duq` (BM, 2 BLOCK_W): the inverse of `_rel_query_factor`'s shift (only classes < WIN carry a gradient). One
-    gather over both tables: per table on (BM, 2, .) views, as the forward's, the few-keys backward spilled more."""
+    gather over both tables: the forward's per-table gather made the few-keys backward spill more here."""
     t = tl.arange(0, 2 * BLOCK_T)[None, :]
     col = t >= BLOCK_T
     pos_y, pos_x, shift_y, shift_x = _rel_query_place(q_tok, QB, WIN, REL_GRID, rel_qw, rel_block)
