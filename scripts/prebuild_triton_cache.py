@@ -80,15 +80,21 @@ def install_fake_device(device_libtriton=None):
     os.environ["ATTNZOO_WARM"] = "0/1"
 
 
+def ptxas_path() -> str:
+    """Triton's bundled ptxas for sm_90 (its folder also holds nvdisasm)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = get_ptxas(90)
+    return getattr(tool, "path", tool)
+
+
 def ptxas_report(ptx_text):
     """'registers, spill stores' of a PTX through Triton's bundled ptxas (sm_90a)."""
     import re
     import subprocess
     import tempfile
-    from triton.backends.nvidia.compiler import get_ptxas
 
-    tool = get_ptxas(90)
-    tool = getattr(tool, "path", tool)
+    tool = ptxas_path()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as f:

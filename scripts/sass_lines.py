@@ -66,9 +66,7 @@ def compiled_kernels(layout: str, cfg: tuple, name: str = "_attn_fwd") -> dict:
 
 def report(kernel, top: int = 10) -> str:
     """Static instruction count, loop bodies (backward branches) and the `top` source lines by instruction count."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    tool = os.path.join(os.path.dirname(getattr(get_ptxas(90), "path", get_ptxas(90))), "nvdisasm")
+    tool = os.path.join(os.path.dirname(pb.ptxas_path()), "nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()

@@ -298,8 +298,8 @@ def _rel_factor_bwd(Q, RH, RW, UQ, QROW, stride_qb, stride_qh, stride_qn, stride
                     BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr,
                     GRID_MODE: tl.constexpr, GATHER: tl.constexpr):
     """HAS_REL backward: the query factor `_rel_query_factor` of every query block, written once (B, H, rows,
-    2 BLOCK_W) for the dK/dV kernel, which would otherwise rebuild it (a dot and a gather) for each of the many
-    key blocks that visit the query block. Rows and token coordinates as the kernels take them (GATHER: token
+    2 BLOCK_W) for the dK/dV and dQ kernels: dK/dV would otherwise rebuild it (a dot and a gather) for each of the
+    many key blocks that visit the query block. Rows and token coordinates as the kernels take them (GATHER: token
     order through QROW; grid: coordinates from QROW either way)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
