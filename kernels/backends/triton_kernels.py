@@ -640,14 +640,11 @@ def _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 1.4426950408889634)
     uq = q
     if HAS_LR:
-        inv_scale = 1.4426950408889634 / qk_scale
-        if HAS_REL:  # built once per query block by `_rel_factor_bwd`, already as `_logits_lr` takes it
-            uq = _load_rows(qf_base, q_rows, stride_qfn, offs_r, NQ, R, BLOCK_R, check)
-            uq_s = uq
-        else:
-            uq = _load_rows(qf_base, q_rows, stride_qfn, offs_r, NQ, R, BLOCK_R, check)
-            uq_s = _lr_chain_factor(uq, inv_scale, LR_CHAIN)
-        s_t = _logits_lr(k, q, uk, uq_s, qk_scale, LR_CHAIN, DOT_PREC)  # (BN, BM)
+        # LR_CHAIN's 1 / scale sits on the factor loaded once per program: the rel-pos query factor from
+        # `_rel_factor_bwd`, or the loaded key factor (`_attn_bwd_dkdv`). Scaling this tile's uq here instead put a
+        # register-to-shared-memory copy of it in every step (TTGIR: a local_alloc in the loop)
+        uq = _load_rows(qf_base, q_rows, stride_qfn, offs_r, NQ, R, BLOCK_R, check)
+        s_t = _logits_lr(k, q, uk, uq, qk_scale, LR_CHAIN, DOT_PREC)  # (BN, BM)
     else:
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BN, BM)
     if HAS_BIAS:
@@ -763,9 +760,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
         duk = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
         if HAS_REL and not REL_KF:
             uk = _rel_key_factor(offs_n, NK, WIN, k.dtype, BLOCK_W)
-        elif HAS_LR:
-            uk = _load_rows(KF + b * stride_kfb + h * stride_kfh, k_rows, stride_kfn, offs_r, NK, R, BLOCK_R,
-                            not GRID_MODE)
+        elif HAS_LR:  # loaded factors: the 1 / scale of LR_CHAIN on the key side, once (`_dkdv_step`)
+            uk = _lr_chain_factor(_load_rows(KF + b * stride_kfb + h * stride_kfh, k_rows, stride_kfn, offs_r, NK,
+                                             R, BLOCK_R, not GRID_MODE), 1.4426950408889634 / qk_scale, LR_CHAIN)
         if GRID_MODE:
             for it in range(f_s, f_e):
                 start_m = tl.load(FULL_IDX + it) * BLOCK_M

@@ -187,6 +187,44 @@ def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
 
 
 @triton.jit
+def _keys_bwd_chunk(c, offs_n, q, k_res, v_res, uq, doe, lse2, delta, dq, duq, dk, dv, qk_scale, sm_scale, K, V,
+                    b_base, db_base, dk_base, dv_base, b, hk, offs_d, offs_dv, offs_m, rows, cols, stride_kb,
+                    stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_bm, stride_bn, stride_dbm,
+                    stride_dbn, stride_dkn, stride_dvn, NK, WIN: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_W: tl.constexpr,
+                    RESIDENT: tl.constexpr, HAS_REL: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DB: tl.constexpr,
+                    LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One key chunk of `_keys_bwd` (keys c · BLOCK_N + offs_n): dq and the rel-pos factor's gradient duq
+    accumulate; dK/dV accumulate (RESIDENT) or are stored; dS stored for a dense bias."""
+    offs_nc, col_ok, k, v, uk, s = _key_chunk(
+        c, q, k_res, v_res, uq, qk_scale, K, V, b_base, b, hk, offs_n, offs_d, offs_dv, offs_m, rows, stride_kb,
+        stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_bm, stride_bn, NK, WIN, D, DV, BLOCK_N,
+        BLOCK_D, BLOCK_DV, BLOCK_W, RESIDENT, HAS_REL, HAS_BIAS, LR_CHAIN, DOT_PREC)
+    p = tl.math.exp2(s - lse2[:, None])
+    p = tl.where(col_ok[None, :], p, 0.0)
+    dp = tl.dot(doe, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    ds_lp = ds.to(q.dtype)
+    dq += tl.dot(ds_lp, k, input_precision=DOT_PREC)
+    if HAS_REL:
+        duq += tl.dot(ds_lp, uk, input_precision=DOT_PREC)
+    dv_c = tl.dot(tl.trans(p.to(doe.dtype)), doe, input_precision=DOT_PREC)
+    dk_c = tl.dot(tl.trans(ds_lp), q, input_precision=DOT_PREC)
+    if STORE_DB:
+        tl.store(db_base + offs_m[:, None] * stride_dbm + offs_nc[None, :] * stride_dbn, ds,
+                 mask=rows[:, None] & col_ok[None, :])
+    if RESIDENT:
+        dk += dk_c
+        dv += dv_c
+    else:
+        tl.store(dk_base + offs_nc[:, None] * stride_dkn + offs_d[None, :],
+                 (dk_c * sm_scale).to(dk_base.dtype.element_ty), mask=col_ok[:, None] & (offs_d < D)[None, :])
+        tl.store(dv_base + offs_nc[:, None] * stride_dvn + offs_dv[None, :], dv_c.to(dv_base.dtype.element_ty),
+                 mask=col_ok[:, None] & cols[None, :])
+    return dq, duq, dk, dv
+
+
+@triton.jit
 def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG, DRT,
               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
               stride_ob, stride_oh, stride_on, stride_db, stride_dh, stride_dn,
@@ -199,10 +237,11 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
               KEY_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
               BLOCK_W: tl.constexpr, RESIDENT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DB: tl.constexpr,
               HAS_GATE: tl.constexpr, GATE_ELEM: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_REL: tl.constexpr,
-              LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr, ONE_ITEM: tl.constexpr = False):
+              LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr, ONE_ITEM: tl.constexpr = False,
+              TAIL_N: tl.constexpr = 0):
     """Few-keys backward, one fused kernel. RESIDENT (one key chunk): dK/dV of a (b, h) accumulate over the
     program's query blocks. Otherwise every (b, h) has one query block (the host's rule), and each key chunk's
-    dK/dV are final when written."""
+    dK/dV are final when written. TAIL_N > 0: the last of KEY_CHUNKS runs on a TAIL_N-key tile (`key_plan`)."""
     pid = tl.program_id(0)
     bh0, lo, hi = _item_range(pid, BH, NQB, ITEMS, CHUNKS, RESIDENT)
     offs_n = tl.arange(0, BLOCK_N)
@@ -219,6 +258,8 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
     else:
         k_res = 0.0
         v_res = 0.0
+        dk = 0.0
+        dv = 0.0
     rt = 0.0
     if HAS_REL:
         rt = _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T)
@@ -252,37 +293,27 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
         lse = tl.load(LSE + bh.to(tl.int64) * NQ + offs_m, mask=rows, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         uq = 0.0
+        duq = 0.0
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         if HAS_REL:
             uq = _rel_query_factor(q, rt, offs_m, QB, WIN, rel_scale, inv_scale, BLOCK_T, BLOCK_W, LR_CHAIN, DOT_PREC)
             duq = tl.zeros([BLOCK_M, 2 * BLOCK_W], tl.float32)
-        for c in range(0, KEY_CHUNKS):
-            offs_nc, col_ok, k, v, uk, s = _key_chunk(
-                c, q, k_res, v_res, uq, qk_scale, K, V, BIAS + b * stride_bb + h * stride_bh, b, hk, offs_n, offs_d,
-                offs_dv, offs_m, rows, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_bm,
-                stride_bn, NK, WIN, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, RESIDENT, HAS_REL, HAS_BIAS,
-                LR_CHAIN, DOT_PREC)
-            p = tl.math.exp2(s - lse2[:, None])
-            p = tl.where(col_ok[None, :], p, 0.0)
-            dp = tl.dot(doe, tl.trans(v), input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            ds_lp = ds.to(q.dtype)
-            dq += tl.dot(ds_lp, k, input_precision=DOT_PREC)
-            if HAS_REL:
-                duq += tl.dot(ds_lp, uk, input_precision=DOT_PREC)
-            dv_c = tl.dot(tl.trans(p.to(doe.dtype)), doe, input_precision=DOT_PREC)
-            dk_c = tl.dot(tl.trans(ds_lp), q, input_precision=DOT_PREC)
-            if STORE_DB:
-                tl.store(DB + b * stride_dbb + h * stride_dbh + offs_m[:, None] * stride_dbm +
-                         offs_nc[None, :] * stride_dbn, ds, mask=rows[:, None] & col_ok[None, :])
-            if RESIDENT:
-                dk += dk_c
-                dv += dv_c
-            else:
-                tl.store(DK + b * stride_dkb + h * stride_dkh + offs_nc[:, None] * stride_dkn + offs_d[None, :],
-                         (dk_c * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d < D)[None, :])
-                tl.store(DV_ + b * stride_dvb + h * stride_dvh + offs_nc[:, None] * stride_dvn + offs_dv[None, :],
-                         dv_c.to(DV_.dtype.element_ty), mask=col_ok[:, None] & cols[None, :])
+        for c in range(0, KEY_CHUNKS - (TAIL_N > 0)):
+            dq, duq, dk, dv = _keys_bwd_chunk(
+                c, offs_n, q, k_res, v_res, uq, doe, lse2, delta, dq, duq, dk, dv, qk_scale, sm_scale, K, V,
+                BIAS + b * stride_bb + h * stride_bh, DB + b * stride_dbb + h * stride_dbh,
+                DK + b * stride_dkb + h * stride_dkh, DV_ + b * stride_dvb + h * stride_dvh, b, hk, offs_d, offs_dv,
+                offs_m, rows, cols, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_bm,
+                stride_bn, stride_dbm, stride_dbn, stride_dkn, stride_dvn, NK, WIN, D, DV, BLOCK_N, BLOCK_D,
+                BLOCK_DV, BLOCK_W, RESIDENT, HAS_REL, HAS_BIAS, STORE_DB, LR_CHAIN, DOT_PREC)
+        if TAIL_N > 0:  # the last chunk's keys in a narrower tile
+            dq, duq, dk, dv = _keys_bwd_chunk(
+                KEY_CHUNKS - 1, tl.arange(0, TAIL_N), q, k_res, v_res, uq, doe, lse2, delta, dq, duq, dk, dv,
+                qk_scale, sm_scale, K, V, BIAS + b * stride_bb + h * stride_bh, DB + b * stride_dbb + h * stride_dbh,
+                DK + b * stride_dkb + h * stride_dkh, DV_ + b * stride_dvb + h * stride_dvh, b, hk, offs_d, offs_dv,
+                offs_m, rows, cols, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_bm,
+                stride_bn, stride_dbm, stride_dbn, stride_dkn, stride_dvn, NK, WIN, D, DV, BLOCK_N, BLOCK_D,
+                BLOCK_DV, BLOCK_W, RESIDENT, HAS_REL, HAS_BIAS, STORE_DB, LR_CHAIN, DOT_PREC)
         dq = dq * sm_scale
         if HAS_REL:  # the tables' logit gradient dT: dq += dT · RT, dRT += dTᵀ · q
             dt = _rel_table_logit_grad(duq, offs_m, QB, WIN, rel_scale, BLOCK_T, BLOCK_W).to(q.dtype)
@@ -496,6 +527,15 @@ def _key_tiles(nk: int, cfg: tuple) -> Tuple[int, int]:
     return bn, _cdiv(nk, bn)
 
 
+def tail_tile(nk: int, bn: int, key_chunks: int) -> int:
+    """Key tile of the last of `key_chunks` chunks of `bn` keys, where a narrower power of two covers its keys;
+    0: the full chunk. (HaloNet's blocked layout, 144 keys in 64-key chunks: a 16-key tail instead of 64.)"""
+    if key_chunks < 2:
+        return 0
+    tail = max(16, _next_pow2(nk - (key_chunks - 1) * bn))
+    return tail if tail < bn else 0
+
+
 def key_plan(nq: int, nk: int, cfg: tuple, backward: bool) -> Tuple[str, int, int]:
     """(mode, BLOCK_N, KEY_CHUNKS) a few-keys config runs with. K/V stay in registers across query blocks
     ("res") only as one key tile, so a chunked config runs "flat"; the backward with several query blocks per
@@ -677,6 +717,8 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
     drt = None if rel is None else torch.empty(nprog, 2 * rel.nt, D, device=q.device, dtype=f32)
     CALLS["keys_bwd_" + mode + ("_chunked" if key_chunks > 1 else "") + ("_rel" if rel is not None else "") +
           ("_items" if rel is not None and items > 1 else "")] += 1  # several items: dRT partials accumulated
+    tail_n = tail_tile(NK, BN, key_chunks)
+    CALLS["keys_bwd_tail"] += tail_n > 0
     _keys_bwd[(nprog,)](
         q, k, v, out, do, lse, dlse if dlse is not None else lse, bias_k if bias_k is not None else q,
         g4 if g4 is not None else q, DQ=dq, DK=dk, DV_=dv, DB=db if db is not None else lse,
@@ -695,8 +737,9 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
         stride_dvs=dv.stride(0), stride_dvb=dv.stride(1), stride_dvh=dv.stride(2), stride_dvn=dv.stride(3),
         BH=B * H, H=H, GROUP=GROUP, NQ=NQ, NK=NK, NQB=nqb, ITEMS=items, CHUNKS=chunks,
         qk_scale=scale * LOG2E, sm_scale=scale, D=D, DV=DV, BLOCK_M=BM,
-        BLOCK_N=BN, KEY_CHUNKS=key_chunks, BLOCK_D=ta._block_d(D), BLOCK_DV=ta._block_d(DV),
-        RESIDENT=mode == "res", HAS_BIAS=bias_k is not None, STORE_DB=store_db, HAS_GATE=gate is not None,
+        BLOCK_N=BN, KEY_CHUNKS=key_chunks, TAIL_N=tail_n, BLOCK_D=ta._block_d(D),
+        BLOCK_DV=ta._block_d(DV), RESIDENT=mode == "res", HAS_BIAS=bias_k is not None, STORE_DB=store_db,
+        HAS_GATE=gate is not None,
         GATE_ELEM=gate is not None and g4.shape[-1] > 1, HAS_DLSE=dlse is not None,
         DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages, HAS_REL=rel is not None,
         LR_CHAIN=ta.lr_chain(q, None if rel is None else "rel"), ONE_ITEM=rel is not None and items == 1,

@@ -165,12 +165,16 @@ def test_few_keys_flat_forward_many_blocks_gqa(force):
            expect=("keys_fwd_flat", "keys_bwd_res"))
 
 
-def test_few_keys_chunked_keys_bias_gate_gqa(force):
+@pytest.mark.parametrize("chunk", [16, 32])
+def test_few_keys_chunked_keys_bias_gate_gqa(chunk, force):
     # 45 keys in 16-key chunks (3 chunks, the last partial): the online-softmax loop, forward and backward (one
-    # query block per (b, h)), with a dense bias, an element-wise gate, GQA and the lse gradient
-    force["key_chunk"] = 16
+    # query block per (b, h)), with a dense bias, an element-wise gate, GQA and the lse gradient. In 32-key chunks
+    # the backward runs the last chunk's 13 keys on a 16-key tile
+    force["key_chunk"] = chunk
+    tails = _calls()["keys_bwd_tail"]
     _check(2, 4, 2, 13, 45, 16, 32, torch.float16, bias_fn=_dense_bias((1, 4, 13, 45)), gate_shape=(2, 13, 4, 32),
            lse_grad=True, expect=("keys_fwd_flat_chunked", "keys_bwd_flat_chunked"))
+    assert _calls()["keys_bwd_tail"] - tails == (chunk == 32)
 
 
 def test_few_keys_chunked_forward_several_query_blocks(force):
@@ -266,17 +270,21 @@ def test_relpos_blocked_strided_gqa_gate_and_pattern():
            expect=("keys_fwd_flat_rel", "keys_bwd_flat_rel"))
 
 
+@pytest.mark.parametrize("chunk", [16, 32])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-def test_relpos_blocked_chunked_keys(dtype, force):
+def test_relpos_blocked_chunked_keys(dtype, chunk, force):
     # HaloNet's blocked layout with the keys in 16-key chunks: 36 keys = 3 chunks (the last partial), the
-    # rel-pos one-hots per chunk and the table gradients summed over them; strided queries and a gate too
-    force["key_chunk"] = 16
+    # rel-pos one-hots per chunk and the table gradients summed over them; strided queries and a gate too. In
+    # 32-key chunks the backward runs the last 4 keys on a 16-key tile
+    force["key_chunk"] = chunk
+    tails = _calls()["keys_bwd_tail"]
     hb = Halo((4, 4), block=4, halo=1)
     _check(3, 2, 2, 16, 36, 16, 16, dtype, bias_fn=_rel_pos(hb, 16), lse_grad=dtype == torch.float32,
            expect=("keys_fwd_flat_chunked_rel", "keys_bwd_flat_chunked_rel"))
     hs = Halo((2, 2), block=4, halo=1, query_stride=2)
     _check(2, 4, 2, 4, 36, 16, 32, dtype, bias_fn=_rel_pos(hs, 16), gate_shape=(2, 4, 4),
            expect=("keys_fwd_flat_chunked_rel", "keys_bwd_flat_chunked_rel"))
+    assert _calls()["keys_bwd_tail"] - tails == 2 * (chunk == 32)
 
 
 def test_relpos_blocked_several_items_per_program():

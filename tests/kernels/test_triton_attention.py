@@ -221,6 +221,12 @@ def test_bias_forward_backward(case):
     _check(*args, torch.float16, bias_fn=bias_fn)
 
 
+def test_lowrank_float32_chained():
+    """float32 takes the chained low-rank dot (`LR_CHAIN`, off for float16): 1 / scale rides on the query factor in
+    the forward and dQ kernels and on the key factor in the dK/dV kernel."""
+    _check(Window1d(9, 4), 2, 2, 1, 70, 70, 32, 32, torch.float32, bias_fn=_low_rank((2, 2, 70, 16), (2, 1, 70, 16)))
+
+
 def test_bias_float32_and_gate_together():
     _check(Causal(), 1, 2, 1, 30, 30, 32, 32, torch.float32, gate_shape=(1, 30, 2, 32),
            bias_fn=_dense_bias((1, 2, 30, 30)))
