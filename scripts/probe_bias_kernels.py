@@ -10,6 +10,7 @@
     python scripts/probe_bias_kernels.py --rel-factor # the rel-pos query-factor kernel's launch options
     python scripts/probe_bias_kernels.py --keys-grid  # the blocked HaloNet rows over a grid of few-keys configs
     python scripts/probe_bias_kernels.py --keys-tail  # the same rows with and without the narrower last key tile
+    python scripts/probe_bias_kernels.py --per-kernel "B2 d64 no bias,B2 d64 low-rank"   # CUDA time per kernel
     python scripts/probe_bias_kernels.py --extra-bwd "64,64,4,1,168"   # the grid and d64 rows with extra configs
         [--extra-head-dim 128 --cases "B1 d128"]
     ATTNZOO_AUTOTUNE=0 ATTNZOO_SKINNY=old ncu -k regex:_attn_fwd --launch-skip 2 --launch-count 1 \
@@ -284,7 +285,8 @@ def blocked_keys_grid() -> None:
 
 def keys_tail() -> None:
     """The blocked HaloNet rows (144 keys in 64-key chunks) with the few-keys backward's last chunk on a 16-key
-    tile (`triton_skinny.tail_tile`) and on a full one, each tuned afresh."""
+    tile and on a full one, each tuned afresh (`triton_skinny.tail_tile` patched: the rel-pos row takes the tail
+    only if the rule there is changed)."""
     import bench_kernels as bk
 
     from kernels.backends import triton_attention as ta
@@ -293,13 +295,23 @@ def keys_tail() -> None:
     torch.cuda.set_stream(torch.cuda.Stream())  # CUDA graphs need a side stream
     tail_tile = sk.tail_tile
     for tail in (True, False):
-        sk.tail_tile = tail_tile if tail else (lambda nk, bn, key_chunks: 0)
+        sk.tail_tile = tail_tile if tail else (lambda *args: 0)
         ta._BEST.clear()
         for label, fn, leaves in _bias_cases(["blocked"]):
             tf, tb = bk._fb(fn, leaves)
             print(f"{'tail tile' if tail else 'full tile'} {label:16s} fwd {tf:.4f} ms  bwd {tb:.4f} ms", flush=True)
         bk.print_autotuned()
     sk.tail_tile = tail_tile
+
+
+def per_kernel(only) -> None:
+    """CUDA time per kernel, forward and backward, of the `_bias_cases` rows whose label contains one of `only`
+    (e.g. "B2 d64 no bias,B2 d64 low-rank")."""
+    import bench_kernels as bk
+
+    for label, fn, leaves in _bias_cases(only):
+        _per_kernel_fb(label, fn, leaves)
+    bk.print_autotuned()
 
 
 def extra_candidates(fwd=(), bwd=(), head_dim=64, only=None) -> None:
@@ -432,6 +444,7 @@ if __name__ == "__main__":
     ap.add_argument("--maxnreg", action="store_true", help="the bias rows with register caps on the tuned kernels")
     ap.add_argument("--fwd-caps", default="128", help="with --maxnreg: comma list of forward caps")
     ap.add_argument("--bwd-caps", default="168,128", help="with --maxnreg: comma list of backward caps")
+    ap.add_argument("--per-kernel", default=None, help="labels (substrings) of the bias rows: CUDA time per kernel")
     ap.add_argument("--keys-tail", action="store_true", help="the blocked HaloNet rows with and without the "
                     "few-keys backward's narrower last key tile")
     ap.add_argument("--rel-factor", action="store_true", help="the rel-pos query-factor kernel's launch options")
@@ -463,6 +476,8 @@ if __name__ == "__main__":
         blocked_keys_grid()
     elif args.keys_tail:
         keys_tail()
+    elif args.per_kernel:
+        per_kernel(args.per_kernel.split(","))
     elif args.rel_factor:
         rel_factor_launch()
     elif args.maxnreg:

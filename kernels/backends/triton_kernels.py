@@ -760,9 +760,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
         duk = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
         if HAS_REL and not REL_KF:
             uk = _rel_key_factor(offs_n, NK, WIN, k.dtype, BLOCK_W)
-        elif HAS_LR:  # loaded factors: the 1 / scale of LR_CHAIN on the key side, once (`_dkdv_step`)
-            uk = _lr_chain_factor(_load_rows(KF + b * stride_kfb + h * stride_kfh, k_rows, stride_kfn, offs_r, NK,
-                                             R, BLOCK_R, not GRID_MODE), 1.4426950408889634 / qk_scale, LR_CHAIN)
+        elif HAS_LR:
+            uk = _load_rows(KF + b * stride_kfb + h * stride_kfh, k_rows, stride_kfn, offs_r, NK, R, BLOCK_R,
+                            not GRID_MODE)
+            if not HAS_REL:  # loaded factors: LR_CHAIN's 1 / scale on the key side, once (`_dkdv_step`); the
+                # rel-pos query factor comes pre-scaled, its key one-hots (REL_KF) stay exact
+                uk = _lr_chain_factor(uk, 1.4426950408889634 / qk_scale, LR_CHAIN)
         if GRID_MODE:
             for it in range(f_s, f_e):
                 start_m = tl.load(FULL_IDX + it) * BLOCK_M

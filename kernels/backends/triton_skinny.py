@@ -241,7 +241,7 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
               TAIL_N: tl.constexpr = 0):
     """Few-keys backward, one fused kernel. RESIDENT (one key chunk): dK/dV of a (b, h) accumulate over the
     program's query blocks. Otherwise every (b, h) has one query block (the host's rule), and each key chunk's
-    dK/dV are final when written. TAIL_N > 0: the last of KEY_CHUNKS runs on a TAIL_N-key tile (`key_plan`)."""
+    dK/dV are final when written. TAIL_N > 0: the last of KEY_CHUNKS runs on a TAIL_N-key tile (`tail_tile`)."""
     pid = tl.program_id(0)
     bh0, lo, hi = _item_range(pid, BH, NQB, ITEMS, CHUNKS, RESIDENT)
     offs_n = tl.arange(0, BLOCK_N)
@@ -527,10 +527,12 @@ def _key_tiles(nk: int, cfg: tuple) -> Tuple[int, int]:
     return bn, _cdiv(nk, bn)
 
 
-def tail_tile(nk: int, bn: int, key_chunks: int) -> int:
-    """Key tile of the last of `key_chunks` chunks of `bn` keys, where a narrower power of two covers its keys;
-    0: the full chunk. (HaloNet's blocked layout, 144 keys in 64-key chunks: a 16-key tail instead of 64.)"""
-    if key_chunks < 2:
+def tail_tile(nk: int, bn: int, key_chunks: int, rel: bool = False) -> int:
+    """The backward's key tile for the last of `key_chunks` chunks of `bn` keys, where a narrower power of two
+    covers its keys; 0: the full chunk. Not with the rel-pos term, whose kernel then spills more (ptxas at
+    (64, 4, 1, flat, 64, 64): 92 -> 168 B). H200, HaloNet's blocked layout (144 keys in 64-key chunks, a 16-key
+    tail): no bias 0.170 -> 0.160 ms, rel-pos 0.280 -> 0.285 ms (`probe_bias_kernels.py --keys-tail`)."""
+    if key_chunks < 2 or rel:
         return 0
     tail = max(16, _next_pow2(nk - (key_chunks - 1) * bn))
     return tail if tail < bn else 0
@@ -717,7 +719,7 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
     drt = None if rel is None else torch.empty(nprog, 2 * rel.nt, D, device=q.device, dtype=f32)
     CALLS["keys_bwd_" + mode + ("_chunked" if key_chunks > 1 else "") + ("_rel" if rel is not None else "") +
           ("_items" if rel is not None and items > 1 else "")] += 1  # several items: dRT partials accumulated
-    tail_n = tail_tile(NK, BN, key_chunks)
+    tail_n = tail_tile(NK, BN, key_chunks, rel is not None)
     CALLS["keys_bwd_tail"] += tail_n > 0
     _keys_bwd[(nprog,)](
         q, k, v, out, do, lse, dlse if dlse is not None else lse, bias_k if bias_k is not None else q,

@@ -240,13 +240,15 @@ HALO_GRID_RELPOS = [  # (id, pattern, B, H, HKV, D, gate_shape(B, N, H))
 ]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("route", ["kernel-in-place", "kernel-permuted", "lowrank"])
 @pytest.mark.parametrize("case", HALO_GRID_RELPOS, ids=[c[0] for c in HALO_GRID_RELPOS])
-def test_relpos_on_halo_grid(case, route, monkeypatch):
+def test_relpos_on_halo_grid(case, route, dtype, monkeypatch):
     """A RelPosBias on a multi-block Halo grid with GQA, gates and an lse gradient: out, lse and every gradient
     against float64; computed in the general kernels (`HAS_REL` on the grid: each slot's window shift and key
     classes from its grid coordinates; inputs in token order or permuted copies), or by the torch lowering to
-    low-rank factors (ATTNZOO_RELPOS=lowrank). Asserts which path ran."""
+    low-rank factors (ATTNZOO_RELPOS=lowrank). Asserts which path ran. float32 (and bfloat16 on a GPU) takes the
+    chained factor dot (`LR_CHAIN`), float16 the separate one."""
     from kernels.backends import triton_attention as ta
 
     _, pattern, B, H, HKV, D, gate_fn = case
@@ -254,7 +256,7 @@ def test_relpos_on_halo_grid(case, route, monkeypatch):
     monkeypatch.setenv("ATTNZOO_GRID_INPUTS", "permuted" if route == "kernel-permuted" else "in-place")
     nq, nk = math.prod(pattern.grid), math.prod(pattern.key_grid)
     before = dict(ta.CALLS)
-    _check(pattern, B, H, HKV, nq, nk, D, D, torch.float16, lse_grad=True, bias_fn=_rel_pos(pattern, D),
+    _check(pattern, B, H, HKV, nq, nk, D, D, dtype, lse_grad=True, bias_fn=_rel_pos(pattern, D),
            gate_shape=None if gate_fn is None else gate_fn(B, nq, H))
     ran = {key for key, n in ta.CALLS.items() if n > before.get(key, 0)}
     in_kernel = {"general_fwd_rel", "general_bwd_rel"}
