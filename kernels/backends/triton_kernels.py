@@ -325,9 +325,10 @@ def _rel_factor_bwd(Q, RH, RW, UQ, QROW, stride_qb, stride_qh, stride_qn, stride
 
 @triton.jit
 def _logits_lr(a, b, ua, ub, qk_scale, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Base-2 logits `a · bᵀ` plus low-rank `ua · ubᵀ`. LR_CHAIN: ua comes pre-scaled by 1 / scale and the second
-    dot accumulates into the first (one accumulator, one scale; two separate dots and a sum cost the blocked
-    HaloNet forward +55% for +25% MMA work, H200). Off for float16, where ua / scale could overflow."""
+    """Base-2 logits `a · bᵀ` plus low-rank `ua · ubᵀ`. LR_CHAIN: one of ua, ub comes pre-scaled by 1 / scale and
+    the second dot accumulates into the first (one accumulator, one scale; two separate dots and a sum cost the
+    blocked HaloNet forward +55% for +25% MMA work, H200). Off for float16, where a factor / scale could
+    overflow."""
     if LR_CHAIN:
         s = tl.dot(ua, tl.trans(ub), acc=tl.dot(a, tl.trans(b), input_precision=DOT_PREC),
                    input_precision=DOT_PREC) * qk_scale
