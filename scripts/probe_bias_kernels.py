@@ -11,7 +11,6 @@
     python scripts/probe_bias_kernels.py --keys-grid  # the blocked HaloNet rows over a grid of few-keys configs
     python scripts/probe_bias_kernels.py --keys-tail  # the same rows with and without the narrower last key tile
     python scripts/probe_bias_kernels.py --per-kernel "B2 d64 no bias,B2 d64 low-rank"   # CUDA time per kernel
-    python scripts/probe_bias_kernels.py --lr-prescale   # low-rank d64: the factor's 1 / scale by host or kernel
     python scripts/probe_bias_kernels.py --extra-bwd "64,64,4,1,168"   # the grid and d64 rows with extra configs
         [--extra-head-dim 128 --cases "B1 d128"]
     ATTNZOO_AUTOTUNE=0 ATTNZOO_SKINNY=old ncu -k regex:_attn_fwd --launch-skip 2 --launch-count 1 \
@@ -305,25 +304,6 @@ def keys_tail() -> None:
     sk.tail_tile = tail_tile
 
 
-def lr_prescale() -> None:
-    """The low-rank r16 d64 rows with the query factor's 1 / scale applied by the host (`_chain_query_factor`) and
-    in the kernels, each tuned afresh."""
-    import bench_kernels as bk
-
-    from kernels.backends import triton_attention as ta
-
-    torch.cuda.set_stream(torch.cuda.Stream())  # CUDA graphs need a side stream
-    host = ta._chain_query_factor
-    for where in ("host", "kernel"):
-        ta._chain_query_factor = host if where == "host" else (lambda *args: {})
-        ta._BEST.clear()
-        for label, fn, leaves in _bias_cases(["B2 d64 no bias", "B2 d64 low-rank"]):
-            tf, tb = bk._fb(fn, leaves)
-            print(f"1/scale in the {where:6s} {label:20s} fwd {tf:.4f} ms  bwd {tb:.4f} ms", flush=True)
-    ta._chain_query_factor = host
-    bk.print_autotuned()
-
-
 def per_kernel(only) -> None:
     """CUDA time per kernel, forward and backward, of the `_bias_cases` rows whose label contains one of `only`
     (e.g. "B2 d64 no bias,B2 d64 low-rank")."""
@@ -464,8 +444,6 @@ if __name__ == "__main__":
     ap.add_argument("--maxnreg", action="store_true", help="the bias rows with register caps on the tuned kernels")
     ap.add_argument("--fwd-caps", default="128", help="with --maxnreg: comma list of forward caps")
     ap.add_argument("--bwd-caps", default="168,128", help="with --maxnreg: comma list of backward caps")
-    ap.add_argument("--lr-prescale", action="store_true", help="the low-rank d64 rows, the query factor's 1 / scale "
-                    "applied by the host and in the kernels")
     ap.add_argument("--per-kernel", default=None, help="labels (substrings) of the bias rows: CUDA time per kernel")
     ap.add_argument("--keys-tail", action="store_true", help="the blocked HaloNet rows with and without the "
                     "few-keys backward's narrower last key tile")
@@ -498,8 +476,6 @@ if __name__ == "__main__":
         blocked_keys_grid()
     elif args.keys_tail:
         keys_tail()
-    elif args.lr_prescale:
-        lr_prescale()
     elif args.per_kernel:
         per_kernel(args.per_kernel.split(","))
     elif args.rel_factor:

@@ -528,18 +528,6 @@ class _Extras:
                     **(self.rel.kernel_args() if self.rel is not None else {})), sg
 
 
-def _chain_query_factor(ex: _Extras, qp, scale: float) -> dict:
-    """Kernel arguments (QF, its strides, QF_SCALED) of a loaded low-rank query factor times 1 / scale, as the
-    chained dot (LR_CHAIN) takes it in the forward and dQ kernels; {} without such a factor or chain. Scaled in the
-    kernels, the factor was a register operand of that dot, reloaded from shared memory every step (TTGIR); loaded
-    pre-scaled it goes from the load to the dot in shared memory."""
-    if ex.rel is not None or ex.qf is None or not lr_chain(qp, "loaded"):
-        return {}
-    qf = torch.mul(ex.qf, 1.0 / scale)
-    sqf = _bstrides(qf)
-    return dict(QF=qf, stride_qfb=sqf[0], stride_qfh=sqf[1], stride_qfn=sqf[2], QF_SCALED=True)
-
-
 def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg):
     from . import triton_kernels as tk
 
@@ -561,11 +549,9 @@ def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg):
     full_ptr, full_idx, part_ptr, part_idx = prob.lists(False)
     qlo, qhi, kc = prob.tables()
     kw, sg = ex.kw()
-    kw["QF"] = ex.ptr("qf")
-    kw.update(_chain_query_factor(ex, qp, scale))
     fuse_gate = ex.gate is not None and S == 1
     tk._attn_fwd[(nqb, B * H, S)](
-        Q=qp, K=kp, V=vp, O=o_view, LSE=lse, KF=ex.ptr("kf"), BIAS=ex.ptr("bias"),
+        Q=qp, K=kp, V=vp, O=o_view, LSE=lse, QF=ex.ptr("qf"), KF=ex.ptr("kf"), BIAS=ex.ptr("bias"),
         GATE=ex.ptr("gate"),
         stride_qb=qp.stride(0), stride_qh=qp.stride(1), stride_qn=qp.stride(2),
         stride_kb=kp.stride(0), stride_kh=kp.stride(1), stride_kn=kp.stride(2),
@@ -683,7 +669,7 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
     dq0 = dq if S == 1 else dq[0]
     duq0 = None if duq is None else (duq if S == 1 else duq[0])
     sduq = _bstrides(duq0)
-    dq_args = {**qkv, **common, **rel_qf, **_chain_query_factor(ex, qp, scale)}
+    dq_args = {**qkv, **common, **rel_qf}
     if ds_stored(db, qp.dtype, ex.rel is not None or r > 0):  # dQ = dS · K from the stored dS: no recompute
         dq_args.update(BIAS=db, stride_bb=sdb[0], stride_bh=sdb[1], stride_bm=sdb[2], stride_bn=sdb[3],
                        DS_STORED=True)

@@ -455,7 +455,7 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
               RH=None, RW=None, stride_rt=0, QB: tl.constexpr = 1, WIN: tl.constexpr = 1, rel_scale=0.0,
               BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16, HAS_REL: tl.constexpr = False,
               LR_CHAIN: tl.constexpr = False, rel_qw: tl.constexpr = 1, rel_block: tl.constexpr = 0,
-              REL_KF: tl.constexpr = False, QF_SCALED: tl.constexpr = False):
+              REL_KF: tl.constexpr = False):
     tl.static_assert(not (HAS_REL and GRID_MODE and not REL_KF), "grid rel-pos loads its key one-hots (REL_KF)")
     pid_m = tl.program_id(0)
     if REVERSE:  # heavy (late, causal) query blocks first
@@ -491,10 +491,8 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
         uq = _rel_query_factor(q, _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T), r_tok, QB, WIN,
                                rel_scale, inv_scale, BLOCK_T, BLOCK_W, LR_CHAIN, DOT_PREC, GRID_MODE, rel_qw, rel_block)
     elif HAS_LR:
-        uq = _load_rows(QF + b * stride_qfb + h * stride_qfh, q_rows, stride_qfn, offs_r, NQ, R, BLOCK_R,
-                        not GRID_MODE)
-        if not QF_SCALED:  # QF_SCALED: LR_CHAIN's 1 / scale applied by the host (`_chain_query_factor`)
-            uq = _lr_chain_factor(uq, inv_scale, LR_CHAIN)
+        uq = _lr_chain_factor(_load_rows(QF + b * stride_qfb + h * stride_qfh, q_rows, stride_qfn, offs_r, NQ, R,
+                                         BLOCK_R, not GRID_MODE), inv_scale, LR_CHAIN)
 
     if HAS_GATE and not GATE_ELEM:  # a head-wise gate is one value a row: load it now, its latency hidden
         g_row = tl.load(GATE + b * stride_gb + h * stride_gh + q_rows * stride_gn, mask=offs_m < NQ,
@@ -897,7 +895,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
                  BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16, HAS_REL: tl.constexpr = False,
                  LR_CHAIN: tl.constexpr = False, DS_STORED: tl.constexpr = False, NQO=0, QROW=None, KROW=None,
                  GATHER: tl.constexpr = False, rel_qw: tl.constexpr = 1, rel_block: tl.constexpr = 0,
-                 REL_KF: tl.constexpr = False, QF_SCALED: tl.constexpr = False):
+                 REL_KF: tl.constexpr = False):
     """dQ (+ dU_q | the rel-pos tables' logit gradient) per query block. DS_STORED: BIAS and its strides point at
     the dS the dK/dV kernel stored (`_dq_step`): q, dO, lse and delta are not needed. GATHER: token order, as
     `_attn_bwd_dkdv`."""
@@ -939,7 +937,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
         uq = q  # the query factor as the logits take it (pre-scaled under LR_CHAIN); dU_q does not depend on it
         if HAS_LR:  # with HAS_REL: the rel-pos factor `_rel_factor_bwd` wrote (rebuilding it cost ~650 instructions)
             uq = _load_rows(QF + b * stride_qfb + h * stride_qfh, q_rows, stride_qfn, offs_r, NQ, R, BLOCK_R, True)
-            if not HAS_REL and not QF_SCALED:  # QF_SCALED: LR_CHAIN's 1 / scale applied by the host
+            if not HAS_REL:
                 uq = _lr_chain_factor(uq, 1.0 / sm_scale, LR_CHAIN)
         lse2 = tl.load(LSE + pid_bh.to(tl.int64) * NQO + q_rows, mask=rows, other=float("inf"))
         lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 1.4426950408889634)

@@ -223,7 +223,7 @@ def test_bias_forward_backward(case):
 
 def test_lowrank_float32_chained():
     """float32 takes the chained low-rank dot (`LR_CHAIN`, off for float16): 1 / scale rides on the query factor in
-    the forward and dQ kernels (applied by the host) and on the key factor in the dK/dV kernel."""
+    the forward and dQ kernels and on the key factor in the dK/dV kernel."""
     _check(Window1d(9, 4), 2, 2, 1, 70, 70, 32, 32, torch.float32, bias_fn=_low_rank((2, 2, 70, 16), (2, 1, 70, 16)))
 
 
