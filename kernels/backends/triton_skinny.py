@@ -298,22 +298,24 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
         if HAS_REL:
             uq = _rel_query_factor(q, rt, offs_m, QB, WIN, rel_scale, inv_scale, BLOCK_T, BLOCK_W, LR_CHAIN, DOT_PREC)
             duq = tl.zeros([BLOCK_M, 2 * BLOCK_W], tl.float32)
+        b_base = BIAS + b * stride_bb + h * stride_bh
+        db_base = DB + b * stride_dbb + h * stride_dbh
+        dk_base = DK + b * stride_dkb + h * stride_dkh
+        dv_base = DV_ + b * stride_dvb + h * stride_dvh
         for c in range(0, KEY_CHUNKS - (TAIL_N > 0)):
             dq, duq, dk, dv = _keys_bwd_chunk(
-                c, offs_n, q, k_res, v_res, uq, doe, lse2, delta, dq, duq, dk, dv, qk_scale, sm_scale, K, V,
-                BIAS + b * stride_bb + h * stride_bh, DB + b * stride_dbb + h * stride_dbh,
-                DK + b * stride_dkb + h * stride_dkh, DV_ + b * stride_dvb + h * stride_dvh, b, hk, offs_d, offs_dv,
-                offs_m, rows, cols, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_bm,
-                stride_bn, stride_dbm, stride_dbn, stride_dkn, stride_dvn, NK, WIN, D, DV, BLOCK_N, BLOCK_D,
-                BLOCK_DV, BLOCK_W, RESIDENT, HAS_REL, HAS_BIAS, STORE_DB, LR_CHAIN, DOT_PREC)
+                c, offs_n, q, k_res, v_res, uq, doe, lse2, delta, dq, duq, dk, dv, qk_scale, sm_scale, K, V, b_base,
+                db_base, dk_base, dv_base, b, hk, offs_d, offs_dv, offs_m, rows, cols, stride_kb, stride_kh,
+                stride_kn, stride_vb, stride_vh, stride_vn, stride_bm, stride_bn, stride_dbm, stride_dbn, stride_dkn,
+                stride_dvn, NK, WIN, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, RESIDENT, HAS_REL, HAS_BIAS,
+                STORE_DB, LR_CHAIN, DOT_PREC)
         if TAIL_N > 0:  # the last chunk's keys in a narrower tile
             dq, duq, dk, dv = _keys_bwd_chunk(
                 KEY_CHUNKS - 1, tl.arange(0, TAIL_N), q, k_res, v_res, uq, doe, lse2, delta, dq, duq, dk, dv,
-                qk_scale, sm_scale, K, V, BIAS + b * stride_bb + h * stride_bh, DB + b * stride_dbb + h * stride_dbh,
-                DK + b * stride_dkb + h * stride_dkh, DV_ + b * stride_dvb + h * stride_dvh, b, hk, offs_d, offs_dv,
-                offs_m, rows, cols, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_bm,
-                stride_bn, stride_dbm, stride_dbn, stride_dkn, stride_dvn, NK, WIN, D, DV, BLOCK_N, BLOCK_D,
-                BLOCK_DV, BLOCK_W, RESIDENT, HAS_REL, HAS_BIAS, STORE_DB, LR_CHAIN, DOT_PREC)
+                qk_scale, sm_scale, K, V, b_base, db_base, dk_base, dv_base, b, hk, offs_d, offs_dv, offs_m, rows,
+                cols, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_bm, stride_bn,
+                stride_dbm, stride_dbn, stride_dkn, stride_dvn, NK, WIN, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W,
+                RESIDENT, HAS_REL, HAS_BIAS, STORE_DB, LR_CHAIN, DOT_PREC)
         dq = dq * sm_scale
         if HAS_REL:  # the tables' logit gradient dT: dq += dT · RT, dRT += dTᵀ · q
             dt = _rel_table_logit_grad(duq, offs_m, QB, WIN, rel_scale, BLOCK_T, BLOCK_W).to(q.dtype)
