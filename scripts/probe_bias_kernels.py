@@ -15,6 +15,8 @@
         [--extra-head-dim 128 --cases "B1 d128"]
     ATTNZOO_AUTOTUNE=0 ATTNZOO_SKINNY=old ncu -k regex:_attn_fwd --launch-skip 2 --launch-count 1 \
         python scripts/probe_bias_kernels.py --forced-forward grid,rel,64,16,4,3   # one forward for a profiler
+    python scripts/probe_bias_kernels.py --forced-bwd "32,64,4,2,168;64,64,4,2" --cases "B2 d64 low-rank"
+        # CUDA time per kernel on each config alone (--forced-fwd: the forward)
     python scripts/probe_bias_kernels.py --splits     # few-query problems (merged key splits) vs SDPA, per kernel
     python scripts/probe_bias_kernels.py --gate       # the gate rows: CUDA time per kernel, forward and backward
 """
@@ -335,6 +337,35 @@ def extra_candidates(fwd=(), bwd=(), head_dim=64, only=None) -> None:
     bk.print_autotuned()
 
 
+def forced_configs(backward: bool, cfgs, only) -> None:
+    """CUDA time per kernel of the forward (or backward) of the `_bias_cases` rows whose label contains one of
+    `only`, on each general-kernel config of `cfgs` alone (the candidate list replaced by it; no tuning)."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    from kernels.backends import triton_attention as ta
+
+    name = "_bwd_candidates" if backward else "_fwd_candidates"
+    listed = getattr(ta, name)
+    cases = _bias_cases(only)
+    for cfg in cfgs:
+        setattr(ta, name, lambda d, dv, cfg=cfg: [cfg])
+        ta._BEST.clear()
+        for label, fn, leaves in cases:
+            try:
+                if not backward:
+                    with torch.no_grad():
+                        _per_kernel(f"forced forward {cfg} {label}", fn)
+                    continue
+                out = fn()
+                do = torch.randn_like(out)
+                _per_kernel(f"forced backward {cfg} {label}",
+                            lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
+            except (OutOfResources, CompilationError) as err:
+                print(f"== forced {cfg} {label}: {type(err).__name__}: {str(err)[:200]}", flush=True)
+    setattr(ta, name, listed)
+
+
 def forced_forward(layout: str, kind: str, cfg: tuple) -> None:
     """Three inference forwards of the grid or blocked row (`kind` "rel" or "nobias") on the forward config `cfg`
     alone, for a profiler (under ATTNZOO_AUTOTUNE=0 the first call launches the kernel twice)."""
@@ -456,6 +487,9 @@ if __name__ == "__main__":
                     "configs are added at (64: every head dim <= 64)")
     ap.add_argument("--forced-forward", default=None, help="LAYOUT,KIND,BM,BN,WARPS,STAGES[,CAP]: three forwards of "
                     "the grid or blocked row (KIND rel or nobias) on that config, for ncu")
+    ap.add_argument("--forced-fwd", default=None, help="general forward configs, each alone on the --cases rows: "
+                    "CUDA time per kernel (';' between configs)")
+    ap.add_argument("--forced-bwd", default=None, help="as --forced-fwd, for the backward")
     ap.add_argument("--splits", action="store_true", help="few-query problems (merged key splits) vs SDPA")
     ap.add_argument("--gate", action="store_true", help="the gate rows: CUDA time per kernel")
     args = ap.parse_args()
@@ -472,6 +506,10 @@ if __name__ == "__main__":
         configs = lambda text: [tuple(int(x) for x in c.split(",")) for c in (text or "").split(";") if c]  # noqa
         extra_candidates(configs(args.extra_fwd), configs(args.extra_bwd), args.extra_head_dim,
                          args.cases and args.cases.split(","))
+    elif args.forced_fwd or args.forced_bwd:
+        configs = lambda text: [tuple(int(x) for x in c.split(",")) for c in text.split(";") if c]  # noqa
+        forced_configs(bool(args.forced_bwd), configs(args.forced_bwd or args.forced_fwd),
+                       args.cases.split(",") if args.cases else ["B2 d64"])
     elif args.keys_grid:
         blocked_keys_grid()
     elif args.keys_tail:
