@@ -119,6 +119,9 @@ def _randn(*shape, grad=False, dtype=torch.bfloat16):
 
 
 def _fb(fn, leaves):
+    if leaves:  # the inference forward too: with rel-pos it differs (it saves no query factor for a backward)
+        with torch.no_grad():
+            fn()
     out = fn()
     if leaves:
         torch.autograd.grad(out, leaves, torch.randn_like(out))

@@ -17,6 +17,7 @@
         python scripts/probe_bias_kernels.py --forced-forward grid,rel,64,16,4,3   # one forward for a profiler
     python scripts/probe_bias_kernels.py --forced-bwd "32,64,4,2,168;64,64,4,2" --cases "B2 d64 low-rank"
         # CUDA time per kernel on each config alone (--forced-fwd: the forward)
+    python scripts/probe_bias_kernels.py --rel-factor-ab   # rel-pos backward: saved query factor vs rebuilt
     python scripts/probe_bias_kernels.py --splits     # few-query problems (merged key splits) vs SDPA, per kernel
     python scripts/probe_bias_kernels.py --gate       # the gate rows: CUDA time per kernel, forward and backward
 """
@@ -337,6 +338,33 @@ def extra_candidates(fwd=(), bwd=(), head_dim=64, only=None) -> None:
     bk.print_autotuned()
 
 
+def rel_factor_ab() -> None:
+    """The rel-pos rows' backward with the forward's saved query factor (`_backward`'s `rel_factor`) and with the
+    factor rebuilt in the backward: graph-timed in the same run, then CUDA time per kernel of each."""
+    import bench_kernels as bk
+
+    from kernels.backends import triton_attention as ta
+
+    torch.cuda.set_stream(torch.cuda.Stream())  # CUDA graphs need a side stream
+    backward = ta._backward
+    cases = _bias_cases(["rel-pos"])
+    for saved in (True, False, True):
+        ta._backward = backward if saved else (lambda *a: backward(*a[:16]))  # drops `rel_factor`
+        for label, fn, leaves in cases:
+            tf, tb = bk._fb(fn, leaves)
+            print(f"factor {'saved  ' if saved else 'rebuilt'} {label:16s} fwd {tf:.4f} ms  bwd {tb:.4f} ms",
+                  flush=True)
+    for saved in (True, False):
+        ta._backward = backward if saved else (lambda *a: backward(*a[:16]))
+        for label, fn, leaves in cases:
+            out = fn()
+            do = torch.randn_like(out)
+            _per_kernel(f"factor {'saved' if saved else 'rebuilt'} {label} backward",
+                        lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
+    ta._backward = backward
+    bk.print_autotuned()
+
+
 def forced_configs(backward: bool, cfgs, only) -> None:
     """CUDA time per kernel of the forward (or backward) of the `_bias_cases` rows whose label contains one of
     `only`, on each general-kernel config of `cfgs` alone (the candidate list replaced by it; no tuning)."""
@@ -487,6 +515,8 @@ if __name__ == "__main__":
                     "configs are added at (64: every head dim <= 64)")
     ap.add_argument("--forced-forward", default=None, help="LAYOUT,KIND,BM,BN,WARPS,STAGES[,CAP]: three forwards of "
                     "the grid or blocked row (KIND rel or nobias) on that config, for ncu")
+    ap.add_argument("--rel-factor-ab", action="store_true", help="the rel-pos backward with the forward's saved "
+                    "query factor and with the factor rebuilt")
     ap.add_argument("--forced-fwd", default=None, help="general forward configs, each alone on the --cases rows: "
                     "CUDA time per kernel (';' between configs)")
     ap.add_argument("--forced-bwd", default=None, help="as --forced-fwd, for the backward")
@@ -506,6 +536,8 @@ if __name__ == "__main__":
         configs = lambda text: [tuple(int(x) for x in c.split(",")) for c in (text or "").split(";") if c]  # noqa
         extra_candidates(configs(args.extra_fwd), configs(args.extra_bwd), args.extra_head_dim,
                          args.cases and args.cases.split(","))
+    elif args.rel_factor_ab:
+        rel_factor_ab()
     elif args.forced_fwd or args.forced_bwd:
         configs = lambda text: [tuple(int(x) for x in c.split(",")) for c in text.split(";") if c]  # noqa
         forced_configs(bool(args.forced_bwd), configs(args.forced_bwd or args.forced_fwd),

@@ -528,7 +528,9 @@ class _Extras:
                     **(self.rel.kernel_args() if self.rel is not None else {})), sg
 
 
-def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg):
+def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg, factor=None):
+    """(out, lse) in kernel order; `factor` (with `ex.rel`): a (B, H, rows of q, 2 block_w) buffer the kernel
+    fills with the rel-pos query factor."""
     from . import triton_kernels as tk
 
     B, H, NQO, D = qp.shape  # NQO: rows of q and o/lse (tokens in place, else the positions the kernel walks)
@@ -549,9 +551,13 @@ def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg):
     full_ptr, full_idx, part_ptr, part_idx = prob.lists(False)
     qlo, qhi, kc = prob.tables()
     kw, sg = ex.kw()
+    if factor is not None:
+        kw.update(stride_qfb=factor.stride(0), stride_qfh=factor.stride(1), stride_qfn=factor.stride(2),
+                  STORE_QF=True)
     fuse_gate = ex.gate is not None and S == 1
     tk._attn_fwd[(nqb, B * H, S)](
-        Q=qp, K=kp, V=vp, O=o_view, LSE=lse, QF=ex.ptr("qf"), KF=ex.ptr("kf"), BIAS=ex.ptr("bias"),
+        Q=qp, K=kp, V=vp, O=o_view, LSE=lse, QF=factor if factor is not None else ex.ptr("qf"), KF=ex.ptr("kf"),
+        BIAS=ex.ptr("bias"),
         GATE=ex.ptr("gate"),
         stride_qb=qp.stride(0), stride_qh=qp.stride(1), stride_qn=qp.stride(2),
         stride_kb=kp.stride(0), stride_kh=kp.stride(1), stride_kn=kp.stride(2),
@@ -575,7 +581,9 @@ def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg):
 
 
 def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, scale: float, cfg,
-                need_db: bool, need_lr: bool):
+                need_db: bool, need_lr: bool, rel_factor=None):
+    """The gradients in kernel order; `rel_factor`: the rel-pos query factor the forward stored (kernel order),
+    else the backward writes it first (`_rel_query_factors`)."""
     from . import triton_kernels as tk
 
     B, H, NQO, D = qp.shape  # NQO / NKO: rows of q / k and their gradients (tokens in place, else positions walked)
@@ -634,7 +642,14 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
     duk0 = None if duk is None else (duk if S == 1 else duk[0])
     sdb, sduk = _bstrides(db), _bstrides(duk0)
     # the rel-pos query factor, once per query block, which the dK/dV and dQ kernels load
-    rel_qf = {} if ex.rel is None else _rel_query_factors(qp, ex.rel, prob, NQ, scale, kw["LR_CHAIN"])
+    if ex.rel is None:
+        rel_qf = {}
+    elif rel_factor is not None:
+        CALLS["general_bwd_rel_factor_loaded"] += 1
+        rel_qf = dict(QF=rel_factor, stride_qfb=rel_factor.stride(0), stride_qfh=rel_factor.stride(1),
+                      stride_qfn=rel_factor.stride(2))
+    else:
+        rel_qf = _rel_query_factors(qp, ex.rel, prob, NQ, scale, kw["LR_CHAIN"])
     dkdv_args = {**qkv, **common, **rel_qf}
     tk._attn_bwd_dkdv[(nkb, B * HKV, S)](
         DK=dk0, DV_=dv0, DB=db if db is not None else delta, DUK=duk0 if duk0 is not None else delta,
@@ -959,7 +974,7 @@ def _with_skinny(cands, backward: bool, sk_feat: tuple, q, k, v):
 
 
 def _skinny_run(cfg, backward, q, k, v, bias, gate, scale, do=None, out=None, lse=None, dlse=None, need_db=False,
-                rel=None):
+                rel=None, save_factor=False, rel_factor=None):
     """Run a skinny config; returns (identity problem, results in the form of `_forward`'s / `_backward`'s runs)."""
     from . import triton_skinny as sk
 
@@ -967,10 +982,11 @@ def _skinny_run(cfg, backward, q, k, v, bias, gate, scale, do=None, out=None, ls
     kind, c = cfg[1], cfg[2]
     if not backward:
         if kind == "keys":
-            return prob, sk.keys_forward(q, k, v, bias, gate, scale, c, rel)
-        return prob, sk.queries_forward(q, k, v, bias, gate, scale, c)
+            return prob, sk.keys_forward(q, k, v, bias, gate, scale, c, rel, save_factor)
+        return prob, (*sk.queries_forward(q, k, v, bias, gate, scale, c), None)
     if kind == "keys":
-        dq, dk, dv, db, dg, drel = sk.keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, c, need_db, rel)
+        dq, dk, dv, db, dg, drel = sk.keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, c, need_db, rel,
+                                                    rel_factor)
     else:  # never with `rel` (`_skinny_kind`)
         dq, dk, dv, db, dg = sk.queries_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, c, need_db)
         drel = None
@@ -981,25 +997,31 @@ def _skinny_run(cfg, backward, q, k, v, bias, gate, scale, do=None, out=None, ls
 # forward / backward on the original (B, H, N, D) layout
 
 
-def _forward(q, k, v, bias, qf, kf, gate, pattern, scale, rel: Optional[Rel] = None):
-    """(out, lse); `rel`: HaloNet's rel-pos tables for the in-kernel term (Dense pattern on the blocked layout, or
-    a 2-d Halo grid; no bias or factors)."""
+def _forward(q, k, v, bias, qf, kf, gate, pattern, scale, rel: Optional[Rel] = None, save_factor: bool = False):
+    """(out, lse, rel-pos query factor | None); `rel`: HaloNet's rel-pos tables for the in-kernel term (Dense
+    pattern on the blocked layout, or a 2-d Halo grid; no bias or factors). `save_factor` (with `rel`): also return
+    the query factor, (B, H, Nq, 2 block_w) in token order, for the backward to load (`_backward`'s `rel_factor`):
+    the kernels compute it anyway, and the backward otherwise rebuilds it (a dot and a gather per query block)."""
     nq, nk = q.shape[2], k.shape[2]
+    save_factor = save_factor and rel is not None
 
     def run(cfg):
-        """(out, lse) in token order; a grid config's permuted copies are part of its call (and of its time when
-        tuned: in-place and permuted inputs compete)."""
+        """(out, lse, factor | None) in token order; a grid config's permuted copies are part of its call (and of
+        its time when tuned: in-place and permuted inputs compete)."""
         if cfg[0] == "skinny":  # kernels.backends.triton_skinny: few keys / few queries
-            return _skinny_run(cfg, False, q, k, v, bias, gate, scale, rel=rel)[1]
+            return _skinny_run(cfg, False, q, k, v, bias, gate, scale, rel=rel, save_factor=save_factor)[1]
         if rel is not None:
             CALLS["general_fwd_rel"] += 1
         prob = _problem(pattern, nq, nk, cfg, q.device)
         ins = (prob.q_in(q), prob.k_in(k), prob.k_in(v))
-        out, lse = _launch_fwd(*ins, _Extras(prob, ins[0], bias, qf, kf, gate, nq, nk, rel), prob, scale, cfg)
-        return prob.q_out(out), prob.q_out(lse[..., None])[..., 0]
+        factor = _new(*ins[0].shape[:3], 2 * rel.block_w, like=ins[0]) if save_factor else None
+        out, lse = _launch_fwd(*ins, _Extras(prob, ins[0], bias, qf, kf, gate, nq, nk, rel), prob, scale, cfg,
+                               factor)
+        return prob.q_out(out), prob.q_out(lse[..., None])[..., 0], None if factor is None else prob.q_out(factor)
 
     sk_feat = _skinny_feat(pattern, q, k, v, qf, rel)
-    cfg = _autotune(_tune_key("fwd", pattern, q, k, v, _feats(bias, qf, gate, q, rel) + sk_feat),
+    cfg = _autotune(_tune_key("fwd", pattern, q, k, v, _feats(bias, qf, gate, q, rel) + sk_feat +
+                              (("save_factor",) if save_factor else ())),
                     lambda: _with_tile_costs(pattern, _with_skinny(_short_loop_candidates(
                         _skinny_candidates(_fwd_candidates(q.shape[-1], v.shape[-1]), nk), pattern, q.shape[-1],
                         v.shape[-1], nk, rel is not None), False, sk_feat, q, k, v)),
@@ -1038,16 +1060,19 @@ def _reduce_to(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _backward(do, q, k, v, out, lse, dlse, bias, qf, kf, gate, pattern, scale, need_db, need_lr,
-              rel: Optional[Rel] = None):
+              rel: Optional[Rel] = None, rel_factor: Optional[torch.Tensor] = None):
     """(dq, dk, dv, dbias, dqf, dkf, dgate); under `rel` (as `_forward`, with `need_lr`) the tables' gradients
-    d R_h and d R_w take dqf's and dkf's places."""
+    d R_h and d R_w take dqf's and dkf's places. `rel_factor`: the query factor `_forward` saved (token order), or
+    None to rebuild it."""
     nq, nk = q.shape[2], k.shape[2]
+    rel_factor = rel_factor if rel is not None else None
 
     def run(cfg):
         """The gradients in token order and the inputs' layouts: a permuted config's copies, in and out, are part
         of its call, and of its time when tuned."""
         if cfg[0] == "skinny":  # kernels.backends.triton_skinny: few keys / few queries
-            return _grads_out(*_skinny_run(cfg, True, q, k, v, bias, gate, scale, do, out, lse, dlse, need_db, rel))
+            return _grads_out(*_skinny_run(cfg, True, q, k, v, bias, gate, scale, do, out, lse, dlse, need_db, rel,
+                                           rel_factor=rel_factor))
         if rel is not None:
             CALLS["general_bwd_rel"] += 1
         prob = _problem(pattern, nq, nk, cfg, q.device)
@@ -1056,7 +1081,8 @@ def _backward(do, q, k, v, out, lse, dlse, bias, qf, kf, gate, pattern, scale, n
                prob.q_in(lse[..., None])[..., 0].contiguous(),
                None if dlse is None else prob.q_in(dlse.float()[..., None])[..., 0].contiguous(),
                _Extras(prob, qp, bias, qf, kf, gate, nq, nk, rel))
-        dq, dk, dv, db, duq, duk, dg = _launch_bwd(*ins, prob, scale, cfg, need_db, need_lr)
+        dq, dk, dv, db, duq, duk, dg = _launch_bwd(*ins, prob, scale, cfg, need_db, need_lr,
+                                                   None if rel_factor is None else prob.q_in(rel_factor))
         if rel is not None:  # the dQ kernel stored dT: the tables' gradient is one GEMM (R_h's rows, then R_w's)
             dr = torch.einsum("bhnt,bhnd->td", prob.q_out(duq).to(q.dtype), q)
             duq, duk = dr[:rel.nt].clone(), dr[rel.nt:].clone()  # a custom op's outputs must not alias
@@ -1079,7 +1105,7 @@ def _backward(do, q, k, v, out, lse, dlse, bias, qf, kf, gate, pattern, scale, n
         return dq, dk, dv, dbias, dqf, dkf, dgate
 
     sk_feat = _skinny_feat(pattern, q, k, v, qf, rel)
-    feats = _feats(bias, qf, gate, q, rel) + (need_db,) + sk_feat
+    feats = _feats(bias, qf, gate, q, rel) + (need_db,) + sk_feat + (("rel_factor",) if rel_factor is not None else ())
     cfg = _autotune(_tune_key("bwd", pattern, q, k, v, feats),
                     lambda: _with_tile_costs(pattern, _with_skinny(
                         _skinny_candidates(_bwd_candidates(q.shape[-1], v.shape[-1]), nk), True, sk_feat, q, k, v)),
@@ -1100,7 +1126,7 @@ def _attention_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
                       q_factor: Optional[torch.Tensor], k_factor: Optional[torch.Tensor],
                       gate: Optional[torch.Tensor], pattern_key: str,
                       scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _forward(q, k, v, bias, q_factor, k_factor, gate, pattern_from_key(pattern_key), scale)
+    out, lse, _ = _forward(q, k, v, bias, q_factor, k_factor, gate, pattern_from_key(pattern_key), scale)
     return out.contiguous(), lse.contiguous()
 
 
@@ -1200,28 +1226,31 @@ def _rel_problem(rh, rw, qb: int, win: int, rel_scale: float, grid_key: str):
 
 def _relpos_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rh: torch.Tensor, rw: torch.Tensor,
                    gate: Optional[torch.Tensor], qb: int, win: int, rel_scale: float, scale: float,
-                   grid_key: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                   grid_key: str, save_factor: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, the query factor for the backward (`_forward`'s `save_factor`) or an empty tensor)."""
     pattern, rel = _rel_problem(rh, rw, qb, win, rel_scale, grid_key)
-    out, lse = _forward(q, k, v, None, None, None, gate, pattern, scale, rel)
-    return out.contiguous(), lse.contiguous()
+    out, lse, factor = _forward(q, k, v, None, None, None, gate, pattern, scale, rel, save_factor)
+    return out.contiguous(), lse.contiguous(), q.new_empty(0) if factor is None else factor.contiguous()
 
 
 _relpos_fwd_op = torch.library.custom_op("attnzoo::relpos_fwd", mutates_args=())(_relpos_fwd_impl)
 
 
 @_relpos_fwd_op.register_fake
-def _(q, k, v, rh, rw, gate, qb, win, rel_scale, scale, grid_key):
+def _(q, k, v, rh, rw, gate, qb, win, rel_scale, scale, grid_key, save_factor):
     B, H, NQ, _ = q.shape
-    return q.new_empty(B, H, NQ, v.shape[-1]), q.new_empty(B, H, NQ, dtype=torch.float32)
+    factor = q.new_empty(B, H, NQ, 2 * _block_d(win)) if save_factor else q.new_empty(0)
+    return q.new_empty(B, H, NQ, v.shape[-1]), q.new_empty(B, H, NQ, dtype=torch.float32), factor
 
 
 def _relpos_bwd_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, dlse: Optional[torch.Tensor], rh: torch.Tensor, rw: torch.Tensor,
-                   gate: Optional[torch.Tensor], qb: int, win: int, rel_scale: float, scale: float,
+                   lse: torch.Tensor, dlse: Optional[torch.Tensor], factor: Optional[torch.Tensor], rh: torch.Tensor,
+                   rw: torch.Tensor, gate: Optional[torch.Tensor], qb: int, win: int, rel_scale: float, scale: float,
                    grid_key: str) -> List[torch.Tensor]:
+    """`factor`: the forward's saved query factor, or None (the backward rebuilds it)."""
     pattern, rel = _rel_problem(rh, rw, qb, win, rel_scale, grid_key)
     dq, dk, dv, _, drh, drw, dg = _backward(do, q, k, v, out, lse, dlse, None, None, None, gate, pattern, scale, False,
-                                            True, rel)
+                                            True, rel, factor)
     return [g.contiguous() if g is not None else q.new_empty(0) for g in (dq, dk, dv, drh, drw, dg)]
 
 
@@ -1229,24 +1258,26 @@ _relpos_bwd_op = torch.library.custom_op("attnzoo::relpos_bwd", mutates_args=())
 
 
 @_relpos_bwd_op.register_fake
-def _(do, q, k, v, out, lse, dlse, rh, rw, gate, qb, win, rel_scale, scale, grid_key):
+def _(do, q, k, v, out, lse, dlse, factor, rh, rw, gate, qb, win, rel_scale, scale, grid_key):
     return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v, rh, rw)] + \
         [torch.empty_like(gate, memory_format=torch.contiguous_format) if gate is not None else q.new_empty(0)]
 
 
 def _relpos_setup_context(ctx, inputs, output):
-    q, k, v, rh, rw, gate, qb, win, rel_scale, scale, grid_key = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, rh, rw, gate)
+    q, k, v, rh, rw, gate, qb, win, rel_scale, scale, grid_key, _ = inputs
+    out, lse, factor = output
+    ctx.mark_non_differentiable(factor)
+    ctx.save_for_backward(q, k, v, out, lse, rh, rw, gate, factor)
     ctx.geom = (qb, win, rel_scale, scale, grid_key)
 
 
-def _relpos_backward(ctx, dout, dlse, bwd=_relpos_bwd_op):
-    q, k, v, out, lse, rh, rw, gate = ctx.saved_tensors
+def _relpos_backward(ctx, dout, dlse, dfactor, bwd=_relpos_bwd_op):
+    q, k, v, out, lse, rh, rw, gate, factor = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv, drh, drw, dgate = bwd(dout, q, k, v, out, lse, dlse, rh, rw, gate, *ctx.geom)
-    return dq, dk, dv, drh, drw, (dgate if gate is not None else None), None, None, None, None, None
+    dq, dk, dv, drh, drw, dgate = bwd(dout, q, k, v, out, lse, dlse, factor if factor.numel() else None, rh, rw,
+                                      gate, *ctx.geom)
+    return dq, dk, dv, drh, drw, (dgate if gate is not None else None), None, None, None, None, None, None
 
 
 _relpos_fwd_op.register_autograd(_relpos_backward, setup_context=_relpos_setup_context)
@@ -1300,7 +1331,9 @@ def attention_triton(q, k, v, pattern=None, bias=None, gate=None, scale=None, re
         if rel is not None:  # in-kernel relative logits (blocked HaloNet layout, or the 2-d Halo grid)
             rh, rw = (t.to(q.dtype) for t in bias.tables)
             fn = _relpos_fwd_op if torch.compiler.is_compiling() else _RelPosFunction.apply
-            out, lse = fn(q, k, v, rh, rw, gate, rel[0], rel[1], float(bias.scale), scale, rel[2])
+            # under autograd the forward also returns the query factor the backward loads
+            save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rh, rw, gate))
+            out, lse, _ = fn(q, k, v, rh, rw, gate, rel[0], rel[1], float(bias.scale), scale, rel[2], save)
             return (out, lse) if return_lse else out
         qf, kf = bias.kernel_factors(q, k)
         qf, kf = qf.to(q.dtype), kf.to(q.dtype)

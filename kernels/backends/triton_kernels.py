@@ -455,7 +455,9 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
               RH=None, RW=None, stride_rt=0, QB: tl.constexpr = 1, WIN: tl.constexpr = 1, rel_scale=0.0,
               BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16, HAS_REL: tl.constexpr = False,
               LR_CHAIN: tl.constexpr = False, rel_qw: tl.constexpr = 1, rel_block: tl.constexpr = 0,
-              REL_KF: tl.constexpr = False):
+              REL_KF: tl.constexpr = False, STORE_QF: tl.constexpr = False):
+    """STORE_QF (with HAS_REL): also write the rel-pos query factor to QF, rows as q's, for the backward to load
+    (`triton_attention._forward`'s `save_factor`)."""
     tl.static_assert(not (HAS_REL and GRID_MODE and not REL_KF), "grid rel-pos loads its key one-hots (REL_KF)")
     pid_m = tl.program_id(0)
     if REVERSE:  # heavy (late, causal) query blocks first
@@ -490,6 +492,9 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
             r_tok = tl.load(QROW + offs_m)
         uq = _rel_query_factor(q, _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T), r_tok, QB, WIN,
                                rel_scale, inv_scale, BLOCK_T, BLOCK_W, LR_CHAIN, DOT_PREC, GRID_MODE, rel_qw, rel_block)
+        if STORE_QF:  # once per query block: split programs (pid_s > 0) hold the same factor
+            tl.store(QF + b * stride_qfb + h * stride_qfh + q_rows[:, None] * stride_qfn + offs_r[None, :], uq,
+                     mask=((q_tok >= 0) & (offs_m < NQ) & (pid_s == 0))[:, None])
     elif HAS_LR:
         uq = _lr_chain_factor(_load_rows(QF + b * stride_qfb + h * stride_qfh, q_rows, stride_qfn, offs_r, NQ, R,
                                          BLOCK_R, not GRID_MODE), inv_scale, LR_CHAIN)

@@ -124,10 +124,12 @@ def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               KEY_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
               BLOCK_W: tl.constexpr, RESIDENT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr,
-              HAS_REL: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr):
+              HAS_REL: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr, QF=None, stride_qfb=0,
+              stride_qfh=0, stride_qfn=0, STORE_QF: tl.constexpr = False):
     """Few keys: the keys of a (b, h) in KEY_CHUNKS chunks of BLOCK_N (one chunk: K/V kept in registers across a
     RESIDENT program's query blocks; several: a flash loop with an online softmax, for key counts whose
-    power-of-two tile would be mostly padding or too large for the registers)."""
+    power-of-two tile would be mostly padding or too large for the registers). STORE_QF (with HAS_REL): also write
+    the rel-pos query factor to QF for the backward (`_keys_bwd`'s LOAD_QF)."""
     pid = tl.program_id(0)
     bh0, lo, hi = _item_range(pid, BH, NQB, ITEMS, CHUNKS, RESIDENT)
     offs_n = tl.arange(0, BLOCK_N)
@@ -158,6 +160,9 @@ def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
         uq = 0.0
         if HAS_REL:
             uq = _rel_query_factor(q, rt, offs_m, QB, WIN, rel_scale, inv_scale, BLOCK_T, BLOCK_W, LR_CHAIN, DOT_PREC)
+            if STORE_QF:
+                tl.store(QF + b * stride_qfb + h * stride_qfh + offs_m[:, None] * stride_qfn +
+                         tl.arange(0, 2 * BLOCK_W)[None, :], uq, mask=rows[:, None])
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -238,10 +243,13 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
               BLOCK_W: tl.constexpr, RESIDENT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DB: tl.constexpr,
               HAS_GATE: tl.constexpr, GATE_ELEM: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_REL: tl.constexpr,
               LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr, ONE_ITEM: tl.constexpr = False,
-              TAIL_N: tl.constexpr = 0):
+              TAIL_N: tl.constexpr = 0, QF=None, stride_qfb=0, stride_qfh=0, stride_qfn=0,
+              LOAD_QF: tl.constexpr = False):
     """Few-keys backward, one fused kernel. RESIDENT (one key chunk): dK/dV of a (b, h) accumulate over the
     program's query blocks. Otherwise every (b, h) has one query block (the host's rule), and each key chunk's
-    dK/dV are final when written. TAIL_N > 0: the last of KEY_CHUNKS runs on a TAIL_N-key tile (`tail_tile`)."""
+    dK/dV are final when written. TAIL_N > 0: the last of KEY_CHUNKS runs on a TAIL_N-key tile (`tail_tile`).
+    LOAD_QF (with HAS_REL): the rel-pos query factor comes from QF, as the forward stored it, instead of a dot
+    and a gather per query block."""
     pid = tl.program_id(0)
     bh0, lo, hi = _item_range(pid, BH, NQB, ITEMS, CHUNKS, RESIDENT)
     offs_n = tl.arange(0, BLOCK_N)
@@ -296,7 +304,12 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
         duq = 0.0
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         if HAS_REL:
-            uq = _rel_query_factor(q, rt, offs_m, QB, WIN, rel_scale, inv_scale, BLOCK_T, BLOCK_W, LR_CHAIN, DOT_PREC)
+            if LOAD_QF:
+                uq = tl.load(QF + b * stride_qfb + h * stride_qfh + offs_m[:, None] * stride_qfn +
+                             tl.arange(0, 2 * BLOCK_W)[None, :], mask=rows[:, None], other=0.0)
+            else:
+                uq = _rel_query_factor(q, rt, offs_m, QB, WIN, rel_scale, inv_scale, BLOCK_T, BLOCK_W, LR_CHAIN,
+                                       DOT_PREC)
             duq = tl.zeros([BLOCK_M, 2 * BLOCK_W], tl.float32)
         b_base = BIAS + b * stride_bb + h * stride_bh
         db_base = DB + b * stride_dbb + h * stride_dbh
@@ -658,8 +671,9 @@ def _gate_views(gate):
     return g4, ta._bstrides(g4)
 
 
-def keys_forward(q, k, v, bias, gate, scale, cfg, rel: Optional[ta.Rel] = None):
-    """Few-keys forward; returns (out (B, H, NQ, DV), lse (B, H, NQ) fp32)."""
+def keys_forward(q, k, v, bias, gate, scale, cfg, rel: Optional[ta.Rel] = None, save_factor: bool = False):
+    """Few-keys forward; returns (out (B, H, NQ, DV), lse (B, H, NQ) fp32, the rel-pos query factor
+    (B, H, NQ, 2 block_w) when `save_factor` (with `rel`), else None)."""
     q, k, v = ta._lastdim_contiguous(q), ta._lastdim_contiguous(k), ta._lastdim_contiguous(v)
     B, H, NQ, D = q.shape
     HKV, NK, DV = k.shape[1], k.shape[2], v.shape[-1]
@@ -672,6 +686,8 @@ def keys_forward(q, k, v, bias, gate, scale, cfg, rel: Optional[ta.Rel] = None):
     g4, sg = _gate_views(gate)
     bias = None if bias is None else ta._Problem(ta.Dense(), NQ, NK, BM, 16, q.device).bias_in(bias, NQ, NK)
     sb = ta._bstrides(bias)
+    factor = ta._new(B, H, NQ, 2 * rel.block_w, like=q) if (save_factor and rel is not None) else None
+    sf = ta._bstrides(factor)
     CALLS["keys_fwd_" + mode + ("_chunked" if key_chunks > 1 else "") + ("_rel" if rel is not None else "")] += 1
     _keys_fwd[(nprog,)](
         q, k, v, out, lse, bias if bias is not None else q, g4 if g4 is not None else q,
@@ -685,13 +701,17 @@ def keys_forward(q, k, v, bias, gate, scale, cfg, rel: Optional[ta.Rel] = None):
         qk_scale=scale * LOG2E, D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN, KEY_CHUNKS=key_chunks,
         BLOCK_D=ta._block_d(D), BLOCK_DV=ta._block_d(DV), RESIDENT=mode == "res", HAS_BIAS=bias is not None,
         HAS_GATE=gate is not None, DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages,
-        HAS_REL=rel is not None, LR_CHAIN=ta.lr_chain(q, None if rel is None else "rel"), **ta.rel_args(rel, q))
-    return out, lse
+        HAS_REL=rel is not None, LR_CHAIN=ta.lr_chain(q, None if rel is None else "rel"), **ta.rel_args(rel, q),
+        QF=factor if factor is not None else q, stride_qfb=sf[0], stride_qfh=sf[1], stride_qfn=sf[2],
+        STORE_QF=factor is not None)
+    return out, lse, factor
 
 
-def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, rel: Optional[ta.Rel] = None):
+def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, rel: Optional[ta.Rel] = None,
+                  rel_factor: Optional[torch.Tensor] = None):
     """Few-keys backward; returns (dq, dk, dv, db (B, H, NQ, NK) in `ta.ds_dtype` | None, dg (B, H, N, 1 | DV) |
-    None, (drh, drw) | None)."""
+    None, (drh, drw) | None). `rel_factor`: the rel-pos query factor `keys_forward` (or the general forward)
+    saved, loaded instead of rebuilt."""
     q, k, v = ta._lastdim_contiguous(q), ta._lastdim_contiguous(k), ta._lastdim_contiguous(v)
     do, out = ta._lastdim_contiguous(do), ta._lastdim_contiguous(out)
     B, H, NQ, D = q.shape
@@ -723,6 +743,9 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
           ("_items" if rel is not None and items > 1 else "")] += 1  # several items: dRT partials accumulated
     tail_n = tail_tile(NK, BN, key_chunks, rel is not None)
     CALLS["keys_bwd_tail"] += tail_n > 0
+    rel_factor = None if rel is None else rel_factor
+    CALLS["keys_bwd_rel_factor_loaded"] += rel_factor is not None
+    sf = ta._bstrides(rel_factor)
     _keys_bwd[(nprog,)](
         q, k, v, out, do, lse, dlse if dlse is not None else lse, bias_k if bias_k is not None else q,
         g4 if g4 is not None else q, DQ=dq, DK=dk, DV_=dv, DB=db if db is not None else lse,
@@ -746,7 +769,8 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
         GATE_ELEM=gate is not None and g4.shape[-1] > 1, HAS_DLSE=dlse is not None,
         DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages, HAS_REL=rel is not None,
         LR_CHAIN=ta.lr_chain(q, None if rel is None else "rel"), ONE_ITEM=rel is not None and items == 1,
-        **ta.rel_args(rel, q))
+        **ta.rel_args(rel, q), QF=rel_factor if rel_factor is not None else q, stride_qfb=sf[0], stride_qfh=sf[1],
+        stride_qfn=sf[2], LOAD_QF=rel_factor is not None)
     if direct:
         dk, dv = dk[0], dv[0]
     else:  # sum the per-program partials (one pass, cast included without GQA), then the GQA group

@@ -258,7 +258,7 @@ def _rel_pos(pattern, d, scale=0.3):
 def test_relpos_blocked_in_kernel(dtype):
     hb = Halo((4, 4), block=4, halo=1)  # 16 queries, 6 x 6 = 36 keys per block
     _check(3, 2, 2, 16, 36, 16, 16, dtype, bias_fn=_rel_pos(hb, 16), lse_grad=dtype == torch.float32,
-           expect=("keys_fwd_flat_rel", "keys_bwd_flat_rel"))
+           expect=("keys_fwd_flat_rel", "keys_bwd_flat_rel", "keys_bwd_rel_factor_loaded"))
 
 
 def test_relpos_blocked_strided_gqa_gate_and_pattern():
@@ -306,7 +306,7 @@ def test_relpos_in_kernel_under_torch_compile(path, monkeypatch, no_lowering):
     """torch.compile (fullgraph) traces the attnzoo::relpos ops (fake impls) and runs the in-kernel path: the
     few-keys kernel (float16) or the general kernels (float32), whose two table gradients come from one GEMM and
     must not alias (a custom op's outputs)."""
-    dtype, expect = torch.float16, {"keys_fwd_flat_rel", "keys_bwd_flat_rel"}
+    dtype, expect = torch.float16, {"keys_fwd_flat_rel", "keys_bwd_flat_rel", "keys_bwd_rel_factor_loaded"}
     monkeypatch.setenv("ATTNZOO_SKINNY", "new")  # pinned: on a GPU the tuner would also run the general kernels
     if path == "general":
         monkeypatch.setenv("ATTNZOO_SKINNY", "old")
@@ -330,6 +330,61 @@ def test_relpos_in_kernel_under_torch_compile(path, monkeypatch, no_lowering):
         assert _rel(g, rg) < (5 if dtype == torch.float16 else 1) * TOL[dtype]
 
 
+def _blocked_factor_reference(q, tables, qb, win, block_w, rel_scale):
+    """The rel-pos query factor by its definition, float64: u[m, c] = rel_scale · q_m · R_h[c - qy(m) + win - 1]
+    for the row classes c < win, then R_w and qx(m) for the column classes (columns block_w + c); qy, qx: the
+    query's row and column in its qb x qb block. Classes >= win are padding (NaN here: never compared)."""
+    m = torch.arange(q.shape[2])
+    out = torch.full((*q.shape[:3], 2 * block_w), float("nan"), dtype=torch.float64)
+    for half, (table, pos) in enumerate(zip(tables, (m // qb, m % qb))):
+        for i in range(q.shape[2]):
+            for c in range(win):
+                out[:, :, i, half * block_w + c] = rel_scale * (q[:, :, i].double() @ table[c - pos[i] + win - 1]
+                                                                .double())
+    return out
+
+
+@pytest.mark.parametrize("path", ["few-keys", "general", "grid"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_relpos_saved_query_factor(path, dtype, monkeypatch):
+    """The forward's saved rel-pos query factor (`save_factor`, what autograd keeps for the backward): on the
+    blocked layout its entries against the definition, times 1 / scale where the factor dot is chained (not in
+    float16); the forward's outputs unchanged by saving it; and the backward that loads it against the one that
+    rebuilds it (in-kernel on the blocked layout, `_rel_factor_bwd` on the Halo grid)."""
+    from kernels.backends import triton_attention as ta
+    from kernels.patterns import pattern_key
+
+    monkeypatch.setenv("ATTNZOO_SKINNY", "new" if path == "few-keys" else "old")
+    d, rel_scale, scale = 16, 0.3, 0.25
+    if path == "grid":
+        p = Halo((8, 4), block=4, halo=1)
+        B, H, nq, nk, qb, win, key = 2, 2, 32, math.prod(p.key_grid), 4, 6, pattern_key(p)
+    else:
+        B, H, nq, nk, qb, win, key = 2, 3, 16, 36, 4, 6, ""
+    q, k, v = (torch.randn(B, H, n, d, dtype=torch.float32).to(dtype) for n in (nq, nk, nk))
+    rh, rw = (0.5 * torch.randn(2 * win - 1, d, dtype=torch.float32).to(dtype) for _ in range(2))
+    out, lse, factor = ta._relpos_fwd_impl(q, k, v, rh, rw, None, qb, win, rel_scale, scale, key, True)
+    out0, lse0, none = ta._relpos_fwd_impl(q, k, v, rh, rw, None, qb, win, rel_scale, scale, key, False)
+    assert none.numel() == 0 and torch.equal(out, out0) and torch.equal(lse, lse0)
+    block_w = ta._block_d(win)
+    assert factor.shape == (B, H, nq, 2 * block_w) and factor.dtype == dtype
+    if path != "grid":
+        mult = rel_scale if dtype == torch.float16 else rel_scale / scale
+        ref = _blocked_factor_reference(q, (rh, rw), qb, win, block_w, mult)
+        cls = torch.cat([torch.arange(win), block_w + torch.arange(win)])
+        assert _rel(factor[..., cls], ref[..., cls]) < TOL[dtype]
+    do = torch.randn_like(out)
+    calls = _calls()
+    loaded = "general_bwd_rel_factor_loaded" if path != "few-keys" else "keys_bwd_rel_factor_loaded"
+    n0 = calls[loaded]
+    grads = ta._relpos_bwd_impl(do, q, k, v, out, lse, None, factor, rh, rw, None, qb, win, rel_scale, scale, key)
+    assert calls[loaded] == n0 + 1
+    rebuilt = ta._relpos_bwd_impl(do, q, k, v, out, lse, None, None, rh, rw, None, qb, win, rel_scale, scale, key)
+    assert calls[loaded] == n0 + 1
+    for g, rg in zip(grads[:5], rebuilt[:5]):
+        assert torch.isfinite(g).all() and _rel(g, rg.double()) < TOL[dtype]
+
+
 @pytest.fixture
 def no_lowering(monkeypatch):
     """Forbids the torch lowering of the rel-pos bias to low-rank factors."""
@@ -339,7 +394,7 @@ def no_lowering(monkeypatch):
     monkeypatch.setattr(kernels.RelPosBias, "kernel_factors", lowered)
 
 
-GENERAL_REL = ("general_fwd_rel", "general_bwd_rel")
+GENERAL_REL = ("general_fwd_rel", "general_bwd_rel", "general_bwd_rel_factor_loaded")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
