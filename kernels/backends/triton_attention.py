@@ -1170,6 +1170,7 @@ def _(do, q, k, v, out, lse, dlse, bias, q_factor, k_factor, gate, pattern_key, 
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, qf, kf, gate, pattern_key, scale = inputs
     out, lse = output
+    ctx.set_materialize_grads(False)  # an unused lse gets no zero-filled gradient (the kernels skip HAS_DLSE)
     ctx.save_for_backward(q, k, v, out, lse, bias, qf, kf, gate)
     ctx.pattern_key, ctx.scale = pattern_key, scale
 
@@ -1267,6 +1268,7 @@ def _relpos_setup_context(ctx, inputs, output):
     q, k, v, rh, rw, gate, qb, win, rel_scale, scale, grid_key, _ = inputs
     out, lse, factor = output
     ctx.mark_non_differentiable(factor)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients of an unused lse and of the factor
     ctx.save_for_backward(q, k, v, out, lse, rh, rw, gate, factor)
     ctx.geom = (qb, win, rel_scale, scale, grid_key)
 

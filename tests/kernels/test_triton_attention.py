@@ -115,6 +115,29 @@ def test_lse_gradient():
     _check(Neighborhood((5, 7), (3, 5)), 1, 2, 1, 35, 35, 32, 32, torch.float16, lse_grad=True)
 
 
+@pytest.mark.parametrize("bias", ["none", "rel-pos"])
+def test_unused_lse_gets_no_gradient(bias, monkeypatch):
+    """Backward through `out` alone: the kernels get no lse gradient (None, not a zero-filled tensor they would
+    read), and with rel-pos no gradient of the saved query factor either; the gradients still match float64."""
+    from kernels.backends import triton_attention as ta
+
+    seen = []
+    backward = ta._backward
+    monkeypatch.setattr(ta, "_backward", lambda *a: seen.append(a[6]) or backward(*a))
+    hb = Halo((4, 4), block=4, halo=1)
+    q, k, v = (torch.randn(2, 2, n, 16, requires_grad=True) for n in (16, 36, 36))
+    tables = [(0.3 * torch.randn(11, 16)).requires_grad_() for _ in range(2)]
+    rel = kernels.RelPosBias(hb, tables) if bias == "rel-pos" else None
+    out = kernels.attention(q, k, v, bias=rel, backend="triton")
+    leaves = [q, k, v] + (tables if rel is not None else [])
+    grads = torch.autograd.grad(out.square().sum(), leaves)
+    assert seen == [None]
+    l64 = [x.detach().double().requires_grad_() for x in leaves]
+    ref = attention_reference(*l64[:3], bias=kernels.RelPosBias(hb, l64[3:]) if rel is not None else None)
+    for g, rg in zip(grads, torch.autograd.grad(ref.square().sum(), l64)):
+        assert ((g.double() - rg).norm() / rg.norm()).item() < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("kind", ["head", "element"])
 def test_gate(kind):
     B, H, N, D = 1, 2, 30, 32
