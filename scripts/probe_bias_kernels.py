@@ -18,6 +18,7 @@
     python scripts/probe_bias_kernels.py --forced-bwd "32,64,4,2,168;64,64,4,2" --cases "B2 d64 low-rank"
         # CUDA time per kernel on each config alone (--forced-fwd: the forward)
     python scripts/probe_bias_kernels.py --rel-factor-ab   # rel-pos backward: saved query factor vs rebuilt
+    python scripts/probe_bias_kernels.py --reduce-partials # summing the blocked rel-pos table-gradient partials
     python scripts/probe_bias_kernels.py --splits     # few-query problems (merged key splits) vs SDPA, per kernel
     python scripts/probe_bias_kernels.py --gate       # the gate rows: CUDA time per kernel, forward and backward
 """
@@ -365,6 +366,41 @@ def rel_factor_ab() -> None:
     bk.print_autotuned()
 
 
+def reduce_partials() -> None:
+    """Ways to sum the few-keys rel-pos backward's per-program table-gradient partials (HaloNet's blocked layout:
+    4,096 programs x 46 x 64 fp32, 48 MB), graph-timed: torch's sum over the leading dim, two-level sums over
+    (chunks, rows per chunk) views (torch, or `triton_kernels.sum_leading` for the first level at several block
+    sizes), and each against the first's result."""
+    import bench_kernels as bk
+    import triton
+
+    from kernels.backends import triton_kernels as tk
+
+    torch.cuda.set_stream(torch.cuda.Stream())
+    x = torch.randn(4096, 46, 64, device="cuda")
+    ref = x.double().sum(0)
+    flat = x.view(4096, -1)
+    m = flat.shape[1]
+
+    def two_level(chunks, block, warps):
+        def run():
+            part = torch.empty(4096 // chunks, m, device="cuda")
+            tk.sum_leading[(triton.cdiv(part.numel(), block),)](flat, part, chunks, part.numel(), BLOCK=block,
+                                                               num_warps=warps)
+            return part.sum(0)
+        return run
+
+    ways = {"torch sum(0)": lambda: x.sum(0),
+            "torch view(64, 64, m).sum(0).sum(0)": lambda: flat.view(64, 64, m).sum(0).sum(0),
+            "torch view(256, 16, m).sum(0).sum(0)": lambda: flat.view(256, 16, m).sum(0).sum(0)}
+    for chunks in (64, 256, 1024):
+        for block in (512, 1024, 2048):
+            ways[f"sum_leading {chunks} rows/chunk, BLOCK {block} + torch sum"] = two_level(chunks, block, 4)
+    for label, fn in ways.items():
+        err = ((fn().double().view_as(ref) - ref).norm() / ref.norm()).item()
+        print(f"{label:52s} {bk._time(fn):.4f} ms  rel err {err:.1e}", flush=True)
+
+
 def forced_configs(backward: bool, cfgs, only) -> None:
     """CUDA time per kernel of the forward (or backward) of the `_bias_cases` rows whose label contains one of
     `only`, on each general-kernel config of `cfgs` alone (the candidate list replaced by it; no tuning)."""
@@ -517,6 +553,8 @@ if __name__ == "__main__":
                     "the grid or blocked row (KIND rel or nobias) on that config, for ncu")
     ap.add_argument("--rel-factor-ab", action="store_true", help="the rel-pos backward with the forward's saved "
                     "query factor and with the factor rebuilt")
+    ap.add_argument("--reduce-partials", action="store_true", help="ways to sum the blocked rel-pos backward's "
+                    "table-gradient partials")
     ap.add_argument("--forced-fwd", default=None, help="general forward configs, each alone on the --cases rows: "
                     "CUDA time per kernel (';' between configs)")
     ap.add_argument("--forced-bwd", default=None, help="as --forced-fwd, for the backward")
@@ -536,6 +574,8 @@ if __name__ == "__main__":
         configs = lambda text: [tuple(int(x) for x in c.split(",")) for c in (text or "").split(";") if c]  # noqa
         extra_candidates(configs(args.extra_fwd), configs(args.extra_bwd), args.extra_head_dim,
                          args.cases and args.cases.split(","))
+    elif args.reduce_partials:
+        reduce_partials()
     elif args.rel_factor_ab:
         rel_factor_ab()
     elif args.forced_fwd or args.forced_bwd:
