@@ -140,6 +140,10 @@ class RelPosBias:
     pair is visible, so blocked-dense layouts (HaloNet's `(B * blocks, heads, qb², win²)`) can pass it with
     `pattern=None`.
 
+    On the Triton path a 2-d `Halo` (blocked layout or grid) computes the bias inside the kernels. Under autograd
+    the forward also keeps its per-query factor `(B, H, Nq, 2 · next_pow2(win))` for the backward to load instead
+    of rebuilding it (half of q's size at head dim 64).
+
     Args:
         pattern: the `Halo` or `Neighborhood` pattern that defines the geometry.
         tables: one `(2 w_a - 1, D)` tensor per grid axis (rows first), D = the query head dim.

@@ -470,18 +470,22 @@ def split_problems() -> None:
 
 def gate_breakdown() -> None:
     """The gate rows of `bench_kernels --only gate` (B2 H16 N4096 d128; no gate, head-wise, element-wise):
-    graph-timed, then CUDA time per kernel, forward and backward."""
+    graph-timed three times over (interleaved: the spread within one process), then CUDA time per kernel, forward
+    and backward."""
     import bench_kernels as bk
 
     torch.cuda.set_stream(torch.cuda.Stream())  # CUDA graphs need a side stream
     B, H, N, D = 2, 16, 4096, 128
     q, k, v = bk._qkv(B, H, N, D)
+    cases = []
     for kind, shape in (("none", None), ("head-wise", (B, N, H)), ("element-wise", (B, N, H, D))):
         g = None if shape is None else torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        leaves = [q, k, v] + ([g] if g is not None else [])
-        fn = lambda g=g: kernels.attention(q, k, v, gate=g)  # noqa: E731
-        tf, tb = bk._fb(fn, leaves)
-        print(f"gate {kind}: fwd {tf:.4f} ms  bwd {tb:.4f} ms", flush=True)
+        cases.append((kind, lambda g=g: kernels.attention(q, k, v, gate=g), [q, k, v] + ([g] if g is not None else [])))
+    for rep in range(3):
+        for kind, fn, leaves in cases:
+            tf, tb = bk._fb(fn, leaves)
+            print(f"round {rep} gate {kind}: fwd {tf:.4f} ms  bwd {tb:.4f} ms", flush=True)
+    for kind, fn, leaves in cases:
         _per_kernel_fb(f"gate {kind}", fn, leaves)
     bk.print_autotuned()
 

@@ -19,8 +19,8 @@ latency with nothing to overlap (0.86 TB/s on an H200 where SDPA reaches 1.58). 
 * Relative positions (`HAS_REL`, keys path): HaloNet's blocked layout (queries a qb x qb block, keys the
   win x win window, both row-major) with the general kernels' factors (`triton_kernels._rel_query_factor`: the
   table logits `q · RTᵀ` shifted per query row to the key classes; `_rel_key_factor`: a one-hot from iota),
-  their dot chained into q·kᵀ (`LR_CHAIN`). Backward: dU summed over the key chunks, dT by the inverse shift
-  once per query block, dq += dT · RT, dRT += dTᵀ · q accumulated per program (fp32 partials summed in torch).
+  their dot chained into q·kᵀ (`LR_CHAIN`). Backward: the query factor as the forward saved it (else rebuilt),
+  dU over the key chunks, dT by the inverse shift, dq += dT · RT, dRT += dTᵀ · q per program (partials in torch).
 
 Dispatch lives in `triton_attention` (`_skinny_kind`, ATTNZOO_SKINNY, ATTNZOO_RELPOS; the general kernels also
 compute the rel-pos term, and the two are tuned against each other). Launches are counted in
