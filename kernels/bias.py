@@ -141,8 +141,8 @@ class RelPosBias:
     `pattern=None`.
 
     On the Triton path a 2-d `Halo` (blocked layout or grid) computes the bias inside the kernels. Under autograd
-    the forward also keeps its per-query factor `(B, H, Nq, 2 · next_pow2(win))` for the backward to load instead
-    of rebuilding it (half of q's size at head dim 64).
+    the forward also keeps its per-query factor `(B, H, Nq, 2 · max(16, next_pow2(win)))` for the backward to load
+    instead of rebuilding it (half of q's size at head dim 64 and windows up to 16).
 
     Args:
         pattern: the `Halo` or `Neighborhood` pattern that defines the geometry.

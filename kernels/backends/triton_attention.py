@@ -21,8 +21,8 @@ the forward's parts and `sum_over_leading` sums the backward's.
 Dense skinny problems (Nk <= 256, or H/Hkv · Nq <= 256) also have the kernels of `triton_skinny` (autotune
 candidates, `ATTNZOO_SKINNY`). HaloNet's relative-position bias on its blocked layout or a 2-d Halo grid is
 computed in-kernel (`attnzoo::relpos_fwd/bwd`, `ATTNZOO_RELPOS`): by the general kernels (`HAS_REL`: factors built
-from q and the tables; only the backward writes the query factor, once, for its dK/dV and dQ kernels) and, on the
-blocked layout, the few-keys kernels, tuned against each other.
+from q and the tables) and, on the blocked layout, the few-keys kernels, tuned against each other. Under autograd
+the forward also stores the query factor, which the backward loads (else it writes it once, `_rel_factor_bwd`).
 """
 from __future__ import annotations
 
@@ -551,13 +551,10 @@ def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg, fact
     full_ptr, full_idx, part_ptr, part_idx = prob.lists(False)
     qlo, qhi, kc = prob.tables()
     kw, sg = ex.kw()
-    if factor is not None:
-        kw.update(stride_qfb=factor.stride(0), stride_qfh=factor.stride(1), stride_qfn=factor.stride(2),
-                  STORE_QF=True)
+    kw.update(factor_args(factor) if factor is not None else dict(QF=ex.ptr("qf")), STORE_QF=factor is not None)
     fuse_gate = ex.gate is not None and S == 1
     tk._attn_fwd[(nqb, B * H, S)](
-        Q=qp, K=kp, V=vp, O=o_view, LSE=lse, QF=factor if factor is not None else ex.ptr("qf"), KF=ex.ptr("kf"),
-        BIAS=ex.ptr("bias"),
+        Q=qp, K=kp, V=vp, O=o_view, LSE=lse, KF=ex.ptr("kf"), BIAS=ex.ptr("bias"),
         GATE=ex.ptr("gate"),
         stride_qb=qp.stride(0), stride_qh=qp.stride(1), stride_qn=qp.stride(2),
         stride_kb=kp.stride(0), stride_kh=kp.stride(1), stride_kn=kp.stride(2),
@@ -646,8 +643,7 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
         rel_qf = {}
     elif rel_factor is not None:
         CALLS["general_bwd_rel_factor_loaded"] += 1
-        rel_qf = dict(QF=rel_factor, stride_qfb=rel_factor.stride(0), stride_qfh=rel_factor.stride(1),
-                      stride_qfn=rel_factor.stride(2))
+        rel_qf = factor_args(rel_factor)
     else:
         rel_qf = _rel_query_factors(qp, ex.rel, prob, NQ, scale, kw["LR_CHAIN"])
     dkdv_args = {**qkv, **common, **rel_qf}
@@ -748,6 +744,14 @@ def _dq_pair(qkv: dict, db: torch.Tensor, bias_dtype: torch.dtype, prob: _Proble
 REL_FACTOR_LAUNCH = (128, 4)  # `_rel_factor_bwd`'s (BLOCK_M, num_warps): H200, Halo grid 0.040 -> 0.031 ms vs (64, 4)
 
 
+def factor_args(factor: Optional[torch.Tensor], dummy: Optional[torch.Tensor] = None) -> dict:
+    """The kernels' QF argument and strides for a (B, H, rows, R) query factor; without one, `dummy` and zero
+    strides."""
+    if factor is None:
+        return dict(QF=dummy, stride_qfb=0, stride_qfh=0, stride_qfn=0)
+    return dict(QF=factor, stride_qfb=factor.stride(0), stride_qfh=factor.stride(1), stride_qfn=factor.stride(2))
+
+
 def _rel_query_factors(qp, rel: Rel, prob: _Problem, nq: int, scale: float, lr_chain_: bool) -> dict:
     """The rel-pos query factor of every query row (`triton_kernels._rel_factor_bwd`: (B, H, rows, 2 block_w) in
     q's dtype, pre-scaled as the logits take it), as the dK/dV and dQ kernels' QF arguments. The dK/dV kernel visits
@@ -769,7 +773,7 @@ def _rel_query_factors(qp, rel: Rel, prob: _Problem, nq: int, scale: float, lr_c
         D=D, BLOCK_M=block_m, BLOCK_D=_block_d(D), QB=rel.qb, WIN=rel.win, BLOCK_T=rel.block_t,
         BLOCK_W=rel.block_w, LR_CHAIN=lr_chain_, DOT_PREC=_dot_prec(qp.dtype), GRID_MODE=prob.grid,
         GATHER=prob.gather, num_warps=warps)
-    return dict(QF=uq, stride_qfb=uq.stride(0), stride_qfh=uq.stride(1), stride_qfn=uq.stride(2))
+    return factor_args(uq)
 
 
 def ds_dtype(bias4: torch.Tensor, full: Tuple[int, int, int, int]) -> torch.dtype:
@@ -1265,7 +1269,7 @@ def _(do, q, k, v, out, lse, dlse, factor, rh, rw, gate, qb, win, rel_scale, sca
 
 
 def _relpos_setup_context(ctx, inputs, output):
-    q, k, v, rh, rw, gate, qb, win, rel_scale, scale, grid_key, _ = inputs
+    q, k, v, rh, rw, gate, qb, win, rel_scale, scale, grid_key, ctx.factor_saved = inputs
     out, lse, factor = output
     ctx.mark_non_differentiable(factor)
     ctx.set_materialize_grads(False)  # no zero-filled gradients of an unused lse and of the factor
@@ -1277,7 +1281,7 @@ def _relpos_backward(ctx, dout, dlse, dfactor, bwd=_relpos_bwd_op):
     q, k, v, out, lse, rh, rw, gate, factor = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv, drh, drw, dgate = bwd(dout, q, k, v, out, lse, dlse, factor if factor.numel() else None, rh, rw,
+    dq, dk, dv, drh, drw, dgate = bwd(dout, q, k, v, out, lse, dlse, factor if ctx.factor_saved else None, rh, rw,
                                       gate, *ctx.geom)
     return dq, dk, dv, drh, drw, (dgate if gate is not None else None), None, None, None, None, None, None
 

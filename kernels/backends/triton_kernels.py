@@ -27,7 +27,7 @@ Optional terms (constexpr flags, absent ones cost nothing):
   `q · RTᵀ` (one small dot against both per-axis tables) shifted per row to the key classes (`tl.gather`; on the
   grid the shift follows each slot's token coordinates, read from QROW), the key factor a one-hot built from iota
   (blocked) or loaded (REL_KF, always on the grid: a (Nk, 2 BLOCK_W) constant, as low-rank key factors are).
-  Backward: `_rel_factor_bwd` writes the query factor once per query block and the dK/dV and dQ kernels load it;
+  Backward: the dK/dV and dQ kernels load the query factor the forward stored (STORE_QF) or `_rel_factor_bwd` wrote;
   the dQ kernel shifts dU back to dT (the tables' logit gradient), adds dT · RT to dq and writes dT per row (the
   tables' gradient dTᵀ · q is one GEMM in torch).
 * `HAS_GATE`: `out *= sigmoid(g)` in the forward epilogue (g per element, or with GATE_ELEM=False one per row,
@@ -646,8 +646,8 @@ def _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 1.4426950408889634)
     uq = q
     if HAS_LR:
-        # LR_CHAIN's 1 / scale sits on the factor loaded once per program: the rel-pos query factor from
-        # `_rel_factor_bwd`, or the loaded key factor (`_attn_bwd_dkdv`). Scaling this tile's uq here instead put a
+        # LR_CHAIN's 1 / scale sits on the factor loaded once per program: the rel-pos query factor (pre-scaled
+        # where it was made), or the loaded key factor (`_attn_bwd_dkdv`). Scaling this tile's uq here instead put a
         # register-to-shared-memory copy of it in every step (TTGIR: a local_alloc in the loop)
         uq = _load_rows(qf_base, q_rows, stride_qfn, offs_r, NQ, R, BLOCK_R, check)
         s_t = _logits_lr(k, q, uk, uq, qk_scale, LR_CHAIN, DOT_PREC)  # (BN, BM)
@@ -940,7 +940,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
         q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, stride_qn, offs_d, NQ, D, BLOCK_D, True)
         do = _load_rows(DO + b * stride_db + h * stride_dh, q_rows, stride_dn, offs_dv, NQ, DV, BLOCK_DV, True)
         uq = q  # the query factor as the logits take it (pre-scaled under LR_CHAIN); dU_q does not depend on it
-        if HAS_LR:  # with HAS_REL: the rel-pos factor `_rel_factor_bwd` wrote (rebuilding it cost ~650 instructions)
+        if HAS_LR:  # with HAS_REL: the rel-pos factor, stored (rebuilding it here cost ~650 instructions)
             uq = _load_rows(QF + b * stride_qfb + h * stride_qfh, q_rows, stride_qfn, offs_r, NQ, R, BLOCK_R, True)
             if not HAS_REL:
                 uq = _lr_chain_factor(uq, 1.0 / sm_scale, LR_CHAIN)

@@ -57,6 +57,13 @@ def _ld(base, offs_r, stride_r, offs_c, NR, NC: tl.constexpr, BLOCK_C: tl.conste
 
 
 @triton.jit
+def _factor_ptrs(QF, b, h, offs_m, stride_qfb, stride_qfh, stride_qfn, BLOCK_W: tl.constexpr):
+    """Pointers to the rel-pos query factor's (rows offs_m, 2 BLOCK_W) tile of (b, h): `_keys_fwd` stores it,
+    `_keys_bwd` loads it."""
+    return QF + b * stride_qfb + h * stride_qfh + offs_m[:, None] * stride_qfn + tl.arange(0, 2 * BLOCK_W)[None, :]
+
+
+@triton.jit
 def _keys_logits(q, k, uq, uk, qk_scale, b_base, offs_m, offs_n, rows, col_ok, stride_bm, stride_bn,
                  HAS_REL: tl.constexpr, HAS_BIAS: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr):
     """Base-2 logits of one query block against one chunk of keys: q·kᵀ, the in-kernel rel-pos term (the general
@@ -161,8 +168,8 @@ def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
         if HAS_REL:
             uq = _rel_query_factor(q, rt, offs_m, QB, WIN, rel_scale, inv_scale, BLOCK_T, BLOCK_W, LR_CHAIN, DOT_PREC)
             if STORE_QF:
-                tl.store(QF + b * stride_qfb + h * stride_qfh + offs_m[:, None] * stride_qfn +
-                         tl.arange(0, 2 * BLOCK_W)[None, :], uq, mask=rows[:, None])
+                tl.store(_factor_ptrs(QF, b, h, offs_m, stride_qfb, stride_qfh, stride_qfn, BLOCK_W), uq,
+                         mask=rows[:, None])
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -305,8 +312,8 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         if HAS_REL:
             if LOAD_QF:
-                uq = tl.load(QF + b * stride_qfb + h * stride_qfh + offs_m[:, None] * stride_qfn +
-                             tl.arange(0, 2 * BLOCK_W)[None, :], mask=rows[:, None], other=0.0)
+                uq = tl.load(_factor_ptrs(QF, b, h, offs_m, stride_qfb, stride_qfh, stride_qfn, BLOCK_W),
+                             mask=rows[:, None], other=0.0)
             else:
                 uq = _rel_query_factor(q, rt, offs_m, QB, WIN, rel_scale, inv_scale, BLOCK_T, BLOCK_W, LR_CHAIN,
                                        DOT_PREC)
@@ -686,8 +693,7 @@ def keys_forward(q, k, v, bias, gate, scale, cfg, rel: Optional[ta.Rel] = None, 
     g4, sg = _gate_views(gate)
     bias = None if bias is None else ta._Problem(ta.Dense(), NQ, NK, BM, 16, q.device).bias_in(bias, NQ, NK)
     sb = ta._bstrides(bias)
-    factor = ta._new(B, H, NQ, 2 * rel.block_w, like=q) if (save_factor and rel is not None) else None
-    sf = ta._bstrides(factor)
+    factor = ta._new(B, H, NQ, 2 * rel.block_w, like=q) if save_factor else None
     CALLS["keys_fwd_" + mode + ("_chunked" if key_chunks > 1 else "") + ("_rel" if rel is not None else "")] += 1
     _keys_fwd[(nprog,)](
         q, k, v, out, lse, bias if bias is not None else q, g4 if g4 is not None else q,
@@ -702,16 +708,15 @@ def keys_forward(q, k, v, bias, gate, scale, cfg, rel: Optional[ta.Rel] = None, 
         BLOCK_D=ta._block_d(D), BLOCK_DV=ta._block_d(DV), RESIDENT=mode == "res", HAS_BIAS=bias is not None,
         HAS_GATE=gate is not None, DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages,
         HAS_REL=rel is not None, LR_CHAIN=ta.lr_chain(q, None if rel is None else "rel"), **ta.rel_args(rel, q),
-        QF=factor if factor is not None else q, stride_qfb=sf[0], stride_qfh=sf[1], stride_qfn=sf[2],
-        STORE_QF=factor is not None)
+        **ta.factor_args(factor, q), STORE_QF=factor is not None)
     return out, lse, factor
 
 
 def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, rel: Optional[ta.Rel] = None,
                   rel_factor: Optional[torch.Tensor] = None):
     """Few-keys backward; returns (dq, dk, dv, db (B, H, NQ, NK) in `ta.ds_dtype` | None, dg (B, H, N, 1 | DV) |
-    None, (drh, drw) | None). `rel_factor`: the rel-pos query factor `keys_forward` (or the general forward)
-    saved, loaded instead of rebuilt."""
+    None, (drh, drw) | None). `rel_factor` (only with `rel`): the rel-pos query factor `keys_forward` (or the
+    general forward) saved, loaded instead of rebuilt."""
     q, k, v = ta._lastdim_contiguous(q), ta._lastdim_contiguous(k), ta._lastdim_contiguous(v)
     do, out = ta._lastdim_contiguous(do), ta._lastdim_contiguous(out)
     B, H, NQ, D = q.shape
@@ -743,9 +748,7 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
           ("_items" if rel is not None and items > 1 else "")] += 1  # several items: dRT partials accumulated
     tail_n = tail_tile(NK, BN, key_chunks, rel is not None)
     CALLS["keys_bwd_tail"] += tail_n > 0
-    rel_factor = None if rel is None else rel_factor
     CALLS["keys_bwd_rel_factor_loaded"] += rel_factor is not None
-    sf = ta._bstrides(rel_factor)
     _keys_bwd[(nprog,)](
         q, k, v, out, do, lse, dlse if dlse is not None else lse, bias_k if bias_k is not None else q,
         g4 if g4 is not None else q, DQ=dq, DK=dk, DV_=dv, DB=db if db is not None else lse,
@@ -769,8 +772,7 @@ def keys_backward(do, q, k, v, out, lse, dlse, bias, gate, scale, cfg, need_db, 
         GATE_ELEM=gate is not None and g4.shape[-1] > 1, HAS_DLSE=dlse is not None,
         DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages, HAS_REL=rel is not None,
         LR_CHAIN=ta.lr_chain(q, None if rel is None else "rel"), ONE_ITEM=rel is not None and items == 1,
-        **ta.rel_args(rel, q), QF=rel_factor if rel_factor is not None else q, stride_qfb=sf[0], stride_qfh=sf[1],
-        stride_qfn=sf[2], LOAD_QF=rel_factor is not None)
+        **ta.rel_args(rel, q), **ta.factor_args(rel_factor, q), LOAD_QF=rel_factor is not None)
     if direct:
         dk, dv = dk[0], dv[0]
     else:  # sum the per-program partials (one pass, cast included without GQA), then the GQA group

@@ -350,19 +350,23 @@ def test_relpos_saved_query_factor(path, dtype, monkeypatch):
     """The forward's saved rel-pos query factor (`save_factor`, what autograd keeps for the backward): on the
     blocked layout its entries against the definition, times 1 / scale where the factor dot is chained (not in
     float16); the forward's outputs unchanged by saving it; and the backward that loads it against the one that
-    rebuilds it (in-kernel on the blocked layout, `_rel_factor_bwd` on the Halo grid)."""
+    rebuilds it (the few-keys backward in its prologue, the general one by `_rel_factor_bwd`). The grid has
+    padding slots (token -1), whose rows the forward must not store."""
     from kernels.backends import triton_attention as ta
     from kernels.patterns import pattern_key
 
     monkeypatch.setenv("ATTNZOO_SKINNY", "new" if path == "few-keys" else "old")
     d, rel_scale, scale = 16, 0.3, 0.25
     if path == "grid":
-        p = Halo((8, 4), block=4, halo=1)
-        B, H, nq, nk, qb, win, key = 2, 2, 32, math.prod(p.key_grid), 4, 6, pattern_key(p)
+        p = Halo((6, 9), block=3, halo=1)
+        B, H, nq, nk, qb, win, key = 2, 2, 54, math.prod(p.key_grid), 3, 5, pattern_key(p)
     else:
         B, H, nq, nk, qb, win, key = 2, 3, 16, 36, 4, 6, ""
     q, k, v = (torch.randn(B, H, n, d, dtype=torch.float32).to(dtype) for n in (nq, nk, nk))
     rh, rw = (0.5 * torch.randn(2 * win - 1, d, dtype=torch.float32).to(dtype) for _ in range(2))
+    if path == "grid":  # the first forward config (the interpreter's) has padding slots
+        cfg = ta._with_tile_costs(p, ta._fwd_candidates(d, d))[0]
+        assert (ta._problem(p, nq, nk, cfg, q.device).map.q_rows < 0).any()
     out, lse, factor = ta._relpos_fwd_impl(q, k, v, rh, rw, None, qb, win, rel_scale, scale, key, True)
     out0, lse0, none = ta._relpos_fwd_impl(q, k, v, rh, rw, None, qb, win, rel_scale, scale, key, False)
     assert none.numel() == 0 and torch.equal(out, out0) and torch.equal(lse, lse0)

@@ -118,7 +118,8 @@ def test_lse_gradient():
 @pytest.mark.parametrize("bias", ["none", "rel-pos"])
 def test_unused_lse_gets_no_gradient(bias, monkeypatch):
     """Backward through `out` alone: the kernels get no lse gradient (None, not a zero-filled tensor they would
-    read), and with rel-pos no gradient of the saved query factor either; the gradients still match float64."""
+    read), with or without rel-pos (whose forward also returns the saved query factor); the gradients still match
+    float64."""
     from kernels.backends import triton_attention as ta
 
     seen = []
