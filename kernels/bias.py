@@ -181,8 +181,9 @@ class RelPosBias:
             raise ValueError(f"RelPosBias tables must have the query head dim {q.shape[-1]}, got "
                              f"{[tuple(t.shape) for t in self.tables]}")
         pattern = Dense() if pattern is None else pattern
-        if pattern != p and not (isinstance(pattern, Dense) and p.density(
-                q.shape[2], k.shape[2]) == 1.0):
+        # the pattern's own sizes (p.check matched them), plain ints under torch.compile's dynamic shapes too
+        sizes = (math.prod(p.grid), math.prod(p.key_grid)) if isinstance(p, Halo) else (p.num_tokens,) * 2
+        if pattern != p and not (isinstance(pattern, Dense) and p.density(*sizes) == 1.0):
             raise ValueError(f"RelPosBias is defined on its pattern's visible pairs: attention needs pattern="
                              f"{p} (or Dense when that pattern sees every pair), got {pattern}")
 

@@ -190,6 +190,32 @@ def test_torch_compile_fullgraph():
         assert _rel(g, rg) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("case", ["dense", "rel-pos"])
+def test_torch_compile_dynamic_shapes(case):
+    """torch.compile(dynamic=True, fullgraph=True): batch sizes (and, densely, lengths) change between calls
+    without a failed trace. The rel-pos bias's check asked the pattern's density at the symbolic lengths, which
+    `assume_constant_result` cannot take. The pattern is built inside the compiled code, as layers do (one that
+    a plain function reaches through a closure arrives with symbolic ints: not supported)."""
+    hb = Halo((4, 4), block=4, halo=1)
+    tables = [(0.3 * torch.randn(11, 16, device=DEVICE)).requires_grad_() for _ in range(2)]
+
+    def f(q, k, v):
+        bias = kernels.RelPosBias(Halo((4, 4), block=4, halo=1), tables) if case == "rel-pos" else None
+        return kernels.attention(q, k, v, bias=bias, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
+    for B, nq, nk in ((2, 16, 36), (3, 16, 36)) if case == "rel-pos" else ((2, 20, 28), (3, 24, 40)):
+        q, k, v = (torch.randn(B, 2, n, 16, device=DEVICE, requires_grad=True) for n in (nq, nk, nk))
+        out = compiled(q, k, v)
+        leaves = [q, k, v] + (tables if case == "rel-pos" else [])
+        grads = torch.autograd.grad(out.square().sum(), leaves)
+        l64 = [x.detach().double().requires_grad_() for x in leaves]
+        ref = attention_reference(*l64[:3], bias=kernels.RelPosBias(hb, l64[3:]) if case == "rel-pos" else None)
+        assert _rel(out, ref) < TOL[torch.float32]
+        for g, rg in zip(grads, torch.autograd.grad(ref.square().sum(), l64)):
+            assert _rel(g, rg) < TOL[torch.float32]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # issue 4: bias (dense, low-rank, relative position), fused gate, skinny shapes, expanded k/v
 
