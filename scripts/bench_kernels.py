@@ -483,8 +483,7 @@ def bench_bias(rows):
 def bench_gate(rows):
     """The gates against no gate, each the median of three interleaved rounds whose order rotates (each case
     once first, second and last): over consecutive rows the H200's clock drifted as much as the 3% / 5% allowance
-    (no-gate forward 0.529 -> 0.556 ms in one process, benchmarks/logs/probe_r86_gate_1.log), and a fixed
-    order put the element-wise gate always last (r88: 1.035x, against +1.1% in CUDA time per kernel)."""
+    (no-gate forward 0.529 -> 0.556 ms in one process, benchmarks/logs/probe_r86_gate_1.log)."""
     _set_autotune(os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast"))
     B, H, N, D = 2, 16, 4096, 128
     q, k, v = _qkv(B, H, N, D)

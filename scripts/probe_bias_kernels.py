@@ -55,13 +55,23 @@ def _per_kernel(label: str, fn, calls: int = 5) -> None:
     print(f"   total {total / 1e3:.3f} ms", flush=True)
 
 
+def _per_kernel_bwd(label: str, fn, leaves) -> None:
+    """`_per_kernel` of one backward of `fn()` with respect to `leaves`."""
+    out = fn()
+    do = torch.randn_like(out)
+    _per_kernel(label, lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
+
+
 def _per_kernel_fb(label: str, fn, leaves) -> None:
     """`_per_kernel` of one forward (no autograd) and of one backward of `fn()` with respect to `leaves`."""
     with torch.no_grad():
         _per_kernel(f"{label} forward", fn)
-    out = fn()
-    do = torch.randn_like(out)
-    _per_kernel(f"{label} backward", lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
+    _per_kernel_bwd(f"{label} backward", fn, leaves)
+
+
+def _configs(text):
+    """General-kernel configs from "BM,BN,WARPS,STAGES[,CAP];..." (None or "": none)."""
+    return [tuple(int(x) for x in c.split(",")) for c in (text or "").split(";") if c]
 
 
 def breakdown() -> None:
@@ -70,11 +80,9 @@ def breakdown() -> None:
         q, k, v = [torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qkv"]
         bias = torch.randn(H, N, N, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         for with_bias in (False, True):
-            leaves = [q, k, v] + ([bias] if with_bias else [])
-            out = kernels.attention(q, k, v, bias=bias if with_bias else None)
-            do = torch.randn_like(out)
-            _per_kernel(f"B{B} H{H} N{N} d{D} bias={with_bias} backward",
-                        lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
+            _per_kernel_bwd(f"B{B} H{H} N{N} d{D} bias={with_bias} backward",
+                            lambda: kernels.attention(q, k, v, bias=bias if with_bias else None),
+                            [q, k, v] + ([bias] if with_bias else []))
 
 
 def _lowered(fn):
@@ -348,20 +356,18 @@ def rel_factor_ab() -> None:
 
     torch.cuda.set_stream(torch.cuda.Stream())  # CUDA graphs need a side stream
     backward = ta._backward
+    rebuilt = lambda *a: backward(*a[:16])  # noqa: E731  (drops `rel_factor`)
     cases = _bias_cases(["rel-pos"])
     for saved in (True, False, True):
-        ta._backward = backward if saved else (lambda *a: backward(*a[:16]))  # drops `rel_factor`
+        ta._backward = backward if saved else rebuilt
         for label, fn, leaves in cases:
             tf, tb = bk._fb(fn, leaves)
             print(f"factor {'saved  ' if saved else 'rebuilt'} {label:16s} fwd {tf:.4f} ms  bwd {tb:.4f} ms",
                   flush=True)
     for saved in (True, False):
-        ta._backward = backward if saved else (lambda *a: backward(*a[:16]))
+        ta._backward = backward if saved else rebuilt
         for label, fn, leaves in cases:
-            out = fn()
-            do = torch.randn_like(out)
-            _per_kernel(f"factor {'saved' if saved else 'rebuilt'} {label} backward",
-                        lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
+            _per_kernel_bwd(f"factor {'saved' if saved else 'rebuilt'} {label} backward", fn, leaves)
     ta._backward = backward
     bk.print_autotuned()
 
@@ -421,10 +427,7 @@ def forced_configs(backward: bool, cfgs, only) -> None:
                     with torch.no_grad():
                         _per_kernel(f"forced forward {cfg} {label}", fn)
                     continue
-                out = fn()
-                do = torch.randn_like(out)
-                _per_kernel(f"forced backward {cfg} {label}",
-                            lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
+                _per_kernel_bwd(f"forced backward {cfg} {label}", fn, leaves)
             except (OutOfResources, CompilationError) as err:
                 print(f"== forced {cfg} {label}: {type(err).__name__}: {str(err)[:200]}", flush=True)
     setattr(ta, name, listed)
@@ -575,16 +578,14 @@ if __name__ == "__main__":
     elif args.grid_inputs:
         grid_inputs()
     elif args.extra_fwd or args.extra_bwd:
-        configs = lambda text: [tuple(int(x) for x in c.split(",")) for c in (text or "").split(";") if c]  # noqa
-        extra_candidates(configs(args.extra_fwd), configs(args.extra_bwd), args.extra_head_dim,
+        extra_candidates(_configs(args.extra_fwd), _configs(args.extra_bwd), args.extra_head_dim,
                          args.cases and args.cases.split(","))
     elif args.reduce_partials:
         reduce_partials()
     elif args.rel_factor_ab:
         rel_factor_ab()
     elif args.forced_fwd or args.forced_bwd:
-        configs = lambda text: [tuple(int(x) for x in c.split(",")) for c in text.split(";") if c]  # noqa
-        forced_configs(bool(args.forced_bwd), configs(args.forced_bwd or args.forced_fwd),
+        forced_configs(bool(args.forced_bwd), _configs(args.forced_bwd or args.forced_fwd),
                        args.cases.split(",") if args.cases else ["B2 d64"])
     elif args.keys_grid:
         blocked_keys_grid()
