@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_kernels import gated_output
+
 __all__ = ["combine_splits"]
 
 
@@ -39,15 +41,17 @@ def _combine_splits(O_PART, LSE_PART, OUT, LSE, GATE, S, M, H, NQ, stride_os, st
         l_sum += w
         acc += w[:, None] * o
     seen = l_sum > 0.0
-    out = acc / tl.where(seen, l_sum, 1.0)[:, None]
+    den = tl.where(seen, l_sum, 1.0)
     if HAS_GATE:
         n = rows % NQ
         bh = rows // NQ
         g_ptrs = GATE + (bh // H).to(tl.int64) * stride_gb + (bh % H) * stride_gh + n * stride_gn
         g = tl.load(g_ptrs[:, None] + cols[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
-        out = out * tl.sigmoid(g)
+        out = gated_output(acc, den[:, None], g)
+    else:
+        out = acc / den[:, None]
     tl.store(OUT + rows[:, None] * DV + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(LSE + rows, tl.where(seen, m_use + tl.log(tl.where(seen, l_sum, 1.0)), float("-inf")), mask=live)
+    tl.store(LSE + rows, tl.where(seen, m_use + tl.log(den), float("-inf")), mask=live)
 
 
 def combine_splits(out: torch.Tensor, lse: torch.Tensor, gate: Optional[torch.Tensor] = None,

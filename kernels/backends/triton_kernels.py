@@ -30,7 +30,7 @@ Optional terms (constexpr flags, absent ones cost nothing):
   Backward: the dK/dV and dQ kernels load the query factor the forward stored (STORE_QF) or `_rel_factor_bwd` wrote;
   the dQ kernel shifts dU back to dT (the tables' logit gradient), adds dT · RT to dq and writes dT per row (the
   tables' gradient dTᵀ · q is one GEMM in torch).
-* `HAS_GATE`: `out *= sigmoid(g)` in the forward epilogue (g per element, or with GATE_ELEM=False one per row,
+* `HAS_GATE`: `out *= sigmoid(g)` in the forward epilogue (`gated_output`) (g per element, or with GATE_ELEM=False one per row,
   loaded before the key loop so its latency hides behind it); the backward's delta kernel turns dO into
   dO·sigmoid(g) and writes dg.
 * `GATHER` (grid patterns, forward and backward): inputs and outputs in token order, rows read and written through
@@ -404,6 +404,15 @@ def _fwd_step(acc, m_i, l_i, q, uq, k_base, v_base, kf_base, b_base, stride_kn, 
 
 
 @triton.jit
+def gated_output(acc, den, g):
+    """acc * sigmoid(g) / den (den > 0) as one reciprocal, of den (1 + 2^(-g log2 e)), taken as rsqrt squared: a
+    single MUFU op an element where `acc / den * tl.sigmoid(g)` costs two and div.full's range checks. g = -inf
+    gives 0."""
+    r = tl.math.rsqrt(den + den * tl.math.exp2(g * -1.4426950408889634))
+    return acc * r * r
+
+
+@triton.jit
 def gate_backward(g_rows, dg_rows, do, prod, delta, offs_dv, stride_gd, stride_dgd, rows, cols, store,
                   GATE_ELEM: tl.constexpr):
     """Backward of a sigmoid gate on the output (O is the gated output): returns dO_eff = dO * sigmoid(g) in
@@ -555,17 +564,19 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
                                       LR_CHAIN=LR_CHAIN)
 
     seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    den = tl.where(seen, l_i, 1.0)
+    lse = tl.where(seen, (m_i + tl.math.log2(den)) * 0.6931471805599453, float("-inf"))
     rows = offs_m < NQ
     cols = offs_dv < DV
     if HAS_GATE:
         if GATE_ELEM:
             g_ptrs = GATE + b * stride_gb + h * stride_gh + q_rows[:, None] * stride_gn + offs_dv[None, :] * stride_gd
             g = tl.load(g_ptrs, mask=rows[:, None] & cols[None, :], other=0.0).to(tl.float32)
-            out = out * tl.sigmoid(g)
+            out = gated_output(acc, den[:, None], g)
         else:
-            out = out * tl.sigmoid(g_row)[:, None]
+            out = gated_output(acc, den[:, None], g_row[:, None])
+    else:
+        out = acc / den[:, None]
     if GATHER:
         rows = q_tok >= 0
         lse_base = LSE + pid_bh.to(tl.int64) * NQO

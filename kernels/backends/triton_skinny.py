@@ -37,7 +37,7 @@ import triton.language as tl
 from . import triton_attention as ta
 from .triton_attention import CALLS
 from .triton_kernels import (LOG2E, _logits_lr, _rel_key_factor, _rel_query_factor, _rel_rows, _rel_table_logit_grad,
-                             _rel_tables, gate_backward, online_softmax_update)
+                             _rel_tables, gate_backward, gated_output, online_softmax_update)
 
 _FORCE = {}  # interpreter tests: {"keys_mode": "flat" | "res", "block_m": int, "key_chunk": int, "block_n": int}
 
@@ -183,12 +183,14 @@ def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
             acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, v, True, DOT_PREC)
         m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
         seen = l_i > 0.0
-        out = acc / tl.where(seen, l_i, 1.0)[:, None]
-        lse = tl.where(seen, (m_use + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        den = tl.where(seen, l_i, 1.0)
+        lse = tl.where(seen, (m_use + tl.math.log2(den)) * 0.6931471805599453, float("-inf"))
         if HAS_GATE:
             g_ptrs = GATE + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gn + offs_dv[None, :] * stride_gd
             g = tl.load(g_ptrs, mask=rows[:, None] & cols[None, :], other=0.0).to(tl.float32)
-            out = out * tl.sigmoid(g)
+            out = gated_output(acc, den[:, None], g)
+        else:
+            out = acc / den[:, None]
         o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=rows[:, None] & cols[None, :])
         tl.store(LSE + bh.to(tl.int64) * NQ + offs_m, lse, mask=rows)
@@ -422,15 +424,17 @@ def _queries_fwd(Q, K, V, O, LSE, BIAS, GATE,
                                 stride_bn, qk_scale, NK, offs_d, offs_dv, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, True,
                                 HAS_BIAS, DOT_PREC)
     seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    den = tl.where(seen, l_i, 1.0)
     m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
-    lse = tl.where(seen, (m_use + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(seen, (m_use + tl.math.log2(den)) * 0.6931471805599453, float("-inf"))
     cols = offs_dv < DV
     if HAS_GATE:
         g_rows = GATE + b * stride_gb + h * stride_gh + m * stride_gn
         g = tl.load(g_rows[:, None] + offs_dv[None, :] * stride_gd, mask=rows[:, None] & cols[None, :],
                     other=0.0).to(tl.float32)
-        out = out * tl.sigmoid(g)
+        out = gated_output(acc, den[:, None], g)
+    else:
+        out = acc / den[:, None]
     o_ptrs = O + pid_s.to(tl.int64) * stride_os + b * stride_ob + h[:, None] * stride_oh + m[:, None] * stride_on + \
         offs_dv[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=rows[:, None] & cols[None, :])

@@ -380,6 +380,29 @@ def test_gate_fused(kind, pattern):
     _check(pattern, B, H, H, N, N, D, D, torch.float16, gate_shape=shape)
 
 
+@pytest.mark.parametrize("case", [("fused", Window1d(4, 4), 40, 40), ("split", Dense(), 24, 24),
+                                  ("few-keys", Dense(), 200, 20)], ids=lambda c: c[0])
+@pytest.mark.parametrize("kind", ["head", "element"])
+def test_gate_saturates(kind, case):
+    """Gate logits far past sigmoid's float32 range (2^(-g log2 e) overflows for g < -88.7) and +-inf: every output
+    element is the ungated kernel's times sigmoid(g) (float64) to float32 precision, no inf or NaN."""
+    _, pattern, NQ, NK = case
+    B, H, D = 1, 2, 16
+    q, k, v = (_rand(B, H, n, D, dtype=torch.float32, grad=False) for n in (NQ, NK, NK))
+    values = torch.tensor([-float("inf"), -1e4, -120.0, -88.0, -30.0, -3.0, 0.0, 3.0, 30.0, 88.0, 120.0, 1e4,
+                           float("inf")], device=DEVICE)
+    shape = (B, NQ, H) if kind == "head" else (B, NQ, H, D)
+    gate = values[torch.randint(len(values), shape, device=DEVICE)]
+    out = kernels.attention(q, k, v, pattern, gate=gate, backend="triton")
+    plain = kernels.attention(q, k, v, pattern, backend="triton")
+    sig = torch.sigmoid(gate.double().transpose(1, 2))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), plain.double() * (sig[..., None] if kind == "head" else sig),
+                               rtol=2e-6, atol=1e-30)
+    ref = attention_reference(q.double(), k.double(), v.double(), pattern, gate=gate.double())
+    assert _rel(out, ref) < TOL[torch.float32]
+
+
 SKINNY = [  # few keys (dK/dV split over query blocks), few queries (forward and dQ split over key blocks)
     ("few-keys", Dense(), 1, 2, 2, 200, 20, 32, 32),
     ("few-keys-gqa-causal", Causal(), 1, 4, 2, 150, 40, 16, 16),
