@@ -51,6 +51,7 @@ _MAX_RANK = 64
 # ("keys_fwd_flat", "keys_bwd_flat_chunked_rel", "queries_fwd", ...: `triton_skinny`) and the general kernels'
 # in-kernel rel-pos launches ("general_fwd_rel", "general_bwd_rel"); other general launches are not counted
 CALLS: collections.Counter = collections.Counter()
+GATE_PREFETCH = True  # `_attn_fwd` hints an element-wise gate's tile into L2 (probes turn it off for A/B runs)
 
 
 def _interpret() -> bool:
@@ -569,6 +570,7 @@ def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg, fact
         GRID_MODE=prob.grid, MASK_AXES=prob.mask_axes, HAS_DIL=prob.has_dil,
         REVERSE=isinstance(prob.pattern, Causal), HAS_GATE=fuse_gate, DOT_PREC=_dot_prec(qp.dtype),
         GATE_ELEM=not fuse_gate or ex.gate.shape[-1] > 1,
+        GATE_PREFETCH=GATE_PREFETCH and fuse_gate and not _interpret() and ex.gate.shape[-1] > 1 and sg[3] == 1,
         **_launch_opts(cfg, prob), **prob.pair_args(False), **prob.gather_args(NQO), **kw)
     if S == 1:
         return out, lse

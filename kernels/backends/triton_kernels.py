@@ -413,6 +413,20 @@ def gated_output(acc, den, g):
 
 
 @triton.jit
+def _prefetch_l2(row_ptrs, N: tl.constexpr, ELEM_BYTES: tl.constexpr):
+    """Hint the rows at `row_ptrs` (N contiguous elements each) into L2, one `prefetch.global.L2::evict_last` per
+    128-byte line: a tile only the epilogue reads then comes from L2 when every program of a wave asks for its
+    tile at once, instead of from HBM. Inline PTX: GPU only, never under the interpreter."""
+    LINE: tl.constexpr = 128 // ELEM_BYTES
+    LINES: tl.constexpr = (N + LINE - 1) // LINE  # <= 8: head dims <= 256, 2- or 4-byte elements
+    LINES_P2: tl.constexpr = 1 if LINES == 1 else (2 if LINES == 2 else (4 if LINES <= 4 else 8))
+    lines = tl.arange(0, LINES_P2)
+    ptrs = row_ptrs[:, None] + tl.where(lines < LINES, lines * LINE, 0)[None, :]
+    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def gate_backward(g_rows, dg_rows, do, prod, delta, offs_dv, stride_gd, stride_dgd, rows, cols, store,
                   GATE_ELEM: tl.constexpr):
     """Backward of a sigmoid gate on the output (O is the gated output): returns dO_eff = dO * sigmoid(g) in
@@ -464,9 +478,10 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
               RH=None, RW=None, stride_rt=0, QB: tl.constexpr = 1, WIN: tl.constexpr = 1, rel_scale=0.0,
               BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16, HAS_REL: tl.constexpr = False,
               LR_CHAIN: tl.constexpr = False, rel_qw: tl.constexpr = 1, rel_block: tl.constexpr = 0,
-              REL_KF: tl.constexpr = False, STORE_QF: tl.constexpr = False):
+              REL_KF: tl.constexpr = False, STORE_QF: tl.constexpr = False, GATE_PREFETCH: tl.constexpr = False):
     """STORE_QF (with HAS_REL): also write the rel-pos query factor to QF, rows as q's, for the backward to load
-    (`triton_attention._forward`'s `save_factor`)."""
+    (`triton_attention._forward`'s `save_factor`). GATE_PREFETCH (element-wise gate, rows contiguous, GPU only):
+    `_prefetch_l2` the gate tile the epilogue reads."""
     tl.static_assert(not (HAS_REL and GRID_MODE and not REL_KF), "grid rel-pos loads its key one-hots (REL_KF)")
     pid_m = tl.program_id(0)
     if REVERSE:  # heavy (late, causal) query blocks first
@@ -508,6 +523,9 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
         uq = _lr_chain_factor(_load_rows(QF + b * stride_qfb + h * stride_qfh, q_rows, stride_qfn, offs_r, NQ, R,
                                          BLOCK_R, not GRID_MODE), inv_scale, LR_CHAIN)
 
+    if HAS_GATE and GATE_ELEM and GATE_PREFETCH:
+        _prefetch_l2(GATE + b * stride_gb + h * stride_gh + tl.where(offs_m < NQ, q_rows, 0) * stride_gn, DV,
+                     GATE.dtype.element_ty.primitive_bitwidth // 8)
     if HAS_GATE and not GATE_ELEM:  # a head-wise gate is one value a row: load it now, its latency hidden
         g_row = tl.load(GATE + b * stride_gb + h * stride_gh + q_rows * stride_gn, mask=offs_m < NQ,
                         other=0.0).to(tl.float32)
