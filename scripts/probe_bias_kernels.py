@@ -21,6 +21,7 @@
     python scripts/probe_bias_kernels.py --reduce-partials # summing the blocked rel-pos table-gradient partials
     python scripts/probe_bias_kernels.py --splits     # few-query problems (merged key splits) vs SDPA, per kernel
     python scripts/probe_bias_kernels.py --gate       # the gate rows: CUDA time per kernel, forward and backward
+    python scripts/probe_bias_kernels.py --gate-prefetch   # element-wise gate forward, L2 prefetch on / off
 """
 import argparse
 import os
@@ -493,6 +494,38 @@ def gate_breakdown() -> None:
     bk.print_autotuned()
 
 
+def gate_prefetch_ab(rounds: int = 60) -> None:
+    """The element-wise gate forward (B2 H16 N4096 d128) with and without `_prefetch_l2` of its gate tile, against
+    no gate: calls interleaved in rotating order (`time_interleaved`), medians and ratios; then CUDA time per
+    kernel."""
+    import bench_kernels as bk
+    from kernels.backends import triton_attention as ta
+
+    B, H, N, D = 2, 16, 4096, 128
+    q, k, v = bk._qkv(B, H, N, D)
+    g = torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16)
+
+    def case(prefetch, gate):
+        def fn():
+            ta.GATE_PREFETCH = prefetch
+            return kernels.attention(q, k, v, gate=gate)
+        return fn
+
+    cases = {"none": case(True, None), "prefetch": case(True, g), "no prefetch": case(False, g)}
+    with torch.no_grad():
+        print(f"outputs with and without the prefetch bit-identical: "
+              f"{torch.equal(cases['prefetch'](), cases['no prefetch']())}", flush=True)
+        for rep in range(2):
+            t = {n: r["median_ms"] for n, r in bk.bench.time_interleaved(cases, rounds=rounds).items()}
+            print(f"pass {rep} median ms: " + "  ".join(f"{n} {m:.4f}" for n, m in t.items())
+                  + f"; ratio prefetch {t['prefetch'] / t['none']:.4f}, no prefetch "
+                  f"{t['no prefetch'] / t['none']:.4f}", flush=True)
+        for name, fn in cases.items():
+            _per_kernel(f"gate {name}", fn)
+    ta.GATE_PREFETCH = True
+    bk.print_autotuned()
+
+
 def _lowrank_ratios(tag: str) -> None:
     """Print the low-rank r16 rows (`_bias_cases`) against their no-bias anchors, forward and backward."""
     import bench_kernels as bk
@@ -567,6 +600,8 @@ if __name__ == "__main__":
     ap.add_argument("--forced-bwd", default=None, help="as --forced-fwd, for the backward")
     ap.add_argument("--splits", action="store_true", help="few-query problems (merged key splits) vs SDPA")
     ap.add_argument("--gate", action="store_true", help="the gate rows: CUDA time per kernel")
+    ap.add_argument("--gate-prefetch", action="store_true", help="the element-wise gate forward with and without "
+                    "the L2 prefetch of its gate tile")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -605,6 +640,8 @@ if __name__ == "__main__":
         split_problems()
     elif args.gate:
         gate_breakdown()
+    elif args.gate_prefetch:
+        gate_prefetch_ab()
     elif args.relpos:
         relpos_breakdown(None if args.cases is None else args.cases.split(","))
     else:
