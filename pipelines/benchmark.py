@@ -46,6 +46,44 @@ def time_cuda(fn: Callable[[], object], warmup: int = 5, repeats: int = 20, min_
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "n": len(times)}
 
 
+def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 3, rounds: int = 40) -> Dict[str, dict]:
+    """Median/min/max milliseconds of each `fns[name]()`, the calls interleaved: `rounds` rounds, each calling
+    every function once in an order that rotates from round to round, every call between its own CUDA events.
+
+    For ratios between calls of similar cost (a fused term against the same kernel without it): the GPU's clock
+    drifts by several percent within a process (H200: 0.536 -> 0.59 ms for one kernel over a minute), and timing
+    one case after the other puts that drift into the ratio. Neighbouring calls share the clock. Calls should
+    be long against their launch (the host queues a round ahead of the GPU, as in `time_cuda`).
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("time_interleaved needs a CUDA device; speeds measured on a CPU are not results")
+    if not fns or rounds < 1:
+        raise ValueError(f"time_interleaved needs at least one function and rounds >= 1, got {len(fns)} and {rounds}")
+    names = list(fns)
+    if os.environ.get("ATTNZOO_WARM"):
+        return {name: time_cuda(fns[name]) for name in names}
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    torch.cuda.synchronize()
+    events: Dict[str, list] = {name: [] for name in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fns[name]()
+            end.record()
+            events[name].append((start, end))
+    torch.cuda.synchronize()
+    out = {}
+    for name in names:
+        times = [start.elapsed_time(end) for start, end in events[name]]
+        out[name] = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+                     "n": len(times)}
+    return out
+
+
 def time_cuda_graph(fn: Callable[[], object], warmup: int = 3, repeats: int = 20, target_ms: float = 2.0) -> dict:
     """Median/min/max milliseconds of one `fn()` on the GPU alone: `fn` is captured into a CUDA graph (several
     calls per graph, about `target_ms` of work) and each replay is timed with CUDA events.

@@ -18,7 +18,6 @@ import contextlib
 import importlib.util
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -481,9 +480,11 @@ def bench_bias(rows):
 
 
 def bench_gate(rows):
-    """The gates against no gate, each the median of three interleaved rounds whose order rotates (each case
-    once first, second and last): over consecutive rows the H200's clock drifted as much as the 3% / 5% allowance
-    (no-gate forward 0.529 -> 0.556 ms in one process, benchmarks/logs/probe_r86_gate_1.log)."""
+    """The gates against no gate, every call timed between its own events, the three cases' calls interleaved in
+    rotating order (`bench.time_interleaved`): the H200's clock drifts by as much as the 3% / 5% allowance within
+    a process (no-gate forward 0.536 -> 0.59 ms over a minute in `probe_r92`), so the anchor and the gated call
+    must share it. Until the nineteenth session the rows timed each case's graph replays in turn (three rotated
+    rounds, median)."""
     _set_autotune(os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast"))
     B, H, N, D = 2, 16, 4096, 128
     q, k, v = _qkv(B, H, N, D)
@@ -491,16 +492,18 @@ def bench_gate(rows):
     for kind, shape in (("head-wise", (B, N, H)), ("element-wise", (B, N, H, D))):
         g = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         calls[kind] = (lambda g=g: kernels.attention(q, k, v, gate=g), [q, k, v, g])
-    times = {kind: [] for kind in calls}
-    order = list(calls)
-    for r in range(len(order)):
-        for kind in order[r:] + order[:r]:
-            times[kind].append(_fb(*calls[kind]))
-    t0f, t0b = (statistics.median(t[i] for t in times["none"]) for i in (0, 1))
+    with torch.no_grad():
+        fwd = bench.time_interleaved({kind: fn for kind, (fn, _) in calls.items()}, rounds=60)
+    grads = {}
+    for kind, (fn, leaves) in calls.items():
+        out = fn()
+        grads[kind] = lambda out=out, leaves=leaves, do=torch.randn_like(out): torch.autograd.grad(
+            out, leaves, do, retain_graph=True)
+    bwd = bench.time_interleaved(grads, rounds=30)
     for kind in ("head-wise", "element-wise"):
-        tgf, tgb = (statistics.median(t[i] for t in times[kind]) for i in (0, 1))
-        _rel_row(rows, f"gate {kind} B{B} H{H} N{N} d{D}", "fwd", tgf, "ours, no gate", t0f, 1.03)
-        _rel_row(rows, f"gate {kind} B{B} H{H} N{N} d{D}", "bwd", tgb, "ours, no gate", t0b, 1.05)
+        for direction, t, limit in (("fwd", fwd, 1.03), ("bwd", bwd, 1.05)):
+            _rel_row(rows, f"gate {kind} B{B} H{H} N{N} d{D}", direction, t[kind]["median_ms"], "ours, no gate",
+                     t["none"]["median_ms"], limit, timer="interleaved events")
     _restore_autotune()
 
 
