@@ -46,42 +46,29 @@ def time_cuda(fn: Callable[[], object], warmup: int = 5, repeats: int = 20, min_
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "n": len(times)}
 
 
-def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 3, rounds: int = 40) -> Dict[str, dict]:
-    """Median/min/max milliseconds of each `fns[name]()`, the calls interleaved: `rounds` rounds, each calling
-    every function once in an order that rotates from round to round, every call between its own CUDA events.
+def _side_stream_check(name: str) -> None:
+    if torch.cuda.current_stream() == torch.cuda.default_stream():
+        raise RuntimeError(f"{name}: run it under `with torch.cuda.stream(side_stream):` (capture and warm-up need "
+                           "a non-default stream; an autograd backward captures only when its forward ran on that "
+                           "stream too)")
 
-    For ratios between calls of similar cost (a fused term against the same kernel without it): the GPU's clock
-    drifts by several percent within a process (H200: 0.536 -> 0.59 ms for one kernel over a minute), and timing
-    one case after the other puts that drift into the ratio. Neighbouring calls share the clock. Calls should
-    be long against their launch (the host queues a round ahead of the GPU, as in `time_cuda`).
-    """
-    if not torch.cuda.is_available():
-        raise RuntimeError("time_interleaved needs a CUDA device; speeds measured on a CPU are not results")
-    if not fns or rounds < 1:
-        raise ValueError(f"time_interleaved needs at least one function and rounds >= 1, got {len(fns)} and {rounds}")
-    names = list(fns)
-    if os.environ.get("ATTNZOO_WARM"):
-        return {name: time_cuda(fns[name]) for name in names}
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
+
+def _capture(fn: Callable[[], object], target_ms: float):
+    """(graph, calls per graph): `fn` captured into one CUDA graph, as many calls as take about `target_ms`
+    (1 to 100), replayed once."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    per_graph = max(1, min(100, int(target_ms / max(start.elapsed_time(end), 1e-3))))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=torch.cuda.current_stream()):
+        for _ in range(per_graph):
+            fn()
+    graph.replay()
     torch.cuda.synchronize()
-    events: Dict[str, list] = {name: [] for name in names}
-    for r in range(rounds):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fns[name]()
-            end.record()
-            events[name].append((start, end))
-    torch.cuda.synchronize()
-    out = {}
-    for name in names:
-        times = [start.elapsed_time(end) for start, end in events[name]]
-        out[name] = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-                     "n": len(times)}
-    return out
+    return graph, per_graph
 
 
 def time_cuda_graph(fn: Callable[[], object], warmup: int = 3, repeats: int = 20, target_ms: float = 2.0) -> dict:
@@ -98,26 +85,11 @@ def time_cuda_graph(fn: Callable[[], object], warmup: int = 3, repeats: int = 20
         raise RuntimeError("time_cuda_graph needs a CUDA device; speeds measured on a CPU are not results")
     if os.environ.get("ATTNZOO_WARM"):
         return time_cuda(fn)
-    stream = torch.cuda.current_stream()
-    if stream == torch.cuda.default_stream():
-        raise RuntimeError("time_cuda_graph: run it under `with torch.cuda.stream(side_stream):` (capture and "
-                           "warm-up need a non-default stream; an autograd backward captures only when its "
-                           "forward ran on that stream too)")
+    _side_stream_check("time_cuda_graph")
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    per_graph = max(1, min(100, int(target_ms / max(start.elapsed_time(end), 1e-3))))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for _ in range(per_graph):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
+    graph, per_graph = _capture(fn, target_ms)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
     for s, e in events:
         s.record()
@@ -128,6 +100,55 @@ def time_cuda_graph(fn: Callable[[], object], warmup: int = 3, repeats: int = 20
     del graph
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "n": len(times),
             "calls_per_graph": per_graph}
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 3, rounds: int = 40, graph: bool = True,
+                     target_ms: float = 2.0) -> Dict[str, dict]:
+    """Median/min/max milliseconds of one call of each `fns[name]`, the cases interleaved: `rounds` rounds, each
+    timing every case once, in an order that rotates from round to round, between its own CUDA events. With
+    `graph` a case is a replay of its CUDA graph (as `time_cuda_graph`, about `target_ms` of calls; needs a side
+    stream), else one eager call.
+
+    For ratios between calls of similar cost (a fused term against the same kernel without it): the GPU's clock
+    drifts by several percent within a process (H200: 0.536 -> 0.59 ms for one kernel within a minute), and
+    timing one case after the other puts that drift into the ratio. Neighbouring cases share the clock.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("time_interleaved needs a CUDA device; speeds measured on a CPU are not results")
+    if not fns or rounds < 1:
+        raise ValueError(f"time_interleaved needs at least one function and rounds >= 1, got {len(fns)} and {rounds}")
+    names = list(fns)
+    if os.environ.get("ATTNZOO_WARM"):
+        return {name: time_cuda(fns[name]) for name in names}
+    if graph:
+        _side_stream_check("time_interleaved")
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    torch.cuda.synchronize()
+    runs, per_call = {}, {}
+    for name in names:
+        if graph:
+            g, per_call[name] = _capture(fns[name], target_ms)
+            runs[name] = g.replay
+        else:
+            runs[name], per_call[name] = fns[name], 1
+    events: Dict[str, list] = {name: [] for name in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            runs[name]()
+            end.record()
+            events[name].append((start, end))
+    torch.cuda.synchronize()
+    out = {}
+    for name in names:
+        times = [start.elapsed_time(end) / per_call[name] for start, end in events[name]]
+        out[name] = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+                     "n": len(times), "calls_per_graph": per_call[name]}
+    return out
 
 
 def set_env(**values: Optional[str]) -> None:

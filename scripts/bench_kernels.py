@@ -8,7 +8,8 @@ with a block mask of the same pattern, or our own kernel without the fused term:
 Writes `<out>/<name>.json` and prints a markdown table for BENCHMARKS.md. The issue-4 rows (bias, gate, skinny)
 tune over three configs per kernel (ATTNZOO_AUTOTUNE=fast) to bound compile time; ATTNZOO_BENCH_AUTOTUNE=1 tunes
 them over the full lists. Times are GPU time per call from CUDA-graph replays (ATTNZOO_BENCH_TIMER=eager: eager
-back-to-back calls, host launch cost included where it exceeds the kernel).
+back-to-back calls, host launch cost included where it exceeds the kernel). The bias and gate rows, ratios to our
+own kernel without the term, time each case and its anchor interleaved (`_fb_interleaved`).
 """
 from __future__ import annotations
 
@@ -437,16 +438,39 @@ def _fb(fn, leaves, heavy=False):
     return t_f, t_b
 
 
+def _fb_interleaved(cases, rounds=20):
+    """{name: (forward ms, backward ms)} of `cases` = {name: (fn, leaves)}, the cases timed interleaved
+    (`bench.time_interleaved`: rotating order, CUDA-graph replays, or eager calls under ATTNZOO_BENCH_TIMER=eager)
+    so that each ratio row's case and anchor share the GPU's clock, which drifts by several percent within a
+    process. Until the nineteenth session each case was timed after the other (`_fb`)."""
+    graph = os.environ.get("ATTNZOO_BENCH_TIMER", "graph") != "eager"
+    with torch.no_grad():
+        fwd = bench.time_interleaved({name: fn for name, (fn, _) in cases.items()}, rounds=rounds, graph=graph)
+    grads = {}
+    for name, (fn, leaves) in cases.items():
+        out = fn()
+        grads[name] = lambda out=out, leaves=leaves, do=torch.randn_like(out): torch.autograd.grad(
+            out, leaves, do, retain_graph=True)
+    bwd = bench.time_interleaved(grads, rounds=rounds, graph=graph)
+    return {name: (fwd[name]["median_ms"], bwd[name]["median_ms"]) for name in cases}
+
+
 def bench_bias(rows):
     _set_autotune(os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast"))
     bw = 3.4e12
     for B, H, N, D in [(1, 16, 4096, 128), (2, 16, 4096, 64)]:
         q, k, v = _qkv(B, H, N, D)
         base = f"B{B} H{H} N{N} d{D}"
-        t0f, t0b = _fb(lambda: kernels.attention(q, k, v), [q, k, v])
-        # dense (H, N, N) bf16 bias with gradient
+        # dense (H, N, N) bf16 bias with gradient; low-rank factors
         bias = torch.randn(H, N, N, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        tbf, tbb = _fb(lambda: kernels.attention(q, k, v, bias=bias), [q, k, v, bias])
+        R = 16
+        uq = torch.randn(B, H, N, R, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        uk = torch.randn(B, H, N, R, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        t = _fb_interleaved({
+            "none": (lambda: kernels.attention(q, k, v), [q, k, v]),
+            "dense": (lambda: kernels.attention(q, k, v, bias=bias), [q, k, v, bias]),
+            "low-rank": (lambda: kernels.attention(q, k, v, bias=kernels.LowRankBias(uq, uk)), [q, k, v, uq, uk])})
+        (t0f, t0b), (tbf, tbb), (tlf, tlb) = t["none"], t["dense"], t["low-rank"]
         nbytes = bias.numel() * 2
         _rel_row(rows, f"dense bias (H,N,N) {base}", "fwd", tbf, "ours, no bias", t0f, (t0f + nbytes / bw * 1e3) / t0f,
                  bias_bytes=nbytes)
@@ -455,24 +479,24 @@ def bench_bias(rows):
         # plus the bias's bytes" cannot hold for a backward that must also write a bias-sized gradient)
         _rel_row(rows, f"dense bias (H,N,N) {base}", "bwd", tbb, "ours, no bias", t0b,
                  (t0b + (2 * nbytes + B * bias.numel() * 4) / bw * 1e3) / t0b, bias_bytes=nbytes)
-        for R in (16,):
-            uq = torch.randn(B, H, N, R, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            uk = torch.randn(B, H, N, R, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            tlf, tlb = _fb(lambda: kernels.attention(q, k, v, bias=kernels.LowRankBias(uq, uk)), [q, k, v, uq, uk])
-            _rel_row(rows, f"low-rank r{R} {base}", "fwd", tlf, "ours, no bias", t0f, 1.15)
-            _rel_row(rows, f"low-rank r{R} {base}", "bwd", tlb, "ours, no bias", t0b, 1.15)
+        _rel_row(rows, f"low-rank r{R} {base}", "fwd", tlf, "ours, no bias", t0f, 1.15)
+        _rel_row(rows, f"low-rank r{R} {base}", "bwd", tlb, "ours, no bias", t0b, 1.15)
     # HaloNet form on the full grid: computed in the general kernels since the twelfth session (before: the torch
     # lowering to low-rank factors)
     pattern, q, k, v, (th, tw) = relpos_inputs("grid")
-    t0f, t0b = _fb(lambda: kernels.attention(q, k, v, pattern), [q, k, v])
-    trf, trb = _fb(lambda: kernels.attention(q, k, v, pattern, bias=kernels.RelPosBias(pattern, (th, tw))),
-                   [q, k, v, th, tw])
+    t = _fb_interleaved({
+        "none": (lambda: kernels.attention(q, k, v, pattern), [q, k, v]),
+        "rel": (lambda: kernels.attention(q, k, v, pattern, bias=kernels.RelPosBias(pattern, (th, tw))),
+                [q, k, v, th, tw])})
+    (t0f, t0b), (trf, trb) = t["none"], t["rel"]
     case = "relpos halo grid(64,64) b8 h2 B8 H8 d64 in-kernel"
     _rel_row(rows, case, "fwd", trf, "ours, no bias", t0f, 1.15)
     _rel_row(rows, case, "bwd", trb, "ours, no bias", t0b, 1.15)
     hb, q, k, v, (th, tw) = relpos_inputs("blocked")
-    t0f, t0b = _fb(lambda: kernels.attention(q, k, v), [q, k, v])
-    trf, trb = _fb(lambda: kernels.attention(q, k, v, bias=kernels.RelPosBias(hb, (th, tw))), [q, k, v, th, tw])
+    t = _fb_interleaved({
+        "none": (lambda: kernels.attention(q, k, v), [q, k, v]),
+        "rel": (lambda: kernels.attention(q, k, v, bias=kernels.RelPosBias(hb, (th, tw))), [q, k, v, th, tw])})
+    (t0f, t0b), (trf, trb) = t["none"], t["rel"]
     case = "relpos halo blocked (512,8,64,144) d64"
     _rel_row(rows, case, "fwd", trf, "ours, no bias", t0f, 1.15)
     _rel_row(rows, case, "bwd", trb, "ours, no bias", t0b, 1.15)
@@ -480,11 +504,9 @@ def bench_bias(rows):
 
 
 def bench_gate(rows):
-    """The gates against no gate, every call timed between its own events, the three cases' calls interleaved in
-    rotating order (`bench.time_interleaved`): the H200's clock drifts by as much as the 3% / 5% allowance within
-    a process (no-gate forward 0.536 -> 0.59 ms over a minute in `probe_r92`), so the anchor and the gated call
-    must share it. Until the nineteenth session the rows timed each case's graph replays in turn (three rotated
-    rounds, median)."""
+    """The gates against no gate, the three cases timed interleaved (`_fb_interleaved`): the H200's clock drifts
+    by as much as the 3% / 5% allowance within a process (no-gate forward 0.536 -> 0.59 ms within a minute in
+    `probe_r92`). Before the nineteenth session: three rotated rounds of each case timed in turn, median."""
     _set_autotune(os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast"))
     B, H, N, D = 2, 16, 4096, 128
     q, k, v = _qkv(B, H, N, D)
@@ -492,18 +514,11 @@ def bench_gate(rows):
     for kind, shape in (("head-wise", (B, N, H)), ("element-wise", (B, N, H, D))):
         g = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         calls[kind] = (lambda g=g: kernels.attention(q, k, v, gate=g), [q, k, v, g])
-    with torch.no_grad():
-        fwd = bench.time_interleaved({kind: fn for kind, (fn, _) in calls.items()}, rounds=60)
-    grads = {}
-    for kind, (fn, leaves) in calls.items():
-        out = fn()
-        grads[kind] = lambda out=out, leaves=leaves, do=torch.randn_like(out): torch.autograd.grad(
-            out, leaves, do, retain_graph=True)
-    bwd = bench.time_interleaved(grads, rounds=30)
+    t = _fb_interleaved(calls)
     for kind in ("head-wise", "element-wise"):
-        for direction, t, limit in (("fwd", fwd, 1.03), ("bwd", bwd, 1.05)):
-            _rel_row(rows, f"gate {kind} B{B} H{H} N{N} d{D}", direction, t[kind]["median_ms"], "ours, no gate",
-                     t["none"]["median_ms"], limit, timer="interleaved events")
+        for i, direction, limit in ((0, "fwd", 1.03), (1, "bwd", 1.05)):
+            _rel_row(rows, f"gate {kind} B{B} H{H} N{N} d{D}", direction, t[kind][i], "ours, no gate",
+                     t["none"][i], limit)
     _restore_autotune()
 
 
