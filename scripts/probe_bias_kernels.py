@@ -501,6 +501,7 @@ def gate_prefetch_ab(rounds: int = 60) -> None:
     import bench_kernels as bk
     from kernels.backends import triton_attention as ta
 
+    torch.cuda.set_stream(torch.cuda.Stream())  # CUDA graphs need a side stream
     B, H, N, D = 2, 16, 4096, 128
     q, k, v = bk._qkv(B, H, N, D)
     g = torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16)
