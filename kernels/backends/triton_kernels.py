@@ -30,9 +30,9 @@ Optional terms (constexpr flags, absent ones cost nothing):
   Backward: the dK/dV and dQ kernels load the query factor the forward stored (STORE_QF) or `_rel_factor_bwd` wrote;
   the dQ kernel shifts dU back to dT (the tables' logit gradient), adds dT · RT to dq and writes dT per row (the
   tables' gradient dTᵀ · q is one GEMM in torch).
-* `HAS_GATE`: `out *= sigmoid(g)` in the forward epilogue (`gated_output`) (g per element, or with GATE_ELEM=False one per row,
-  loaded before the key loop so its latency hides behind it); the backward's delta kernel turns dO into
-  dO·sigmoid(g) and writes dg.
+* `HAS_GATE`: `out *= sigmoid(g)` in the forward epilogue (`gated_output`; g per element, its tile prefetched into
+  L2, or with GATE_ELEM=False one per row, loaded before the key loop so its latency hides behind it); the
+  backward's delta kernel turns dO into dO·sigmoid(g) and writes dg.
 * `GATHER` (grid patterns, forward and backward): inputs and outputs in token order, rows read and written through
   the slot -> token tables QROW / KROW (-1 on padding: a padding slot reads row 0 and is neither weighted nor
   stored), instead of copies permuted into tile order.
@@ -414,16 +414,16 @@ def gated_output(acc, den, g):
 
 @triton.jit
 def _prefetch_l2(row_ptrs, N: tl.constexpr, ELEM_BYTES: tl.constexpr):
-    """Hint the rows at `row_ptrs` (N contiguous elements each) into L2, one `prefetch.global.L2::evict_last` per
-    128-byte line: a tile only the epilogue reads then comes from L2 when every program of a wave asks for its
-    tile at once, instead of from HBM. Inline PTX: GPU only, never under the interpreter."""
+    """Hint the rows at `row_ptrs` (N contiguous elements each) into L2, one `prefetch.global.L2` per 128-byte
+    line: a tile only the epilogue reads then comes from L2 when every program of a wave asks for its tile at
+    once, instead of from HBM (`::evict_last` measured the same). Inline PTX: GPU only, never interpreted."""
     LINE: tl.constexpr = 128 // ELEM_BYTES
     LINES: tl.constexpr = (N + LINE - 1) // LINE  # <= 8: head dims <= 256, 2- or 4-byte elements
     LINES_P2: tl.constexpr = 1 if LINES == 1 else (2 if LINES == 2 else (4 if LINES <= 4 else 8))
     lines = tl.arange(0, LINES_P2)
     ptrs = row_ptrs[:, None] + tl.where(lines < LINES, lines * LINE, 0)[None, :]
-    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
 
 
 @triton.jit
