@@ -17,6 +17,7 @@ import argparse
 import collections
 import contextlib
 import importlib.util
+import itertools
 import math
 import os
 import sys
@@ -438,14 +439,16 @@ def _fb(fn, leaves, heavy=False):
     return t_f, t_b
 
 
-def _fb_interleaved(cases, rounds=20):
+def _fb_interleaved(cases, rounds=20, forwards=None):
     """{name: (forward ms, backward ms)} of `cases` = {name: (fn, leaves)}, the cases timed interleaved
     (`bench.time_interleaved`: rotating order, CUDA-graph replays, or eager calls under ATTNZOO_BENCH_TIMER=eager)
     so that each ratio row's case and anchor share the GPU's clock, which drifts by several percent within a
-    process. Until the nineteenth session each case was timed after the other (`_fb`)."""
+    process. Until the nineteenth session each case was timed after the other (`_fb`). `forwards`: {name: fn}
+    timed as the forward instead of the case's own fn (calls that rotate among input sets)."""
     graph = os.environ.get("ATTNZOO_BENCH_TIMER", "graph") != "eager"
+    forwards = forwards or {name: fn for name, (fn, _) in cases.items()}
     with torch.no_grad():
-        fwd = bench.time_interleaved({name: fn for name, (fn, _) in cases.items()}, rounds=rounds, graph=graph)
+        fwd = bench.time_interleaved(forwards, rounds=rounds, graph=graph)
     grads = {}
     for name, (fn, leaves) in cases.items():
         out = fn()
@@ -503,18 +506,34 @@ def bench_bias(rows):
     _restore_autotune()
 
 
+def _rotating(calls):
+    """A function that makes the next of `calls` on each call: successive calls of a case (a graph holds several)
+    then read different inputs, as a model's would, instead of finding the last call's in L2."""
+    it = itertools.cycle(calls)
+    return lambda: next(it)()
+
+
 def bench_gate(rows):
     """The gates against no gate, the three cases timed interleaved (`_fb_interleaved`): the H200's clock drifts
     by as much as the 3% / 5% allowance within a process (no-gate forward 0.536 -> 0.59 ms within a minute in
-    `probe_r92`). Before the nineteenth session: three rotated rounds of each case timed in turn, median."""
+    `probe_r92`). The forwards rotate among three input sets (q, k, v and gates: 134 MB of them against a 50 MB
+    L2), so a call's gate is never the one the previous call left in L2. Before the nineteenth session: three
+    rotated rounds of each case timed in turn, median, on one input set."""
     _set_autotune(os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast"))
     B, H, N, D = 2, 16, 4096, 128
-    q, k, v = _qkv(B, H, N, D)
+    sets = []
+    for _ in range(3):
+        q, k, v = _qkv(B, H, N, D)
+        gates = {kind: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                 for kind, shape in (("head-wise", (B, N, H)), ("element-wise", (B, N, H, D)))}
+        sets.append((q, k, v, gates))
+    q, k, v, gates = sets[0]
     calls = {"none": (lambda: kernels.attention(q, k, v), [q, k, v])}
-    for kind, shape in (("head-wise", (B, N, H)), ("element-wise", (B, N, H, D))):
-        g = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    forwards = {"none": _rotating([lambda s=s: kernels.attention(*s[:3]) for s in sets])}
+    for kind, g in gates.items():
         calls[kind] = (lambda g=g: kernels.attention(q, k, v, gate=g), [q, k, v, g])
-    t = _fb_interleaved(calls)
+        forwards[kind] = _rotating([lambda s=s, kind=kind: kernels.attention(*s[:3], gate=s[3][kind]) for s in sets])
+    t = _fb_interleaved(calls, forwards=forwards)
     for kind in ("head-wise", "element-wise"):
         for i, direction, limit in ((0, "fwd", 1.03), (1, "bwd", 1.05)):
             _rel_row(rows, f"gate {kind} B{B} H{H} N{N} d{D}", direction, t[kind][i], "ours, no gate",
