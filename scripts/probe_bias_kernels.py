@@ -496,31 +496,29 @@ def gate_breakdown() -> None:
 
 def gate_prefetch_ab(rounds: int = 60) -> None:
     """The element-wise gate forward (B2 H16 N4096 d128) with and without `_prefetch_l2` of its gate tile, against
-    no gate: calls interleaved in rotating order (`time_interleaved`), medians and ratios; then CUDA time per
-    kernel."""
+    no gate: calls interleaved in rotating order (`time_interleaved`), each case's successive calls on three input
+    sets (`bench_kernels._rotating`), medians and ratios; then CUDA time per kernel."""
     import bench_kernels as bk
     from kernels.backends import triton_attention as ta
 
     torch.cuda.set_stream(torch.cuda.Stream())  # CUDA graphs need a side stream
     B, H, N, D = 2, 16, 4096, 128
-    q, k, v = bk._qkv(B, H, N, D)
-    g = torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16)
+    sets = [(*bk._qkv(B, H, N, D), torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16)) for _ in range(3)]
 
-    def case(prefetch, gate):
-        def fn():
+    def case(prefetch, gated):
+        def call(q, k, v, g):
             ta.GATE_PREFETCH = prefetch
-            return kernels.attention(q, k, v, gate=gate)
-        return fn
+            return kernels.attention(q, k, v, gate=g if gated else None)
+        return bk._rotating([lambda s=s: call(*s) for s in sets])
 
-    cases = {"none": case(True, None), "prefetch": case(True, g), "no prefetch": case(False, g)}
+    cases = {"none": case(True, False), "prefetch": case(True, True), "no prefetch": case(False, True)}
     with torch.no_grad():
         print(f"outputs with and without the prefetch bit-identical: "
               f"{torch.equal(cases['prefetch'](), cases['no prefetch']())}", flush=True)
         for rep in range(2):
             t = {n: r["median_ms"] for n, r in bk.bench.time_interleaved(cases, rounds=rounds).items()}
-            print(f"pass {rep} median ms: " + "  ".join(f"{n} {m:.4f}" for n, m in t.items())
-                  + f"; ratio prefetch {t['prefetch'] / t['none']:.4f}, no prefetch "
-                  f"{t['no prefetch'] / t['none']:.4f}", flush=True)
+            print(f"pass {rep} median ms: " + "  ".join(f"{n} {m:.4f}" for n, m in t.items()) + "; ratios "
+                  + "  ".join(f"{n} {t[n] / t['none']:.4f}" for n in t if n != "none"), flush=True)
         for name, fn in cases.items():
             _per_kernel(f"gate {name}", fn)
     ta.GATE_PREFETCH = True
