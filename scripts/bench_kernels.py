@@ -516,7 +516,7 @@ def _rotating(calls):
 def bench_gate(rows):
     """The gates against no gate, the three cases timed interleaved (`_fb_interleaved`): the H200's clock drifts
     by as much as the 3% / 5% allowance within a process (no-gate forward 0.536 -> 0.59 ms within a minute in
-    `probe_r92`). The forwards rotate among three input sets (q, k, v and gates: 134 MB of them against a 50 MB
+    `probe_r92`). The forwards rotate among three input sets (q, k, v and gates: 134 MB a set against a 50 MB
     L2), so a call's gate is never the one the previous call left in L2. Before the nineteenth session: three
     rotated rounds of each case timed in turn, median, on one input set."""
     _set_autotune(os.environ.get("ATTNZOO_BENCH_AUTOTUNE", "fast"))
