@@ -439,12 +439,14 @@ def _fb(fn, leaves, heavy=False):
     return t_f, t_b
 
 
-def _fb_interleaved(cases, rounds=20, forwards=None):
+def _fb_interleaved(cases, rounds=60, forwards=None):
     """{name: (forward ms, backward ms)} of `cases` = {name: (fn, leaves)}, the cases timed interleaved
     (`bench.time_interleaved`: rotating order, CUDA-graph replays, or eager calls under ATTNZOO_BENCH_TIMER=eager)
     so that each ratio row's case and anchor share the GPU's clock, which drifts by several percent within a
     process. Until the nineteenth session each case was timed after the other (`_fb`). `forwards`: {name: fn}
-    timed as the forward instead of the case's own fn (calls that rotate among input sets)."""
+    timed as the forward instead of the case's own fn (calls that rotate among input sets). 60 rounds keep the
+    GPU busy long enough to leave its boost clock (r98: no-gate forward 0.53 ms over 20 rounds, 0.58-0.59 ms over
+    60; the element-wise gate's ratio 1.022x-1.024x and 1.032x), as a training loop would."""
     graph = os.environ.get("ATTNZOO_BENCH_TIMER", "graph") != "eager"
     forwards = forwards or {name: fn for name, (fn, _) in cases.items()}
     with torch.no_grad():
