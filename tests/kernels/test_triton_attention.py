@@ -380,13 +380,22 @@ def test_gate_fused(kind, pattern):
     _check(pattern, B, H, H, N, N, D, D, torch.float16, gate_shape=shape)
 
 
-@pytest.mark.parametrize("case", [("fused", Window1d(4, 4), 40, 40), ("split", Dense(), 24, 24),
+@pytest.mark.parametrize("case", [("fused", Window1d(4, 4), 40, 40), ("split", Dense(), 10, 300),
                                   ("few-keys", Dense(), 200, 20)], ids=lambda c: c[0])
 @pytest.mark.parametrize("kind", ["head", "element"])
-def test_gate_saturates(kind, case):
+def test_gate_saturates(kind, case, monkeypatch):
     """Gate logits far past sigmoid's float32 range (2^(-g log2 e) overflows for g < -88.7) and +-inf: every output
-    element is the ungated kernel's times sigmoid(g) (float64) to float32 precision, no inf or NaN."""
-    _, pattern, NQ, NK = case
+    element is the ungated kernel's times sigmoid(g) (float64) to float32 precision, no inf or NaN. Each case's
+    gate runs in the epilogue it names (`_attn_fwd`, the split merge, `_keys_fwd`)."""
+    from kernels.backends import triton_combine
+    from kernels.backends.triton_attention import CALLS
+
+    merged, combine = [], triton_combine.combine_splits
+    monkeypatch.setattr(triton_combine, "combine_splits",
+                        lambda out, lse, gate=None, dtype=torch.float32: merged.append(gate is not None)
+                        or combine(out, lse, gate, dtype))
+    few_keys = sum(n for name, n in CALLS.items() if name.startswith("keys_fwd"))
+    path, pattern, NQ, NK = case
     B, H, D = 1, 2, 16
     q, k, v = (_rand(B, H, n, D, dtype=torch.float32, grad=False) for n in (NQ, NK, NK))
     values = torch.tensor([-float("inf"), -1e4, -120.0, -88.0, -30.0, -3.0, 0.0, 3.0, 30.0, 88.0, 120.0, 1e4,
@@ -394,6 +403,9 @@ def test_gate_saturates(kind, case):
     shape = (B, NQ, H) if kind == "head" else (B, NQ, H, D)
     gate = values[torch.randint(len(values), shape, device=DEVICE)]
     out = kernels.attention(q, k, v, pattern, gate=gate, backend="triton")
+    ran = "few-keys" if sum(n for name, n in CALLS.items() if name.startswith("keys_fwd")) > few_keys else \
+        "split" if merged == [True] else "fused" if not merged else merged
+    assert ran == path
     plain = kernels.attention(q, k, v, pattern, backend="triton")
     sig = torch.sigmoid(gate.double().transpose(1, 2))
     assert torch.isfinite(out).all()
