@@ -554,6 +554,7 @@ def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg, fact
     kw, sg = ex.kw()
     kw.update(factor_args(factor) if factor is not None else dict(QF=ex.ptr("qf")), STORE_QF=factor is not None)
     fuse_gate = ex.gate is not None and S == 1
+    gate_elem = not fuse_gate or ex.gate.shape[-1] > 1
     tk._attn_fwd[(nqb, B * H, S)](
         Q=qp, K=kp, V=vp, O=o_view, LSE=lse, KF=ex.ptr("kf"), BIAS=ex.ptr("bias"),
         GATE=ex.ptr("gate"),
@@ -569,8 +570,8 @@ def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg, fact
         D=D, DV=DV, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=_block_d(D), BLOCK_DV=_block_d(DV),
         GRID_MODE=prob.grid, MASK_AXES=prob.mask_axes, HAS_DIL=prob.has_dil,
         REVERSE=isinstance(prob.pattern, Causal), HAS_GATE=fuse_gate, DOT_PREC=_dot_prec(qp.dtype),
-        GATE_ELEM=not fuse_gate or ex.gate.shape[-1] > 1,
-        GATE_PREFETCH=GATE_PREFETCH and fuse_gate and not _interpret() and ex.gate.shape[-1] > 1 and sg[3] == 1,
+        GATE_ELEM=gate_elem,
+        GATE_PREFETCH=GATE_PREFETCH and fuse_gate and gate_elem and sg[3] == 1 and not _interpret(),
         **_launch_opts(cfg, prob), **prob.pair_args(False), **prob.gather_args(NQO), **kw)
     if S == 1:
         return out, lse
