@@ -14,9 +14,13 @@ if not torch.cuda.is_available():
 os.environ["ATTNZOO_KERNEL_POISON"] = "1"  # kernel outputs start as NaN: a missed write fails the comparison
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 import kernels  # noqa: E402
 from kernels import Causal, Dense, Halo, Neighborhood, Window1d  # noqa: E402
 from kernels.backends.reference import attention_reference  # noqa: E402
+from kernels.backends.triton_kernels import gated_output  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # per dtype: relative error bound (‖x - ref‖ / ‖ref‖) for out and every gradient, and absolute bound on lse
@@ -413,6 +417,33 @@ def test_gate_saturates(kind, case, monkeypatch):
                                rtol=2e-6, atol=1e-30)
     ref = attention_reference(q.double(), k.double(), v.double(), pattern, gate=gate.double())
     assert _rel(out, ref) < TOL[torch.float32]
+
+
+@triton.jit
+def _gated_output_kernel(ACC, DEN, G, OUT, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(OUT + i, gated_output(tl.load(ACC + i), tl.load(DEN + i), tl.load(G + i)))
+
+
+def test_gated_output_against_float64():
+    """`gated_output` (one EX2, the reciprocal by Newton steps from a bit-trick seed) against float64
+    acc * sigmoid(g) / den, with den over [1, 2^24] (a row's softmax sum) and g over sigmoid's float32 range and
+    past it: within float32 rounding, plus what rounding g * log2 e (and log2 e) costs any exp2-based sigmoid,
+    ~1.2 |g| 2^-24 relative (bound: |g| 2^-23); saturated elements (sigmoid < 2^-125) within 1e-37; NaN stays
+    NaN."""
+    n = 4096
+    special = torch.tensor([-math.inf, math.inf, -1e4, 1e4, -120.0, 120.0, -88.8, 88.8, -86.0, 0.0, math.nan])
+    g = torch.cat([torch.empty(n - len(special)).uniform_(-90.0, 90.0), special]).to(DEVICE)
+    acc = torch.randn(n, device=DEVICE)
+    den = torch.exp2(torch.rand(n, device=DEVICE) * 24)
+    out = torch.empty_like(acc)
+    _gated_output_kernel[(1,)](acc, den, g, out, N=n)
+    ref = acc.double() * torch.sigmoid(g.double()) / den.double()
+    nan = torch.isnan(g)
+    assert torch.isnan(out[nan]).all() and torch.isfinite(out[~nan]).all()
+    err = (out.double() - ref).abs()[~nan]
+    bound = (5e-7 + g.double().abs().clamp(max=128.0) * 2.0 ** -23)[~nan] * ref.abs()[~nan] + 1e-37
+    assert (err <= bound).all(), f"worst: g {g[~nan][(err / bound).argmax()].item()}, err / bound {(err / bound).max()}"
 
 
 SKINNY = [  # few keys (dK/dV split over query blocks), few queries (forward and dQ split over key blocks)
