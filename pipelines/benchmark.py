@@ -12,6 +12,12 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 
+def _summary(times: List[float], **extra) -> dict:
+    """The timers' result: median/min/max milliseconds of `times` and their count, plus `extra` fields."""
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "n": len(times),
+            **extra}
+
+
 def time_cuda(fn: Callable[[], object], warmup: int = 5, repeats: int = 20, min_ms: float = 200.0) -> dict:
     """Median/min/max milliseconds of `fn()` on the current CUDA device, timed with CUDA events.
 
@@ -43,7 +49,7 @@ def time_cuda(fn: Callable[[], object], warmup: int = 5, repeats: int = 20, min_
         times += [start.elapsed_time(end) for start, end in events]
         if len(times) >= 10 * repeats:
             break
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "n": len(times)}
+    return _summary(times)
 
 
 def _side_stream_check(name: str) -> None:
@@ -98,8 +104,7 @@ def time_cuda_graph(fn: Callable[[], object], warmup: int = 3, repeats: int = 20
     torch.cuda.synchronize()
     times = [s.elapsed_time(e) / per_graph for s, e in events]
     del graph
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "n": len(times),
-            "calls_per_graph": per_graph}
+    return _summary(times, calls_per_graph=per_graph)
 
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 3, rounds: int = 40, graph: bool = True,
@@ -148,8 +153,7 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 3, roun
     out = {}
     for name in names:
         times = [start.elapsed_time(end) / per_call[name] for start, end in events[name]]
-        out[name] = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-                     "n": len(times), "calls_per_graph": per_call[name]}
+        out[name] = _summary(times, calls_per_graph=per_call[name])
     return out
 
 
