@@ -57,12 +57,12 @@ if "--registers" in sys.argv:
         base = dict(D=d, DV=d, R=1, BLOCK_D=d, BLOCK_DV=d, BLOCK_R=16, GRID_MODE=False, HAS_DIL=False,
                     HAS_BIAS=False, HAS_LR=False, DOT_PREC="tf32", MASK_AXES=0, PAIR_MASK=False)
         for cand in ta._fwd_candidates(d, d):
-            bm, bn, w, st, cap = cand[:4] + (cand[4:] or (None,))
-            c = dict(base, BLOCK_M=bm, BLOCK_N=bn, REVERSE=False, HAS_GATE=False)
+            (bm, bn, w, st), (cap, qreg) = cand[:4], ta._config_options(cand, False)
+            c = dict(base, BLOCK_M=bm, BLOCK_N=bn, REVERSE=False, HAS_GATE=False, Q_IN_REGS=qreg)
             print(f"fwd  d{d} {cand}: {ptxas_report(compile_one(tk._attn_fwd, c, w, st, ptx=True, maxnreg=cap))}",
                   flush=True)
         for cand in ta._bwd_candidates(d, d):
-            bm, bn, w, st, cap = cand[:4] + (cand[4:] or (None,))
+            (bm, bn, w, st), cap = cand[:4], ta._config_options(cand, False)[0]
             c = dict(base, BLOCK_M=bm, BLOCK_N=bn)
             print(f"dkdv d{d} {cand}: "
                   f"{ptxas_report(compile_one(tk._attn_bwd_dkdv, dict(c, STORE_DB=False), w, st, True, maxnreg=cap))}"

@@ -174,8 +174,24 @@ def run_checks_ii():
     cases = extra_check_cases()
     ok = all([check_extra(*c[:10], **c[10]) for c in cases])
     ok &= check_short_loop_configs()
+    ok &= check_qreg_configs()
     _restore_autotune()
     return ok
+
+
+def _forcing_forward(tune, pick, what: str):
+    """A stand-in for `triton_attention._autotune`: forward keys get the first offered config that `pick` accepts
+    (a ValueError names `what` when none is offered); other keys go to `tune`."""
+    def forced(key, candidates, run):
+        if key[0] != "fwd":
+            return tune(key, candidates, run)
+        offered = candidates() if callable(candidates) else candidates
+        match = [c for c in offered if pick(c)]
+        if not match:
+            raise ValueError(f"forward config {what} not offered for {key}")
+        return match[0]
+
+    return forced
 
 
 def check_short_loop_configs():
@@ -190,23 +206,32 @@ def check_short_loop_configs():
     rel = [c for c in extra_check_cases() if c[0].startswith("relpos")]
     tune, ok = ta._autotune, True
     for cfg in configs:
-        def forced(key, candidates, run, cfg=cfg):
-            if key[0] != "fwd":
-                return tune(key, candidates, run)
-            offered = candidates() if callable(candidates) else candidates
-            # grid candidates carry (tile variant, in place) after the block config
-            match = [c for c in offered if c == cfg or (c[0] != "skinny" and len(c) >= 6 and c[:4] + c[6:] == cfg)]
-            if not match:
-                raise ValueError(f"forward config {cfg} not offered for {key}")
-            return match[0]
-
-        ta._autotune = forced
+        # grid candidates carry (tile variant, in place) after the block config
+        ta._autotune = _forcing_forward(
+            tune, lambda c, cfg=cfg: c == cfg or (c[0] != "skinny" and len(c) >= 6 and c[:4] + c[6:] == cfg), cfg)
         try:
             if cfg in plain:  # the capped rel-pos configs are offered with rel-pos only
                 ok &= check_case(f"{halo[0]} fwd {cfg}", *halo[1:])
             ok &= all([check_extra(f"{c[0]} fwd {cfg}", *c[1:10], **c[10]) for c in rel])
         finally:
             ta._autotune = tune
+    return ok
+
+
+def check_qreg_configs(dev: str = "cuda"):
+    """The issue-4 checks of the general forward (head dims <= 128) on a `QREG` config, q held in registers: untuned
+    checks run the first candidate, which keeps q in shared memory."""
+    from kernels.backends import triton_attention as ta
+
+    cases = [c for c in extra_check_cases()
+             if c[1] is not None and not c[0].startswith(("skinny", "expanded")) and max(c[7], c[8]) <= 128]
+    tune, ok = ta._autotune, True
+    ta._autotune = _forcing_forward(tune, lambda c: c[0] != "skinny" and ta.QREG in c, ta.QREG)
+    try:
+        for c in cases:
+            ok &= check_extra(f"{c[0]} fwd {ta.QREG}", *c[1:10], **c[10], dev=dev)
+    finally:
+        ta._autotune = tune
     return ok
 
 

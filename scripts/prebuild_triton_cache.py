@@ -261,6 +261,7 @@ def cases():
                     bk.check_case(*case, dev="cpu")
                 for case in bk.extra_check_cases():
                     bk.check_extra(*case[:10], **case[10], dev="cpu")
+                bk.check_qreg_configs(dev="cpu")
                 for env, cases in ((bk.ROUND2_ENV, bk.round2_check_cases()),
                                    (bk.REL_GENERAL_ENV, bk.rel_general_check_cases())):
                     set_env(**env)

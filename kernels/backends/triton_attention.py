@@ -52,6 +52,8 @@ _MAX_RANK = 64
 # in-kernel rel-pos launches ("general_fwd_rel", "general_bwd_rel"); other general launches are not counted
 CALLS: collections.Counter = collections.Counter()
 GATE_PREFETCH = True  # `_attn_fwd` hints an element-wise gate's tile into L2 (probes turn it off for A/B runs)
+# a forward config's flag, after its block shape (and cap): q as a register operand (`_attn_fwd`'s Q_IN_REGS)
+QREG = "qreg"
 
 
 def _interpret() -> bool:
@@ -146,13 +148,16 @@ def _fast_tune() -> bool:
 
 
 def _fwd_candidates(d: int, dv: int) -> List[tuple]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) tried by the forward autotuner. At head dim 128 a
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg][, QREG]) tried by the forward autotuner. At head dim 128 a
     128x64 block on 4 warps spills (ptxas: 255 registers + 632 B of spill stores, Triton 3.6, sm_90a); 8 warps do
     not. At head dims <= 64 the 64x64 block is also tried capped at 128 registers (`maxnreg`): four programs per
     SM instead of three (H200: the blocked HaloNet layout 0.079 -> 0.071 ms, dense B2 H16 N4096 0.345 -> 0.322 ms,
     rel-pos on the Halo grid 0.154 -> 0.145 ms; at head dim 128 the cap spills and runs slower), and capped with 2
     stages: with rel-pos or low-rank operands next to them, three stages of k and v take more than a quarter of
-    the SM's 228 KB of shared memory (rel-pos on the Halo grid 0.151 -> 0.138 ms, blocked 0.119 -> 0.106 ms)."""
+    the SM's 228 KB of shared memory (rel-pos on the Halo grid 0.151 -> 0.138 ms, blocked 0.119 -> 0.106 ms).
+    `QREG` twins hold q in registers, which frees its shared memory for another program per SM where the
+    low-rank factors' stages had taken it (H200, rank 16, B1 d128 on (64, 64, 4, 3): 102 KB instead of 120, 0.421
+    -> 0.305 ms; B2 d64 capped at 128: 54 KB instead of 64, 0.382 -> 0.356 ms; a dense bias at d64 runs slower)."""
     if _interpret():
         return [(32, 16, 4, 1)]
     bd = max(_block_d(d), _block_d(dv))
@@ -160,13 +165,14 @@ def _fwd_candidates(d: int, dv: int) -> List[tuple]:
         return [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2)]
     if bd == 128:
         if _fast_tune():
-            return [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
-        return [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 64, 4, 3),
-                (64, 64, 4, 2), (64, 32, 4, 3)]
+            return [(64, 64, 4, 3), (64, 64, 4, 3, QREG), (128, 64, 8, 3), (128, 128, 8, 3)]
+        return [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 3, QREG), (128, 128, 8, 2),
+                (128, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3)]
     if _fast_tune():
-        return [(64, 64, 4, 3), (64, 64, 4, 3, 128), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 2, 128)]
+        return [(64, 64, 4, 3), (64, 64, 4, 3, 128), (64, 64, 4, 3, 128, QREG), (128, 64, 4, 3), (128, 128, 8, 3),
+                (64, 64, 4, 2, 128)]
     return [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-            (64, 64, 4, 3, 128), (64, 64, 4, 2, 128)]
+            (64, 64, 4, 3, 128), (64, 64, 4, 3, 128, QREG), (64, 64, 4, 2, 128)]
 
 
 def _bwd_candidates(d: int, dv: int) -> List[tuple]:
@@ -350,11 +356,18 @@ def _problem(pattern, nq, nk, cfg, device) -> _Problem:
     return _Problem(pattern, nq, nk, cfg[0], cfg[1], device, *(cfg[4:6] if _is_grid(pattern) else ()))
 
 
+def _config_options(cfg, grid: bool) -> Tuple[Optional[int], bool]:
+    """(register cap or None, QREG flag) of a general-kernel config: (BLOCK_M, BLOCK_N, num_warps, num_stages), then
+    a grid pattern's (variant, input mode) (`_with_tile_costs`), then an optional cap and an optional `QREG`."""
+    tail = cfg[6 if grid else 4:]
+    caps = [t for t in tail if t != QREG]
+    return (caps[0] if caps else None), QREG in tail
+
+
 def _launch_opts(cfg, prob: _Problem) -> dict:
-    """A general-kernel config's launch options: (BLOCK_M, BLOCK_N, num_warps, num_stages), then a grid pattern's
-    (variant, input mode) (`_with_tile_costs`), then an optional register cap (`maxnreg`)."""
-    cap = cfg[6 if prob.grid else 4:]
-    return dict(num_warps=cfg[2], num_stages=cfg[3], **({"maxnreg": cap[0]} if cap else {}))
+    """A general-kernel config's launch options: num_warps, num_stages and the register cap (`maxnreg`) if any."""
+    cap = _config_options(cfg, prob.grid)[0]
+    return dict(num_warps=cfg[2], num_stages=cfg[3], **({"maxnreg": cap} if cap else {}))
 
 
 def _grid_variants() -> Tuple[str, ...]:
@@ -572,6 +585,7 @@ def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg, fact
         REVERSE=isinstance(prob.pattern, Causal), HAS_GATE=fuse_gate, DOT_PREC=_dot_prec(qp.dtype),
         GATE_ELEM=gate_elem,
         GATE_PREFETCH=GATE_PREFETCH and fuse_gate and gate_elem and sg[3] == 1 and not _interpret(),
+        Q_IN_REGS=_config_options(cfg, prob.grid)[1] and qp.dtype != torch.float32,
         **_launch_opts(cfg, prob), **prob.pair_args(False), **prob.gather_args(NQO), **kw)
     if S == 1:
         return out, lse

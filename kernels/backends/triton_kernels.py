@@ -465,6 +465,16 @@ def online_softmax_update(acc, m_i, l_i, s, v, MAY_BE_INF: tl.constexpr, DOT_PRE
 
 
 @triton.jit
+def _in_registers(x):
+    """`x` in the wgmma accumulator layout, through a dot of zeros that accumulates into it (one small wgmma per
+    program). Triton (3.6, sm_90) gives a dot a register A operand only when that operand comes from such a layout
+    (its MMAV3UseRegOperand rewrite); a loaded tile otherwise keeps a copy in shared memory for the whole loop."""
+    za = tl.zeros([x.shape[0], 16], x.dtype)
+    zb = tl.zeros([16, x.shape[1]], x.dtype)
+    return tl.dot(za, zb, acc=x.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
@@ -482,10 +492,12 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
               RH=None, RW=None, stride_rt=0, QB: tl.constexpr = 1, WIN: tl.constexpr = 1, rel_scale=0.0,
               BLOCK_T: tl.constexpr = 16, BLOCK_W: tl.constexpr = 16, HAS_REL: tl.constexpr = False,
               LR_CHAIN: tl.constexpr = False, rel_qw: tl.constexpr = 1, rel_block: tl.constexpr = 0,
-              REL_KF: tl.constexpr = False, STORE_QF: tl.constexpr = False, GATE_PREFETCH: tl.constexpr = False):
+              REL_KF: tl.constexpr = False, STORE_QF: tl.constexpr = False, GATE_PREFETCH: tl.constexpr = False,
+              Q_IN_REGS: tl.constexpr = False):
     """STORE_QF (with HAS_REL): also write the rel-pos query factor to QF, rows as q's, for the backward to load
     (`triton_attention._forward`'s `save_factor`). GATE_PREFETCH (element-wise gate, rows contiguous, GPU only):
-    `_prefetch_l2` the gate tile the epilogue reads."""
+    `_prefetch_l2` the gate tile the epilogue reads. Q_IN_REGS (16-bit inputs): q (and a loaded low-rank query
+    factor) as register operands of the logits dots (`_in_registers`)."""
     tl.static_assert(not (HAS_REL and GRID_MODE and not REL_KF), "grid rel-pos loads its key one-hots (REL_KF)")
     pid_m = tl.program_id(0)
     if REVERSE:  # heavy (late, causal) query blocks first
@@ -527,6 +539,10 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
         uq = _lr_chain_factor(_load_rows(QF + b * stride_qfb + h * stride_qfh, q_rows, stride_qfn, offs_r, NQ, R,
                                          BLOCK_R, not GRID_MODE), inv_scale, LR_CHAIN)
 
+    if Q_IN_REGS:  # the shared memory of q (and of a loaded query factor) goes to the pipeline's stages
+        q = _in_registers(q)
+        if HAS_LR and not HAS_REL:  # the rel-pos factor comes from a dot, already in registers
+            uq = _in_registers(uq)
     if HAS_GATE and GATE_ELEM and GATE_PREFETCH:
         _prefetch_l2(GATE + b * stride_gb + h * stride_gh + tl.where(offs_m < NQ, q_rows, 0) * stride_gn, DV,
                      GATE.dtype.element_ty.primitive_bitwidth // 8)

@@ -846,3 +846,37 @@ def test_register_capped_configs(pattern, monkeypatch):
     prob = ta._problem(pattern, n, n, cfg, torch.device(DEVICE))
     assert ta._launch_opts(cfg, prob) == dict(num_warps=4, num_stages=1, maxnreg=128)
     assert ta._launch_opts(cfg[:-1], prob) == dict(num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("pattern", [Dense(), IN_PLACE_GRID], ids=["dense", "grid"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("cap", [(), (128,)], ids=["uncapped", "capped"])
+def test_qreg_configs(pattern, dtype, cap, monkeypatch):
+    """A forward config's `QREG` flag (after a register cap, if any) reaches `_attn_fwd` as Q_IN_REGS for 16-bit
+    inputs only, the cap still as `maxnreg`, and the forward with q (and a loaded low-rank factor) taken from
+    registers matches the float64 reference, gate and gradients included."""
+    from kernels.backends import triton_attention as ta
+    from kernels.backends import triton_kernels as tk
+
+    cfg = (32, 16, 4, 1) + cap + (ta.QREG,)
+    monkeypatch.setattr(ta, "_fwd_candidates", lambda d, dv: [cfg])
+    monkeypatch.setenv("ATTNZOO_GRID_VARIANTS", "pair")
+    monkeypatch.setenv("ATTNZOO_SKINNY", "old")  # 35 keys: the general kernels, not the few-keys ones
+    launches = []
+    kernel_type = type(tk._attn_fwd)
+    run = kernel_type.run
+
+    def recording_run(self, *args, **kwargs):
+        if self.fn.__name__ == "_attn_fwd":
+            launches.append((kwargs.get("Q_IN_REGS"), kwargs.get("maxnreg"), kwargs.get("HAS_LR")))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_type, "run", recording_run)
+    n = 35
+    _check(pattern, 2, 4, 2, n, n, 16, 16, dtype, gate_shape=(2, n, 4, 16),
+           bias_fn=_low_rank((1, 4, n, 8), (2, 1, n, 8)))
+    assert launches and set(launches) == {(dtype != torch.float32, cap[0] if cap else None, True)}
+    grid_cfg = ta._with_tile_costs(pattern, [cfg])[0]
+    prob = ta._problem(pattern, n, n, grid_cfg, torch.device(DEVICE))
+    assert ta._config_options(grid_cfg, prob.grid) == (cap[0] if cap else None, True)
+    assert ta._config_options(grid_cfg[:-1], prob.grid) == (cap[0] if cap else None, False)
