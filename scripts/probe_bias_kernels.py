@@ -71,8 +71,10 @@ def _per_kernel_fb(label: str, fn, leaves) -> None:
 
 
 def _configs(text):
-    """General-kernel configs from "BM,BN,WARPS,STAGES[,CAP];..." (None or "": none)."""
-    return [tuple(int(x) for x in c.split(",")) for c in (text or "").split(";") if c]
+    """General-kernel configs from "BM,BN,WARPS,STAGES[,CAP][,qreg];..." (None or "": none)."""
+    from kernels.backends.triton_attention import QREG
+
+    return [tuple(x if x == QREG else int(x) for x in c.split(",")) for c in (text or "").split(";") if c]
 
 
 def breakdown() -> None:
