@@ -153,6 +153,8 @@ def extra_check_cases():
          dict(bias_fn=_low_rank((1, 4, 900, 16), (2, 1, 1000, 16)))),
         ("low-rank r7 window1d fp16 d96", kernels.Window1d(100, 50), 1, 3, 1, 777, 777, 96, 96, fp,
          dict(bias_fn=_low_rank((1, 3, 777, 7), (1, 3, 777, 7)))),
+        ("low-rank r16 causal d128 (chained)", kernels.Causal(), 1, 4, 2, 700, 777, 128, 128, bf,
+         dict(bias_fn=_low_rank((1, 4, 700, 16), (1, 4, 777, 16)))),
         ("relpos halo grid (16,16) b8 h2 d64", halo, 1, 2, 2, 256, 400, 64, 64, bf, dict(bias_fn=_rel_pos(halo, 64))),
         ("relpos halo block (blocked dense) d32", None, 64, 4, 4, 64, 144, 32, 32, bf,
          dict(bias_fn=_rel_pos(kernels.Halo((8, 8), 8, 2), 32))),

@@ -501,12 +501,12 @@ def lr_chain(q: torch.Tensor, factors: Optional[str]) -> bool:
     """The kernels' LR_CHAIN (the low-rank dot accumulates into q·kᵀ, the query factor pre-scaled by 1 / scale) for
     a low-rank term whose factors are "loaded" (U_q, U_k from memory) or "rel" (built in-kernel from the rel-pos
     tables, both kernel families); None: no low-rank term. Not in float16 (the pre-scaled factor could overflow);
-    loaded factors only at head dims <= 64 (H200, rank 16: d64 forward 1.12x -> 1.09x and backward 1.26x -> 1.18x
-    the no-bias time; d128 backward 1.14x -> 1.21x, forward unchanged), the rel-pos factors always (the in-kernel
-    rel-pos forward 1.68x -> 1.45x)."""
+    loaded factors at head dims <= 128 (H200, rank 16, the no-bias time: d64 forward 1.12x -> 1.09x and backward
+    1.26x -> 1.18x; d128 forward 1.08x -> 1.03x and backward 1.15x -> 1.12x since the dK/dV kernel scales the key
+    factor once, r106), the rel-pos factors always (the in-kernel rel-pos forward 1.68x -> 1.45x)."""
     if factors is None or q.dtype == torch.float16:
         return False
-    return factors == "rel" or _block_d(q.shape[-1]) <= 64
+    return factors == "rel" or _block_d(q.shape[-1]) <= 128
 
 
 class _Extras:

@@ -275,10 +275,14 @@ def test_bias_forward_backward(case):
     _check(*args, torch.float16, bias_fn=bias_fn)
 
 
-def test_lowrank_float32_chained():
-    """float32 takes the chained low-rank dot (`LR_CHAIN`, off for float16): 1 / scale rides on the query factor in
-    the forward and dQ kernels and on the key factor in the dK/dV kernel."""
-    _check(Window1d(9, 4), 2, 2, 1, 70, 70, 32, 32, torch.float32, bias_fn=_low_rank((2, 2, 70, 16), (2, 1, 70, 16)))
+@pytest.mark.parametrize("d", [32, 128])
+def test_lowrank_float32_chained(d):
+    """float32 takes the chained low-rank dot (`LR_CHAIN`, off for float16; head dims <= 128): 1 / scale rides on
+    the query factor in the forward and dQ kernels and on the key factor in the dK/dV kernel."""
+    from kernels.backends import triton_attention as ta
+
+    assert ta.lr_chain(torch.empty(1, 1, 1, d), "loaded") and not ta.lr_chain(torch.empty(1, 1, 1, d).half(), "loaded")
+    _check(Window1d(9, 4), 2, 2, 1, 70, 70, d, d, torch.float32, bias_fn=_low_rank((2, 2, 70, 16), (2, 1, 70, 16)))
 
 
 def test_bias_float32_and_gate_together():
