@@ -88,9 +88,10 @@ def check_case(name, pattern, B, H, HKV, NQ, NK, D, DV, dtype, dev="cuda"):
 
 
 def check_extra(name, pattern, B, H, HKV, NQ, NK, D, DV, dtype, bias_fn=None, gate_shape=None, kv_expand=False,
-                dev="cuda"):
-    """Bias / gate / skinny / expanded-k/v features vs float64: out and every gradient (bias leaves too).
-    `dev`: "cuda"; scripts/prebuild_triton_cache.py runs the same calls on CPU tensors to compile them."""
+                dev="cuda", scale=None):
+    """Bias / gate / skinny / expanded-k/v features vs float64: out and every gradient (bias leaves too), at the
+    softmax `scale` (default 1 / sqrt(D)). `dev`: "cuda"; scripts/prebuild_triton_cache.py runs the same calls on
+    CPU tensors to compile them."""
 
     def mk(*shape, dt=dtype):
         return torch.randn(*shape, device=dev, dtype=dt, requires_grad=True)
@@ -99,7 +100,7 @@ def check_extra(name, pattern, B, H, HKV, NQ, NK, D, DV, dtype, bias_fn=None, ga
     gate = mk(*gate_shape) if gate_shape else None
     bias, bl = bias_fn(mk) if bias_fn else (None, [])
     kv = (lambda a, b: (a.expand(-1, H, -1, -1), b.expand(-1, H, -1, -1))) if kv_expand else (lambda a, b: (a, b))
-    out = kernels.attention(q, *kv(k, v), pattern, bias=bias, gate=gate, backend="triton")
+    out = kernels.attention(q, *kv(k, v), pattern, bias=bias, gate=gate, scale=scale, backend="triton")
     do = torch.randn_like(out)
     leaves = [q, k, v] + ([gate] if gate is not None else []) + bl
     grads = torch.autograd.grad(out, leaves, do)
@@ -107,7 +108,7 @@ def check_extra(name, pattern, B, H, HKV, NQ, NK, D, DV, dtype, bias_fn=None, ga
     it = iter(l64[3 + (gate is not None):])
     bias64 = bias_fn(lambda *s, dt=None: next(it))[0] if bias_fn else None
     ro = attention_reference(l64[0], *kv(l64[1], l64[2]), pattern, bias=bias64,
-                             gate=l64[3] if gate is not None else None)
+                             gate=l64[3] if gate is not None else None, scale=scale)
     rgrads = torch.autograd.grad(ro, l64, do.double())
     errs = dict(out=_rel(out, ro), **{f"g{i}": _rel(g, rg) for i, (g, rg) in enumerate(zip(grads, rgrads))})
     finite = torch.isfinite(out).all().item() and all(torch.isfinite(g).all().item() for g in grads)
@@ -153,8 +154,10 @@ def extra_check_cases():
          dict(bias_fn=_low_rank((1, 4, 900, 16), (2, 1, 1000, 16)))),
         ("low-rank r7 window1d fp16 d96", kernels.Window1d(100, 50), 1, 3, 1, 777, 777, 96, 96, fp,
          dict(bias_fn=_low_rank((1, 3, 777, 7), (1, 3, 777, 7)))),
-        ("low-rank r16 causal d128 (chained)", kernels.Causal(), 1, 4, 2, 700, 777, 128, 128, bf,
+        ("low-rank r16 causal d128", kernels.Causal(), 1, 4, 2, 700, 777, 128, 128, bf,
          dict(bias_fn=_low_rank((1, 4, 700, 16), (1, 4, 777, 16)))),
+        ("low-rank r16 causal d128 scale 1/8 (chained)", kernels.Causal(), 1, 4, 2, 700, 777, 128, 128, bf,
+         dict(bias_fn=_low_rank((1, 4, 700, 16), (1, 4, 777, 16)), scale=0.125)),
         ("relpos halo grid (16,16) b8 h2 d64", halo, 1, 2, 2, 256, 400, 64, 64, bf, dict(bias_fn=_rel_pos(halo, 64))),
         ("relpos halo block (blocked dense) d32", None, 64, 4, 4, 64, 144, 32, 32, bf,
          dict(bias_fn=_rel_pos(kernels.Halo((8, 8), 8, 2), 32))),

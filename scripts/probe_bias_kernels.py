@@ -552,7 +552,8 @@ def lowrank_chain(full: bool = False) -> None:
     rule = ta.lr_chain
     for setting in ("rule", "always", "never"):
         ta.lr_chain = rule if setting == "rule" else (
-            lambda q, factors, on=setting == "always": rule(q, factors) if factors != "loaded" else on)
+            lambda q, factors, scale=None, on=setting == "always": rule(q, factors, scale) if factors != "loaded"
+            else on)
         ta._BEST.clear()
         _lowrank_ratios(f"chain {setting:6s}")
         bk.print_autotuned()

@@ -497,16 +497,23 @@ def rel_args(rel: Optional[Rel], dummy) -> dict:
                 BLOCK_T=rel.block_t, BLOCK_W=rel.block_w)
 
 
-def lr_chain(q: torch.Tensor, factors: Optional[str]) -> bool:
+def lr_chain(q: torch.Tensor, factors: Optional[str], scale: Optional[float] = None) -> bool:
     """The kernels' LR_CHAIN (the low-rank dot accumulates into q·kᵀ, the query factor pre-scaled by 1 / scale) for
     a low-rank term whose factors are "loaded" (U_q, U_k from memory) or "rel" (built in-kernel from the rel-pos
-    tables, both kernel families); None: no low-rank term. Not in float16 (the pre-scaled factor could overflow);
-    loaded factors at head dims <= 128 (H200, rank 16, the no-bias time: d64 forward 1.12x -> 1.09x and backward
-    1.26x -> 1.18x; d128 forward 1.08x -> 1.03x and backward 1.15x -> 1.12x since the dK/dV kernel scales the key
-    factor once, r106), the rel-pos factors always (the in-kernel rel-pos forward 1.68x -> 1.45x)."""
+    tables, both kernel families); None: no low-rank term. Not in float16 (the pre-scaled factor could overflow).
+    The rel-pos factors always (computed in float32, scaled before their one rounding; the in-kernel rel-pos
+    forward 1.68x -> 1.45x the no-bias time, H200). Loaded factors at head dims <= 128 (rank 16, the no-bias time:
+    d64 forward 1.22x -> 1.11x, backward 1.37x -> 1.26x; d128 1.08x -> 1.03x, 1.15x -> 1.12x; r106), and in 16-bit
+    only when 1 / `scale` is a power of two: the pre-scaled factor is rounded to q's dtype again, which at
+    1 / scale = sqrt(32) or sqrt(128) took the gradients' error against float64 from ~3e-3 to ~1.5e-2 (r108)."""
     if factors is None or q.dtype == torch.float16:
         return False
-    return factors == "rel" or _block_d(q.shape[-1]) <= 128
+    if factors == "rel":
+        return True
+    if scale is None:
+        raise ValueError("lr_chain: loaded factors need the softmax scale")
+    exact = q.dtype == torch.float32 or math.log2(1.0 / scale).is_integer()
+    return exact and _block_d(q.shape[-1]) <= 128
 
 
 class _Extras:
@@ -530,14 +537,14 @@ class _Extras:
         t = getattr(self, name)
         return self.dummy if t is None else t
 
-    def kw(self):
+    def kw(self, scale: float):
         r = self.rank
         sb, sqf, skf, sg = _bstrides(self.bias), _bstrides(self.qf), _bstrides(self.kf), _bstrides(self.gate)
         return dict(stride_qfb=sqf[0], stride_qfh=sqf[1], stride_qfn=sqf[2],
                     stride_kfb=skf[0], stride_kfh=skf[1], stride_kfn=skf[2],
                     stride_bb=sb[0], stride_bh=sb[1], stride_bm=sb[2], stride_bn=sb[3],
                     R=max(r, 1), BLOCK_R=_block_d(max(r, 1)), HAS_BIAS=self.bias is not None, HAS_LR=r > 0,
-                    LR_CHAIN=lr_chain(self.dummy, "rel" if self.rel is not None else ("loaded" if r else None)),
+                    LR_CHAIN=lr_chain(self.dummy, "rel" if self.rel is not None else ("loaded" if r else None), scale),
                     HAS_REL=self.rel is not None, **rel_args(self.rel, self.dummy),
                     **(self.rel.kernel_args() if self.rel is not None else {})), sg
 
@@ -564,7 +571,7 @@ def _launch_fwd(qp, kp, vp, ex: _Extras, prob: _Problem, scale: float, cfg, fact
     o_view = out if S == 1 else out[0]
     full_ptr, full_idx, part_ptr, part_idx = prob.lists(False)
     qlo, qhi, kc = prob.tables()
-    kw, sg = ex.kw()
+    kw, sg = ex.kw(scale)
     kw.update(factor_args(factor) if factor is not None else dict(QF=ex.ptr("qf")), STORE_QF=factor is not None)
     fuse_gate = ex.gate is not None and S == 1
     gate_elem = not fuse_gate or ex.gate.shape[-1] > 1
@@ -623,7 +630,7 @@ def _launch_bwd(dop, qp, kp, vp, op, lsep, dlsep, ex: _Extras, prob: _Problem, s
         H=H, NQ=NQO, DV=DV, BLOCK_M=64, BLOCK_DV=_block_d(DV), HAS_DLSE=dlsep is not None,
         HAS_GATE=gate is not None, GATE_ELEM=gate is not None and gate.shape[-1] > 1)
 
-    kw, _ = ex.kw()
+    kw, _ = ex.kw(scale)
     r = ex.rank
     nqb, nkb = triton_cdiv(NQ, BM), triton_cdiv(NK, BN)
     qlo, qhi, kc = prob.tables()

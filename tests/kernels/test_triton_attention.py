@@ -277,12 +277,29 @@ def test_bias_forward_backward(case):
 
 @pytest.mark.parametrize("d", [32, 128])
 def test_lowrank_float32_chained(d):
-    """float32 takes the chained low-rank dot (`LR_CHAIN`, off for float16; head dims <= 128): 1 / scale rides on
-    the query factor in the forward and dQ kernels and on the key factor in the dK/dV kernel."""
+    """float32 takes the chained low-rank dot (`LR_CHAIN`; head dims <= 128): 1 / scale rides on the query factor in
+    the forward and dQ kernels and on the key factor in the dK/dV kernel."""
     from kernels.backends import triton_attention as ta
 
-    assert ta.lr_chain(torch.empty(1, 1, 1, d), "loaded") and not ta.lr_chain(torch.empty(1, 1, 1, d).half(), "loaded")
+    assert ta.lr_chain(torch.empty(1, 1, 1, d), "loaded", d ** -0.5)
     _check(Window1d(9, 4), 2, 2, 1, 70, 70, d, d, torch.float32, bias_fn=_low_rank((2, 2, 70, 16), (2, 1, 70, 16)))
+
+
+def test_lowrank_chain_rule():
+    """Loaded factors chain in 16-bit only when pre-scaling them by 1 / scale is exact (a power of two), never in
+    float16 (overflow), and not past head dim 128; the rel-pos factors always outside float16."""
+    from kernels.backends.triton_attention import lr_chain
+
+    def chains(d, dtype, factors="loaded", scale=None):
+        return lr_chain(torch.empty(1, 1, 1, d, dtype=dtype), factors, d ** -0.5 if scale is None else scale)
+
+    bf, f32 = torch.bfloat16, torch.float32
+    assert chains(64, bf) and chains(16, bf) and chains(128, bf, scale=0.125) and chains(128, f32)
+    assert not chains(128, bf) and not chains(32, bf) and not chains(64, bf, scale=0.1)
+    assert not chains(64, torch.float16) and not chains(256, bf, scale=1 / 16) and not chains(64, bf, None)
+    assert chains(128, bf, "rel") and not chains(64, torch.float16, "rel")
+    with pytest.raises(ValueError, match="scale"):
+        lr_chain(torch.empty(1, 1, 1, 64, dtype=bf), "loaded")
 
 
 def test_bias_float32_and_gate_together():
