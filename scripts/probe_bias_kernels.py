@@ -35,6 +35,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import kernels  # noqa: E402
+from kernels.backends.triton_attention import QREG  # noqa: E402
 from pipelines.benchmark import set_env  # noqa: E402
 
 
@@ -72,8 +73,6 @@ def _per_kernel_fb(label: str, fn, leaves) -> None:
 
 def _configs(text):
     """General-kernel configs from "BM,BN,WARPS,STAGES[,CAP][,qreg];..." (None or "": none)."""
-    from kernels.backends.triton_attention import QREG
-
     return [tuple(x if x == QREG else int(x) for x in c.split(",")) for c in (text or "").split(";") if c]
 
 

@@ -296,8 +296,9 @@ def test_lowrank_chain_rule():
     bf, f32 = torch.bfloat16, torch.float32
     assert chains(64, bf) and chains(16, bf) and chains(128, bf, scale=0.125) and chains(128, f32)
     assert not chains(128, bf) and not chains(32, bf) and not chains(64, bf, scale=0.1)
-    assert not chains(64, torch.float16) and not chains(256, bf, scale=1 / 16) and not chains(64, bf, None)
-    assert chains(128, bf, "rel") and not chains(64, torch.float16, "rel")
+    assert not chains(64, torch.float16) and not chains(256, bf, scale=1 / 16)
+    assert not chains(64, bf, factors=None)
+    assert chains(128, bf, factors="rel") and not chains(64, torch.float16, factors="rel")
     with pytest.raises(ValueError, match="scale"):
         lr_chain(torch.empty(1, 1, 1, 64, dtype=bf), "loaded")
 
