@@ -118,7 +118,7 @@ for d in (32, 64, 128):
                     ra = ta.rel_args(ta.Rel(torch.empty(23, d), torch.empty(23, d), 8, 12, 1.0), None)  # 8x8 in 12x12
                     c = dict(D=d, DV=d, BLOCK_M=bm, BLOCK_N=bn, KEY_CHUNKS=key_chunks, BLOCK_D=bd, BLOCK_DV=bd,
                              BLOCK_T=ra["BLOCK_T"], BLOCK_W=ra["BLOCK_W"], RESIDENT=mode == "res", HAS_BIAS=not rel,
-                             HAS_GATE=True, HAS_REL=rel, LR_CHAIN=rel, QB=ra["QB"], WIN=ra["WIN"], DOT_PREC="tf32")
+                             HAS_GATE=True, HAS_REL=rel, LR_CHAIN=int(rel), QB=ra["QB"], WIN=ra["WIN"], DOT_PREC="tf32")
                     if backward:
                         c.update(STORE_DB=not rel, GATE_ELEM=False, HAS_DLSE=False)
                     fn = sk._keys_bwd if backward else sk._keys_fwd

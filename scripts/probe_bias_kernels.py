@@ -540,8 +540,9 @@ def _lowrank_ratios(tag: str) -> None:
 
 def lowrank_chain(full: bool = False) -> None:
     """The low-rank r16 rows with loaded factors chained into q·kᵀ (`LR_CHAIN`) as the rule says
-    (`triton_attention.lr_chain`: head dims <= 64), always, and never; each setting tuned afresh, on the fast
-    candidate lists (or the full ones)."""
+    (`triton_attention.lr_chain`), always pre-scaled (1, inexact in 16-bit unless 1 / scale is a power of two),
+    always as a scaled sum (2), and never (0); each setting tuned afresh, on the fast candidate lists (or the full
+    ones)."""
     os.environ["ATTNZOO_AUTOTUNE"] = "full" if full else "fast"
     import bench_kernels as bk
 
@@ -549,12 +550,11 @@ def lowrank_chain(full: bool = False) -> None:
 
     torch.cuda.set_stream(torch.cuda.Stream())  # CUDA graphs need a side stream
     rule = ta.lr_chain
-    for setting in ("rule", "always", "never"):
-        ta.lr_chain = rule if setting == "rule" else (
-            lambda q, factors, scale=None, on=setting == "always": rule(q, factors, scale) if factors != "loaded"
-            else on)
+    for setting, mode in (("rule", None), ("prescaled", 1), ("scaled-sum", 2), ("never", 0)):
+        ta.lr_chain = rule if mode is None else (
+            lambda q, factors, scale=None, mode=mode: rule(q, factors, scale) if factors != "loaded" else mode)
         ta._BEST.clear()
-        _lowrank_ratios(f"chain {setting:6s}")
+        _lowrank_ratios(f"chain {setting:10s}")
         bk.print_autotuned()
     ta.lr_chain = rule
 

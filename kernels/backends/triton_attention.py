@@ -497,23 +497,29 @@ def rel_args(rel: Optional[Rel], dummy) -> dict:
                 BLOCK_T=rel.block_t, BLOCK_W=rel.block_w)
 
 
-def lr_chain(q: torch.Tensor, factors: Optional[str], scale: Optional[float] = None) -> bool:
-    """The kernels' LR_CHAIN (the low-rank dot accumulates into q·kᵀ, the query factor pre-scaled by 1 / scale) for
-    a low-rank term whose factors are "loaded" (U_q, U_k from memory) or "rel" (built in-kernel from the rel-pos
-    tables, both kernel families); None: no low-rank term. Not in float16 (the pre-scaled factor could overflow).
-    The rel-pos factors always (computed in float32, scaled before their one rounding; the in-kernel rel-pos
-    forward 1.68x -> 1.45x the no-bias time, H200). Loaded factors at head dims <= 128 (rank 16, the no-bias time:
-    d64 forward 1.22x -> 1.11x, backward 1.37x -> 1.26x; d128 1.08x -> 1.03x, 1.15x -> 1.12x; r106), and in 16-bit
-    only when 1 / `scale` is a power of two: the pre-scaled factor is rounded to q's dtype again, which at
-    1 / scale = sqrt(32) or sqrt(128) took the gradients' error against float64 from ~3e-3 to ~1.5e-2 (r108)."""
-    if factors is None or q.dtype == torch.float16:
-        return False
+def lr_chain(q: torch.Tensor, factors: Optional[str], scale: Optional[float] = None) -> int:
+    """The kernels' LR_CHAIN for a low-rank term whose factors are "loaded" (U_q, U_k from memory) or "rel" (built
+    in-kernel from the rel-pos tables, both kernel families); None: no low-rank term. 0: two dots and a sum. Else
+    the low-rank dot accumulates into q·kᵀ, with 1: one factor pre-scaled by 1 / scale, or 2: q·kᵀ scaled in
+    float32 before the low-rank dot (one multiply per logit more than 1, exact at any scale and dtype).
+
+    1 where the pre-scaled factor is exact and cannot overflow: not float16; the rel-pos factors (computed in
+    float32, scaled before their one rounding; the in-kernel rel-pos forward 1.68x -> 1.45x the no-bias time,
+    H200); loaded factors in float32, and in 16-bit when 1 / `scale` is a power of two. Elsewhere a pre-scaled
+    16-bit factor is rounded again: at 1 / scale = sqrt(32) or sqrt(128) the gradients' error against float64 went
+    from ~3e-3 to ~1.5e-2 (r108), so those take 2. Loaded factors chain at head dims <= 128 (rank 16, the no-bias
+    time: d64 forward 1.22x -> 1.11x, backward 1.37x -> 1.26x; d128 1.08x -> 1.03x, 1.15x -> 1.12x; r106)."""
+    if factors is None:
+        return 0
+    if q.dtype == torch.float16:
+        return 2 if factors == "rel" or _block_d(q.shape[-1]) <= 128 else 0
     if factors == "rel":
-        return True
+        return 1
     if scale is None:
         raise ValueError("lr_chain: loaded factors need the softmax scale")
-    exact = q.dtype == torch.float32 or math.log2(1.0 / scale).is_integer()
-    return exact and _block_d(q.shape[-1]) <= 128
+    if _block_d(q.shape[-1]) > 128:
+        return 0
+    return 1 if q.dtype == torch.float32 or math.log2(1.0 / scale).is_integer() else 2
 
 
 class _Extras:
@@ -776,7 +782,7 @@ def factor_args(factor: Optional[torch.Tensor], dummy: Optional[torch.Tensor] = 
     return dict(QF=factor, stride_qfb=factor.stride(0), stride_qfh=factor.stride(1), stride_qfn=factor.stride(2))
 
 
-def _rel_query_factors(qp, rel: Rel, prob: _Problem, nq: int, scale: float, lr_chain_: bool) -> dict:
+def _rel_query_factors(qp, rel: Rel, prob: _Problem, nq: int, scale: float, lr_chain_: int) -> dict:
     """The rel-pos query factor of every query row (`triton_kernels._rel_factor_bwd`: (B, H, rows, 2 block_w) in
     q's dtype, pre-scaled as the logits take it), as the dK/dV and dQ kernels' QF arguments. The dK/dV kernel visits
     each query block once per key block that sees it, and rebuilding the factor there (a dot against the tables

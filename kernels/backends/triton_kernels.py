@@ -238,10 +238,10 @@ def _rel_query_factor(q, rt, q_tok, QB: tl.constexpr, WIN: tl.constexpr, rel_sca
     """HAS_REL: (BM, 2 BLOCK_W) query factor in q's dtype, u[m, c] = rel_scale · q_m · R_h[j - qy(m) + WIN - 1]
     for the row classes c < BLOCK_W (j: class c's window-local index, `_rel_query_place`), then the same with R_w
     and qx(m) for the column classes (qy, qx: the query's position in its QB x QB block). Classes >= WIN hold
-    finite values the key factor never selects. Under LR_CHAIN also times `inv_scale` (1 / scale), as
+    finite values the key factor never selects. Under LR_CHAIN 1 also times `inv_scale` (1 / scale), as
     `_logits_lr` takes it (`_lr_chain_factor` for loaded factors). The gather runs per table, on (BM, 2, .) views:
     half the shuffles of one over both tables' columns."""
-    if LR_CHAIN:
+    if LR_CHAIN == 1:
         rel_scale = rel_scale * inv_scale
     t = tl.dot(q, tl.trans(rt), input_precision=DOT_PREC)  # (BM, 2 BLOCK_T) fp32
     bm: tl.constexpr = t.shape[0]
@@ -325,11 +325,14 @@ def _rel_factor_bwd(Q, RH, RW, UQ, QROW, stride_qb, stride_qh, stride_qn, stride
 
 @triton.jit
 def _logits_lr(a, b, ua, ub, qk_scale, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Base-2 logits `a · bᵀ` plus low-rank `ua · ubᵀ`. LR_CHAIN: one of ua, ub comes pre-scaled by 1 / scale and
-    the second dot accumulates into the first (one accumulator, one scale; two separate dots and a sum cost the
-    blocked HaloNet forward +55% for +25% MMA work, H200). Off for float16, where a factor / scale could
-    overflow."""
-    if LR_CHAIN:
+    """Base-2 logits `a · bᵀ` plus low-rank `ua · ubᵀ`. LR_CHAIN: the second dot accumulates into the first (one
+    accumulator; two separate dots and a sum cost the blocked HaloNet forward +55% for +25% MMA work, H200). 1: one
+    of ua, ub comes pre-scaled by 1 / scale and one scale follows; 2: the factors as given, `a · bᵀ` scaled before
+    the second dot, log2 e after it (float32 throughout, exact at any scale)."""
+    if LR_CHAIN == 2:
+        scaled = tl.dot(a, tl.trans(b), input_precision=DOT_PREC) * (qk_scale * 0.6931471805599453)
+        s = tl.dot(ua, tl.trans(ub), acc=scaled, input_precision=DOT_PREC) * 1.4426950408889634
+    elif LR_CHAIN:
         s = tl.dot(ua, tl.trans(ub), acc=tl.dot(a, tl.trans(b), input_precision=DOT_PREC),
                    input_precision=DOT_PREC) * qk_scale
     else:
@@ -359,8 +362,8 @@ def _tile_logits(q, k, uq, kf_base, k_rows, offs_n, offs_r, stride_kfn, qk_scale
 
 @triton.jit
 def _lr_chain_factor(u, inv_scale, LR_CHAIN: tl.constexpr):
-    """A loaded query factor as `_logits_lr` takes it: times 1 / scale under LR_CHAIN."""
-    if LR_CHAIN:
+    """A loaded factor as `_logits_lr` takes it: times 1 / scale under LR_CHAIN 1."""
+    if LR_CHAIN == 1:
         u = (u.to(tl.float32) * inv_scale).to(u.dtype)
     return u
 
@@ -541,7 +544,7 @@ def _attn_fwd(Q, K, V, O, LSE, QF, KF, BIAS, GATE,
 
     if Q_IN_REGS:  # the shared memory of q (and of a loaded query factor) goes to the pipeline's stages
         q = _in_registers(q)
-        if HAS_LR and not HAS_REL:  # the rel-pos factor comes from a dot, already in registers
+        if HAS_LR and not HAS_REL:  # the rel-pos factor is a dot's result: already in the accumulator layout
             uq = _in_registers(uq)
     if HAS_GATE and GATE_ELEM and GATE_PREFETCH:
         _prefetch_l2(GATE + b * stride_gb + h * stride_gh + tl.where(offs_m < NQ, q_rows, 0) * stride_gn, DV,
@@ -695,7 +698,7 @@ def _dkdv_step(dk, dv, duk, k, v, uk, q_base, do_base, qf_base, lse_base, delta_
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 1.4426950408889634)
     uq = q
     if HAS_LR:
-        # LR_CHAIN's 1 / scale sits on the factor loaded once per program: the rel-pos query factor (pre-scaled
+        # LR_CHAIN 1's 1 / scale sits on the factor loaded once per program: the rel-pos query factor (pre-scaled
         # where it was made), or the loaded key factor (`_attn_bwd_dkdv`). Scaling this tile's uq here instead put a
         # register-to-shared-memory copy of it in every step (TTGIR: a local_alloc in the loop)
         uq = _load_rows(qf_base, q_rows, stride_qfn, offs_r, NQ, R, BLOCK_R, check)
@@ -818,7 +821,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, QF, KF, BIAS, DB, DUK,
         elif HAS_LR:
             uk = _load_rows(KF + b * stride_kfb + h * stride_kfh, k_rows, stride_kfn, offs_r, NK, R, BLOCK_R,
                             not GRID_MODE)
-            if not HAS_REL:  # loaded factors: LR_CHAIN's 1 / scale on the key side, once (`_dkdv_step`); the
+            if not HAS_REL:  # loaded factors: LR_CHAIN 1's 1 / scale on the key side, once (`_dkdv_step`); the
                 # rel-pos query factor comes pre-scaled, its key one-hots (REL_KF) stay exact
                 uk = _lr_chain_factor(uk, 1.4426950408889634 / qk_scale, LR_CHAIN)
         if GRID_MODE:
@@ -988,7 +991,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QF, KF, BIAS, DUQ,
     else:
         q = _load_rows(Q + b * stride_qb + h * stride_qh, q_rows, stride_qn, offs_d, NQ, D, BLOCK_D, True)
         do = _load_rows(DO + b * stride_db + h * stride_dh, q_rows, stride_dn, offs_dv, NQ, DV, BLOCK_DV, True)
-        uq = q  # the query factor as the logits take it (pre-scaled under LR_CHAIN); dU_q does not depend on it
+        uq = q  # the query factor as the logits take it (pre-scaled under LR_CHAIN 1); dU_q does not depend on it
         if HAS_LR:  # with HAS_REL: the rel-pos factor, stored (rebuilding it here cost ~650 instructions)
             uq = _load_rows(QF + b * stride_qfb + h * stride_qfh, q_rows, stride_qfn, offs_r, NQ, R, BLOCK_R, True)
             if not HAS_REL:

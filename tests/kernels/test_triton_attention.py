@@ -277,30 +277,55 @@ def test_bias_forward_backward(case):
 
 @pytest.mark.parametrize("d", [32, 128])
 def test_lowrank_float32_chained(d):
-    """float32 takes the chained low-rank dot (`LR_CHAIN`; head dims <= 128): 1 / scale rides on the query factor in
+    """float32 takes the pre-scaled chain (`LR_CHAIN` 1; head dims <= 128): 1 / scale rides on the query factor in
     the forward and dQ kernels and on the key factor in the dK/dV kernel."""
     from kernels.backends import triton_attention as ta
 
-    assert ta.lr_chain(torch.empty(1, 1, 1, d), "loaded", d ** -0.5)
+    assert ta.lr_chain(torch.empty(1, 1, 1, d), "loaded", d ** -0.5) == 1
     _check(Window1d(9, 4), 2, 2, 1, 70, 70, d, d, torch.float32, bias_fn=_low_rank((2, 2, 70, 16), (2, 1, 70, 16)))
 
 
 def test_lowrank_chain_rule():
-    """Loaded factors chain in 16-bit only when pre-scaling them by 1 / scale is exact (a power of two), never in
-    float16 (overflow), and not past head dim 128; the rel-pos factors always outside float16."""
+    """The pre-scaled chain (1) where pre-scaling a factor is exact and cannot overflow: 16-bit loaded factors
+    only when 1 / scale is a power of two, never float16; the scaled sum (2) elsewhere up to head dim 128; past
+    it loaded factors take two dots (0). The rel-pos factors always chain."""
     from kernels.backends.triton_attention import lr_chain
 
-    def chains(d, dtype, factors="loaded", scale=None):
+    def mode(d, dtype, factors="loaded", scale=None):
         return lr_chain(torch.empty(1, 1, 1, d, dtype=dtype), factors, d ** -0.5 if scale is None else scale)
 
-    bf, f32 = torch.bfloat16, torch.float32
-    assert chains(64, bf) and chains(16, bf) and chains(128, bf, scale=0.125) and chains(128, f32)
-    assert not chains(128, bf) and not chains(32, bf) and not chains(64, bf, scale=0.1)
-    assert not chains(64, torch.float16) and not chains(256, bf, scale=1 / 16)
-    assert not chains(64, bf, factors=None)
-    assert chains(128, bf, factors="rel") and not chains(64, torch.float16, factors="rel")
+    bf, f16, f32 = torch.bfloat16, torch.float16, torch.float32
+    assert mode(64, bf) == mode(16, bf) == mode(128, bf, scale=0.125) == mode(128, f32) == 1
+    assert mode(128, bf) == mode(32, bf) == mode(64, bf, scale=0.1) == mode(64, f16) == mode(128, f16) == 2
+    assert mode(256, bf, scale=1 / 16) == mode(256, f16) == mode(256, f32) == mode(64, bf, factors=None) == 0
+    assert mode(128, bf, factors="rel") == mode(256, f32, factors="rel") == 1
+    assert mode(64, f16, factors="rel") == mode(256, f16, factors="rel") == 2
     with pytest.raises(ValueError, match="scale"):
         lr_chain(torch.empty(1, 1, 1, 64, dtype=bf), "loaded")
+
+
+CHAIN_CASES = [c for c in BIAS_CASES if c[0] in ("causal-lowrank-r16", "relpos-halo-block", "relpos-na2d-dil-causal")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("chain", [0, 1, 2])
+@pytest.mark.parametrize("case", CHAIN_CASES, ids=[c[0] for c in CHAIN_CASES])
+def test_lowrank_chain_modes(case, chain, dtype, monkeypatch):
+    """Every `LR_CHAIN` mode, forced for loaded and rel-pos factors alike, against float64 (the rule picks one per
+    dtype and scale, so the others would go untested here): two dots and a sum, the pre-scaled factor (exact at
+    `_check`'s power-of-two scales), and q·kᵀ scaled before the factor dot."""
+    from kernels.backends import triton_attention as ta
+
+    seen = []
+
+    def forced(q, factors, scale=None):
+        seen.append(factors)
+        return 0 if factors is None else chain
+
+    monkeypatch.setattr(ta, "lr_chain", forced)
+    *args, bias_fn = case[1:]
+    _check(*args, dtype, bias_fn=bias_fn)
+    assert {"loaded", "rel"} & set(seen), seen
 
 
 def test_bias_float32_and_gate_together():
@@ -324,7 +349,7 @@ def test_relpos_on_halo_grid(case, route, dtype, monkeypatch):
     against float64; computed in the general kernels (`HAS_REL` on the grid: each slot's window shift and key
     classes from its grid coordinates; inputs in token order or permuted copies), or by the torch lowering to
     low-rank factors (ATTNZOO_RELPOS=lowrank). Asserts which path ran. float32 (and bfloat16 on a GPU) takes the
-    chained factor dot (`LR_CHAIN`), float16 the separate one."""
+    pre-scaled factor dot (`LR_CHAIN` 1), float16 the scaled sum (2)."""
     from kernels.backends import triton_attention as ta
 
     _, pattern, B, H, HKV, D, gate_fn = case
