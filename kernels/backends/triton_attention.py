@@ -507,19 +507,23 @@ def lr_chain(q: torch.Tensor, factors: Optional[str], scale: Optional[float] = N
     float32, scaled before their one rounding; the in-kernel rel-pos forward 1.68x -> 1.45x the no-bias time,
     H200); loaded factors in float32, and in 16-bit when 1 / `scale` is a power of two. Elsewhere a pre-scaled
     16-bit factor is rounded again: at 1 / scale = sqrt(32) or sqrt(128) the gradients' error against float64 went
-    from ~3e-3 to ~1.5e-2 (r108), so those take 2. Loaded factors chain at head dims <= 128 (rank 16, the no-bias
-    time: d64 forward 1.22x -> 1.11x, backward 1.37x -> 1.26x; d128 1.08x -> 1.03x, 1.15x -> 1.12x; r106)."""
+    from ~3e-3 to ~1.5e-2 (r108), so those take 2 (errors as 0; d128 backward 1.144x -> 1.126x the no-bias time,
+    forward 1.09x either way; r110). Loaded factors chain at head dims <= 128 (rank 16, form 1: d64 forward
+    1.22x -> 1.11x, backward 1.37x -> 1.26x, where 2 gives 1.14x / 1.25x; r106, r110)."""
     if factors is None:
         return 0
+    if factors not in ("loaded", "rel"):
+        raise ValueError(f"lr_chain: factors must be 'loaded', 'rel' or None, got {factors!r}")
+    if factors == "loaded":
+        if scale is None:
+            raise ValueError("lr_chain: loaded factors need the softmax scale")
+        if _block_d(q.shape[-1]) > 128:
+            return 0
     if q.dtype == torch.float16:
-        return 2 if factors == "rel" or _block_d(q.shape[-1]) <= 128 else 0
-    if factors == "rel":
+        return 2
+    if factors == "rel" or q.dtype == torch.float32 or math.log2(1.0 / scale).is_integer():
         return 1
-    if scale is None:
-        raise ValueError("lr_chain: loaded factors need the softmax scale")
-    if _block_d(q.shape[-1]) > 128:
-        return 0
-    return 1 if q.dtype == torch.float32 or math.log2(1.0 / scale).is_integer() else 2
+    return 2
 
 
 class _Extras:
