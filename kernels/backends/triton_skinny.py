@@ -104,6 +104,19 @@ def _key_chunk(c, q, k_res, v_res, uq, qk_scale, K, V, b_base, b, hk, offs_n, of
 
 
 @triton.jit
+def _one_pass(q, k, v, qk_scale, col_ok, KEYS_FULL: tl.constexpr, DOT_PREC: tl.constexpr):
+    """(unnormalised output, base-2 row max, row sum) of a query block over all its keys in one tile, without a
+    bias: one softmax pass (no running max, no rescale), the scale applied in the exponent's multiply-add. The
+    resident item loop at Nk 128 (d64, (64, 4, 3)): 975 -> 678 SASS instructions, 162 -> 127 registers."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    if not KEYS_FULL:
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+    m = tl.max(s, 1) * qk_scale  # qk_scale > 0: the max of the scaled logits
+    p = tl.math.exp2(s * qk_scale - m[:, None])
+    return tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC), m, tl.sum(p, 1)
+
+
+@triton.jit
 def _item_range(pid, BH, NQB, ITEMS, CHUNKS, RESIDENT: tl.constexpr):
     """Items (b·H + h) · NQB + query block of one program: RESIDENT keeps one (b, h) per program."""
     if RESIDENT:
@@ -132,11 +145,12 @@ def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
               KEY_CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
               BLOCK_W: tl.constexpr, RESIDENT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr,
               HAS_REL: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr, QF=None, stride_qfb=0,
-              stride_qfh=0, stride_qfn=0, STORE_QF: tl.constexpr = False):
+              stride_qfh=0, stride_qfn=0, STORE_QF: tl.constexpr = False, KEYS_FULL: tl.constexpr = False):
     """Few keys: the keys of a (b, h) in KEY_CHUNKS chunks of BLOCK_N (one chunk: K/V kept in registers across a
     RESIDENT program's query blocks; several: a flash loop with an online softmax, for key counts whose
     power-of-two tile would be mostly padding or too large for the registers). STORE_QF (with HAS_REL): also write
-    the rel-pos query factor to QF for the backward (`_keys_bwd`'s LOAD_QF)."""
+    the rel-pos query factor to QF for the backward (`_keys_bwd`'s LOAD_QF). KEYS_FULL: NK fills the key tiles
+    (no padding keys to mask)."""
     pid = tl.program_id(0)
     bh0, lo, hi = _item_range(pid, BH, NQB, ITEMS, CHUNKS, RESIDENT)
     offs_n = tl.arange(0, BLOCK_N)
@@ -145,7 +159,8 @@ def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
     cols = offs_dv < DV
     if RESIDENT:  # the host sets RESIDENT only with KEY_CHUNKS == 1
         b0 = (bh0 // H).to(tl.int64)
-        hk0 = ((bh0 % H) // GROUP).to(tl.int64)
+        h0 = (bh0 % H).to(tl.int64)
+        hk0 = h0 // GROUP
         k_res = _ld(K + b0 * stride_kb + hk0 * stride_kh, offs_n, stride_kn, offs_d, NK, D, BLOCK_D)
         v_res = _ld(V + b0 * stride_vb + hk0 * stride_vh, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV)
     else:
@@ -156,11 +171,18 @@ def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
         rt = _rel_tables(RH, RW, stride_rt, WIN, offs_d, D, BLOCK_D, BLOCK_T)
     inv_scale = 1.4426950408889634 / qk_scale
     for it in range(lo, hi):
-        bh = it // NQB
-        mb = it % NQB
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        hk = h // GROUP
+        if RESIDENT:  # one (b, h) a program: no integer divisions per item
+            bh = bh0
+            mb = it - bh0 * NQB
+            b = b0
+            h = h0
+            hk = hk0
+        else:
+            bh = it // NQB
+            mb = it % NQB
+            b = (bh // H).to(tl.int64)
+            h = (bh % H).to(tl.int64)
+            hk = h // GROUP
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = offs_m < NQ
         q = _ld(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, NQ, D, BLOCK_D)
@@ -170,17 +192,26 @@ def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
             if STORE_QF:
                 tl.store(_factor_ptrs(QF, b, h, offs_m, stride_qfb, stride_qfh, stride_qfn, BLOCK_W), uq,
                          mask=rows[:, None])
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-        for c in range(0, KEY_CHUNKS):
-            offs_nc, col_ok, k, v, uk, s = _key_chunk(
-                c, q, k_res, v_res, uq, qk_scale, K, V, BIAS + b * stride_bb + h * stride_bh, b, hk, offs_n, offs_d,
-                offs_dv, offs_m, rows, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_bm,
-                stride_bn, NK, WIN, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, RESIDENT, HAS_REL, HAS_BIAS,
-                LR_CHAIN, DOT_PREC)
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-            acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, v, True, DOT_PREC)
+        if KEY_CHUNKS == 1 and not HAS_BIAS and not HAS_REL:
+            if RESIDENT:
+                k = k_res
+                v = v_res
+            else:
+                k = _ld(K + b * stride_kb + hk * stride_kh, offs_n, stride_kn, offs_d, NK, D, BLOCK_D)
+                v = _ld(V + b * stride_vb + hk * stride_vh, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV)
+            acc, m_i, l_i = _one_pass(q, k, v, qk_scale, offs_n < NK, KEYS_FULL, DOT_PREC)
+        else:
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+            for c in range(0, KEY_CHUNKS):
+                offs_nc, col_ok, k, v, uk, s = _key_chunk(
+                    c, q, k_res, v_res, uq, qk_scale, K, V, BIAS + b * stride_bb + h * stride_bh, b, hk, offs_n,
+                    offs_d, offs_dv, offs_m, rows, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                    stride_bm, stride_bn, NK, WIN, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, RESIDENT, HAS_REL,
+                    HAS_BIAS, LR_CHAIN, DOT_PREC)
+                s = tl.where(col_ok[None, :], s, float("-inf"))
+                acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, v, True, DOT_PREC)
         m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
         seen = l_i > 0.0
         den = tl.where(seen, l_i, 1.0)
@@ -268,8 +299,9 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
     if RESIDENT:
         b0 = (bh0 // H).to(tl.int64)
         h0 = (bh0 % H).to(tl.int64)
-        k_res = _ld(K + b0 * stride_kb + (h0 // GROUP) * stride_kh, offs_n, stride_kn, offs_d, NK, D, BLOCK_D)
-        v_res = _ld(V + b0 * stride_vb + (h0 // GROUP) * stride_vh, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV)
+        hk0 = h0 // GROUP
+        k_res = _ld(K + b0 * stride_kb + hk0 * stride_kh, offs_n, stride_kn, offs_d, NK, D, BLOCK_D)
+        v_res = _ld(V + b0 * stride_vb + hk0 * stride_vh, offs_n, stride_vn, offs_dv, NK, DV, BLOCK_DV)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     else:
@@ -287,11 +319,18 @@ def _keys_bwd(Q, K, V, O, DO, LSE, DLSE, BIAS, GATE, RH, RW, DQ, DK, DV_, DB, DG
             dr = tl.zeros([2 * BLOCK_T, BLOCK_D], tl.float32)  # both tables' gradient, R_h's rows then R_w's
     inv_scale = 1.4426950408889634 / qk_scale
     for it in range(lo, hi):
-        bh = it // NQB
-        mb = it % NQB
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        hk = h // GROUP
+        if RESIDENT:  # one (b, h) a program: no integer divisions per item
+            bh = bh0
+            mb = it - bh0 * NQB
+            b = b0
+            h = h0
+            hk = hk0
+        else:
+            bh = it // NQB
+            mb = it % NQB
+            b = (bh // H).to(tl.int64)
+            h = (bh % H).to(tl.int64)
+            hk = h // GROUP
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = offs_m < NQ
         q = _ld(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, offs_d, NQ, D, BLOCK_D)
@@ -618,27 +657,27 @@ def keys_candidates(nq: int, nk: int, d: int, dv: int, backward: bool = False) -
             # benchmarks/logs/probe_r51_keys_bwd_waves.log)
             cands = [(64, 4, 2, "res", 2), (128, 8, 2, "res", 2), (64, 8, 2, "res", 4), (64, 4, 2, "res", 4)]
         return cands[:2] if fast else cands
-    # ptxas (Triton 3.6, d64): 128x64 at 4 warps takes 210 registers a thread, 2 blocks (8 warps) per SM; a 64x256
-    # tile takes 255 and spills at 128 rows; 32-row blocks take 96 (64 keys) / 168 (256 keys): more warps in
-    # flight for this bandwidth-bound loop (kernels/NOTES.md, second session)
-    # Measured (fourth session, H200, d64, Nq 16384, CUDA-graph timing, full lists): 64 keys (64, 4, 3, res, 4)
-    # 0.094 ms = 2.9 TB/s; 128 keys (128, 4, 3, res, 4) 0.144 ms; 256 keys (64, 4, 3, res, 4) 0.216 ms. The
-    # 64-key-chunk loops ran 10-25% behind the one-tile configs here (they win on the small blocked layouts).
-    # 128 keys: 64-row blocks at 8 waves (thirteenth session: 0.136 -> 0.127 ms; 4 waves stay best at 64 and 256 keys,
-    # benchmarks/logs/probe_r49_keys_fwd_waves.log)
+    # The one-pass forward (`_one_pass`, twenty-third session; ptxas, Triton 3.6, d64, (64, 4, 3)) takes 99 / 127 /
+    # 207 registers at 64 / 128 / 256 keys (the online-softmax step took 162 at 128). Measured on forced configs
+    # (H200, d64, Nq 16384, interleaved CUDA graphs, benchmarks/logs/device_r112_skinny_configs.log): 64 keys
+    # (64, 4, 3, res, 8) 0.077 ms, (128, 8, 3, res, 4) 0.079; 128 keys (64, 4, 3, res, 8) 0.103, (64, 4, 4, res, 8)
+    # 0.105, (128, 4, 3, res, 4) 0.169 (it led the list before); 256 keys (64, 4, 4, res, 8) 0.178, (64, 4, 3,
+    # res, 4) 0.179. The 64-key-chunk loops ran 10-25% behind the one-tile configs here (fourth session; they win on
+    # the small blocked layouts).
     if chunked:
-        one = [(64, 4, 3, "res", 4), (128, 8, 3, "res", 4), (64, 8, 3, "res", 4), (32, 4, 3, "res", 4)] if wide \
-            else [(128, 4, 3, "res", 4), (64, 4, 3, "res", 8), (64, 4, 2, "flat", 64), (32, 4, 3, "res", 4),
-                  (64, 4, 3, "res", 4)]
+        one = [(64, 4, 4, "res", 8), (64, 4, 3, "res", 4), (128, 8, 3, "res", 4), (64, 8, 3, "res", 4),
+               (32, 4, 3, "res", 4)] if wide \
+            else [(64, 4, 3, "res", 8), (64, 4, 4, "res", 8), (64, 4, 2, "res", 4), (128, 4, 3, "res", 4),
+                  (64, 4, 2, "flat", 64), (32, 4, 3, "res", 4), (64, 4, 3, "res", 4)]
         loop = [(64, 4, 3, "flat", 64, 64), (128, 4, 3, "flat", 64, 64), (128, 8, 3, "flat", 64, 64),
                 (128, 8, 3, "flat", 64, 128), (128, 4, 2, "flat", 8, 64)]
         return one[:2] + loop[:1] if fast else one + loop
     # "flat" with 64 waves = one query block per program (as flash kernels launch): nothing to pipeline, but no
     # serial loop either; the third session measured the looping "res" configs at 1.0 TB/s vs SDPA's 2.0
-    cands = [(64, 4, 3, "res", 4), (128, 4, 3, "res", 4), (64, 4, 2, "flat", 64), (32, 4, 3, "res", 4),
-             (64, 8, 3, "res", 8), (128, 8, 3, "res", 8), (128, 4, 3, "flat", 4), (128, 4, 2, "flat", 64),
-             (32, 4, 2, "flat", 64), (256, 8, 3, "res", 4), (128, 8, 4, "res", 4), (128, 4, 4, "res", 2),
-             (64, 4, 4, "res", 8), (128, 4, 3, "res", 2)]
+    cands = [(64, 4, 3, "res", 8), (128, 8, 3, "res", 4), (64, 4, 3, "res", 4), (128, 4, 3, "res", 4),
+             (64, 4, 2, "flat", 64), (32, 4, 3, "res", 4), (64, 8, 3, "res", 8), (128, 8, 3, "res", 8),
+             (128, 4, 3, "flat", 4), (128, 4, 2, "flat", 64), (32, 4, 2, "flat", 64), (256, 8, 3, "res", 4),
+             (128, 8, 4, "res", 4), (128, 4, 4, "res", 2), (64, 4, 4, "res", 8), (128, 4, 3, "res", 2)]
     return cands[:2] if fast else cands
 
 
@@ -712,7 +751,7 @@ def keys_forward(q, k, v, bias, gate, scale, cfg, rel: Optional[ta.Rel] = None, 
         BLOCK_D=ta._block_d(D), BLOCK_DV=ta._block_d(DV), RESIDENT=mode == "res", HAS_BIAS=bias is not None,
         HAS_GATE=gate is not None, DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages,
         HAS_REL=rel is not None, LR_CHAIN=ta.lr_chain(q, None if rel is None else "rel"), **ta.rel_args(rel, q),
-        **ta.factor_args(factor, q), STORE_QF=factor is not None)
+        **ta.factor_args(factor, q), STORE_QF=factor is not None, KEYS_FULL=NK == BN * key_chunks)
     return out, lse, factor
 
 

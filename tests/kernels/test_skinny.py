@@ -122,6 +122,15 @@ def test_few_keys_gqa_fp32_elementwise_gate_lse_grad():
            expect=("keys_fwd_res", "keys_bwd_res"))
 
 
+@pytest.mark.parametrize("nk", [32, 27])
+@pytest.mark.parametrize("mode", ["res", "flat"])
+def test_few_keys_one_pass_without_bias(mode, nk, force):
+    # no bias, one key tile: the one-pass softmax (`_one_pass`) on a full (32) or padded (27) key tile, with K/V
+    # resident across the query blocks or loaded per item; GQA
+    force["keys_mode"] = mode
+    _check(2, 4, 2, 40, nk, 16, 16, torch.float16, lse_grad=True, expect=("keys_fwd_" + mode,))
+
+
 def test_few_keys_flat_single_block_keypad_bias():
     # every (b, h) has one query block: FLAT programs walk (b, h) items; bias broadcast over heads and queries
     _check(3, 2, 2, 12, 30, 16, 16, torch.float16, bias_fn=_dense_bias((3, 1, 1, 30)),
