@@ -20,6 +20,7 @@
     python scripts/probe_bias_kernels.py --rel-factor-ab   # rel-pos backward: saved query factor vs rebuilt
     python scripts/probe_bias_kernels.py --reduce-partials # summing the blocked rel-pos table-gradient partials
     python scripts/probe_bias_kernels.py --splits     # few-query problems (merged key splits) vs SDPA, per kernel
+    python scripts/probe_bias_kernels.py --skinny-configs   # the skinny2 forwards on forced few-keys configs
     python scripts/probe_bias_kernels.py --gate       # the gate rows: CUDA time per kernel, forward and backward
     python scripts/probe_bias_kernels.py --gate-prefetch   # element-wise gate forward, L2 prefetch on / off
 """
@@ -473,6 +474,37 @@ def split_problems() -> None:
     bk.print_autotuned()
 
 
+def skinny_configs(rounds: int = 30) -> None:
+    """The skinny2 forwards (Nq16384 B8 H8 d64, Nk 64 / 128 / 256) on each of a list of few-keys configs
+    (`triton_skinny.keys_forward` called directly), against the tuned op and SDPA, interleaved CUDA graphs."""
+    import bench_kernels as bk
+    from kernels.backends import triton_skinny as sk
+
+    torch.cuda.set_stream(torch.cuda.Stream())  # CUDA graphs need a side stream
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    cfgs = [(64, 4, 3, "res", 4), (64, 4, 3, "res", 8), (64, 4, 2, "res", 8), (64, 4, 2, "res", 4),
+            (128, 4, 3, "res", 4), (128, 8, 3, "res", 4), (64, 4, 4, "res", 8), (32, 4, 3, "res", 8),
+            (128, 4, 2, "res", 4), (64, 8, 3, "res", 4)]
+    B, H, NQ, D = 8, 8, 16384, 64
+    for nk in (64, 128, 256):
+        q = torch.randn(B, H, NQ, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(B, H, nk, D, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+        ref = sdpa(q.float(), k.float(), v.float())
+        cases = {"sdpa": lambda: sdpa(q, k, v), "op (tuned)": lambda: kernels.attention(q, k, v)}
+        for cfg in cfgs:
+            out = sk.keys_forward(q, k, v, None, None, D ** -0.5, cfg)[0]
+            print(f"Nk{nk} {cfg}: max error vs float32 SDPA {(out.float() - ref).abs().max().item():.2e}", flush=True)
+            cases[f"{cfg}"] = lambda cfg=cfg: sk.keys_forward(q, k, v, None, None, D ** -0.5, cfg)
+        gb = (2 * q.numel() + 2 * k.numel()) * 2 / 1e9
+        res = bk.bench.time_interleaved(cases, rounds=rounds)
+        base = res["sdpa"]["median_ms"]
+        print(f"Nk{nk} forward ({gb * 1e3:.0f} MB of q, k, v, o):")
+        for name, r in sorted(res.items(), key=lambda kv: kv[1]["median_ms"]):
+            ms = r["median_ms"]
+            print(f"  {name:28s} {ms:.4f} ms  {gb / ms:.2f} TB/s  {base / ms:.2f}x SDPA", flush=True)
+    bk.print_autotuned()
+
+
 def gate_breakdown() -> None:
     """The gate rows of `bench_kernels --only gate` (B2 H16 N4096 d128; no gate, head-wise, element-wise):
     graph-timed three times over (interleaved: the spread within one process), then CUDA time per kernel, forward
@@ -600,6 +632,8 @@ if __name__ == "__main__":
                     "CUDA time per kernel (';' between configs)")
     ap.add_argument("--forced-bwd", default=None, help="as --forced-fwd, for the backward")
     ap.add_argument("--splits", action="store_true", help="few-query problems (merged key splits) vs SDPA")
+    ap.add_argument("--skinny-configs", action="store_true", help="the skinny2 forwards on forced few-keys "
+                    "configs vs the tuned op and SDPA")
     ap.add_argument("--gate", action="store_true", help="the gate rows: CUDA time per kernel")
     ap.add_argument("--gate-prefetch", action="store_true", help="the element-wise gate forward with and without "
                     "the L2 prefetch of its gate tile")
@@ -639,6 +673,8 @@ if __name__ == "__main__":
         forced_forward(layout, kind, tuple(int(c) for c in cfg))
     elif args.splits:
         split_problems()
+    elif args.skinny_configs:
+        skinny_configs()
     elif args.gate:
         gate_breakdown()
     elif args.gate_prefetch:
