@@ -8,7 +8,7 @@ latency with nothing to overlap (0.86 TB/s on an H200 where SDPA reaches 1.58). 
   RESIDENT mode keeps K/V (loaded once) in the program and loops over a chunk of query blocks of that (b, h)
   (persistent style: the loop lets Triton prefetch the next q tile while this one computes); FLAT mode walks a
   range of (b, h, query block) items and reloads K/V per item (for many small (b, h) problems, e.g. the blocked
-  HaloNet layout, where each (b, h) has one query block). One-pass softmax (no rescaling). The backward is one
+  HaloNet layout, where each (b, h) has one query block). One key tile: one softmax pass. The backward is one
   fused kernel: delta = rowsum(dO·O) (and the gate terms) in-kernel, dQ stored per query block, dK/dV
   accumulated over the program's query blocks (fp32 partials per program summed in torch), dS stored for a
   dense bias.
