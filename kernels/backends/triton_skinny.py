@@ -70,7 +70,8 @@ def _keys_logits(q, k, uq, uk, qk_scale, b_base, offs_m, offs_n, rows, col_ok, s
     kernels' factors: `_rel_query_factor`, `_rel_key_factor`), the bias (shared by the forward and the backward of
     the few-keys kernel)."""
     if HAS_REL:
-        s = _logits_lr(q, k, uq, uk, qk_scale, LR_CHAIN, DOT_PREC)
+        s, scale = _logits_lr(q, k, uq, uk, qk_scale, LR_CHAIN, DOT_PREC)
+        s = s * scale
     else:
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if HAS_BIAS:
