@@ -37,7 +37,7 @@ import triton.language as tl
 from . import triton_attention as ta
 from .triton_attention import CALLS
 from .triton_kernels import (LOG2E, _logits_lr, _rel_key_factor, _rel_query_factor, _rel_rows, _rel_table_logit_grad,
-                             _rel_tables, gate_backward, gated_output, online_softmax_update)
+                             _rel_tables, _scaled_logits, gate_backward, gated_output, online_softmax_update)
 
 _FORCE = {}  # interpreter tests: {"keys_mode": "flat" | "res", "block_m": int, "key_chunk": int, "block_n": int}
 
@@ -66,18 +66,20 @@ def _factor_ptrs(QF, b, h, offs_m, stride_qfb, stride_qfh, stride_qfn, BLOCK_W: 
 @triton.jit
 def _keys_logits(q, k, uq, uk, qk_scale, b_base, offs_m, offs_n, rows, col_ok, stride_bm, stride_bn,
                  HAS_REL: tl.constexpr, HAS_BIAS: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Base-2 logits of one query block against one chunk of keys: q·kᵀ, the in-kernel rel-pos term (the general
-    kernels' factors: `_rel_query_factor`, `_rel_key_factor`), the bias (shared by the forward and the backward of
-    the few-keys kernel)."""
+    """(s, scale): base-2 logits `s · scale` of one query block against one chunk of keys: q·kᵀ, the in-kernel
+    rel-pos term (the general kernels' factors: `_rel_query_factor`, `_rel_key_factor`), the bias (shared by the
+    forward and the backward of the few-keys kernel). The scale is left to the exponent, as `_tile_logits` does."""
     if HAS_REL:
         s, scale = _logits_lr(q, k, uq, uk, qk_scale, LR_CHAIN, DOT_PREC)
-        s = s * scale
     else:
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        scale = qk_scale
     if HAS_BIAS:
         b_ptrs = b_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
-        s += tl.load(b_ptrs, mask=rows[:, None] & col_ok[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
-    return s
+        s = _scaled_logits(s, scale, tl.load(b_ptrs, mask=rows[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+                           * 1.4426950408889634)
+        scale = 1.0
+    return s, scale
 
 
 @triton.jit
@@ -102,16 +104,16 @@ def _key_chunk(c, q, k_res, v_res, uq, qk_scale, K, V, b_base, b, hk, offs_n, of
                BLOCK_DV: tl.constexpr, BLOCK_W: tl.constexpr, RESIDENT: tl.constexpr, HAS_REL: tl.constexpr,
                HAS_BIAS: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr):
     """Key chunk `c` of one query block (shared by the forward and the backward): its keys' positions and
-    validity, K and V (`_chunk_kv`), the rel-pos key factor and the base-2 logits."""
+    validity, K and V (`_chunk_kv`), the rel-pos key factor and the base-2 logits `s · scale`."""
     offs_nc, k, v = _chunk_kv(c, k_res, v_res, K, V, b, hk, offs_n, offs_d, offs_dv, stride_kb, stride_kh, stride_kn,
                               stride_vb, stride_vh, stride_vn, NK, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, RESIDENT)
     col_ok = offs_nc < NK
     uk = 0.0
     if HAS_REL:
         uk = _rel_key_factor(offs_nc, NK, WIN, q.dtype, BLOCK_W)
-    s = _keys_logits(q, k, uq, uk, qk_scale, b_base, offs_m, offs_nc, rows, col_ok, stride_bm, stride_bn, HAS_REL,
-                     HAS_BIAS, LR_CHAIN, DOT_PREC)
-    return offs_nc, col_ok, k, v, uk, s
+    s, scale = _keys_logits(q, k, uq, uk, qk_scale, b_base, offs_m, offs_nc, rows, col_ok, stride_bm, stride_bn,
+                            HAS_REL, HAS_BIAS, LR_CHAIN, DOT_PREC)
+    return offs_nc, col_ok, k, v, uk, s, scale
 
 
 @triton.jit
@@ -216,13 +218,13 @@ def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
             for c in range(0, KEY_CHUNKS):
-                offs_nc, col_ok, k, v, uk, s = _key_chunk(
+                offs_nc, col_ok, k, v, uk, s, scale = _key_chunk(
                     c, q, k_res, v_res, uq, qk_scale, K, V, BIAS + b * stride_bb + h * stride_bh, b, hk, offs_n,
                     offs_d, offs_dv, offs_m, rows, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                     stride_bm, stride_bn, NK, WIN, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, RESIDENT, HAS_REL,
                     HAS_BIAS, LR_CHAIN, DOT_PREC)
                 s = tl.where(col_ok[None, :], s, float("-inf"))
-                acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, v, True, DOT_PREC)
+                acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, v, True, DOT_PREC, scale)
         m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
         seen = l_i > 0.0
         den = tl.where(seen, l_i, 1.0)
@@ -252,11 +254,11 @@ def _keys_bwd_chunk(c, offs_n, q, k_res, v_res, uq, doe, lse2, delta, dq, duq, d
                     LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr):
     """One key chunk of `_keys_bwd` (keys c · BLOCK_N + offs_n): dq and the rel-pos factor's gradient duq
     accumulate; dK/dV accumulate (RESIDENT) or are stored; dS stored for a dense bias."""
-    offs_nc, col_ok, k, v, uk, s = _key_chunk(
+    offs_nc, col_ok, k, v, uk, s, scale = _key_chunk(
         c, q, k_res, v_res, uq, qk_scale, K, V, b_base, b, hk, offs_n, offs_d, offs_dv, offs_m, rows, stride_kb,
         stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_bm, stride_bn, NK, WIN, D, DV, BLOCK_N,
         BLOCK_D, BLOCK_DV, BLOCK_W, RESIDENT, HAS_REL, HAS_BIAS, LR_CHAIN, DOT_PREC)
-    p = tl.math.exp2(s - lse2[:, None])
+    p = tl.math.exp2(s * scale - lse2[:, None])
     p = tl.where(col_ok[None, :], p, 0.0)
     dp = tl.dot(doe, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
@@ -414,13 +416,16 @@ def _q_step(acc, m_i, l_i, q, k_base, v_base, b_rows, rows, start_n, stride_kn, 
     else:
         k = _ld(k_base, offs_n, stride_kn, offs_d, NK + BLOCK_N, D, BLOCK_D)
         v = _ld(v_base, offs_n, stride_vn, offs_dv, NK + BLOCK_N, DV, BLOCK_DV)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # logits s · qk_scale, the scale left to the exponent
+    scale = qk_scale
     if HAS_BIAS:
-        s += tl.load(b_rows[:, None] + offs_n[None, :] * stride_bn, mask=rows[:, None] & (offs_n < NK)[None, :],
-                     other=0.0).to(tl.float32) * 1.4426950408889634
+        s = _scaled_logits(s, scale, tl.load(b_rows[:, None] + offs_n[None, :] * stride_bn,
+                                             mask=rows[:, None] & (offs_n < NK)[None, :], other=0.0).to(tl.float32)
+                           * 1.4426950408889634)
+        scale = 1.0
     if MASKED:
         s = tl.where((offs_n < NK)[None, :], s, float("-inf"))
-    return online_softmax_update(acc, m_i, l_i, s, v, True, DOT_PREC)
+    return online_softmax_update(acc, m_i, l_i, s, v, True, DOT_PREC, scale)
 
 
 @triton.jit
