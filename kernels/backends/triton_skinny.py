@@ -83,31 +83,21 @@ def _keys_logits(q, k, uq, uk, qk_scale, b_base, offs_m, offs_n, rows, col_ok, s
 
 
 @triton.jit
-def _chunk_kv(c, k_res, v_res, K, V, b, hk, offs_n, offs_d, offs_dv, stride_kb, stride_kh, stride_kn, stride_vb,
-              stride_vh, stride_vn, NK, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, RESIDENT: tl.constexpr):
-    """Key chunk `c`'s key positions and its K and V tiles: the resident ones, or loaded."""
-    offs_nc = c * BLOCK_N + offs_n
-    if RESIDENT:
-        k = k_res
-        v = v_res
-    else:
-        k = _ld(K + b * stride_kb + hk * stride_kh, offs_nc, stride_kn, offs_d, NK, D, BLOCK_D)
-        v = _ld(V + b * stride_vb + hk * stride_vh, offs_nc, stride_vn, offs_dv, NK, DV, BLOCK_DV)
-    return offs_nc, k, v
-
-
-@triton.jit
 def _key_chunk(c, q, k_res, v_res, uq, qk_scale, K, V, b_base, b, hk, offs_n, offs_d, offs_dv, offs_m, rows,
                stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_bm, stride_bn, NK,
                WIN: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, BLOCK_W: tl.constexpr, RESIDENT: tl.constexpr, HAS_REL: tl.constexpr,
                HAS_BIAS: tl.constexpr, LR_CHAIN: tl.constexpr, DOT_PREC: tl.constexpr):
     """Key chunk `c` of one query block (shared by the forward and the backward): its keys' positions and
-    validity, K and V (`_chunk_kv`), the rel-pos key factor and the base-2 logits `s · scale`."""
-    offs_nc, k, v = _chunk_kv(c, k_res, v_res, K, V, b, hk, offs_n, offs_d, offs_dv, stride_kb, stride_kh, stride_kn,
-                              stride_vb, stride_vh, stride_vn, NK, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, RESIDENT)
+    validity, K and V (the resident tile, or loaded), the rel-pos key factor and the base-2 logits `s · scale`."""
+    offs_nc = c * BLOCK_N + offs_n
     col_ok = offs_nc < NK
+    if RESIDENT:
+        k = k_res
+        v = v_res
+    else:
+        k = _ld(K + b * stride_kb + hk * stride_kh, offs_nc, stride_kn, offs_d, NK, D, BLOCK_D)
+        v = _ld(V + b * stride_vb + hk * stride_vh, offs_nc, stride_vn, offs_dv, NK, DV, BLOCK_DV)
     uk = 0.0
     if HAS_REL:
         uk = _rel_key_factor(offs_nc, NK, WIN, q.dtype, BLOCK_W)
@@ -117,15 +107,18 @@ def _key_chunk(c, q, k_res, v_res, uq, qk_scale, K, V, b_base, b, hk, offs_n, of
 
 
 @triton.jit
-def _one_pass(q, k, v, qk_scale, col_ok, KEYS_FULL: tl.constexpr, DOT_PREC: tl.constexpr):
-    """(unnormalised output, base-2 row max, row sum) of a query block over all its keys in one tile, without a
-    bias: one softmax pass (no running max, no rescale), the scale applied in the exponent's multiply-add. The
-    resident item loop at Nk 128 (d64, (64, 4, 3)): 975 -> 678 SASS instructions, 162 -> 127 registers."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+def _one_pass(s, scale, v, col_ok, KEYS_FULL: tl.constexpr, MAY_BE_INF: tl.constexpr, DOT_PREC: tl.constexpr):
+    """(unnormalised output, base-2 row max, row sum) of a query block's logits `s · scale` over all its keys in
+    one tile: one softmax pass (no running max to rescale), the scale applied in the exponent's multiply-add. The
+    resident item loop at Nk 128 (d64, (64, 4, 3), no bias): 975 -> 678 SASS instructions, 162 -> 127 registers.
+    KEYS_FULL: no padding keys to mask. MAY_BE_INF: a bias may hide all of a row's keys."""
     if not KEYS_FULL:
         s = tl.where(col_ok[None, :], s, float("-inf"))
-    m = tl.max(s, 1) * qk_scale  # qk_scale > 0: the max of the scaled logits
-    p = tl.math.exp2(s * qk_scale - m[:, None])
+    m = tl.max(s, 1) * scale  # scale > 0: the max of the scaled logits
+    m_use = m
+    if MAY_BE_INF:
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.math.exp2(s * scale - m_use[:, None])
     return tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC), m, tl.sum(p, 1)
 
 
@@ -208,21 +201,18 @@ def _keys_fwd(Q, K, V, O, LSE, BIAS, GATE, RH, RW,
             if STORE_QF:
                 tl.store(_factor_ptrs(QF, b, h, offs_m, stride_qfb, stride_qfh, stride_qfn, BLOCK_W), uq,
                          mask=rows[:, None])
-        if KEY_CHUNKS == 1 and not HAS_BIAS and not HAS_REL:
-            _, k, v = _chunk_kv(0, k_res, v_res, K, V, b, hk, offs_n, offs_d, offs_dv, stride_kb, stride_kh,
-                                stride_kn, stride_vb, stride_vh, stride_vn, NK, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                RESIDENT)
-            acc, m_i, l_i = _one_pass(q, k, v, qk_scale, offs_n < NK, KEYS_FULL, DOT_PREC)
-        else:
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-            for c in range(0, KEY_CHUNKS):
-                offs_nc, col_ok, k, v, uk, s, scale = _key_chunk(
-                    c, q, k_res, v_res, uq, qk_scale, K, V, BIAS + b * stride_bb + h * stride_bh, b, hk, offs_n,
-                    offs_d, offs_dv, offs_m, rows, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                    stride_bm, stride_bn, NK, WIN, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, RESIDENT, HAS_REL,
-                    HAS_BIAS, LR_CHAIN, DOT_PREC)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        for c in range(0, KEY_CHUNKS):
+            offs_nc, col_ok, k, v, uk, s, scale = _key_chunk(
+                c, q, k_res, v_res, uq, qk_scale, K, V, BIAS + b * stride_bb + h * stride_bh, b, hk, offs_n, offs_d,
+                offs_dv, offs_m, rows, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_bm,
+                stride_bn, NK, WIN, D, DV, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_W, RESIDENT, HAS_REL, HAS_BIAS,
+                LR_CHAIN, DOT_PREC)
+            if KEY_CHUNKS == 1:  # all keys in one tile: nothing to rescale
+                acc, m_i, l_i = _one_pass(s, scale, v, col_ok, KEYS_FULL, HAS_BIAS, DOT_PREC)
+            else:
                 s = tl.where(col_ok[None, :], s, float("-inf"))
                 acc, m_i, l_i = online_softmax_update(acc, m_i, l_i, s, v, True, DOT_PREC, scale)
         m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
