@@ -746,7 +746,7 @@ def keys_forward(q, k, v, bias, gate, scale, cfg, rel: Optional[ta.Rel] = None, 
         BLOCK_D=ta._block_d(D), BLOCK_DV=ta._block_d(DV), RESIDENT=mode == "res", HAS_BIAS=bias is not None,
         HAS_GATE=gate is not None, DOT_PREC=ta._dot_prec(q.dtype), num_warps=warps, num_stages=stages,
         HAS_REL=rel is not None, LR_CHAIN=ta.lr_chain(q, None if rel is None else "rel"), **ta.rel_args(rel, q),
-        **ta.factor_args(factor, q), STORE_QF=factor is not None, KEYS_FULL=NK == BN * key_chunks)
+        **ta.factor_args(factor, q), STORE_QF=factor is not None, KEYS_FULL=key_chunks == 1 and NK == BN)
     return out, lse, factor
 
 
